@@ -1,0 +1,235 @@
+//! Map keys, values and constants shared by the eBPF programs and userspace.
+//!
+//! Every type is `#[repr(C)]` with fixed-width fields and explicit padding so
+//! that the kernel and userspace agree byte for byte, and so that
+//! `bpftool map dump` can print named fields from BTF. Addresses are always
+//! 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one layout
+//! serves both families. Ports are in host byte order (readable in dumps).
+#![no_std]
+
+/// Map names carry a layout version, so a new layout never reuses an
+/// incompatible pinned map left behind by an older kproxy.
+pub const SERVICES_MAP: &str = "SERVICES_V1";
+pub const BACKENDS_MAP: &str = "BACKENDS_V1";
+pub const REV_NAT_MAP: &str = "REV_NAT_V1";
+pub const CONNTRACK_MAP: &str = "CONNTRACK_V1";
+pub const STATS_MAP: &str = "STATS_V1";
+
+/// Every map kproxy pins, in the order `kproxy cleanup` removes them.
+pub const ALL_MAPS: [&str; 5] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REV_NAT_MAP,
+    CONNTRACK_MAP,
+    STATS_MAP,
+];
+
+/// Default capacities; userspace may override them at load time.
+pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
+pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
+pub const REV_NAT_MAX_ENTRIES: u32 = 65_536;
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// The tc program attached to pod-facing interfaces.
+pub const TC_POD_PROGRAM: &str = "kproxy_tc_pod";
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `ServiceKey::scope`: which endpoint set a frontend entry serves.
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// `ServiceValue::flags` on slot 0.
+/// The entry only marks its address as a known VIP (port 0, proto 0):
+/// traffic to an unknown port of a known VIP is rejected, not passed.
+pub const SVC_FLAG_VIP_MARKER: u16 = 1 << 0;
+
+/// `BackendValue::state`.
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+pub const BACKEND_STATE_TERMINATING: u8 = 1;
+
+/// `ConntrackKey::direction`.
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// `ConntrackValue::state` (coarse; issue-level TCP tracking builds on it).
+pub const CT_STATE_NEW: u8 = 0;
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// Indexes into the per-CPU `STATS_V1` array.
+pub mod stat {
+    /// Packets rewritten towards a backend (DNAT).
+    pub const DNAT: u32 = 0;
+    /// Replies rewritten back to the service address (reverse NAT).
+    pub const REV_NAT: u32 = 1;
+    /// New flows recorded in conntrack.
+    pub const CT_CREATED: u32 = 2;
+    /// Service traffic answered with ICMP port unreachable.
+    pub const REJECT_NO_ENDPOINTS: u32 = 3;
+    /// Traffic to a known VIP on a port no Service exposes.
+    pub const REJECT_UNKNOWN_PORT: u32 = 4;
+    /// Packets whose headers were truncated or malformed; passed untouched.
+    pub const MALFORMED: u32 = 5;
+    /// A slot pointed at a backend id that was not present (should not happen
+    /// with the ordered update; counted so it shows up if it ever does).
+    pub const MISSING_BACKEND: u32 = 6;
+    /// Conntrack insert failed (map full even after LRU eviction).
+    pub const CT_INSERT_FAILED: u32 = 7;
+    /// Reject could not be built (e.g. IP options); the packet was dropped.
+    pub const REJECT_FAILED: u32 = 8;
+    /// Non-first IP fragments to a VIP (no L4 header to translate); passed.
+    pub const FRAGMENT: u32 = 9;
+    pub const COUNT: u32 = 16;
+
+    /// Names for metrics and `kproxy status`, by index.
+    pub const NAMES: [&str; 10] = [
+        "dnat",
+        "rev_nat",
+        "ct_created",
+        "reject_no_endpoints",
+        "reject_unknown_port",
+        "malformed",
+        "missing_backend",
+        "ct_insert_failed",
+        "reject_failed",
+        "fragment",
+    ];
+}
+
+/// Key of the services map. Slot 0 of a (vip, port, proto, scope) holds the
+/// frontend ([`ServiceValue::count`] etc.); slots `1..=count` hold backend ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the services map. On slot 0: `count`, `rev_nat_id`, `flags`,
+/// `algorithm`, `affinity_timeout`; on slots 1..=count: `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub affinity_timeout: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub algorithm: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the backends map (key: backend id, `u32`, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendValue {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the reverse-NAT map (key: service frontend id, `u32`, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RevNatValue {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the conntrack map: the packet's own tuple as seen at the hook.
+/// A forward entry is keyed by (client, VIP); a reply entry by
+/// (backend, client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConntrackKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the conntrack map. The translated address is stored in the
+/// entry itself, so an established flow keeps working when its backend
+/// leaves the Service while it still runs (graceful drain).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConntrackValue {
+    /// Forward: the backend address; reply: the service address.
+    pub nat_addr: [u8; 16],
+    pub nat_port: u16,
+    pub state: u8,
+    pub flags: u8,
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
+const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
+const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 40);
+
+// SAFETY: all types are #[repr(C)], made only of integers and byte arrays,
+// with explicit padding (checked by the size asserts above and bytemuck).
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackValue {}
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address given in network byte order.
+#[inline(always)]
+pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+impl ServiceKey {
+    #[inline(always)]
+    pub const fn new(addr: [u8; 16], port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope,
+            slot,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The marker entry saying "this address is a VIP".
+    #[inline(always)]
+    pub const fn vip_marker(addr: [u8; 16]) -> Self {
+        Self::new(addr, 0, 0, SCOPE_EXTERNAL, 0)
+    }
+}

@@ -1,0 +1,1 @@
+//! `--source dir:PATH`: multi-document YAML files of Service, EndpointSlice, Node.

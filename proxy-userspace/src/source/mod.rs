@@ -1,0 +1,2 @@
+//! Where Services, EndpointSlices and Nodes come from.
+pub mod dir;
