@@ -1,3 +1,10 @@
 //! kproxy: a kube-proxy replacement on eBPF. See docs/ARCHITECTURE.md.
+//!
+//! `model` and `sync` are pure; `datapath` is the only module that touches
+//! the kernel; `daemon` wires a source to them.
+pub mod daemon;
+pub mod datapath;
+pub mod inspect;
 pub mod model;
 pub mod source;
+pub mod sync;

@@ -1,0 +1,38 @@
+//! The maps, declared with BTF so `bpftool map dump` prints named fields.
+//! Names and layouts come from proxy-common; capacities are defaults that
+//! userspace may override at load time.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    BackendValue, ConntrackKey, ConntrackValue, RevNatValue, ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+};
+
+#[btf_map(name = "SERVICES_V1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "BACKENDS_V1")]
+pub static BACKENDS: HashMap<u32, BackendValue, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map(name = "REV_NAT_V1")]
+pub static REV_NAT: HashMap<u32, RevNatValue, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map(name = "CONNTRACK_V1")]
+pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CONNTRACK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "STATS_V1")]
+pub static STATS: PerCpuArray<u64, { proxy_common::stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Bumps one per-CPU counter (see `proxy_common::stat`).
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,504 @@
+//! The only module that touches the kernel: loads the eBPF object, pins its
+//! maps and links under the pin path, attaches to interfaces, and implements
+//! [`MapWriter`] over the real maps.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use proxy_common::{
+    BackendValue, ConntrackKey, ConntrackValue, RevNatValue, ServiceKey, ServiceValue, ALL_MAPS,
+    BACKENDS_MAP, CONNTRACK_MAP, REV_NAT_MAP, SERVICES_MAP, STATS_MAP, TC_POD_PROGRAM,
+};
+use thiserror::Error;
+
+use crate::sync::{MapContents, MapWriter, WriteError};
+
+/// The eBPF object built by build.rs (aya-build) and embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const LINKS_DIR: &str = "links";
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error(
+        "this kproxy binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("cannot prepare the pin path {path}: {source}; run as root on a kernel with bpffs")]
+    PinPath { path: PathBuf, source: io::Error },
+    #[error(
+        "loading the eBPF object failed: {0}; if a pinned map has an incompatible layout, run `kproxy cleanup --bpf-pin-path ...` first"
+    )]
+    Load(#[from] EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("attaching to interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error(
+        "no kproxy maps under {path}: is this the --bpf-pin-path kproxy runs with, and has it started?"
+    )]
+    NotPinned { path: PathBuf },
+    #[error("map {name}: {source}; is the pin path right and kproxy's datapath loaded?")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+/// Map capacities (flags may override the compiled-in defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: proxy_common::SERVICES_MAX_ENTRIES,
+            backends: proxy_common::BACKENDS_MAX_ENTRIES,
+            rev_nat: proxy_common::REV_NAT_MAX_ENTRIES,
+            conntrack: proxy_common::CONNTRACK_MAX_ENTRIES,
+        }
+    }
+}
+
+/// The loaded datapath: programs, pinned maps, and pinned links.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs and opens (or creates) the pinned maps under
+    /// `pin_dir`. Maps that already exist there are reused with their
+    /// contents: this is how a restarted kproxy keeps established flows.
+    pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        ensure_bpffs(pin_dir)?;
+        ensure_dir(&pin_dir.join(LINKS_DIR))?;
+        let pins: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(SERVICES_MAP, sizes.services)
+            .map_max_entries(BACKENDS_MAP, sizes.backends)
+            .map_max_entries(REV_NAT_MAP, sizes.rev_nat)
+            .map_max_entries(CONNTRACK_MAP, sizes.conntrack);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TC_POD_PROGRAM)
+            .ok_or(DatapathError::Program {
+                name: TC_POD_PROGRAM,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: TC_POD_PROGRAM,
+                source,
+            })?;
+        program.load().map_err(|source| DatapathError::Program {
+            name: TC_POD_PROGRAM,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The loaded pod program, for BPF_PROG_TEST_RUN fixtures.
+    pub fn pod_program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(TC_POD_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("the pod program was loaded in Datapath::load")
+    }
+
+    /// Attaches the pod program at tcx ingress of `interface`, or atomically
+    /// swaps it into the link a previous kproxy pinned for the same
+    /// interface. The link is pinned, so it outlives this process.
+    pub fn attach_pod_interface(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<(), DatapathError> {
+        let links = self.pin_dir.join(LINKS_DIR);
+        let pin = links.join(link_pin_name(interface, ifindex));
+        // A pin for the same name but another ifindex belongs to an interface
+        // that was deleted and recreated; its link is defunct.
+        remove_stale_links(&links, interface, ifindex);
+        let program = self.pod_program();
+        let attach_err = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let link_id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link =
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                        DatapathError::Link {
+                            path: pin.clone(),
+                            source,
+                        }
+                    })?;
+                match program.attach_to_link(link) {
+                    Ok(id) => id,
+                    Err(err) => {
+                        tracing::warn!(%interface, error = %err, "pinned link unusable, attaching anew");
+                        let _ = std::fs::remove_file(&pin);
+                        attach_new(program, interface).map_err(attach_err)?
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&pin);
+                attach_new(program, interface).map_err(attach_err)?
+            }
+        };
+        let link = program.take_link(link_id).map_err(attach_err)?;
+        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        // Re-pinning over our own pin: remove the old file first.
+        let _ = std::fs::remove_file(&pin);
+        fd_link.pin(&pin).map_err(|e| DatapathError::PinPath {
+            path: pin.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(())
+    }
+
+    /// Unpins every link except those of `keep`: interfaces that are gone
+    /// (the kernel already detached them) or no longer match the pod globs
+    /// (unpinning the last reference detaches the program).
+    pub fn forget_missing_interfaces(&self, keep: &[(String, u32)]) {
+        let links = self.pin_dir.join(LINKS_DIR);
+        let Ok(entries) = std::fs::read_dir(&links) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = String::from_utf8_lossy(name.as_bytes()).into_owned();
+            let alive = keep
+                .iter()
+                .any(|(ifname, idx)| link_pin_name(ifname, *idx) == name);
+            if !alive {
+                tracing::info!(link = %name, "interface gone, unpinning its link");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Map access for sync.
+    pub fn maps(&mut self) -> Result<BpfMaps<'_>, DatapathError> {
+        BpfMaps::from_ebpf(&mut self.ebpf)
+    }
+}
+
+fn attach_new(
+    program: &mut SchedClassifier,
+    interface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId, ProgramError> {
+    program.attach_with_options(
+        interface,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )
+}
+
+fn link_pin_name(interface: &str, ifindex: u32) -> String {
+    format!("tc-pod-ingress@{interface}@{ifindex}")
+}
+
+fn remove_stale_links(links: &Path, interface: &str, ifindex: u32) {
+    let prefix = format!("tc-pod-ingress@{interface}@");
+    let keep = link_pin_name(interface, ifindex);
+    if let Ok(entries) = std::fs::read_dir(links) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name != keep {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn ensure_dir(path: &Path) -> Result<(), DatapathError> {
+    std::fs::create_dir_all(path).map_err(|source| DatapathError::PinPath {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Makes sure `pin_dir` is on a bpffs. If it is not (for example inside
+/// `ip netns exec`, which remounts /sys), mounts a bpffs at the pin path.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    ensure_dir(pin_dir)?;
+    if is_bpffs(pin_dir) {
+        return Ok(());
+    }
+    tracing::info!(path = %pin_dir.display(), "pin path is not on bpffs, mounting one");
+    nix::mount::mount(
+        Some("bpffs"),
+        pin_dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(|e| DatapathError::PinPath {
+        path: pin_dir.to_owned(),
+        source: io::Error::from(e),
+    })
+}
+
+/// The maps of a loaded datapath.
+pub struct BpfMaps<'a> {
+    services: BpfHashMap<&'a mut MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<&'a mut MapData, u32, BackendValue>,
+    rev_nat: BpfHashMap<&'a mut MapData, u32, RevNatValue>,
+}
+
+impl<'a> BpfMaps<'a> {
+    fn from_ebpf(ebpf: &'a mut Ebpf) -> Result<Self, DatapathError> {
+        let mut services = None;
+        let mut backends = None;
+        let mut rev_nat = None;
+        for (name, map) in ebpf.maps_mut() {
+            match name {
+                SERVICES_MAP => services = Some(map),
+                BACKENDS_MAP => backends = Some(map),
+                REV_NAT_MAP => rev_nat = Some(map),
+                _ => {}
+            }
+        }
+        let missing = |name| DatapathError::Map {
+            name,
+            source: MapError::InvalidName {
+                name: name.to_owned(),
+            },
+        };
+        let wrap = |name| move |source| DatapathError::Map { name, source };
+        Ok(Self {
+            services: BpfHashMap::try_from(services.ok_or_else(|| missing(SERVICES_MAP))?)
+                .map_err(wrap(SERVICES_MAP))?,
+            backends: BpfHashMap::try_from(backends.ok_or_else(|| missing(BACKENDS_MAP))?)
+                .map_err(wrap(BACKENDS_MAP))?,
+            rev_nat: BpfHashMap::try_from(rev_nat.ok_or_else(|| missing(REV_NAT_MAP))?)
+                .map_err(wrap(REV_NAT_MAP))?,
+        })
+    }
+}
+
+fn write_err(map: &'static str, e: MapError) -> WriteError {
+    let full =
+        matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+    WriteError {
+        map,
+        full,
+        message: e.to_string(),
+    }
+}
+
+impl MapWriter for BpfMaps<'_> {
+    fn read_all(&self) -> Result<MapContents, WriteError> {
+        let mut contents = MapContents::default();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(|e| write_err(SERVICES_MAP, e))?;
+            contents.services.insert(k, v);
+        }
+        for item in self.backends.iter() {
+            let (k, v) = item.map_err(|e| write_err(BACKENDS_MAP, e))?;
+            contents.backends.insert(k, v);
+        }
+        for item in self.rev_nat.iter() {
+            let (k, v) = item.map_err(|e| write_err(REV_NAT_MAP, e))?;
+            contents.rev_nat.insert(k, v);
+        }
+        Ok(contents)
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), WriteError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| write_err(SERVICES_MAP, e))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), WriteError> {
+        ignore_missing(self.services.remove(key)).map_err(|e| write_err(SERVICES_MAP, e))
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), WriteError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| write_err(BACKENDS_MAP, e))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        ignore_missing(self.backends.remove(&id)).map_err(|e| write_err(BACKENDS_MAP, e))
+    }
+
+    fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), WriteError> {
+        self.rev_nat
+            .insert(id, value, 0)
+            .map_err(|e| write_err(REV_NAT_MAP, e))
+    }
+
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError> {
+        ignore_missing(self.rev_nat.remove(&id)).map_err(|e| write_err(REV_NAT_MAP, e))
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Read-only view of the pinned maps, for `kproxy services|conntrack|status`
+/// (works whether or not a daemon is running).
+pub struct PinnedMaps {
+    pin_dir: PathBuf,
+}
+
+impl PinnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let probe = pin_dir.join(SERVICES_MAP);
+        if !probe.exists() {
+            return Err(DatapathError::NotPinned {
+                path: pin_dir.to_owned(),
+            });
+        }
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    fn dump<K: aya::Pod + Ord, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<BTreeMap<K, V>, DatapathError> {
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        let map = if name == CONNTRACK_MAP {
+            Map::LruHashMap(data)
+        } else {
+            Map::HashMap(data)
+        };
+        let hash: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(map).map_err(wrap)?;
+        let mut out = BTreeMap::new();
+        for item in hash.iter() {
+            let (k, v) = item.map_err(wrap)?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    pub fn contents(&self) -> Result<MapContents, DatapathError> {
+        Ok(MapContents {
+            services: self.dump(SERVICES_MAP)?,
+            backends: self.dump(BACKENDS_MAP)?,
+            rev_nat: self.dump(REV_NAT_MAP)?,
+        })
+    }
+
+    pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
+        Ok(self
+            .dump::<CtOrd, ConntrackValue>(CONNTRACK_MAP)?
+            .into_iter()
+            .map(|(k, v)| (k.0, v))
+            .collect())
+    }
+
+    /// Per-reason datapath counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<u64>, DatapathError> {
+        let name = STATS_MAP;
+        let data = MapData::from_pin(self.pin_dir.join(name))
+            .map_err(|source| DatapathError::Map { name, source })?;
+        let array: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+            .map_err(|source| DatapathError::Map { name, source })?;
+        let mut out = Vec::new();
+        for i in 0..proxy_common::stat::COUNT {
+            let values = array
+                .get(&i, 0)
+                .map_err(|source| DatapathError::Map { name, source })?;
+            out.push(values.iter().sum());
+        }
+        Ok(out)
+    }
+}
+
+/// Conntrack keys ordered for stable listings.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+struct CtOrd(ConntrackKey);
+// SAFETY: transparent wrapper of a Pod type.
+unsafe impl aya::Pod for CtOrd {}
+impl PartialOrd for CtOrd {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for CtOrd {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        bytemuck::bytes_of(&self.0).cmp(bytemuck::bytes_of(&other.0))
+    }
+}
+
+/// Removes everything kproxy pinned under `pin_dir`: links (which detaches
+/// the programs) and maps. Returns what was removed.
+pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let links = pin_dir.join(LINKS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            std::fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+        std::fs::remove_dir(&links)?;
+    }
+    for name in ALL_MAPS {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,163 @@
+//! `kproxy services|conntrack|status`: what the pinned maps hold, as a
+//! table or JSON. Reads the maps only, so it works with or without a
+//! running daemon.
+
+use std::net::{IpAddr, SocketAddr};
+
+use proxy_common::{
+    stat, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, SCOPE_EXTERNAL, SVC_FLAG_VIP_MARKER,
+};
+use serde::Serialize;
+
+use crate::model::Protocol;
+use crate::sync::{addr_from_bytes, MapContents};
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceListing {
+    pub frontend: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub scope: &'static str,
+    pub rev_nat_id: u32,
+    pub backends: Vec<BackendListing>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BackendListing {
+    pub id: u32,
+    pub address: String,
+    pub state: &'static str,
+}
+
+fn protocol_name(proto: u8) -> String {
+    Protocol::from_number(proto)
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| proto.to_string())
+}
+
+/// Frontends with their backends, in slot order.
+pub fn services(contents: &MapContents) -> Vec<ServiceListing> {
+    let mut out = Vec::new();
+    for (key, value) in &contents.services {
+        if key.slot != 0 || value.flags & SVC_FLAG_VIP_MARKER != 0 {
+            continue;
+        }
+        let ip = addr_from_bytes(key.addr);
+        let mut backends = Vec::new();
+        for slot in 1..=value.count {
+            let slot_key = proxy_common::ServiceKey { slot, ..*key };
+            let Some(slot_value) = contents.services.get(&slot_key) else {
+                continue;
+            };
+            let id = slot_value.backend_id;
+            let (address, state) = match contents.backends.get(&id) {
+                Some(b) => (
+                    SocketAddr::new(addr_from_bytes(b.addr), b.port).to_string(),
+                    if b.state == BACKEND_STATE_TERMINATING {
+                        "terminating"
+                    } else {
+                        "active"
+                    },
+                ),
+                None => ("<missing>".to_owned(), "missing"),
+            };
+            backends.push(BackendListing { id, address, state });
+        }
+        let protocol = protocol_name(key.proto);
+        out.push(ServiceListing {
+            frontend: format!("{}/{}", SocketAddr::new(ip, key.port), protocol),
+            ip,
+            port: key.port,
+            protocol,
+            scope: if key.scope == SCOPE_EXTERNAL {
+                "cluster"
+            } else {
+                "local"
+            },
+            rev_nat_id: value.rev_nat_id,
+            backends,
+        });
+    }
+    out
+}
+
+pub fn services_table(listing: &[ServiceListing]) -> String {
+    let mut out = String::from("FRONTEND                                  SCOPE    BACKENDS\n");
+    for s in listing {
+        let backends = if s.backends.is_empty() {
+            "(none: rejects)".to_owned()
+        } else {
+            s.backends
+                .iter()
+                .map(|b| {
+                    if b.state == "active" {
+                        b.address.clone()
+                    } else {
+                        format!("{} ({})", b.address, b.state)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!("{:<41} {:<8} {}\n", s.frontend, s.scope, backends));
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackListing {
+    pub direction: &'static str,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    pub nat: String,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub idle_seconds: f64,
+}
+
+pub fn conntrack(
+    entries: &[(proxy_common::ConntrackKey, proxy_common::ConntrackValue)],
+    now_ns: u64,
+) -> Vec<ConntrackListing> {
+    entries
+        .iter()
+        .map(|(k, v)| ConntrackListing {
+            direction: if k.direction == CT_DIR_FORWARD {
+                "forward"
+            } else {
+                "reply"
+            },
+            protocol: protocol_name(k.proto),
+            source: SocketAddr::new(addr_from_bytes(k.saddr), k.sport).to_string(),
+            destination: SocketAddr::new(addr_from_bytes(k.daddr), k.dport).to_string(),
+            nat: SocketAddr::new(addr_from_bytes(v.nat_addr), v.nat_port).to_string(),
+            backend_id: v.backend_id,
+            rev_nat_id: v.rev_nat_id,
+            idle_seconds: now_ns.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+        })
+        .collect()
+}
+
+pub fn conntrack_table(listing: &[ConntrackListing]) -> String {
+    let mut out = String::from(
+        "DIR      PROTO SOURCE                  DESTINATION             NAT TO                  IDLE\n",
+    );
+    for c in listing {
+        out.push_str(&format!(
+            "{:<8} {:<5} {:<23} {:<23} {:<23} {:.0}s\n",
+            c.direction, c.protocol, c.source, c.destination, c.nat, c.idle_seconds
+        ));
+    }
+    out
+}
+
+/// Datapath counters by name.
+pub fn stats(values: &[u64]) -> Vec<(&'static str, u64)> {
+    stat::NAMES
+        .iter()
+        .zip(values.iter())
+        .map(|(n, v)| (*n, *v))
+        .collect()
+}

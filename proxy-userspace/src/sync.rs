@@ -1,0 +1,470 @@
+//! Applies a [`DesiredState`] to the maps as a delta, in an order where no
+//! packet can ever see a half-written Service (DESIGN.md section 3):
+//! backends, then slots 1..N, then rev-NAT, then slot 0 (the commit point),
+//! then deletion of stale slots, rev-NAT entries and unreferenced backends.
+//!
+//! Each frontend is its own unit: if writing one fails (a full map, say),
+//! it keeps what it had, the error is reported, and the others still sync.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use proxy_common::{
+    ipv4_mapped, BackendValue, RevNatValue, ServiceKey, ServiceValue, BACKEND_STATE_ACTIVE,
+    BACKEND_STATE_TERMINATING, SCOPE_EXTERNAL, SVC_FLAG_VIP_MARKER,
+};
+use thiserror::Error;
+
+use crate::model::{DesiredState, FrontendKey};
+
+/// What the maps hold (or should hold).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub rev_nat: BTreeMap<u32, RevNatValue>,
+}
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("map {map}: {message}{}", if *.full { " (the map is full: raise its size or reduce Services/endpoints)" } else { "" })]
+pub struct WriteError {
+    pub map: &'static str,
+    /// The write failed because the map has no room left.
+    pub full: bool,
+    pub message: String,
+}
+
+/// Access to the datapath maps: the real pinned maps in production, an
+/// in-memory fake in unit tests.
+pub trait MapWriter {
+    fn read_all(&self) -> Result<MapContents, WriteError>;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), WriteError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), WriteError>;
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), WriteError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), WriteError>;
+    fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), WriteError>;
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError>;
+}
+
+/// The 16-byte map form of an address (IPv4 is stored IPv4-mapped).
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a 16-byte map address stands for.
+pub fn addr_from_bytes(bytes: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub deletes: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// Frontends left as they were because a write failed.
+    pub failed: Vec<(FrontendKey, WriteError)>,
+    /// Deletions that failed (retried on the next sync).
+    pub failed_deletes: Vec<WriteError>,
+}
+
+/// The entries one frontend needs.
+struct FrontendEntries {
+    frontend: FrontendKey,
+    slot0: (ServiceKey, ServiceValue),
+    slots: Vec<(ServiceKey, ServiceValue)>,
+    rev_nat: (u32, RevNatValue),
+    backends: Vec<(u32, BackendValue)>,
+}
+
+/// Hands out the smallest ids not in use (ids start at 1; 0 means none).
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl IdAllocator {
+    fn new(used: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            used: used.into_iter().collect(),
+            next: 1,
+        }
+    }
+
+    fn allocate(&mut self) -> u32 {
+        while self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        self.used.insert(self.next);
+        self.next
+    }
+}
+
+/// Keeps a mirror of what the maps hold and writes only differences.
+#[derive(Default)]
+pub struct Syncer {
+    mirror: MapContents,
+}
+
+impl Syncer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What this syncer believes the maps hold.
+    pub fn mirror(&self) -> &MapContents {
+        &self.mirror
+    }
+
+    /// Re-reads the maps: at startup (a previous kproxy may have left state,
+    /// whose ids are reused) and on every full resync (repairs drift, e.g. an
+    /// entry deleted by hand).
+    pub fn reload(&mut self, writer: &impl MapWriter) -> Result<(), WriteError> {
+        self.mirror = writer.read_all()?;
+        Ok(())
+    }
+
+    pub fn apply(&mut self, writer: &mut impl MapWriter, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+        let entries = self.plan(desired);
+        let mut keep: HashSet<ServiceKey> = HashSet::new();
+        let mut wanted_backends: HashSet<u32> = HashSet::new();
+
+        for fe in &entries {
+            wanted_backends.extend(fe.backends.iter().map(|(id, _)| *id));
+            match self.write_frontend(writer, fe, &mut report) {
+                Ok(()) => {
+                    keep.insert(fe.slot0.0);
+                    keep.extend(fe.slots.iter().map(|(k, _)| *k));
+                }
+                Err(err) => {
+                    tracing::error!(frontend = ?fe.frontend, error = %err, "frontend not updated; it keeps its previous state");
+                    // Keep whatever the frontend had, consistently: its old
+                    // slot 0 and every slot it may reference.
+                    keep.insert(fe.slot0.0);
+                    if let Some(old) = self.mirror.services.get(&fe.slot0.0) {
+                        for slot in 1..=old.count {
+                            keep.insert(ServiceKey { slot, ..fe.slot0.0 });
+                        }
+                    }
+                    report.failed.push((fe.frontend, err));
+                }
+            }
+        }
+
+        // VIP markers: "this address is a Service VIP", for reject on unknown ports.
+        let vips: BTreeSet<[u8; 16]> = entries.iter().map(|e| e.slot0.0.addr).collect();
+        for addr in vips {
+            let key = ServiceKey::vip_marker(addr);
+            let value = ServiceValue {
+                flags: SVC_FLAG_VIP_MARKER,
+                ..ServiceValue::default()
+            };
+            keep.insert(key);
+            if let Err(err) = self.put_service(writer, &key, &value, &mut report) {
+                tracing::error!(error = %err, "writing a VIP marker failed");
+            }
+        }
+
+        self.delete_stale(writer, &keep, &wanted_backends, &mut report);
+        report.frontends = entries.len();
+        report.backends = self.mirror.backends.len();
+        report
+    }
+
+    /// Turns the desired state into map entries, reusing the ids the maps
+    /// already hold so that unchanged entries are not rewritten.
+    fn plan(&self, desired: &DesiredState) -> Vec<FrontendEntries> {
+        let mut backend_ids: HashMap<([u8; 16], u16, u8), u32> = self
+            .mirror
+            .backends
+            .iter()
+            .map(|(id, b)| ((b.addr, b.port, b.proto), *id))
+            .collect();
+        let mut frontend_ids: HashMap<ServiceKey, u32> = self
+            .mirror
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map(|(k, v)| (*k, v.rev_nat_id))
+            .collect();
+        let mut backend_alloc = IdAllocator::new(self.mirror.backends.keys().copied());
+        let mut rev_nat_alloc = IdAllocator::new(
+            self.mirror
+                .rev_nat
+                .keys()
+                .copied()
+                .chain(frontend_ids.values().copied()),
+        );
+
+        let mut out = Vec::with_capacity(desired.frontends.len());
+        for (key, frontend) in &desired.frontends {
+            let addr = addr_bytes(key.ip);
+            let proto = key.protocol.number();
+            let slot0_key = ServiceKey::new(addr, key.port, proto, SCOPE_EXTERNAL, 0);
+            let rev_nat_id = *frontend_ids
+                .entry(slot0_key)
+                .or_insert_with(|| rev_nat_alloc.allocate());
+            let mut backends = Vec::with_capacity(frontend.backends.len());
+            let mut slots = Vec::with_capacity(frontend.backends.len());
+            for (i, b) in frontend.backends.iter().enumerate() {
+                let b_addr = addr_bytes(b.ip);
+                let id = *backend_ids
+                    .entry((b_addr, b.port, proto))
+                    .or_insert_with(|| backend_alloc.allocate());
+                let value = BackendValue {
+                    addr: b_addr,
+                    port: b.port,
+                    proto,
+                    state: if b.terminating {
+                        BACKEND_STATE_TERMINATING
+                    } else {
+                        BACKEND_STATE_ACTIVE
+                    },
+                    ..BackendValue::default()
+                };
+                backends.push((id, value));
+                let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
+                slots.push((
+                    ServiceKey { slot, ..slot0_key },
+                    ServiceValue {
+                        backend_id: id,
+                        ..ServiceValue::default()
+                    },
+                ));
+            }
+            let count = u16::try_from(frontend.backends.len()).unwrap_or(u16::MAX);
+            out.push(FrontendEntries {
+                frontend: *key,
+                slot0: (
+                    slot0_key,
+                    ServiceValue {
+                        count,
+                        rev_nat_id,
+                        ..ServiceValue::default()
+                    },
+                ),
+                slots,
+                rev_nat: (
+                    rev_nat_id,
+                    RevNatValue {
+                        addr,
+                        port: key.port,
+                        ..RevNatValue::default()
+                    },
+                ),
+                backends,
+            });
+        }
+        out
+    }
+
+    fn write_frontend(
+        &mut self,
+        writer: &mut impl MapWriter,
+        fe: &FrontendEntries,
+        report: &mut SyncReport,
+    ) -> Result<(), WriteError> {
+        if fe.slots.len() > usize::from(u16::MAX) {
+            return Err(WriteError {
+                map: proxy_common::SERVICES_MAP,
+                full: false,
+                message: format!(
+                    "{} endpoints exceed the 65535 a frontend can hold",
+                    fe.slots.len()
+                ),
+            });
+        }
+        for (id, value) in &fe.backends {
+            if self.mirror.backends.get(id) != Some(value) {
+                writer.put_backend(*id, value)?;
+                self.mirror.backends.insert(*id, *value);
+                report.writes += 1;
+            }
+        }
+        for (key, value) in &fe.slots {
+            self.put_service(writer, key, value, report)?;
+        }
+        let (id, value) = &fe.rev_nat;
+        if self.mirror.rev_nat.get(id) != Some(value) {
+            writer.put_rev_nat(*id, value)?;
+            self.mirror.rev_nat.insert(*id, *value);
+            report.writes += 1;
+        }
+        // The commit point: from here packets see the new count.
+        self.put_service(writer, &fe.slot0.0, &fe.slot0.1, report)
+    }
+
+    fn put_service(
+        &mut self,
+        writer: &mut impl MapWriter,
+        key: &ServiceKey,
+        value: &ServiceValue,
+        report: &mut SyncReport,
+    ) -> Result<(), WriteError> {
+        if self.mirror.services.get(key) != Some(value) {
+            writer.put_service(key, value)?;
+            self.mirror.services.insert(*key, *value);
+            report.writes += 1;
+        }
+        Ok(())
+    }
+
+    fn delete_stale(
+        &mut self,
+        writer: &mut impl MapWriter,
+        keep: &HashSet<ServiceKey>,
+        wanted_backends: &HashSet<u32>,
+        report: &mut SyncReport,
+    ) {
+        // Slot 0 first: once a frontend's slot 0 is gone, no packet reads its
+        // slots any more.
+        let mut stale: Vec<ServiceKey> = self
+            .mirror
+            .services
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        stale.sort_by_key(|k| k.slot != 0);
+        for key in stale {
+            match writer.delete_service(&key) {
+                Ok(()) => {
+                    self.mirror.services.remove(&key);
+                    report.deletes += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+
+        let live_rev_nat: HashSet<u32> = self
+            .mirror
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
+        let stale: Vec<u32> = self
+            .mirror
+            .rev_nat
+            .keys()
+            .filter(|id| !live_rev_nat.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            match writer.delete_rev_nat(id) {
+                Ok(()) => {
+                    self.mirror.rev_nat.remove(&id);
+                    report.deletes += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+
+        let referenced: HashSet<u32> = self
+            .mirror
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        let stale: Vec<u32> = self
+            .mirror
+            .backends
+            .keys()
+            .filter(|id| !referenced.contains(id) && !wanted_backends.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            match writer.delete_backend(id) {
+                Ok(()) => {
+                    self.mirror.backends.remove(&id);
+                    report.deletes += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+    }
+}
+
+/// An in-memory [`MapWriter`] with optional capacities, for tests of the
+/// pure sync logic. It records every operation in order.
+#[derive(Debug, Default)]
+pub struct FakeMaps {
+    pub contents: MapContents,
+    pub ops: Vec<String>,
+    pub services_capacity: Option<usize>,
+    pub backends_capacity: Option<usize>,
+}
+
+impl FakeMaps {
+    fn full(map: &'static str) -> WriteError {
+        WriteError {
+            map,
+            full: true,
+            message: "no space left".into(),
+        }
+    }
+}
+
+impl MapWriter for FakeMaps {
+    fn read_all(&self) -> Result<MapContents, WriteError> {
+        Ok(self.contents.clone())
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), WriteError> {
+        let len = self.contents.services.len();
+        if !self.contents.services.contains_key(key)
+            && self.services_capacity.is_some_and(|c| len >= c)
+        {
+            return Err(Self::full(proxy_common::SERVICES_MAP));
+        }
+        self.ops.push(format!("put service slot={}", key.slot));
+        self.contents.services.insert(*key, *value);
+        Ok(())
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), WriteError> {
+        self.ops.push(format!("delete service slot={}", key.slot));
+        self.contents.services.remove(key);
+        Ok(())
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), WriteError> {
+        let len = self.contents.backends.len();
+        if !self.contents.backends.contains_key(&id)
+            && self.backends_capacity.is_some_and(|c| len >= c)
+        {
+            return Err(Self::full(proxy_common::BACKENDS_MAP));
+        }
+        self.ops.push(format!("put backend {id}"));
+        self.contents.backends.insert(id, *value);
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        self.ops.push(format!("delete backend {id}"));
+        self.contents.backends.remove(&id);
+        Ok(())
+    }
+
+    fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), WriteError> {
+        self.ops.push(format!("put rev_nat {id}"));
+        self.contents.rev_nat.insert(id, *value);
+        Ok(())
+    }
+
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError> {
+        self.ops.push(format!("delete rev_nat {id}"));
+        self.contents.rev_nat.remove(&id);
+        Ok(())
+    }
+}
