@@ -132,7 +132,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
 }
 
 fn watch_dir(
-    path: &PathBuf,
+    path: &std::path::Path,
     tx: mpsc::Sender<Event>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {

@@ -260,7 +260,7 @@ fn ensure_dir(path: &Path) -> Result<(), DatapathError> {
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 
@@ -481,12 +481,22 @@ impl Ord for CtOrd {
 }
 
 /// Removes everything kproxy pinned under `pin_dir`: links (which detaches
-/// the programs) and maps. Returns what was removed.
+/// the programs) and maps. Returns what was removed. The kernel releases an
+/// unpinned link asynchronously (after an RCU grace period), and a link's id
+/// vanishes before its program is detached; so this waits (up to 5 s) until
+/// the links' programs are gone, which happens only after the detach. Stop
+/// the daemon first: a running kproxy holds its program.
 pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
+    let mut program_ids = Vec::new();
     let links = pin_dir.join(LINKS_DIR);
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries.flatten() {
+            if let Ok(pinned) = PinnedLink::from_pin(entry.path()) {
+                if let Ok(info) = FdLink::from(pinned).info() {
+                    program_ids.push(info.program_id());
+                }
+            }
             std::fs::remove_file(entry.path())?;
             removed.push(entry.path());
         }
@@ -499,6 +509,16 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let alive = aya::programs::loaded_programs()
+            .flatten()
+            .any(|p| program_ids.contains(&p.id()));
+        if !alive {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(removed)
 }

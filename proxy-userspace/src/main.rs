@@ -31,7 +31,7 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy: watch the source, program the datapath.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List frontends and their backends from the pinned maps.
     Services {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
@@ -124,10 +124,11 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Services {
             bpf_pin_path,
             output,
