@@ -397,6 +397,7 @@ impl Syncer {
 
 /// An in-memory [`MapWriter`] with optional capacities, for tests of the
 /// pure sync logic. It records every operation in order.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct FakeMaps {
     pub contents: MapContents,
@@ -405,6 +406,7 @@ pub struct FakeMaps {
     pub backends_capacity: Option<usize>,
 }
 
+#[cfg(test)]
 impl FakeMaps {
     fn full(map: &'static str) -> WriteError {
         WriteError {
@@ -415,6 +417,7 @@ impl FakeMaps {
     }
 }
 
+#[cfg(test)]
 impl MapWriter for FakeMaps {
     fn read_all(&self) -> Result<MapContents, WriteError> {
         Ok(self.contents.clone())
@@ -466,5 +469,261 @@ impl MapWriter for FakeMaps {
         self.ops.push(format!("delete rev_nat {id}"));
         self.contents.rev_nat.remove(&id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Backend, Frontend, FrontendKind, Protocol, ServicePortName};
+
+    fn backend(last: u8) -> Backend {
+        Backend {
+            ip: IpAddr::V4(Ipv4Addr::new(198, 18, last, 2)),
+            port: 8080,
+            terminating: false,
+            local: false,
+        }
+    }
+
+    fn key(vip_last: u8, port: u16) -> FrontendKey {
+        FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::new(198, 19, 0, vip_last)),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn state(frontends: &[(FrontendKey, Vec<Backend>)]) -> DesiredState {
+        DesiredState {
+            frontends: frontends
+                .iter()
+                .map(|(k, b)| {
+                    (
+                        *k,
+                        Frontend {
+                            service: ServicePortName {
+                                namespace: "ns".into(),
+                                name: "svc".into(),
+                                port_name: String::new(),
+                            },
+                            kind: FrontendKind::ClusterIp,
+                            backends: b.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn slot0(contents: &MapContents, k: FrontendKey) -> Option<ServiceValue> {
+        let key = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_EXTERNAL, 0);
+        contents.services.get(&key).copied()
+    }
+
+    /// The backend addresses a frontend resolves to, slot by slot, the way
+    /// the datapath reads them.
+    fn resolve(contents: &MapContents, k: FrontendKey) -> Vec<IpAddr> {
+        let Some(fe) = slot0(contents, k) else {
+            return Vec::new();
+        };
+        let base = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_EXTERNAL, 0);
+        (1..=fe.count)
+            .map(|slot| {
+                let id = contents.services[&ServiceKey { slot, ..base }].backend_id;
+                addr_from_bytes(contents.backends[&id].addr)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn programs_every_entry_and_the_vip_marker() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let desired = state(&[(key(10, 80), vec![backend(2), backend(3)])]);
+        let report = syncer.apply(&mut maps, &desired);
+        assert!(report.failed.is_empty());
+        assert_eq!(
+            resolve(&maps.contents, key(10, 80)),
+            vec![backend(2).ip, backend(3).ip]
+        );
+        let marker = ServiceKey::vip_marker(addr_bytes(key(10, 80).ip));
+        assert_eq!(maps.contents.services[&marker].flags, SVC_FLAG_VIP_MARKER);
+        let fe = slot0(&maps.contents, key(10, 80)).unwrap();
+        assert_eq!(maps.contents.rev_nat[&fe.rev_nat_id].port, 80);
+        assert_eq!(&maps.contents, syncer.mirror());
+    }
+
+    #[test]
+    fn slot_zero_is_written_after_its_slots_and_deleted_before_them() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.apply(
+            &mut maps,
+            &state(&[(key(10, 80), vec![backend(2), backend(3)])]),
+        );
+        let ops = &maps.ops;
+        let first_slot0 = ops.iter().position(|o| o == "put service slot=0").unwrap();
+        let last_slot = ops
+            .iter()
+            .rposition(|o| o.starts_with("put service slot=") && o != "put service slot=0")
+            .unwrap();
+        let last_backend = ops
+            .iter()
+            .rposition(|o| o.starts_with("put backend"))
+            .unwrap();
+        let rev_nat = ops
+            .iter()
+            .position(|o| o.starts_with("put rev_nat"))
+            .unwrap();
+        assert!(
+            last_backend < first_slot0 && last_slot < first_slot0 && rev_nat < first_slot0,
+            "{ops:?}"
+        );
+
+        maps.ops.clear();
+        syncer.apply(&mut maps, &state(&[]));
+        let ops = &maps.ops;
+        assert_eq!(ops[0], "delete service slot=0", "{ops:?}");
+        let last_service = ops
+            .iter()
+            .rposition(|o| o.starts_with("delete service"))
+            .unwrap();
+        let first_backend = ops
+            .iter()
+            .position(|o| o.starts_with("delete backend"))
+            .unwrap();
+        assert!(last_service < first_backend, "{ops:?}");
+        assert!(maps.contents.services.is_empty());
+        assert!(maps.contents.backends.is_empty());
+        assert!(maps.contents.rev_nat.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_state_writes_nothing_and_ids_are_stable() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let desired = state(&[(key(10, 80), vec![backend(2), backend(3)])]);
+        syncer.apply(&mut maps, &desired);
+        let before = maps.contents.clone();
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!((report.writes, report.deletes), (0, 0));
+        assert_eq!(before, maps.contents);
+
+        // A restarted kproxy reads the maps and reuses their ids.
+        let mut restarted = Syncer::new();
+        restarted.reload(&maps).unwrap();
+        let report = restarted.apply(&mut maps, &desired);
+        assert_eq!((report.writes, report.deletes), (0, 0));
+    }
+
+    #[test]
+    fn removing_a_backend_shrinks_the_frontend_and_frees_the_backend() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.apply(
+            &mut maps,
+            &state(&[(key(10, 80), vec![backend(2), backend(3), backend(4)])]),
+        );
+        syncer.apply(
+            &mut maps,
+            &state(&[(key(10, 80), vec![backend(2), backend(4)])]),
+        );
+        assert_eq!(
+            resolve(&maps.contents, key(10, 80)),
+            vec![backend(2).ip, backend(4).ip]
+        );
+        assert_eq!(maps.contents.backends.len(), 2);
+        // No slot beyond the count survives.
+        assert_eq!(maps.contents.services.len(), 1 + 2 + 1);
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_frontends_survives_until_both_drop_it() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.apply(
+            &mut maps,
+            &state(&[
+                (key(10, 80), vec![backend(2)]),
+                (key(11, 80), vec![backend(2)]),
+            ]),
+        );
+        assert_eq!(maps.contents.backends.len(), 1);
+        syncer.apply(&mut maps, &state(&[(key(11, 80), vec![backend(2)])]));
+        assert_eq!(resolve(&maps.contents, key(11, 80)), vec![backend(2).ip]);
+        assert!(slot0(&maps.contents, key(10, 80)).is_none());
+    }
+
+    #[test]
+    fn a_full_map_keeps_programmed_frontends_and_reports_the_rest() {
+        let mut maps = FakeMaps {
+            backends_capacity: Some(3),
+            ..FakeMaps::default()
+        };
+        let mut syncer = Syncer::new();
+        syncer.apply(
+            &mut maps,
+            &state(&[(key(10, 80), vec![backend(2), backend(3)])]),
+        );
+        // A second Service needs three more backends: only one fits.
+        let desired = state(&[
+            (key(10, 80), vec![backend(2), backend(3)]),
+            (key(11, 80), vec![backend(5), backend(6), backend(7)]),
+        ]);
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].0, key(11, 80));
+        assert!(report.failed[0].1.full);
+        assert!(report.failed[0].1.to_string().contains("the map is full"));
+        // The first Service is untouched and complete; the second has no
+        // slot 0, so no packet can reach its half-written slots.
+        assert_eq!(
+            resolve(&maps.contents, key(10, 80)),
+            vec![backend(2).ip, backend(3).ip]
+        );
+        assert!(slot0(&maps.contents, key(11, 80)).is_none());
+    }
+
+    #[test]
+    fn a_failed_update_leaves_the_old_frontend_consistent() {
+        let mut maps = FakeMaps {
+            backends_capacity: Some(2),
+            ..FakeMaps::default()
+        };
+        let mut syncer = Syncer::new();
+        syncer.apply(
+            &mut maps,
+            &state(&[(key(10, 80), vec![backend(2), backend(3)])]),
+        );
+        let report = syncer.apply(
+            &mut maps,
+            &state(&[(key(10, 80), vec![backend(4), backend(5), backend(6)])]),
+        );
+        assert_eq!(report.failed.len(), 1);
+        let fe = slot0(&maps.contents, key(10, 80)).unwrap();
+        assert_eq!(fe.count, 2, "the old count stays the commit point");
+        // Every slot still resolves to a programmed backend.
+        assert_eq!(resolve(&maps.contents, key(10, 80)).len(), 2);
+    }
+
+    #[test]
+    fn a_full_resync_repairs_an_entry_deleted_by_hand() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let desired = state(&[(key(10, 80), vec![backend(2)])]);
+        syncer.apply(&mut maps, &desired);
+        let wanted = maps.contents.clone();
+        let slot1 = *maps.contents.services.keys().find(|k| k.slot == 1).unwrap();
+        maps.contents.services.remove(&slot1);
+        // The mirror still believes the entry is there: a plain apply does
+        // not notice, a resync (reload + apply) does.
+        syncer.apply(&mut maps, &desired);
+        assert_ne!(maps.contents, wanted);
+        syncer.reload(&maps).unwrap();
+        syncer.apply(&mut maps, &desired);
+        assert_eq!(maps.contents, wanted);
     }
 }
