@@ -1,31 +1,37 @@
 //! `kproxy run`: the long-running loop. Reads the source, computes the
-//! desired state, syncs it into the maps, and keeps pod interfaces attached.
+//! desired state, syncs it into the maps, keeps pod interfaces attached,
+//! and serves health and metrics.
 //!
 //! Coalescing follows kube-proxy's BoundedFrequencyRunner: a change syncs at
 //! once unless the last sync was less than `min_sync_period` ago; a full
 //! resync (maps re-read, drift repaired) runs every `sync_period`.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
 use crate::datapath::{Datapath, MapSizes};
-use crate::model::{self, ModelConfig, Snapshot};
-use crate::source::dir;
-use crate::sync::Syncer;
+use crate::model::{self, namespace_of, ModelConfig, Snapshot};
+use crate::server::{self, Health, KindLabel, Metrics};
+use crate::source::{dir, kube as kube_source};
+use crate::sync::{SyncReport, Syncer};
 
 /// Where Services and endpoints come from.
 #[derive(Clone, Debug)]
-pub enum Source {
+pub enum SourceSpec {
     Dir(PathBuf),
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    pub source: Source,
+    pub source: SourceSpec,
     pub model: ModelConfig,
     pub pin_dir: PathBuf,
     pub pod_interfaces: Vec<glob::Pattern>,
@@ -34,10 +40,37 @@ pub struct DaemonConfig {
     pub map_sizes: MapSizes,
     /// How often the interface list is checked for new pod interfaces.
     pub interface_poll: Duration,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
 }
 
-enum Event {
-    SourceChanged,
+/// A running source, asked for a snapshot at each sync.
+enum Source {
+    Dir(PathBuf),
+    Kube(kube_source::KubeSource),
+}
+
+enum Loaded {
+    Ready(Snapshot),
+    /// Initial lists not complete yet: program nothing.
+    NotReady,
+    /// The source is unreadable now; keep what is programmed.
+    Failed(String),
+}
+
+impl Source {
+    fn load(&self) -> Loaded {
+        match self {
+            Source::Dir(path) => match dir::load_dir(path) {
+                Ok(s) => Loaded::Ready(s),
+                Err(e) => Loaded::Failed(e.to_string()),
+            },
+            Source::Kube(k) => match k.snapshot() {
+                Some(s) => Loaded::Ready(s),
+                None => Loaded::NotReady,
+            },
+        }
+    }
 }
 
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
@@ -52,9 +85,36 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         "state left by a previous kproxy (reused)"
     );
 
-    let (tx, mut rx) = mpsc::channel::<Event>(16);
-    let Source::Dir(dir_path) = &config.source;
-    let _watcher = watch_dir(dir_path, tx.clone())?;
+    let health = Arc::new(Health::new(config.sync_period));
+    let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
+    server::serve(
+        config.healthz_bind_address,
+        config.metrics_bind_address,
+        health.clone(),
+        metrics.clone(),
+    )
+    .await?;
+
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut _watcher = None;
+    let source = match &config.source {
+        SourceSpec::Dir(path) => {
+            _watcher = Some(watch_dir(path, tx.clone())?);
+            Source::Dir(path.clone())
+        }
+        SourceSpec::Kube { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            tokio::spawn(kube_source::publish_starting_event(
+                client.clone(),
+                config.model.node_name.clone(),
+            ));
+            Source::Kube(kube_source::KubeSource::start(
+                client,
+                &config.model,
+                tx.clone(),
+            ))
+        }
+    };
 
     let mut attached: Vec<(String, u32)> = Vec::new();
     attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached);
@@ -65,54 +125,33 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut resync_tick = tokio::time::interval(config.sync_period);
     resync_tick.tick().await;
 
-    // Nothing is programmed until the source has been read completely once.
-    let mut snapshot: Option<Snapshot> = None;
+    let mut state = SyncState::default();
     let mut pending = true;
-    let mut last_sync: Option<Instant> = None;
     let mut full_resync = false;
+    mark_queued(&health, &metrics);
 
     loop {
         if pending {
-            let due = last_sync.map_or(Instant::now(), |t| t + config.min_sync_period);
+            let due = state
+                .last_sync
+                .map_or(Instant::now(), |t| t + config.min_sync_period);
             if Instant::now() >= due {
                 pending = false;
-                match dir::load_dir(dir_path) {
-                    Ok(s) => snapshot = Some(s),
-                    Err(err) => {
-                        tracing::error!(error = %err, "source not applied; the last good state stays programmed");
-                    }
-                }
-                if let Some(snapshot) = &snapshot {
-                    let started = Instant::now();
-                    let mut maps = datapath.maps()?;
-                    if full_resync {
-                        if let Err(err) = syncer.reload(&maps) {
-                            tracing::error!(error = %err, "re-reading maps for a full resync failed");
-                        }
-                        full_resync = false;
-                    }
-                    let desired = model::desired_state(snapshot, &config.model);
-                    let report = syncer.apply(&mut maps, &desired);
-                    tracing::info!(
-                        frontends = report.frontends,
-                        backends = report.backends,
-                        writes = report.writes,
-                        deletes = report.deletes,
-                        failed = report.failed.len(),
-                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                        "synced"
-                    );
-                    for err in &report.failed_deletes {
-                        tracing::warn!(error = %err, "a stale entry could not be deleted; retrying on the next sync");
-                    }
-                }
-                last_sync = Some(Instant::now());
+                let resync = std::mem::take(&mut full_resync);
+                state.sync(
+                    &source,
+                    &mut datapath,
+                    &mut syncer,
+                    &config,
+                    &health,
+                    &metrics,
+                    resync,
+                )?;
                 continue;
             }
-            let wait = due - Instant::now();
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                Some(Event::SourceChanged) = rx.recv() => {}
+                _ = tokio::time::sleep(due - Instant::now()) => {}
+                Some(()) = rx.recv() => mark_queued(&health, &metrics),
                 _ = interface_tick.tick() => attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached),
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
@@ -120,7 +159,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             continue;
         }
         tokio::select! {
-            Some(Event::SourceChanged) = rx.recv() => pending = true,
+            Some(()) = rx.recv() => { pending = true; mark_queued(&health, &metrics); }
             _ = resync_tick.tick() => { pending = true; full_resync = true; }
             _ = interface_tick.tick() => attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached),
             _ = sigterm.recv() => break,
@@ -131,15 +170,179 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn watch_dir(
-    path: &std::path::Path,
-    tx: mpsc::Sender<Event>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn mark_queued(health: &Health, metrics: &Metrics) {
+    let now = SystemTime::now();
+    health.queued(now);
+    metrics.last_queued.set(unix_seconds(now));
+}
+
+/// What the loop remembers between syncs.
+#[derive(Default)]
+struct SyncState {
+    last_sync: Option<Instant>,
+    /// EndpointSlice (namespace, name) -> last-change-trigger-time seen, to
+    /// measure network programming latency once per change.
+    trigger_times: HashMap<(String, String), String>,
+    synced_once: bool,
+}
+
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+impl SyncState {
+    #[allow(clippy::too_many_arguments)]
+    fn sync(
+        &mut self,
+        source: &Source,
+        datapath: &mut Datapath,
+        syncer: &mut Syncer,
+        config: &DaemonConfig,
+        health: &Health,
+        metrics: &Metrics,
+        full_resync: bool,
+    ) -> anyhow::Result<()> {
+        self.last_sync = Some(Instant::now());
+        let snapshot = match source.load() {
+            Loaded::Ready(s) => s,
+            Loaded::NotReady => {
+                tracing::info!("waiting for the initial lists before programming anything");
+                return Ok(());
+            }
+            Loaded::Failed(err) => {
+                metrics
+                    .sync_errors
+                    .get_or_create(&KindLabel {
+                        kind: "source".into(),
+                    })
+                    .inc();
+                tracing::error!(error = %err, "source not applied; the last good state stays programmed");
+                return Ok(());
+            }
+        };
+        if let Source::Kube(_) = source {
+            let node = snapshot
+                .nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(config.model.node_name.as_str()));
+            health.set_node_eligible(kube_source::node_eligible(node));
+        }
+
+        let started = Instant::now();
+        let mut maps = datapath.maps()?;
+        if full_resync {
+            if let Err(err) = syncer.reload(&maps) {
+                tracing::error!(error = %err, "re-reading maps for a full resync failed");
+            }
+        }
+        let desired = model::desired_state(&snapshot, &config.model);
+        let report = syncer.apply(&mut maps, &desired);
+        let elapsed = started.elapsed();
+        metrics.sync_duration.observe(elapsed.as_secs_f64());
+        self.record(&report, syncer, config, metrics);
+        tracing::info!(
+            frontends = report.frontends,
+            backends = report.backends,
+            writes = report.writes,
+            deletes = report.deletes,
+            failed = report.failed.len(),
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "synced"
+        );
+        let now = SystemTime::now();
+        if report.failed.is_empty() {
+            health.updated(now);
+            metrics.last_sync.set(unix_seconds(now));
+        }
+        self.observe_programming_latency(&snapshot, now, metrics);
+        Ok(())
+    }
+
+    fn record(
+        &self,
+        report: &SyncReport,
+        syncer: &Syncer,
+        config: &DaemonConfig,
+        metrics: &Metrics,
+    ) {
+        for (frontend, err) in &report.failed {
+            let kind = if err.full { "map_full" } else { "map_write" };
+            metrics
+                .sync_errors
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .inc();
+            tracing::error!(?frontend, error = %err, "frontend keeps its previous state");
+        }
+        for err in &report.failed_deletes {
+            tracing::warn!(error = %err, "a stale entry could not be deleted; retrying on the next sync");
+        }
+        let mirror = syncer.mirror();
+        metrics.frontends.set(report.frontends as i64);
+        metrics.backends.set(mirror.backends.len() as i64);
+        metrics.set_map(
+            proxy_common::SERVICES_MAP,
+            mirror.services.len(),
+            config.map_sizes.services,
+        );
+        metrics.set_map(
+            proxy_common::BACKENDS_MAP,
+            mirror.backends.len(),
+            config.map_sizes.backends,
+        );
+        metrics.set_map(
+            proxy_common::REV_NAT_MAP,
+            mirror.rev_nat.len(),
+            config.map_sizes.rev_nat,
+        );
+    }
+
+    /// kube-proxy's network programming latency: from the EndpointSlice
+    /// controller's trigger time to now, once per changed slice.
+    fn observe_programming_latency(
+        &mut self,
+        snapshot: &Snapshot,
+        now: SystemTime,
+        metrics: &Metrics,
+    ) {
+        let mut seen = HashMap::with_capacity(snapshot.endpoint_slices.len());
+        for slice in &snapshot.endpoint_slices {
+            let Some(trigger) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            else {
+                continue;
+            };
+            let key = (
+                namespace_of(&slice.metadata).to_owned(),
+                slice.metadata.name.clone().unwrap_or_default(),
+            );
+            let changed = self.trigger_times.get(&key) != Some(trigger);
+            if changed && self.synced_once {
+                if let Ok(at) = humantime::parse_rfc3339_weak(trigger) {
+                    if let Ok(latency) = now.duration_since(at) {
+                        metrics.network_programming.observe(latency.as_secs_f64());
+                    }
+                }
+            }
+            seen.insert(key, trigger.clone());
+        }
+        self.trigger_times = seen;
+        self.synced_once = true;
+    }
+}
+
+fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
             if !event.kind.is_access() {
-                // A full channel already means "changed": dropping is fine.
-                let _ = tx.try_send(Event::SourceChanged);
+                // A full channel already holds a wake-up.
+                let _ = tx.try_send(());
             }
         }
     })?;

@@ -2,9 +2,11 @@
 //!
 //! `model` and `sync` are pure; `datapath` is the only module that touches
 //! the kernel; `daemon` wires a source to them.
+pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod inspect;
 pub mod model;
+pub mod server;
 pub mod source;
 pub mod sync;

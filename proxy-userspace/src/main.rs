@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_userspace::daemon::{self, DaemonConfig, Source};
+use proxy_userspace::config;
+use proxy_userspace::daemon::{self, DaemonConfig, SourceSpec};
 use proxy_userspace::datapath::{self, MapSizes, PinnedMaps};
 use proxy_userspace::inspect;
 use proxy_userspace::model::ModelConfig;
@@ -60,12 +61,14 @@ enum Command {
     },
 }
 
+/// Flags that a `--config` file may also set are `Option`s here: a flag
+/// given on the command line wins over the file, the file over the default.
 #[derive(clap::Args)]
 struct RunArgs {
     /// `dir:PATH` (a directory of Service/EndpointSlice/Node YAML) or `kube`.
     #[arg(long)]
     source: String,
-    /// This node's name; decides which endpoints are local.
+    /// This node's name; decides which endpoints are local. [default: hostname]
     #[arg(long, env = "NODE_NAME")]
     hostname_override: Option<String>,
     /// External interfaces for XDP (NodePort, LoadBalancer, externalIPs).
@@ -77,20 +80,30 @@ struct RunArgs {
     /// Where maps and links are pinned (bpffs; mounted if it is not).
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     bpf_pin_path: PathBuf,
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    healthz_bind_address: String,
-    #[arg(long, default_value = "127.0.0.1:10249")]
-    metrics_bind_address: String,
+    /// Address for /healthz and /livez. [default: 0.0.0.0:10256]
+    #[arg(long)]
+    healthz_bind_address: Option<String>,
+    /// Address for /metrics and /proxyMode. [default: 127.0.0.1:10249]
+    #[arg(long)]
+    metrics_bind_address: Option<String>,
+    /// kubeconfig for `--source kube` (default: in-cluster, then $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// A KubeProxyConfiguration file; the fields that apply are used.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Shortest time between two syncs (bursts coalesce), e.g. `1s`, `0s`.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    min_sync_period: Duration,
-    /// Full resync period: maps are re-read and drift repaired.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    sync_period: Duration,
+    /// Pod CIDRs, comma-separated (traffic from outside them is off-cluster).
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// Addresses NodePorts answer on: CIDRs or `primary`.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Option<Vec<String>>,
+    /// Shortest time between two syncs (bursts coalesce), e.g. `1s`, `0s`. [default: 1s]
+    #[arg(long, value_parser = parse_duration)]
+    min_sync_period: Option<Duration>,
+    /// Full resync period: maps are re-read and drift repaired. [default: 30s]
+    #[arg(long, value_parser = parse_duration)]
+    sync_period: Option<Duration>,
     #[arg(long, default_value_t = proxy_common::SERVICES_MAX_ENTRIES)]
     services_map_size: u32,
     #[arg(long, default_value_t = proxy_common::BACKENDS_MAX_ENTRIES)]
@@ -100,21 +113,7 @@ struct RunArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 1s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1e3,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("`{s}`: unit must be ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    proxy_userspace::config::parse_go_duration(s)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -201,11 +200,24 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let source = match args.source.split_once(':') {
-        Some(("dir", path)) => Source::Dir(PathBuf::from(path)),
-        _ if args.source == "kube" => {
-            bail!("--source kube is not implemented yet; use --source dir:PATH")
+    let file = match &args.config {
+        Some(path) => {
+            let loaded = config::load(path)?;
+            if !loaded.ignored.is_empty() {
+                tracing::warn!(
+                    fields = %loaded.ignored.join(", "),
+                    "config fields that kproxy does not use are ignored"
+                );
+            }
+            loaded.config
         }
+        None => config::FileConfig::default(),
+    };
+    let source = match args.source.split_once(':') {
+        Some(("dir", path)) => SourceSpec::Dir(PathBuf::from(path)),
+        _ if args.source == "kube" => SourceSpec::Kube {
+            kubeconfig: args.kubeconfig.clone().or(file.kubeconfig.clone()),
+        },
         _ => bail!(
             "--source must be `dir:PATH` or `kube`, not `{}`",
             args.source
@@ -213,9 +225,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if !args.interfaces.is_empty() {
         bail!("--interfaces (XDP for NodePort/LoadBalancer) is not implemented yet; leave it out");
-    }
-    if args.kubeconfig.is_some() || args.config.is_some() {
-        bail!("--kubeconfig and --config are not implemented yet; leave them out");
     }
     let pod_interfaces = args
         .pod_interfaces
@@ -225,14 +234,41 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if pod_interfaces.is_empty() {
         tracing::warn!("no --pod-interfaces given: ClusterIP traffic from pods is not intercepted");
     }
-    let node_name = match args.hostname_override {
+    let node_name = match args
+        .hostname_override
+        .clone()
+        .or(file.hostname_override.clone())
+        .filter(|n| !n.is_empty())
+    {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
+    let healthz = args
+        .healthz_bind_address
+        .clone()
+        .or(file.healthz_bind_address.clone())
+        .unwrap_or_else(|| "0.0.0.0:10256".into());
+    let metrics = args
+        .metrics_bind_address
+        .clone()
+        .or(file.metrics_bind_address.clone())
+        .unwrap_or_else(|| "127.0.0.1:10249".into());
+    let cluster_cidrs: Vec<String> = match &args.cluster_cidr {
+        Some(c) => c
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => file.cluster_cidrs.clone(),
+    };
+    let nodeport_addresses = args
+        .nodeport_addresses
+        .clone()
+        .unwrap_or(file.nodeport_addresses.clone());
     tracing::info!(
-        healthz = %args.healthz_bind_address,
-        metrics = %args.metrics_bind_address,
-        "health and metrics servers are not served yet"
+        cluster_cidrs = ?cluster_cidrs,
+        nodeport_addresses = ?nodeport_addresses,
+        "accepted; used once NodePort and off-cluster SNAT are implemented"
     );
     let config = DaemonConfig {
         source,
@@ -242,8 +278,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         pin_dir: args.bpf_pin_path,
         pod_interfaces,
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
+        min_sync_period: args
+            .min_sync_period
+            .or(file.min_sync_period)
+            .unwrap_or(Duration::from_secs(1)),
+        sync_period: args
+            .sync_period
+            .or(file.sync_period)
+            .unwrap_or(Duration::from_secs(30))
+            .max(Duration::from_millis(100)),
         map_sizes: MapSizes {
             services: args.services_map_size,
             backends: args.backends_map_size,
@@ -251,10 +294,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ..MapSizes::default()
         },
         interface_poll: Duration::from_secs(1),
+        healthz_bind_address: parse_bind(&healthz, "--healthz-bind-address")?,
+        metrics_bind_address: parse_bind(&metrics, "--metrics-bind-address")?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(daemon::run(config))
+}
+
+/// kube-proxy accepts `IP:PORT`, and `:PORT` meaning all addresses.
+fn parse_bind(value: &str, flag: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let value = if value.starts_with(':') {
+        format!("0.0.0.0{value}")
+    } else {
+        value.to_owned()
+    };
+    value
+        .parse()
+        .with_context(|| format!("{flag}: `{value}` is not IP:PORT"))
 }

@@ -1,0 +1,352 @@
+//! `--config FILE`: the KubeProxyConfiguration fields that apply to kproxy.
+//!
+//! kube-proxy's config file is read as is, so existing ConfigMaps carry
+//! over. Fields kproxy uses are returned in [`FileConfig`]; every other
+//! field that is set is listed in [`Loaded::ignored`] so the log can say so.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::{Mapping, Value};
+use thiserror::Error;
+
+pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+pub const KIND: &str = "KubeProxyConfiguration";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not YAML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error(
+        "{path}: expected apiVersion {API_VERSION} and kind {KIND}, found {found}; point --config at a KubeProxyConfiguration"
+    )]
+    WrongKind { path: PathBuf, found: String },
+    #[error("{path}: field {field}: {message}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The fields kproxy applies. `None`: not set in the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub hostname_override: Option<String>,
+    pub cluster_cidrs: Vec<String>,
+    pub nodeport_addresses: Vec<String>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    pub sync_period: Option<Duration>,
+    pub min_sync_period: Option<Duration>,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: FileConfig,
+    /// Dotted paths of fields that are set but that kproxy does not use.
+    pub ignored: Vec<String>,
+}
+
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses a Go duration as kube-proxy writes them (`30s`, `1m0s`, `24h0m0s`, `500ms`).
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 30s or 1m0s: {e}"))
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let value: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let Value::Mapping(root) = value else {
+        return Err(ConfigError::WrongKind {
+            path: path.to_owned(),
+            found: "not a mapping".into(),
+        });
+    };
+    let api_version = str_of(&root, "apiVersion").unwrap_or_default();
+    let kind = str_of(&root, "kind").unwrap_or_default();
+    if api_version != API_VERSION || kind != KIND {
+        return Err(ConfigError::WrongKind {
+            path: path.to_owned(),
+            found: format!("{api_version:?} {kind:?}"),
+        });
+    }
+
+    let mut reader = Reader {
+        path,
+        ignored: Vec::new(),
+    };
+    let mut config = FileConfig::default();
+    for (key, value) in &root {
+        let key = key.as_str().unwrap_or_default();
+        match key {
+            "apiVersion" | "kind" => {}
+            "hostnameOverride" => config.hostname_override = reader.string(key, value)?,
+            "clusterCIDR" => {
+                config.cluster_cidrs = reader
+                    .string(key, value)?
+                    .map(|s| {
+                        s.split(',')
+                            .map(|c| c.trim().to_owned())
+                            .filter(|c| !c.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+            "nodePortAddresses" => config.nodeport_addresses = reader.strings(key, value)?,
+            "healthzBindAddress" => config.healthz_bind_address = reader.string(key, value)?,
+            "metricsBindAddress" => config.metrics_bind_address = reader.string(key, value)?,
+            "syncPeriod" => config.sync_period = reader.duration(key, value)?,
+            "minSyncPeriod" => config.min_sync_period = reader.duration(key, value)?,
+            "iptables" => {
+                // Older configs put the sync periods under the mode's section.
+                reader.section(key, value, |r, k, v| match k {
+                    "syncPeriod" => {
+                        config.sync_period = config.sync_period.or(r.duration(k, v)?);
+                        Ok(true)
+                    }
+                    "minSyncPeriod" => {
+                        config.min_sync_period = config.min_sync_period.or(r.duration(k, v)?);
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                })?;
+            }
+            "clientConnection" => {
+                reader.section(key, value, |r, k, v| match k {
+                    "kubeconfig" => {
+                        config.kubeconfig =
+                            r.string(k, v)?.filter(|s| !s.is_empty()).map(PathBuf::from);
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                })?;
+            }
+            "mode" => {
+                let mode = reader.string(key, value)?.unwrap_or_default();
+                if !mode.is_empty() {
+                    reader
+                        .ignored
+                        .push(format!("mode ({mode}: kproxy always uses eBPF)"));
+                }
+            }
+            other => {
+                if !is_empty(value) {
+                    reader.ignored.push(other.to_owned());
+                }
+            }
+        }
+    }
+    Ok(Loaded {
+        config,
+        ignored: reader.ignored,
+    })
+}
+
+fn str_of<'a>(map: &'a Mapping, key: &str) -> Option<&'a str> {
+    map.get(key).and_then(Value::as_str)
+}
+
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Sequence(s) => s.is_empty(),
+        Value::Mapping(m) => m.values().all(is_empty),
+        _ => false,
+    }
+}
+
+struct Reader<'p> {
+    path: &'p Path,
+    ignored: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Field {
+            path: self.path.to_owned(),
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn string(&self, key: &str, value: &Value) -> Result<Option<String>, ConfigError> {
+        match value {
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(s.clone())),
+            other => Err(self.err(key, format!("expected a string, found {other:?}"))),
+        }
+    }
+
+    fn strings(&self, key: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
+        match value {
+            Value::Null => Ok(Vec::new()),
+            Value::Sequence(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| self.err(key, "expected a list of strings"))
+                })
+                .collect(),
+            _ => Err(self.err(key, "expected a list of strings")),
+        }
+    }
+
+    fn duration(&self, key: &str, value: &Value) -> Result<Option<Duration>, ConfigError> {
+        match self.string(key, value)? {
+            None => Ok(None),
+            Some(s) if s.is_empty() => Ok(None),
+            Some(s) => parse_go_duration(&s)
+                .map(Some)
+                .map_err(|m| self.err(key, m)),
+        }
+    }
+
+    /// Walks a nested mapping; `apply` returns whether it used the field.
+    fn section(
+        &mut self,
+        name: &str,
+        value: &Value,
+        mut apply: impl FnMut(&mut Self, &str, &Value) -> Result<bool, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let Value::Mapping(map) = value else {
+            if is_empty(value) {
+                return Ok(());
+            }
+            return Err(self.err(name, "expected a mapping"));
+        };
+        for (k, v) in map {
+            let k = k.as_str().unwrap_or_default();
+            let path = format!("{name}.{k}");
+            if !apply(self, k, v).map_err(|e| match e {
+                ConfigError::Field {
+                    path: p, message, ..
+                } => ConfigError::Field {
+                    path: p,
+                    field: path.clone(),
+                    message,
+                },
+                other => other,
+            })? && !is_empty(v)
+            {
+                self.ignored.push(path);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KUBEADM_STYLE: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+bindAddress: 0.0.0.0
+clientConnection:
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 5
+clusterCIDR: 10.244.0.0/16,fd00::/108
+conntrack:
+  maxPerCore: 32768
+  tcpEstablishedTimeout: 24h0m0s
+healthzBindAddress: 0.0.0.0:10256
+hostnameOverride: ""
+iptables:
+  masqueradeAll: false
+  minSyncPeriod: 2s
+  syncPeriod: 1m0s
+metricsBindAddress: 127.0.0.1:10249
+mode: iptables
+nodePortAddresses: [primary]
+"#;
+
+    #[test]
+    fn reads_the_fields_that_apply_and_lists_the_rest() {
+        let loaded = parse(Path::new("c.yaml"), KUBEADM_STYLE).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.cluster_cidrs, ["10.244.0.0/16", "fd00::/108"]);
+        assert_eq!(c.nodeport_addresses, ["primary"]);
+        assert_eq!(c.healthz_bind_address.as_deref(), Some("0.0.0.0:10256"));
+        assert_eq!(c.metrics_bind_address.as_deref(), Some("127.0.0.1:10249"));
+        assert_eq!(c.sync_period, Some(Duration::from_secs(60)));
+        assert_eq!(c.min_sync_period, Some(Duration::from_secs(2)));
+        assert_eq!(
+            c.kubeconfig.as_deref(),
+            Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        assert_eq!(c.hostname_override.as_deref(), Some(""));
+        let ignored = loaded.ignored.join(",");
+        for field in [
+            "bindAddress",
+            "clientConnection.qps",
+            "conntrack",
+            "mode (iptables",
+        ] {
+            assert!(ignored.contains(field), "{field} not reported in {ignored}");
+        }
+        assert!(!ignored.contains("iptables.syncPeriod"), "{ignored}");
+        assert!(ignored.contains("iptables.masqueradeAll") || !ignored.contains("masquerade"));
+    }
+
+    #[test]
+    fn top_level_sync_periods_win_over_the_iptables_section() {
+        let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriod: 30s\nminSyncPeriod: 0s\niptables:\n  syncPeriod: 5m0s\n";
+        let c = parse(Path::new("c.yaml"), text).unwrap().config;
+        assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
+        assert_eq!(c.min_sync_period, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_field() {
+        let wrong = parse(Path::new("c.yaml"), "apiVersion: v1\nkind: ConfigMap\n").unwrap_err();
+        assert!(
+            wrong.to_string().contains("KubeProxyConfiguration"),
+            "{wrong}"
+        );
+        let bad = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables:\n  syncPeriod: soon\n";
+        let err = parse(Path::new("c.yaml"), bad).unwrap_err().to_string();
+        assert!(
+            err.contains("c.yaml") && err.contains("iptables.syncPeriod"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(
+            parse_go_duration("24h0m0s").unwrap(),
+            Duration::from_secs(86400)
+        );
+        assert_eq!(parse_go_duration("1m0s").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            parse_go_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_go_duration("fast").is_err());
+    }
+}
