@@ -148,7 +148,8 @@ pub struct BackendValue {
 pub struct RevNatValue {
     pub addr: [u8; 16],
     pub port: u16,
-    pub _pad: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// Key of the conntrack map: the packet's own tuple as seen at the hook.

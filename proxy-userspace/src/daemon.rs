@@ -224,13 +224,11 @@ impl SyncState {
                 return Ok(());
             }
         };
-        if let Source::Kube(_) = source {
-            let node = snapshot
-                .nodes
-                .iter()
-                .find(|n| n.metadata.name.as_deref() == Some(config.model.node_name.as_str()));
-            health.set_node_eligible(kube_source::node_eligible(node));
-        }
+        let node = snapshot
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(config.model.node_name.as_str()));
+        health.set_node_eligible(kube_source::node_eligible(node));
 
         let started = Instant::now();
         let mut maps = datapath.maps()?;

@@ -196,6 +196,15 @@ impl Syncer {
             .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
             .map(|(k, v)| (*k, v.rev_nat_id))
             .collect();
+        // A frontend whose slot 0 vanished (deleted by hand) finds its id
+        // again through its rev-NAT entry, so drift repair changes nothing else.
+        let claimed: HashSet<u32> = frontend_ids.values().copied().collect();
+        for (id, rn) in &self.mirror.rev_nat {
+            if !claimed.contains(id) {
+                let key = ServiceKey::new(rn.addr, rn.port, rn.proto, SCOPE_EXTERNAL, 0);
+                frontend_ids.entry(key).or_insert(*id);
+            }
+        }
         let mut backend_alloc = IdAllocator::new(self.mirror.backends.keys().copied());
         let mut rev_nat_alloc = IdAllocator::new(
             self.mirror
@@ -258,6 +267,7 @@ impl Syncer {
                     RevNatValue {
                         addr,
                         port: key.port,
+                        proto,
                         ..RevNatValue::default()
                     },
                 ),
@@ -724,6 +734,19 @@ mod tests {
         assert_ne!(maps.contents, wanted);
         syncer.reload(&maps).unwrap();
         syncer.apply(&mut maps, &desired);
+        assert_eq!(maps.contents, wanted);
+
+        // Slot 0 deleted by hand comes back with the same rev-NAT id.
+        let slot0 = *maps
+            .contents
+            .services
+            .keys()
+            .find(|k| k.slot == 0 && k.port == 80)
+            .unwrap();
+        maps.contents.services.remove(&slot0);
+        syncer.reload(&maps).unwrap();
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!((report.writes, report.deletes), (1, 0));
         assert_eq!(maps.contents, wanted);
     }
 }

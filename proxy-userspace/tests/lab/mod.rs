@@ -160,6 +160,8 @@ pub struct Lab {
     pub yaml_dir: PathBuf,
     pub pin_dir: PathBuf,
     pub kproxy_bin: PathBuf,
+    /// Extra `kproxy run` arguments (e.g. `--sync-period 1s`).
+    pub kproxy_args: Vec<String>,
     kproxy: Option<Child>,
     log_offset: u64,
     servers: Vec<Server>,
@@ -193,6 +195,7 @@ impl Lab {
             yaml_dir,
             pin_dir,
             kproxy_bin: kproxy_bin.into(),
+            kproxy_args: Vec::new(),
             kproxy: None,
             log_offset: 0,
             servers: Vec::new(),
@@ -332,6 +335,7 @@ impl Lab {
             .arg("--bpf-pin-path")
             .arg(&self.pin_dir)
             .args(["--min-sync-period", "0s"])
+            .args(&self.kproxy_args)
             .env("KPROXY_LOG", "info")
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::null())
@@ -481,6 +485,28 @@ impl Lab {
             hello,
         })
     }
+}
+
+/// A plain HTTP/1.0 GET from inside the node namespace (kproxy's health and
+/// metrics servers listen there). Returns (status code, body).
+pub fn http_get(lab: &Lab, addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
+    lab.node.run(|| {
+        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, response.clone()))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
 }
 
 pub fn tcp_hello(to: SocketAddrV4) -> io::Result<Hello> {
