@@ -119,7 +119,8 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Skip> {
     let l4_len = total_len - ip_hdr_len;
     let (ports, tcp_flags) = if proto == PROTO_TCP {
         let tcp: [u8; TCP_MIN_LEN] = read(ctx, l4_off).ok_or(Skip::Malformed)?;
-        if l4_len < TCP_MIN_LEN || ((tcp[12] >> 4) as usize) * 4 < TCP_MIN_LEN {
+        let tcp_hdr_len = ((tcp[12] >> 4) as usize) * 4;
+        if l4_len < TCP_MIN_LEN || tcp_hdr_len < TCP_MIN_LEN || tcp_hdr_len > l4_len {
             return Err(Skip::Malformed);
         }
         ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])

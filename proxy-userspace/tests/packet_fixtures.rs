@@ -1,0 +1,2013 @@
+//! Table-driven packet fixtures for the tc pod program (`kproxy_tc_pod`),
+//! run through BPF_PROG_TEST_RUN (DESIGN.md section 5).
+//!
+//! Every fixture is an input frame, the expected verdict and the expected
+//! output. Expected outputs are built here and their checksums recomputed
+//! from scratch (etherparse, plus an independent one's-complement sum); the
+//! checksums the program wrote are never trusted.
+//!
+//! The tests need root and a kernel with BTF. Without them they fail with a
+//! message saying so: they are never skipped silently.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aya::programs::{ProgramError, SchedClassifier};
+use aya::{TestRun as _, TestRunOptions};
+use etherparse::icmpv4::DestUnreachableHeader;
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Header, Icmpv4Type, IpHeaders,
+    IpNumber, Ipv4Extensions, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, PayloadSlice,
+    TcpHeader, TcpOptionElement, TransportHeader, UdpHeader,
+};
+use nix::mount::{umount2, MntFlags};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proxy_userspace::datapath::{self, Datapath, MapSizes};
+use proxy_userspace::model::{
+    Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, ServicePortName,
+};
+use proxy_userspace::sync::Syncer;
+
+// tc verdicts (linux/pkt_cls.h).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const ETH_LEN: usize = 14;
+const PROTO_ICMP: u8 = 1;
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+
+/// An IPv4 address and a port.
+type Addr = ([u8; 4], u16);
+
+// The lab (DESIGN.md section 5: 198.18.0.0/15 and 2001:db8::/32 only).
+const CLIENT_IP: [u8; 4] = [198, 18, 1, 2];
+/// TCP 80 -> one backend, UDP 53 -> one backend.
+const VIP: [u8; 4] = [198, 19, 0, 10];
+/// TCP 80 -> three backends.
+const VIP_MULTI: [u8; 4] = [198, 19, 0, 11];
+/// TCP 80 and UDP 53, both without endpoints.
+const VIP_EMPTY: [u8; 4] = [198, 19, 0, 12];
+/// TCP 80 -> the pod that also is a client (hairpin).
+const VIP_HAIRPIN: [u8; 4] = [198, 19, 0, 13];
+/// Programmed nowhere.
+const UNKNOWN_VIP: [u8; 4] = [198, 19, 0, 99];
+/// An ordinary pod address.
+const NOT_A_VIP: [u8; 4] = [198, 18, 3, 3];
+const WEB_BACKEND: Addr = ([198, 18, 2, 2], 8080);
+/// Behind VIP:8443, on the same port number (no port rewrite).
+const SAME_PORT_BACKEND: Addr = ([198, 18, 2, 2], 8443);
+const HAIRPIN_POD: Addr = ([198, 18, 1, 3], 8080);
+const DNS_BACKEND: Addr = ([198, 18, 2, 5], 5353);
+const MULTI_BACKENDS: [Addr; 3] = [
+    ([198, 18, 2, 10], 8080),
+    ([198, 18, 2, 11], 8080),
+    ([198, 18, 2, 12], 8080),
+];
+const CLIENT_IP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+];
+const SERVER_IP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x00, 0x01];
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+fn client(port: u16) -> Addr {
+    (CLIENT_IP, port)
+}
+
+/// The Services every fixture lab is programmed with.
+fn lab_services() -> DesiredState {
+    let mut state = DesiredState::default();
+    let mut add = |ip: [u8; 4], port: u16, protocol: Protocol, backends: &[Addr]| {
+        let mut backends: Vec<Backend> = backends
+            .iter()
+            .map(|&(ip, port)| Backend {
+                ip: IpAddr::V4(Ipv4Addr::from(ip)),
+                port,
+                terminating: false,
+                local: false,
+            })
+            .collect();
+        backends.sort();
+        let key = FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::from(ip)),
+            port,
+            protocol,
+        };
+        let frontend = Frontend {
+            service: ServicePortName {
+                namespace: "fixtures".to_owned(),
+                name: format!("svc-{}", ip[3]),
+                port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
+            },
+            kind: FrontendKind::ClusterIp,
+            backends,
+        };
+        state.frontends.insert(key, frontend);
+    };
+    add(VIP, 80, Protocol::Tcp, &[WEB_BACKEND]);
+    add(VIP, 53, Protocol::Udp, &[DNS_BACKEND]);
+    add(VIP, 8443, Protocol::Tcp, &[SAME_PORT_BACKEND]);
+    add(VIP_HAIRPIN, 80, Protocol::Tcp, &[HAIRPIN_POD]);
+    add(VIP_MULTI, 80, Protocol::Tcp, &MULTI_BACKENDS);
+    add(VIP_EMPTY, 80, Protocol::Tcp, &[]);
+    add(VIP_EMPTY, 53, Protocol::Udp, &[]);
+    state
+}
+
+/// Every frontend a reverse-NATed reply may come from.
+const FRONTENDS: [Addr; 5] = [
+    (VIP, 80),
+    (VIP, 53),
+    (VIP, 8443),
+    (VIP_MULTI, 80),
+    (VIP_HAIRPIN, 80),
+];
+
+fn all_backends() -> Vec<Addr> {
+    let mut all = vec![WEB_BACKEND, DNS_BACKEND, SAME_PORT_BACKEND, HAIRPIN_POD];
+    all.extend(MULTI_BACKENDS);
+    all
+}
+
+// ---------------------------------------------------------------------------
+// The lab: a loaded datapath under a private pin dir, removed even on panic.
+// ---------------------------------------------------------------------------
+
+fn require_root_and_btf() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the packet fixtures need root (loading eBPF, BPF_PROG_TEST_RUN, mounting bpffs) and \
+         are never skipped: run them as root, e.g. `sudo -E cargo test -p proxy-userspace \
+         --test packet_fixtures` or `cargo xtask test`"
+    );
+    assert!(
+        Path::new(BTF_PATH).exists(),
+        "the packet fixtures need a kernel with BTF ({BTF_PATH} is missing; \
+         CONFIG_DEBUG_INFO_BTF=y) and are never skipped"
+    );
+}
+
+static NEXT_PIN_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A pin dir of our own. Dropping it removes the pins, unmounts the bpffs
+/// `Datapath::load` mounted there and removes the directory.
+struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    fn new() -> Self {
+        let n = NEXT_PIN_DIR.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/run/kproxy-fixtures-{}-{n}", std::process::id()));
+        Self { path }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // Best effort and never a panic (this also runs while unwinding);
+        // each step may find nothing left to do.
+        let _ = datapath::cleanup(&self.path);
+        let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+struct Lab {
+    // Declared first so it is dropped first: program and map fds close
+    // before the pins are removed.
+    datapath: Datapath,
+    _pins: PinDir,
+}
+
+impl Lab {
+    /// Loads a fresh datapath (empty conntrack) programmed with
+    /// [`lab_services`].
+    fn new() -> Self {
+        require_root_and_btf();
+        let pins = PinDir::new();
+        let mut datapath = Datapath::load(&pins.path, MapSizes::default())
+            .unwrap_or_else(|e| panic!("loading the datapath at {}: {e}", pins.path.display()));
+        {
+            let mut maps = datapath
+                .maps()
+                .unwrap_or_else(|e| panic!("opening the datapath maps: {e}"));
+            let report = Syncer::new().apply(&mut maps, &lab_services());
+            assert!(
+                report.failed.is_empty() && report.failed_deletes.is_empty(),
+                "programming the lab Services failed: {:?} {:?}",
+                report.failed,
+                report.failed_deletes
+            );
+        }
+        Self {
+            datapath,
+            _pins: pins,
+        }
+    }
+
+    fn program(&mut self) -> &SchedClassifier {
+        self.datapath.pod_program()
+    }
+
+    fn run(&mut self, frame: &[u8]) -> Outcome {
+        run_program(self.program(), frame)
+    }
+}
+
+#[derive(Debug)]
+struct Outcome {
+    verdict: u32,
+    frame: Vec<u8>,
+}
+
+/// What a test run did with a frame.
+#[derive(Debug)]
+enum Run {
+    Ran(Outcome),
+    /// The kernel refused the input before running the program: current
+    /// kernels (bpf_prog_test_run_skb, also in stable releases) want an
+    /// IPv4 frame to hold a full 20-byte IP header (IPv6: 40 bytes), or
+    /// fail with EINVAL.
+    Refused,
+}
+
+/// Whether the kernel refuses this frame as test-run input (see [`Run`]).
+fn kernel_refuses(frame: &[u8]) -> bool {
+    match frame[12..14] {
+        [0x08, 0x00] => frame.len() < ETH_LEN + 20,
+        [0x86, 0xdd] => frame.len() < ETH_LEN + 40,
+        _ => false,
+    }
+}
+
+fn try_run(program: &SchedClassifier, frame: &[u8]) -> Run {
+    // Test runs also refuse a frame that is only an Ethernet header.
+    assert!(
+        frame.len() > ETH_LEN,
+        "BPF_PROG_TEST_RUN needs more than an Ethernet header"
+    );
+    // Room for the largest growth the program makes (a reject adds 28 bytes).
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    });
+    match result {
+        Ok(result) => {
+            out.truncate(result.data_size_out as usize);
+            Run::Ran(Outcome {
+                verdict: result.return_value,
+                frame: out,
+            })
+        }
+        Err(ProgramError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EINVAL) && kernel_refuses(frame) =>
+        {
+            Run::Refused
+        }
+        Err(e) => panic!(
+            "BPF_PROG_TEST_RUN on a {}-byte frame: {e} ({e:?})",
+            frame.len()
+        ),
+    }
+}
+
+fn run_program(program: &SchedClassifier, frame: &[u8]) -> Outcome {
+    match try_run(program, frame) {
+        Run::Ran(outcome) => outcome,
+        Run::Refused => panic!(
+            "the kernel refuses a {}-byte frame as test-run input",
+            frame.len()
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Packet builders (etherparse computes the input checksums).
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Tcp {
+    Syn,
+    SynAck,
+    Ack,
+}
+
+fn ipv4_header(src: [u8; 4], dst: [u8; 4], options: &[u8]) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src, dst).expect("a valid IPv4 header");
+    ip.identification = 0x1234;
+    ip.options = options
+        .try_into()
+        .expect("IPv4 options are a multiple of 4 bytes, at most 40");
+    ip
+}
+
+fn tcp_header(sport: u16, dport: u16, kind: Tcp) -> TcpHeader {
+    let mut tcp = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
+    let mss = [
+        TcpOptionElement::MaximumSegmentSize(1460),
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+    ];
+    match kind {
+        Tcp::Syn => {
+            tcp.syn = true;
+            tcp.set_options(&mss).expect("TCP options fit");
+        }
+        Tcp::SynAck => {
+            tcp.syn = true;
+            tcp.ack = true;
+            tcp.acknowledgment_number = 0x1000_0001;
+            tcp.set_options(&mss).expect("TCP options fit");
+        }
+        Tcp::Ack => {
+            tcp.ack = true;
+            tcp.psh = true;
+            tcp.acknowledgment_number = 0x2000_0001;
+        }
+    }
+    tcp
+}
+
+fn tcp_with_options(src: Addr, dst: Addr, ip_options: &[u8], kind: Tcp, payload: &[u8]) -> Vec<u8> {
+    let ip = ipv4_header(src.0, dst.0, ip_options);
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+        .tcp_header(tcp_header(src.1, dst.1, kind));
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("building a TCP frame");
+    frame
+}
+
+fn tcp(src: Addr, dst: Addr, kind: Tcp, payload: &[u8]) -> Vec<u8> {
+    tcp_with_options(src, dst, &[], kind, payload)
+}
+
+fn udp_with_options(src: Addr, dst: Addr, ip_options: &[u8], payload: &[u8]) -> Vec<u8> {
+    let ip = ipv4_header(src.0, dst.0, ip_options);
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+        .udp(src.1, dst.1);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("building a UDP frame");
+    frame
+}
+
+fn udp(src: Addr, dst: Addr, payload: &[u8]) -> Vec<u8> {
+    udp_with_options(src, dst, &[], payload)
+}
+
+fn icmp_echo(dst: [u8; 4]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT_IP, dst, 64)
+        .icmpv4_echo_request(0x4242, 1);
+    let payload = b"kproxy ping";
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("building an ICMP frame");
+    frame
+}
+
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &CLIENT_MAC,
+        &CLIENT_IP,
+        &[0; 6],
+        &target,
+    )
+    .expect("a valid ARP request");
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, [0xff; 6]).arp(arp);
+    let mut frame = Vec::with_capacity(builder.size());
+    builder.write(&mut frame).expect("building an ARP frame");
+    frame
+}
+
+fn ipv6_udp(dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(CLIENT_IP6, SERVER_IP6, 64)
+        .udp(40000, dport);
+    let payload = b"an IPv6 datagram";
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("building an IPv6 frame");
+    frame
+}
+
+fn ipv6_tcp_syn(dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(CLIENT_IP6, SERVER_IP6, 64)
+        .tcp_header(tcp_header(40000, dport, Tcp::Syn));
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder
+        .write(&mut frame, &[])
+        .expect("building an IPv6 frame");
+    frame
+}
+
+// IPv4 options: NOP (1), EOL (0), Router Alert (148, length 4).
+const OPTIONS_IHL6: [u8; 4] = [1, 1, 1, 0];
+fn options_ihl15() -> Vec<u8> {
+    let mut options = vec![148, 4, 0, 0];
+    options.extend([1; 35]);
+    options.push(0);
+    options
+}
+
+// Byte surgery on fixtures.
+
+fn set_u16(frame: &mut [u8], offset: usize, value: u16) {
+    frame[offset..offset + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+fn ip_total_len(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[ETH_LEN + 2], frame[ETH_LEN + 3]])
+}
+
+/// Rewrites the IPv4 header checksum over IHL*4 bytes (at least 20) so a
+/// malformed fixture is malformed in one respect only.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = (((frame[ETH_LEN] & 0x0f) as usize) * 4).max(20);
+    let end = (ETH_LEN + ihl).min(frame.len());
+    set_u16(frame, ETH_LEN + 10, 0);
+    let sum = ones_sum(&[&frame[ETH_LEN..end]]);
+    set_u16(frame, ETH_LEN + 10, !sum);
+}
+
+// ---------------------------------------------------------------------------
+// Checking: an independent view of the headers and checksums.
+// ---------------------------------------------------------------------------
+
+/// Folded one's-complement sum of big-endian 16-bit words (not inverted).
+/// Only the last part may have an odd length.
+fn ones_sum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u64 = 0;
+    for part in parts {
+        for word in part.chunks(2) {
+            sum += match *word {
+                [hi, lo] => u64::from(u16::from_be_bytes([hi, lo])),
+                [hi] => u64::from(hi) << 8,
+                _ => unreachable!(),
+            };
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// 0x0000 and 0xffff are the same number in one's complement.
+fn same_ones(a: u16, b: u16) -> bool {
+    let norm = |x: u16| if x == 0xffff { 0 } else { x };
+    norm(a) == norm(b)
+}
+
+/// The IPv4 packet in a frame, parsed as strictly as the datapath must.
+#[derive(Clone, Copy, Debug)]
+struct Ipv4View {
+    ihl: usize,
+    total: usize,
+    proto: u8,
+    frag_offset: u16,
+    l4: usize,
+}
+
+impl Ipv4View {
+    fn parse(frame: &[u8]) -> Option<Self> {
+        if frame.len() < ETH_LEN + 20 || frame[12..14] != [0x08, 0x00] {
+            return None;
+        }
+        let ip = &frame[ETH_LEN..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || ETH_LEN + total > frame.len() {
+            return None;
+        }
+        Some(Self {
+            ihl,
+            total,
+            proto: ip[9],
+            frag_offset: u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff,
+            l4: ETH_LEN + ihl,
+        })
+    }
+
+    fn header<'a>(&self, frame: &'a [u8]) -> &'a [u8] {
+        &frame[ETH_LEN..self.l4]
+    }
+
+    fn src(&self, frame: &[u8]) -> [u8; 4] {
+        frame[ETH_LEN + 12..ETH_LEN + 16].try_into().unwrap()
+    }
+
+    fn dst(&self, frame: &[u8]) -> [u8; 4] {
+        frame[ETH_LEN + 16..ETH_LEN + 20].try_into().unwrap()
+    }
+
+    /// The L4 bytes the IP header accounts for.
+    fn segment<'a>(&self, frame: &'a [u8]) -> &'a [u8] {
+        &frame[self.l4..ETH_LEN + self.total]
+    }
+
+    fn ports(&self, frame: &[u8]) -> (u16, u16) {
+        let l4 = self.l4;
+        (
+            u16::from_be_bytes([frame[l4], frame[l4 + 1]]),
+            u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]),
+        )
+    }
+
+    fn l4_check_off(&self) -> usize {
+        if self.proto == PROTO_TCP {
+            self.l4 + 16
+        } else {
+            self.l4 + 6
+        }
+    }
+
+    /// The bytes the L4 checksum covers, when the TCP/UDP header is
+    /// complete: the whole TCP segment, or the UDP datagram by its length.
+    fn l4_covered<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
+        if self.frag_offset != 0 {
+            return None;
+        }
+        let segment = self.segment(frame);
+        match self.proto {
+            PROTO_TCP if segment.len() >= 20 && segment[12] >> 4 >= 5 => Some(segment),
+            PROTO_UDP if segment.len() >= 8 => {
+                let len = usize::from(u16::from_be_bytes([segment[4], segment[5]]));
+                (8..=segment.len()).contains(&len).then(|| &segment[..len])
+            }
+            _ => None,
+        }
+    }
+
+    /// One's-complement sum over the pseudo header and the covered L4
+    /// bytes: 0xffff when the L4 checksum is right.
+    fn l4_residual(&self, frame: &[u8]) -> Option<u16> {
+        let covered = self.l4_covered(frame)?;
+        let len = u16::try_from(covered.len()).ok()?;
+        Some(ones_sum(&[
+            &self.src(frame),
+            &self.dst(frame),
+            &[0, self.proto],
+            &len.to_be_bytes(),
+            covered,
+        ]))
+    }
+
+    fn udp_checksum(&self, frame: &[u8]) -> u16 {
+        u16::from_be_bytes([frame[self.l4 + 6], frame[self.l4 + 7]])
+    }
+}
+
+fn addr(ip: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(ip)
+}
+
+/// Our own check of the IPv4 header checksum: the header's words sum to
+/// 0xffff. Byte-faithful, so it also holds for headers with odd bits set.
+fn ipv4_sum_ok(frame: &[u8]) -> Result<(), String> {
+    let view = Ipv4View::parse(frame).ok_or("not a well-formed IPv4 frame")?;
+    let sum = ones_sum(&[view.header(frame)]);
+    if sum != 0xffff {
+        return Err(format!(
+            "IPv4 header checksum wrong (header sums to {sum:#06x}, not 0xffff)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the IPv4 header checksum twice: our own sum, and etherparse's
+/// recomputation from the parsed fields (which drops reserved bits, so only
+/// for well-formed fixtures).
+fn verify_ipv4_checksum(frame: &[u8]) -> Result<(), String> {
+    ipv4_sum_ok(frame)?;
+    let (ip, _) = Ipv4Header::from_slice(&frame[ETH_LEN..])
+        .map_err(|e| format!("etherparse rejects the IPv4 header: {e}"))?;
+    let recomputed = ip.calc_header_checksum();
+    if ip.header_checksum != recomputed {
+        return Err(format!(
+            "IPv4 header checksum {:#06x}, recomputed {recomputed:#06x}",
+            ip.header_checksum
+        ));
+    }
+    Ok(())
+}
+
+/// Our own check of the TCP/UDP checksum over the pseudo header and the
+/// covered bytes. A UDP checksum of 0 means "none".
+fn l4_sum_ok(frame: &[u8]) -> Result<(), String> {
+    let view = Ipv4View::parse(frame).ok_or("not a well-formed IPv4 frame")?;
+    let residual = view
+        .l4_residual(frame)
+        .ok_or("no complete TCP/UDP header")?;
+    if view.proto == PROTO_UDP && view.udp_checksum(frame) == 0 {
+        return Ok(());
+    }
+    if residual != 0xffff {
+        return Err(format!(
+            "L4 checksum wrong (pseudo header + segment sum to {residual:#06x}, not 0xffff)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the TCP or UDP checksum twice: our own sum, and etherparse's
+/// recomputation (well-formed fixtures only, as for IPv4).
+fn verify_l4_checksum(frame: &[u8]) -> Result<(), String> {
+    l4_sum_ok(frame)?;
+    let view = Ipv4View::parse(frame).ok_or("not a well-formed IPv4 frame")?;
+    if view.proto == PROTO_UDP && view.udp_checksum(frame) == 0 {
+        return Ok(());
+    }
+    let (ip, _) = Ipv4Header::from_slice(&frame[ETH_LEN..])
+        .map_err(|e| format!("etherparse rejects the IPv4 header: {e}"))?;
+    let segment = view.segment(frame);
+    let (stored, recomputed) = match view.proto {
+        PROTO_TCP => {
+            let (tcp, payload) = TcpHeader::from_slice(segment)
+                .map_err(|e| format!("etherparse rejects the TCP header: {e}"))?;
+            let recomputed = tcp
+                .calc_checksum_ipv4(&ip, payload)
+                .map_err(|e| e.to_string())?;
+            (tcp.checksum, recomputed)
+        }
+        _ => {
+            let (udp, rest) = UdpHeader::from_slice(segment)
+                .map_err(|e| format!("etherparse rejects the UDP header: {e}"))?;
+            let payload = &rest[..usize::from(udp.length) - UdpHeader::LEN];
+            let recomputed = udp
+                .calc_checksum_ipv4(&ip, payload)
+                .map_err(|e| e.to_string())?;
+            (udp.checksum, recomputed)
+        }
+    };
+    if stored != recomputed {
+        return Err(format!(
+            "L4 checksum {stored:#06x}, recomputed {recomputed:#06x}"
+        ));
+    }
+    Ok(())
+}
+
+/// Recomputes both checksums of an IPv4 TCP/UDP frame from scratch with
+/// etherparse (a zero UDP checksum stays "none").
+fn recompute_checksums(frame: &mut [u8]) {
+    let view = Ipv4View::parse(frame).expect("an IPv4 fixture");
+    let (ip, _) = Ipv4Header::from_slice(&frame[ETH_LEN..]).expect("an IPv4 fixture");
+    set_u16(frame, ETH_LEN + 10, ip.calc_header_checksum());
+    let end = ETH_LEN + view.total;
+    let checksum = match view.proto {
+        PROTO_TCP => {
+            let (tcp, payload) = TcpHeader::from_slice(&frame[view.l4..end]).expect("TCP");
+            Some(tcp.calc_checksum_ipv4(&ip, payload).expect("TCP fits"))
+        }
+        PROTO_UDP => {
+            let (udp, rest) = UdpHeader::from_slice(&frame[view.l4..end]).expect("UDP");
+            let payload = &rest[..usize::from(udp.length) - UdpHeader::LEN];
+            (udp.checksum != 0).then(|| udp.calc_checksum_ipv4(&ip, payload).expect("UDP fits"))
+        }
+        other => panic!("no L4 checksum for protocol {other}"),
+    };
+    if let Some(checksum) = checksum {
+        set_u16(frame, view.l4_check_off(), checksum);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// What a correct NAT makes of `frame`: one side's address and port
+/// replaced, everything else (MACs, other side, IP fields, options,
+/// payload, padding) unchanged, checksums recomputed from scratch.
+fn translated(frame: &[u8], side: Side, to: Addr) -> Vec<u8> {
+    let view = Ipv4View::parse(frame).expect("an IPv4 fixture");
+    let mut out = frame.to_vec();
+    let (addr_off, port_off) = match side {
+        Side::Source => (ETH_LEN + 12, view.l4),
+        Side::Destination => (ETH_LEN + 16, view.l4 + 2),
+    };
+    out[addr_off..addr_off + 4].copy_from_slice(&to.0);
+    set_u16(&mut out, port_off, to.1);
+    recompute_checksums(&mut out);
+    out
+}
+
+/// A hex dump of the first 128 bytes (where every header lives).
+fn hex(bytes: &[u8]) -> String {
+    let mut rows: Vec<String> = bytes
+        .chunks(16)
+        .take(8)
+        .enumerate()
+        .map(|(row, chunk)| {
+            let words: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            format!("    {:04x}: {}", row * 16, words.join(" "))
+        })
+        .collect();
+    if bytes.len() > 128 {
+        rows.push(format!("    ... ({} bytes in all)", bytes.len()));
+    }
+    rows.join("\n")
+}
+
+fn diff(expected: &[u8], actual: &[u8]) -> String {
+    let offsets: Vec<String> = (0..expected.len().max(actual.len()))
+        .filter(|&i| expected.get(i) != actual.get(i))
+        .take(16)
+        .map(|i| {
+            let show = |b: Option<&u8>| b.map_or("--".to_owned(), |b| format!("{b:02x}"));
+            format!("@{i}: {} -> {}", show(expected.get(i)), show(actual.get(i)))
+        })
+        .collect();
+    format!(
+        "expected {} bytes, got {}; first differences: {}\n  expected:\n{}\n  got:\n{}",
+        expected.len(),
+        actual.len(),
+        offsets.join(", "),
+        hex(expected),
+        hex(actual)
+    )
+}
+
+/// A reject must be a well-formed ICMP port unreachable back to the sender
+/// that quotes the offending datagram.
+fn check_reject(original: &[u8], out: &[u8]) -> Result<(), String> {
+    let orig = Ipv4View::parse(original).ok_or("the rejected input is not IPv4")?;
+    let orig_l4_header = match orig.proto {
+        PROTO_TCP => usize::from(original[orig.l4 + 12] >> 4) * 4,
+        PROTO_UDP => 8,
+        other => return Err(format!("rejected a packet of protocol {other}")),
+    };
+    if out.len() < ETH_LEN + 20 + 8 + 20 + 8 {
+        return Err(format!("reject too short: {} bytes", out.len()));
+    }
+    if out[0..6] != original[6..12] || out[6..12] != original[0..6] {
+        return Err(format!(
+            "Ethernet addresses not swapped: dst {:02x?} src {:02x?}",
+            &out[0..6],
+            &out[6..12]
+        ));
+    }
+    let view = Ipv4View::parse(out)
+        .ok_or_else(|| format!("reject is not a well-formed IPv4 frame:\n{}", hex(out)))?;
+    if view.total != out.len() - ETH_LEN {
+        return Err(format!(
+            "IPv4 total length {} but the frame carries {} bytes after Ethernet",
+            view.total,
+            out.len() - ETH_LEN
+        ));
+    }
+    if view.proto != PROTO_ICMP {
+        return Err(format!("reject has IP protocol {}", view.proto));
+    }
+    if view.src(out) != orig.dst(original) || view.dst(out) != orig.src(original) {
+        return Err(format!(
+            "reject goes {} -> {}, expected {} -> {}",
+            addr(view.src(out)),
+            addr(view.dst(out)),
+            addr(orig.dst(original)),
+            addr(orig.src(original))
+        ));
+    }
+    let flags_fragment = u16::from_be_bytes([out[ETH_LEN + 6], out[ETH_LEN + 7]]);
+    if flags_fragment & 0x3fff != 0 {
+        return Err(format!("reject is a fragment ({flags_fragment:#06x})"));
+    }
+    if out[ETH_LEN + 8] == 0 {
+        return Err("reject has TTL 0".to_owned());
+    }
+    verify_ipv4_checksum(out).map_err(|e| format!("reject: {e}"))?;
+
+    let icmp = &out[view.l4..];
+    if icmp[0] != 3 || icmp[1] != 3 {
+        return Err(format!(
+            "ICMP type {} code {}, expected 3/3 (port unreachable)",
+            icmp[0], icmp[1]
+        ));
+    }
+    if icmp[4..8] != [0; 4] {
+        return Err(format!("ICMP unused field not zero: {:02x?}", &icmp[4..8]));
+    }
+    let sum = ones_sum(&[icmp]);
+    if sum != 0xffff {
+        return Err(format!(
+            "ICMP checksum wrong (message sums to {sum:#06x}, not 0xffff)"
+        ));
+    }
+    let (header, payload) =
+        Icmpv4Header::from_slice(icmp).map_err(|e| format!("etherparse rejects ICMP: {e}"))?;
+    if header.icmp_type != Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port) {
+        return Err(format!("ICMP type {:?}", header.icmp_type));
+    }
+    let recomputed = header.icmp_type.calc_checksum(payload);
+    if header.checksum != recomputed {
+        return Err(format!(
+            "ICMP checksum {:#06x}, recomputed {recomputed:#06x}",
+            header.checksum
+        ));
+    }
+
+    // The quote: the original IP header and the first bytes (at least 8) of
+    // its L4 header, byte for byte.
+    let quote = &icmp[8..];
+    let orig_ip = &original[ETH_LEN..ETH_LEN + orig.total];
+    let min = orig.ihl + 8;
+    let max = (orig.ihl + orig_l4_header).clamp(min, orig.total);
+    if !(min..=max).contains(&quote.len()) {
+        return Err(format!(
+            "quote of {} bytes, expected the IP header and {}..={} bytes of L4 header",
+            quote.len(),
+            min - orig.ihl,
+            max - orig.ihl
+        ));
+    }
+    if quote != &orig_ip[..quote.len()] {
+        return Err(format!(
+            "quote differs from the original datagram: {}",
+            diff(&orig_ip[..quote.len()], quote)
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Table-driven fixtures.
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Verdict OK and the frame byte for byte as it came in.
+    Untouched,
+    /// Verdict OK, destination rewritten to this backend.
+    Dnat(Addr),
+    /// Verdict OK, source rewritten to this frontend.
+    RevNat(Addr),
+    /// Verdict REDIRECT and an ICMP port unreachable back to the sender.
+    Reject,
+    /// Untouched, or refused by the kernel as test-run input (see [`Run`]):
+    /// the program cannot be shown such a frame on current kernels.
+    UntouchedOrRefused,
+    /// A reject the program cannot build (IP options) may be dropped
+    /// instead; if it is sent, it must be well-formed.
+    RejectOrDrop,
+}
+
+struct Fixture {
+    name: String,
+    frame: Vec<u8>,
+    expect: Expect,
+}
+
+fn fixture(name: impl Into<String>, frame: Vec<u8>, expect: Expect) -> Fixture {
+    Fixture {
+        name: name.into(),
+        frame,
+        expect,
+    }
+}
+
+fn expect_verdict(out: &Outcome, verdict: u32) -> Result<(), String> {
+    if out.verdict == verdict {
+        Ok(())
+    } else {
+        Err(format!(
+            "verdict {}, expected {verdict}; output:\n{}",
+            out.verdict,
+            hex(&out.frame)
+        ))
+    }
+}
+
+fn check(fixture: &Fixture, out: &Outcome) -> Result<(), String> {
+    let translation = |side, to| -> Result<(), String> {
+        expect_verdict(out, TC_ACT_OK)?;
+        let expected = translated(&fixture.frame, side, to);
+        if out.frame != expected {
+            return Err(format!("wrong rewrite: {}", diff(&expected, &out.frame)));
+        }
+        // Equal to a frame with recomputed checksums; say it outright too.
+        verify_ipv4_checksum(&out.frame)?;
+        verify_l4_checksum(&out.frame)
+    };
+    match fixture.expect {
+        Expect::Untouched | Expect::UntouchedOrRefused => {
+            expect_verdict(out, TC_ACT_OK)?;
+            if out.frame != fixture.frame {
+                return Err(format!(
+                    "a packet that must pass untouched was changed: {}",
+                    diff(&fixture.frame, &out.frame)
+                ));
+            }
+            Ok(())
+        }
+        Expect::Dnat(to) => translation(Side::Destination, to),
+        Expect::RevNat(from) => translation(Side::Source, from),
+        Expect::Reject => {
+            expect_verdict(out, TC_ACT_REDIRECT)?;
+            check_reject(&fixture.frame, &out.frame)
+        }
+        Expect::RejectOrDrop => match out.verdict {
+            TC_ACT_SHOT => Ok(()),
+            TC_ACT_REDIRECT => check_reject(&fixture.frame, &out.frame),
+            other => Err(format!("verdict {other}, expected SHOT or REDIRECT")),
+        },
+    }
+}
+
+/// Runs the fixtures in order (conntrack state carries over) and reports
+/// every failure, not just the first.
+fn run_fixtures(lab: &mut Lab, fixtures: &[Fixture]) {
+    let failures: Vec<String> = fixtures
+        .iter()
+        .filter_map(|f| {
+            let result = match try_run(lab.program(), &f.frame) {
+                Run::Ran(out) => check(f, &out),
+                Run::Refused if matches!(f.expect, Expect::UntouchedOrRefused) => Ok(()),
+                Run::Refused => Err("the kernel refused the frame as test-run input".to_owned()),
+            };
+            result.err().map(|why| format!("- {}: {why}", f.name))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        fixtures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Panics with the message as written (not Debug-escaped).
+fn ok(result: Result<(), String>, what: &str) {
+    if let Err(why) = result {
+        panic!("{what}: {why}");
+    }
+}
+
+fn destination(frame: &[u8]) -> Addr {
+    let view = Ipv4View::parse(frame).expect("an IPv4 frame");
+    (view.dst(frame), view.ports(frame).1)
+}
+
+// ---------------------------------------------------------------------------
+// 1. DNAT of a new TCP connection.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn tcp_syn_to_a_vip_is_dnated_to_its_backend() {
+    let mut lab = Lab::new();
+    let syn = tcp(client(40000), (VIP, 80), Tcp::Syn, &[]);
+    let out = lab.run(&syn);
+    assert_eq!(out.verdict, TC_ACT_OK, "SYN to {}:80", addr(VIP));
+
+    // Field by field first, for a readable failure.
+    let headers = PacketHeaders::from_ethernet_slice(&out.frame).expect("output parses");
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        panic!("output is not IPv4: {:?}", headers.net);
+    };
+    let Some(TransportHeader::Tcp(tcp_out)) = &headers.transport else {
+        panic!("output is not TCP: {:?}", headers.transport);
+    };
+    assert_eq!(addr(ip.destination), addr(WEB_BACKEND.0), "DNAT address");
+    assert_eq!(tcp_out.destination_port, WEB_BACKEND.1, "DNAT port");
+    assert_eq!(addr(ip.source), addr(CLIENT_IP), "source address kept");
+    assert_eq!(tcp_out.source_port, 40000, "source port kept");
+    assert!(tcp_out.syn && !tcp_out.ack, "flags kept");
+    assert_eq!(headers.payload, PayloadSlice::Tcp(&[]), "payload kept");
+    ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after DNAT");
+    ok(verify_l4_checksum(&out.frame), "TCP checksum after DNAT");
+
+    // Then the whole frame, and a few more new connections.
+    let same = fixture(
+        "the same SYN, byte for byte",
+        syn,
+        Expect::Dnat(WEB_BACKEND),
+    );
+    ok(check(&same, &out), &same.name);
+    run_fixtures(
+        &mut lab,
+        &[
+            fixture(
+                "SYN to a Service whose target port is its own port (no port rewrite)",
+                tcp(client(40009), (VIP, 8443), Tcp::Syn, &[]),
+                Expect::Dnat(SAME_PORT_BACKEND),
+            ),
+            fixture(
+                "SYN carrying data",
+                tcp(
+                    client(40010),
+                    (VIP, 80),
+                    Tcp::Syn,
+                    b"GET / HTTP/1.1\r\n\r\n",
+                ),
+                Expect::Dnat(WEB_BACKEND),
+            ),
+            fixture(
+                "mid-stream ACK of an untracked flow (picked up, as nf_conntrack does)",
+                tcp(client(40011), (VIP, 80), Tcp::Ack, &[0xa5; 333]),
+                Expect::Dnat(WEB_BACKEND),
+            ),
+        ],
+    );
+
+    // Three backends: checked against the one actually chosen.
+    let syn = tcp(client(40012), (VIP_MULTI, 80), Tcp::Syn, &[]);
+    let out = lab.run(&syn);
+    let chosen = destination(&out.frame);
+    assert!(
+        MULTI_BACKENDS.contains(&chosen),
+        "SYN to {}:80 went to {}:{}, not a backend",
+        addr(VIP_MULTI),
+        addr(chosen.0),
+        chosen.1
+    );
+    let multi = fixture(
+        "SYN to a VIP with three backends",
+        syn,
+        Expect::Dnat(chosen),
+    );
+    ok(check(&multi, &out), &multi.name);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Reverse NAT of replies; established flows keep their backend.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn replies_are_reverse_nated_and_flows_keep_their_backend() {
+    let mut lab = Lab::new();
+    let c = client(40000);
+    run_fixtures(
+        &mut lab,
+        &[
+            fixture(
+                "SYN client -> VIP:80",
+                tcp(c, (VIP, 80), Tcp::Syn, &[]),
+                Expect::Dnat(WEB_BACKEND),
+            ),
+            fixture(
+                "SYN-ACK backend -> client",
+                tcp(WEB_BACKEND, c, Tcp::SynAck, &[]),
+                Expect::RevNat((VIP, 80)),
+            ),
+            fixture(
+                "ACK with data client -> VIP:80",
+                tcp(
+                    c,
+                    (VIP, 80),
+                    Tcp::Ack,
+                    b"GET / HTTP/1.1\r\nHost: web\r\n\r\n",
+                ),
+                Expect::Dnat(WEB_BACKEND),
+            ),
+            fixture(
+                "response backend -> client",
+                tcp(WEB_BACKEND, c, Tcp::Ack, &[0x5a; 700]),
+                Expect::RevNat((VIP, 80)),
+            ),
+            fixture(
+                "retransmitted SYN keeps its backend",
+                tcp(c, (VIP, 80), Tcp::Syn, &[]),
+                Expect::Dnat(WEB_BACKEND),
+            ),
+            fixture(
+                "SYN client -> VIP:8443 (same port behind)",
+                tcp(client(40002), (VIP, 8443), Tcp::Syn, &[]),
+                Expect::Dnat(SAME_PORT_BACKEND),
+            ),
+            fixture(
+                "SYN-ACK same-port backend -> client",
+                tcp(SAME_PORT_BACKEND, client(40002), Tcp::SynAck, &[]),
+                Expect::RevNat((VIP, 8443)),
+            ),
+            fixture(
+                "backend -> a client port it never heard from",
+                tcp(WEB_BACKEND, client(40999), Tcp::SynAck, &[]),
+                Expect::Untouched,
+            ),
+            fixture(
+                "another port of the backend -> client",
+                tcp((WEB_BACKEND.0, 8081), c, Tcp::Ack, b"x"),
+                Expect::Untouched,
+            ),
+            fixture(
+                "the client itself -> backend, not through the VIP",
+                tcp(client(40001), WEB_BACKEND, Tcp::Syn, &[]),
+                Expect::Untouched,
+            ),
+        ],
+    );
+
+    // With three backends, an established flow must stay where its SYN went.
+    let c = client(42000);
+    let out = lab.run(&tcp(c, (VIP_MULTI, 80), Tcp::Syn, &[]));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let chosen = destination(&out.frame);
+    assert!(
+        MULTI_BACKENDS.contains(&chosen),
+        "SYN went to {}:{}",
+        addr(chosen.0),
+        chosen.1
+    );
+    let mut flow = vec![fixture(
+        "reply from the chosen backend",
+        tcp(chosen, c, Tcp::SynAck, &[]),
+        Expect::RevNat((VIP_MULTI, 80)),
+    )];
+    for i in 0..50u8 {
+        let payload = vec![i; 10 + usize::from(i) * 7];
+        flow.push(fixture(
+            format!("established packet {i} of the flow"),
+            tcp(c, (VIP_MULTI, 80), Tcp::Ack, &payload),
+            Expect::Dnat(chosen),
+        ));
+        flow.push(fixture(
+            format!("reply {i} of the flow"),
+            tcp(chosen, c, Tcp::Ack, &payload),
+            Expect::RevNat((VIP_MULTI, 80)),
+        ));
+    }
+    for i in 0..5 {
+        flow.push(fixture(
+            format!("retransmitted SYN {i}"),
+            tcp(c, (VIP_MULTI, 80), Tcp::Syn, &[]),
+            Expect::Dnat(chosen),
+        ));
+    }
+    run_fixtures(&mut lab, &flow);
+
+    // The stickiness above comes from conntrack, not from a choice that
+    // never varies: new flows spread over the backends.
+    let chosen: BTreeSet<Addr> = (0..60)
+        .map(|i| {
+            let out = lab.run(&tcp(client(43000 + i), (VIP_MULTI, 80), Tcp::Syn, &[]));
+            assert_eq!(out.verdict, TC_ACT_OK);
+            destination(&out.frame)
+        })
+        .collect();
+    assert!(
+        chosen.len() >= 2 && chosen.iter().all(|b| MULTI_BACKENDS.contains(b)),
+        "60 new flows went to {chosen:?}, expected a spread over {MULTI_BACKENDS:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. UDP.
+// ---------------------------------------------------------------------------
+
+/// A UDP datagram to VIP:53 whose checksum, once translated to
+/// `DNS_BACKEND`, computes to 0 and so must be sent as 0xffff.
+fn udp_translating_to_checksum_zero(src: Addr) -> Vec<u8> {
+    let mut payload = vec![0u8; 16];
+    payload[2..].copy_from_slice(b"zero-checksum!");
+    let len = u16::try_from(8 + payload.len()).unwrap();
+    let mut header = [0u8; 8];
+    set_u16(&mut header, 0, src.1);
+    set_u16(&mut header, 2, DNS_BACKEND.1);
+    set_u16(&mut header, 4, len);
+    let sum = ones_sum(&[
+        &src.0,
+        &DNS_BACKEND.0,
+        &[0, PROTO_UDP],
+        &len.to_be_bytes(),
+        &header,
+        &payload,
+    ]);
+    // sum + !sum == 0xffff: the translated datagram's checksum computes to 0.
+    payload[0..2].copy_from_slice(&(!sum).to_be_bytes());
+    udp(src, (VIP, 53), &payload)
+}
+
+fn with_udp_checksum(mut frame: Vec<u8>, checksum: u16) -> Vec<u8> {
+    let view = Ipv4View::parse(&frame).expect("an IPv4 fixture");
+    set_u16(&mut frame, view.l4 + 6, checksum);
+    frame
+}
+
+#[test]
+fn udp_to_a_vip_is_dnated_and_a_zero_checksum_stays_zero() {
+    let mut lab = Lab::new();
+    let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01";
+    let with_checksum = udp(client(45000), (VIP, 53), query);
+    let without_checksum = with_udp_checksum(udp(client(45001), (VIP, 53), query), 0);
+    let to_zero = udp_translating_to_checksum_zero(client(45002));
+    assert_ne!(
+        Ipv4View::parse(&with_checksum)
+            .unwrap()
+            .udp_checksum(&with_checksum),
+        0,
+        "fixture precondition: a real checksum"
+    );
+    run_fixtures(
+        &mut lab,
+        &[
+            fixture(
+                "UDP client -> VIP:53 with a checksum",
+                with_checksum.clone(),
+                Expect::Dnat(DNS_BACKEND),
+            ),
+            fixture(
+                "UDP reply backend -> client",
+                udp(DNS_BACKEND, client(45000), b"\x12\x34\x81\x80 answer"),
+                Expect::RevNat((VIP, 53)),
+            ),
+            fixture(
+                "UDP client -> VIP:53 without a checksum (0)",
+                without_checksum.clone(),
+                Expect::Dnat(DNS_BACKEND),
+            ),
+            fixture(
+                "UDP reply without a checksum",
+                with_udp_checksum(udp(DNS_BACKEND, client(45001), b"answer"), 0),
+                Expect::RevNat((VIP, 53)),
+            ),
+            fixture(
+                "UDP whose translated checksum computes to 0 (sent as 0xffff)",
+                to_zero.clone(),
+                Expect::Dnat(DNS_BACKEND),
+            ),
+            fixture(
+                "second datagram of the UDP flow",
+                udp(client(45000), (VIP, 53), b"another query"),
+                Expect::Dnat(DNS_BACKEND),
+            ),
+        ],
+    );
+
+    // The zero-checksum rules, stated outright.
+    let out = lab.run(&without_checksum);
+    let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+    assert_eq!(destination(&out.frame), DNS_BACKEND);
+    assert_eq!(view.udp_checksum(&out.frame), 0, "no checksum stays none");
+    ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum");
+
+    let out = lab.run(&to_zero);
+    let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+    assert_eq!(destination(&out.frame), DNS_BACKEND);
+    assert_eq!(
+        view.udp_checksum(&out.frame),
+        0xffff,
+        "a computed UDP checksum of 0 must go out as 0xffff (0 means none)"
+    );
+    ok(verify_l4_checksum(&out.frame), "UDP checksum");
+}
+
+// ---------------------------------------------------------------------------
+// 4. Traffic that is not for a Service passes byte for byte.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn non_service_traffic_passes_byte_identical() {
+    let mut lab = Lab::new();
+    run_fixtures(
+        &mut lab,
+        &[
+            fixture(
+                "TCP SYN to a pod address",
+                tcp(client(41000), (NOT_A_VIP, 80), Tcp::Syn, &[]),
+                Expect::Untouched,
+            ),
+            fixture(
+                "TCP data to a pod address",
+                tcp(client(41001), (NOT_A_VIP, 8080), Tcp::Ack, b"hello"),
+                Expect::Untouched,
+            ),
+            fixture(
+                "UDP to a pod address",
+                udp(client(41002), (NOT_A_VIP, 53), b"query"),
+                Expect::Untouched,
+            ),
+            fixture(
+                "TCP from a Service port of a pod address",
+                tcp((NOT_A_VIP, 80), client(41003), Tcp::SynAck, &[]),
+                Expect::Untouched,
+            ),
+            fixture("ICMP echo to a VIP", icmp_echo(VIP), Expect::Untouched),
+            fixture(
+                "ICMP echo to a VIP without endpoints",
+                icmp_echo(VIP_EMPTY),
+                Expect::Untouched,
+            ),
+            fixture(
+                "ICMP echo to a pod address",
+                icmp_echo(NOT_A_VIP),
+                Expect::Untouched,
+            ),
+            fixture("ARP who-has a VIP", arp_request(VIP), Expect::Untouched),
+            fixture("IPv6 UDP to port 53", ipv6_udp(53), Expect::Untouched),
+            fixture(
+                "IPv6 TCP SYN to port 80",
+                ipv6_tcp_syn(80),
+                Expect::Untouched,
+            ),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. Truncated and malformed headers.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn malformed_headers_pass_untouched_and_ip_options_are_handled() {
+    let mut lab = Lab::new();
+    let syn = |port: u16| tcp(client(port), (VIP, 80), Tcp::Syn, &[]);
+    let dgram = |port: u16| udp(client(port), (VIP, 53), b"0123456789abcdef");
+    let l4 = ETH_LEN + 20;
+
+    let mut cases = Vec::new();
+    // The kernel refuses IPv4 frames shorter than 14+20 bytes as test-run
+    // input, so these two only reach the program on older kernels...
+    cases.push(fixture(
+        "Ethernet header and one byte of IPv4 (15 bytes)",
+        syn(44000)[..ETH_LEN + 1].to_vec(),
+        Expect::UntouchedOrRefused,
+    ));
+    cases.push(fixture(
+        "frame cut inside the IPv4 header (14+10 bytes)",
+        syn(44001)[..ETH_LEN + 10].to_vec(),
+        Expect::UntouchedOrRefused,
+    ));
+    // ...while a cut inside the IPv4 options always does.
+    let mut cut_in_options = |port: u16, options: &[u8], keep: usize, what: &str| {
+        let f = tcp_with_options(client(port), (VIP, 80), options, Tcp::Syn, &[]);
+        cases.push(fixture(
+            what,
+            f[..ETH_LEN + keep].to_vec(),
+            Expect::Untouched,
+        ));
+    };
+    cut_in_options(
+        44005,
+        &options_ihl15(),
+        40,
+        "frame cut inside the IPv4 options (IHL 15, 14+40 bytes)",
+    );
+    cut_in_options(
+        44006,
+        &OPTIONS_IHL6,
+        20,
+        "frame cut after 20 of 24 IPv4 header bytes (IHL 6)",
+    );
+    let mut untouched = |name: &str, frame: Vec<u8>| {
+        cases.push(fixture(name, frame, Expect::Untouched));
+    };
+    untouched(
+        "frame cut right after the IPv4 header",
+        syn(44002)[..l4].to_vec(),
+    );
+    for ihl in [0u8, 4] {
+        let mut f = syn(44003 + u16::from(ihl));
+        f[ETH_LEN] = 0x40 | ihl;
+        fix_ip_checksum(&mut f);
+        untouched(&format!("IHL {ihl} (< 5)"), f);
+    }
+    let mut f = syn(44010);
+    f[ETH_LEN] = 0x65;
+    fix_ip_checksum(&mut f);
+    untouched("IP version 6 under the IPv4 ethertype", f);
+
+    let mut f = syn(44011);
+    set_u16(&mut f, ETH_LEN + 2, 16);
+    fix_ip_checksum(&mut f);
+    untouched("IP total length shorter than its header", f);
+
+    let mut f = syn(44012);
+    let total = ip_total_len(&f);
+    set_u16(&mut f, ETH_LEN + 2, total + 1);
+    fix_ip_checksum(&mut f);
+    untouched("IP total length one byte beyond the frame", f);
+
+    let mut f = syn(44013);
+    set_u16(&mut f, ETH_LEN + 2, 1500);
+    fix_ip_checksum(&mut f);
+    untouched("IP total length 1500 on a short frame", f);
+
+    let mut f = syn(44014)[..l4 + 10].to_vec();
+    set_u16(&mut f, ETH_LEN + 2, 30);
+    fix_ip_checksum(&mut f);
+    untouched("TCP header cut short (10 bytes, total length agrees)", f);
+
+    untouched(
+        "TCP header cut short by the frame (total length claims more)",
+        syn(44015)[..l4 + 10].to_vec(),
+    );
+
+    let mut f = syn(44016);
+    f[l4 + 12] = 0x40 | (f[l4 + 12] & 0x0f);
+    untouched("TCP data offset 4 (< 5)", f);
+
+    let mut f = dgram(44017);
+    set_u16(&mut f, l4 + 4, 0);
+    untouched("UDP length 0", f);
+
+    let mut f = dgram(44018);
+    set_u16(&mut f, l4 + 4, 7);
+    untouched("UDP length 7 (< header)", f);
+
+    let mut f = dgram(44019);
+    let udp_len = u16::from_be_bytes([f[l4 + 4], f[l4 + 5]]);
+    set_u16(&mut f, l4 + 4, udp_len + 1);
+    untouched("UDP length one byte beyond the packet", f);
+
+    let mut f = dgram(44020)[..l4 + 4].to_vec();
+    set_u16(&mut f, ETH_LEN + 2, 24);
+    fix_ip_checksum(&mut f);
+    untouched("UDP header cut short (4 bytes, total length agrees)", f);
+
+    for (port, flags_fragment, what) in [
+        (44021, 0x0001, "non-first fragment (offset 8) to VIP:80"),
+        (44022, 0x2001, "non-first fragment with more-fragments set"),
+        (44023, 0x00b9, "non-first fragment (offset 1480) to VIP:80"),
+    ] {
+        let mut f = syn(port);
+        set_u16(&mut f, ETH_LEN + 6, flags_fragment);
+        fix_ip_checksum(&mut f);
+        untouched(what, f);
+    }
+    let mut f = dgram(44024);
+    set_u16(&mut f, ETH_LEN + 6, 0x0003);
+    fix_ip_checksum(&mut f);
+    untouched("non-first UDP fragment to VIP:53", f);
+
+    let mut f = tcp_with_options(client(44025), (VIP, 80), &options_ihl15(), Tcp::Syn, &[]);
+    let cut = ETH_LEN + 60 + 10;
+    f.truncate(cut);
+    set_u16(&mut f, ETH_LEN + 2, (cut - ETH_LEN) as u16);
+    fix_ip_checksum(&mut f);
+    untouched("IHL 15 and a TCP header cut short", f);
+
+    cases.extend([
+        fixture(
+            "IPv4 options (IHL 6: NOP NOP NOP EOL), TCP SYN to VIP:80",
+            tcp_with_options(client(44030), (VIP, 80), &OPTIONS_IHL6, Tcp::Syn, &[]),
+            Expect::Dnat(WEB_BACKEND),
+        ),
+        fixture(
+            "IPv4 options (IHL 15: router alert + NOPs), TCP with data to VIP:80",
+            tcp_with_options(
+                client(44031),
+                (VIP, 80),
+                &options_ihl15(),
+                Tcp::Ack,
+                b"data",
+            ),
+            Expect::Dnat(WEB_BACKEND),
+        ),
+        fixture(
+            "IPv4 options (IHL 6), UDP to VIP:53",
+            udp_with_options(client(44032), (VIP, 53), &OPTIONS_IHL6, b"query"),
+            Expect::Dnat(DNS_BACKEND),
+        ),
+        fixture(
+            "IPv4 options (IHL 6), reply backend -> client",
+            tcp_with_options(WEB_BACKEND, client(44030), &OPTIONS_IHL6, Tcp::SynAck, &[]),
+            Expect::RevNat((VIP, 80)),
+        ),
+        fixture(
+            "ACK to VIP:80 padded to the 60-byte Ethernet minimum",
+            {
+                let mut f = tcp(client(44033), (VIP, 80), Tcp::Ack, &[]);
+                f.resize(60, 0);
+                f
+            },
+            Expect::Dnat(WEB_BACKEND),
+        ),
+        fixture(
+            "UDP to VIP:53 padded to the 60-byte Ethernet minimum",
+            {
+                let mut f = udp(client(44034), (VIP, 53), b"q");
+                f.resize(60, 0);
+                f
+            },
+            Expect::Dnat(DNS_BACKEND),
+        ),
+    ]);
+    run_fixtures(&mut lab, &cases);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Reject: no endpoints, or an unknown port of a known VIP.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn service_without_endpoints_rejects_with_icmp_port_unreachable() {
+    let mut lab = Lab::new();
+    run_fixtures(
+        &mut lab,
+        &[
+            fixture(
+                "TCP SYN to a Service without endpoints",
+                tcp(client(47000), (VIP_EMPTY, 80), Tcp::Syn, &[]),
+                Expect::Reject,
+            ),
+            fixture(
+                "UDP to a Service without endpoints",
+                udp(client(47001), (VIP_EMPTY, 53), &[0x77; 64]),
+                Expect::Reject,
+            ),
+            fixture(
+                "UDP without a checksum to a Service without endpoints",
+                with_udp_checksum(udp(client(47002), (VIP_EMPTY, 53), b"query"), 0),
+                Expect::Reject,
+            ),
+            fixture(
+                "TCP with 1000 bytes of data to a Service without endpoints",
+                tcp(client(47003), (VIP_EMPTY, 80), Tcp::Ack, &[0x42; 1000]),
+                Expect::Reject,
+            ),
+            fixture(
+                "padded 60-byte UDP frame to a Service without endpoints",
+                {
+                    let mut f = udp(client(47004), (VIP_EMPTY, 53), &[]);
+                    f.resize(60, 0);
+                    f
+                },
+                Expect::Reject,
+            ),
+            fixture(
+                "TCP SYN to a known VIP on an unknown port (:81)",
+                tcp(client(47005), (VIP, 81), Tcp::Syn, &[]),
+                Expect::Reject,
+            ),
+            fixture(
+                "UDP to a known VIP on an unknown port (:54)",
+                udp(client(47006), (VIP, 54), b"query"),
+                Expect::Reject,
+            ),
+            fixture(
+                "UDP to a known VIP on its TCP-only port (:80)",
+                udp(client(47007), (VIP, 80), b"query"),
+                Expect::Reject,
+            ),
+            fixture(
+                "TCP SYN to a known multi-backend VIP on an unknown port",
+                tcp(client(47008), (VIP_MULTI, 443), Tcp::Syn, &[]),
+                Expect::Reject,
+            ),
+            fixture(
+                "TCP SYN with IPv4 options to a Service without endpoints",
+                tcp_with_options(client(47009), (VIP_EMPTY, 80), &OPTIONS_IHL6, Tcp::Syn, &[]),
+                Expect::RejectOrDrop,
+            ),
+            fixture(
+                "TCP SYN to an unknown VIP",
+                tcp(client(47010), (UNKNOWN_VIP, 80), Tcp::Syn, &[]),
+                Expect::Untouched,
+            ),
+            fixture(
+                "UDP to an unknown VIP",
+                udp(client(47011), (UNKNOWN_VIP, 53), b"query"),
+                Expect::Untouched,
+            ),
+            fixture(
+                "TCP SYN to an unknown VIP on an odd port",
+                tcp(client(47012), (UNKNOWN_VIP, 81), Tcp::Syn, &[]),
+                Expect::Untouched,
+            ),
+        ],
+    );
+
+    // The reject for the plain SYN, stated outright.
+    let syn = tcp(client(47020), (VIP_EMPTY, 80), Tcp::Syn, &[]);
+    let out = lab.run(&syn);
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "a reject is redirected back out"
+    );
+    let view = Ipv4View::parse(&out.frame).expect("reject is IPv4");
+    assert_eq!(addr(view.src(&out.frame)), addr(VIP_EMPTY));
+    assert_eq!(addr(view.dst(&out.frame)), addr(CLIENT_IP));
+    assert_eq!(view.total, out.frame.len() - ETH_LEN);
+    assert_eq!(out.frame[view.l4..view.l4 + 2], [3, 3], "port unreachable");
+    ok(check_reject(&syn, &out.frame), "reject of a plain SYN");
+}
+
+// ---------------------------------------------------------------------------
+// 7. Mutated and truncated packets (proptest).
+// ---------------------------------------------------------------------------
+
+/// One mutation of one base packet.
+#[derive(Clone, Debug)]
+struct Mutation {
+    /// Below 8: the plain SYN to VIP:80; else base `n - 8`.
+    base: u8,
+    /// (within the first 74 bytes?, where, xor mask)
+    flips: Vec<(bool, Index, u8)>,
+    /// Truncate to 15..=len bytes (test runs refuse a bare Ethernet header).
+    cut: Option<Index>,
+    /// Make the checksums of the mutated packet right again, so the program
+    /// sees packets that are valid but odd, not only corrupt ones.
+    refresh_checksums: bool,
+}
+
+fn mutations() -> impl Strategy<Value = Mutation> {
+    (
+        0u8..16,
+        prop::collection::vec((any::<bool>(), any::<Index>(), 1u8..=255), 0..5),
+        prop::option::weighted(0.3, any::<Index>()),
+        any::<bool>(),
+    )
+        .prop_map(|(base, flips, cut, refresh_checksums)| Mutation {
+            base,
+            flips,
+            cut,
+            refresh_checksums,
+        })
+}
+
+fn proptest_bases() -> Vec<Vec<u8>> {
+    vec![
+        tcp(client(46000), (VIP, 80), Tcp::Syn, &[]),
+        tcp_with_options(client(46001), (VIP, 80), &OPTIONS_IHL6, Tcp::Syn, b"hi"),
+        tcp(
+            client(46002),
+            (VIP_MULTI, 80),
+            Tcp::Ack,
+            b"GET / HTTP/1.1\r\n\r\n",
+        ),
+        udp(client(46003), (VIP, 53), b"a query"),
+        with_udp_checksum(udp(client(46004), (VIP, 53), b"no checksum"), 0),
+        tcp(client(46005), (VIP_EMPTY, 80), Tcp::Syn, &[]),
+        udp(client(46006), (VIP_EMPTY, 53), b"nobody home"),
+        tcp(WEB_BACKEND, client(46000), Tcp::SynAck, &[]),
+    ]
+}
+
+fn mutate(m: &Mutation, bases: &[Vec<u8>]) -> Vec<u8> {
+    let base = if m.base < 8 {
+        0
+    } else {
+        usize::from(m.base - 8)
+    };
+    let mut frame = bases[base].clone();
+    for (in_headers, at, mask) in &m.flips {
+        let span = if *in_headers {
+            frame.len().min(ETH_LEN + 60)
+        } else {
+            frame.len()
+        };
+        frame[at.index(span)] ^= mask;
+    }
+    if let Some(cut) = &m.cut {
+        frame.truncate(ETH_LEN + 1 + cut.index(frame.len() - ETH_LEN));
+    }
+    if m.refresh_checksums {
+        refresh_checksums(&mut frame);
+    }
+    frame
+}
+
+/// Our own checksum fix-up for whatever still parses.
+fn refresh_checksums(frame: &mut [u8]) {
+    let Some(view) = Ipv4View::parse(frame) else {
+        return;
+    };
+    set_u16(frame, ETH_LEN + 10, 0);
+    let sum = ones_sum(&[view.header(frame)]);
+    set_u16(frame, ETH_LEN + 10, !sum);
+    let is_udp = view.proto == PROTO_UDP;
+    if view.l4_covered(frame).is_none() || (is_udp && view.udp_checksum(frame) == 0) {
+        return;
+    }
+    set_u16(frame, view.l4_check_off(), 0);
+    let checksum = !view.l4_residual(frame).expect("covered above");
+    let checksum = if is_udp && checksum == 0 {
+        0xffff
+    } else {
+        checksum
+    };
+    set_u16(frame, view.l4_check_off(), checksum);
+}
+
+/// What any output must satisfy for any input.
+fn check_any(input: &[u8], out: &Outcome) -> Result<(), String> {
+    match out.verdict {
+        TC_ACT_SHOT => Ok(()),
+        TC_ACT_REDIRECT => check_reject(input, &out.frame).map_err(|e| format!("REDIRECT: {e}")),
+        TC_ACT_OK if out.frame == input => Ok(()),
+        TC_ACT_OK => check_rewrite(input, &out.frame),
+        other => Err(format!("verdict {other} (only 0, 2 and 7 are expected)")),
+    }
+}
+
+/// A rewrite may change addresses, ports and checksums of a complete IPv4
+/// TCP/UDP packet, and must leave its checksums exactly as right (or as
+/// wrong) as they came in.
+fn check_rewrite(input: &[u8], output: &[u8]) -> Result<(), String> {
+    if output.len() != input.len() {
+        return Err(format!(
+            "rewrite changed the length {} -> {}",
+            input.len(),
+            output.len()
+        ));
+    }
+    let view = Ipv4View::parse(input).ok_or("rewrote a frame that is not well-formed IPv4")?;
+    if view.l4_covered(input).is_none() {
+        return Err("rewrote a packet without a complete first-fragment TCP/UDP header".to_owned());
+    }
+    let check_off = view.l4_check_off();
+    let allowed = |i: usize| {
+        (ETH_LEN + 10..ETH_LEN + 12).contains(&i)
+            || (ETH_LEN + 12..ETH_LEN + 20).contains(&i)
+            || (view.l4..view.l4 + 4).contains(&i)
+            || (check_off..check_off + 2).contains(&i)
+    };
+    if let Some(i) = (0..input.len()).find(|&i| input[i] != output[i] && !allowed(i)) {
+        return Err(format!(
+            "rewrite changed byte {i} ({:02x} -> {:02x}), which is no address, port or checksum",
+            input[i], output[i]
+        ));
+    }
+    let (sport_in, dport_in) = view.ports(input);
+    let (sport_out, dport_out) = view.ports(output);
+    let src_changed = view.src(input) != view.src(output) || sport_in != sport_out;
+    let dst_changed = view.dst(input) != view.dst(output) || dport_in != dport_out;
+    let to_dst = (view.dst(output), dport_out);
+    let to_src = (view.src(output), sport_out);
+    match (src_changed, dst_changed) {
+        (false, true) if all_backends().contains(&to_dst) => {}
+        (true, false) if FRONTENDS.contains(&to_src) => {}
+        (false, false) => {}
+        _ => {
+            return Err(format!(
+                "rewrite to {}:{} -> {}:{} is neither a DNAT to a backend nor a reverse NAT to a frontend",
+                addr(to_src.0),
+                to_src.1,
+                addr(to_dst.0),
+                to_dst.1
+            ))
+        }
+    }
+
+    // Incremental updates keep the one's-complement residual: a right
+    // checksum stays right, a wrong one stays exactly as wrong.
+    let ip_in = ones_sum(&[view.header(input)]);
+    if ip_in == 0xffff {
+        ipv4_sum_ok(output)?;
+    } else {
+        let ip_out = ones_sum(&[view.header(output)]);
+        if !same_ones(ip_in, ip_out) {
+            return Err(format!(
+                "IPv4 header checksum error changed: residual {ip_in:#06x} -> {ip_out:#06x}"
+            ));
+        }
+    }
+    if view.proto == PROTO_UDP && view.udp_checksum(input) == 0 {
+        if view.udp_checksum(output) != 0 {
+            return Err("a UDP datagram without checksum got one".to_owned());
+        }
+        return Ok(());
+    }
+    let l4_in = view.l4_residual(input).expect("covered above");
+    if l4_in == 0xffff {
+        l4_sum_ok(output)
+    } else {
+        let l4_out = view.l4_residual(output).expect("same layout");
+        if same_ones(l4_in, l4_out) {
+            Ok(())
+        } else {
+            Err(format!(
+                "L4 checksum error changed: residual {l4_in:#06x} -> {l4_out:#06x}"
+            ))
+        }
+    }
+}
+
+#[test]
+fn mutated_and_truncated_packets_never_break_checksums() {
+    let mut lab = Lab::new();
+    let bases = proptest_bases();
+    // Prime conntrack so the reply base takes the reverse-NAT path, and
+    // make sure each unmutated base passes the same checks.
+    for base in &bases {
+        let out = lab.run(base);
+        check_any(base, &out).unwrap_or_else(|e| panic!("unmutated base: {e}"));
+        assert_ne!(out.frame, *base, "every base is rewritten or rejected");
+    }
+
+    let program = lab.program();
+    let mut runner = TestRunner::new(Config {
+        // ~200 cases run in well under a second; PROPTEST_CASES digs deeper.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&mutations(), |m| {
+        let input = mutate(&m, &bases);
+        let Run::Ran(out) = try_run(program, &input) else {
+            return Ok(());
+        };
+        check_any(&input, &out).map_err(|e| {
+            TestCaseError::fail(format!(
+                "{e}\n  input ({} bytes):\n{}\n  output (verdict {}):\n{}",
+                input.len(),
+                hex(&input),
+                out.verdict,
+                hex(&out.frame)
+            ))
+        })
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Known datapath bugs and SPEC gaps. Each test is a fixture that fails
+// today; it is ignored (with the reason) so the suite stays usable. Run
+// them with `cargo test -p proxy-userspace --test packet_fixtures --
+// --ignored`, and drop the `ignore` once the datapath is fixed.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn tcp_data_offset_beyond_the_segment_passes_untouched() {
+    let mut lab = Lab::new();
+    let mut cases = Vec::new();
+    for doff in [6u8, 15] {
+        // A 20-byte TCP header whose data offset claims 24 or 60 bytes: the
+        // header is cut short, as the malformed fixtures above.
+        let mut f = tcp(client(48000 + u16::from(doff)), (VIP, 80), Tcp::Ack, &[]);
+        f[ETH_LEN + 20 + 12] = doff << 4;
+        cases.push(fixture(
+            format!("TCP data offset {doff} in a 20-byte segment"),
+            f,
+            Expect::Untouched,
+        ));
+    }
+    run_fixtures(&mut lab, &cases);
+}
+
+/// Splits an IPv4 frame into two fragments, the first carrying
+/// `first_len` bytes (a multiple of 8) of the IP payload.
+fn fragments(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
+    let view = Ipv4View::parse(frame).expect("an IPv4 frame");
+    let payload = &frame[view.l4..ETH_LEN + view.total];
+    let make = |part: &[u8], offset: usize, more: bool| {
+        let mut f = frame[..view.l4].to_vec();
+        f.extend_from_slice(part);
+        set_u16(&mut f, ETH_LEN + 2, (view.ihl + part.len()) as u16);
+        let flags = if more { 0x2000 } else { 0 };
+        set_u16(&mut f, ETH_LEN + 6, flags | (offset / 8) as u16);
+        fix_ip_checksum(&mut f);
+        f
+    };
+    (
+        make(&payload[..first_len], 0, true),
+        make(&payload[first_len..], first_len, false),
+    )
+}
+
+#[test]
+#[ignore = "issue 5 (flow state): fragments of a UDP datagram to a VIP are passed untouched, still addressed to the VIP"]
+fn fragmented_udp_datagram_reaches_the_backend() {
+    let mut lab = Lab::new();
+    let payload: Vec<u8> = (0..1992u32).map(|i| (i % 251) as u8).collect();
+    let datagram = udp(client(48100), (VIP, 53), &payload);
+    let (first, second) = fragments(&datagram, 1480);
+    let expected = translated(&datagram, Side::Destination, DNS_BACKEND);
+    let (first_expected, second_expected) = fragments(&expected, 1480);
+    let mut failures = Vec::new();
+    for (what, input, expected) in [
+        ("first fragment", &first, &first_expected),
+        ("second fragment", &second, &second_expected),
+    ] {
+        let out = lab.run(input);
+        if out.verdict != TC_ACT_OK || out.frame != *expected {
+            failures.push(format!(
+                "{what} of a 2000-byte datagram to {}:53 (verdict {}): {}",
+                addr(VIP),
+                out.verdict,
+                diff(expected, &out.frame)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+#[ignore = "issue 5 (flow state): ICMP errors about a NATed flow are not reverse-NATed"]
+fn icmp_port_unreachable_from_a_backend_is_reverse_nated() {
+    let mut lab = Lab::new();
+    let c = client(48200);
+    let query = udp(c, (VIP, 53), b"query");
+    let out = lab.run(&query);
+    ok(
+        check(
+            &fixture("query", query.clone(), Expect::Dnat(DNS_BACKEND)),
+            &out,
+        ),
+        "the query",
+    );
+    // The backend's stack answers the translated datagram with an ICMP
+    // port unreachable quoting it.
+    let forwarded = translated(&query, Side::Destination, DNS_BACKEND);
+    let quote = &forwarded[ETH_LEN..];
+    let builder = PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv4(DNS_BACKEND.0, CLIENT_IP, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ));
+    let mut error = Vec::with_capacity(builder.size(quote.len()));
+    builder
+        .write(&mut error, quote)
+        .expect("building an ICMP error");
+
+    let out = lab.run(&error);
+    let result = (|| -> Result<(), String> {
+        expect_verdict(&out, TC_ACT_OK)?;
+        let frame = &out.frame;
+        let view = Ipv4View::parse(frame).ok_or("not IPv4")?;
+        if view.src(frame) != VIP || view.dst(frame) != CLIENT_IP {
+            return Err(format!(
+                "ICMP error goes {} -> {}, expected {} -> {}",
+                addr(view.src(frame)),
+                addr(view.dst(frame)),
+                addr(VIP),
+                addr(CLIENT_IP)
+            ));
+        }
+        ipv4_sum_ok(frame)?;
+        let icmp = &frame[view.l4..ETH_LEN + view.total];
+        if ones_sum(&[icmp]) != 0xffff {
+            return Err("ICMP checksum wrong".to_owned());
+        }
+        let inner = &icmp[8..];
+        let inner_ihl = usize::from(inner[0] & 0x0f) * 4;
+        if ones_sum(&[&inner[..inner_ihl]]) != 0xffff {
+            return Err("quoted IPv4 header checksum wrong".to_owned());
+        }
+        let quoted_src: [u8; 4] = inner[12..16].try_into().unwrap();
+        let quoted_dst: [u8; 4] = inner[16..20].try_into().unwrap();
+        let sport = u16::from_be_bytes([inner[inner_ihl], inner[inner_ihl + 1]]);
+        let dport = u16::from_be_bytes([inner[inner_ihl + 2], inner[inner_ihl + 3]]);
+        if (quoted_src, sport) != c || (quoted_dst, dport) != (VIP, 53) {
+            return Err(format!(
+                "the quote names {}:{sport} -> {}:{dport}, expected the client's own {}:{} -> {}:53",
+                addr(quoted_src),
+                addr(quoted_dst),
+                addr(c.0),
+                c.1,
+                addr(VIP)
+            ));
+        }
+        Ok(())
+    })();
+    ok(result, "ICMP port unreachable from the backend");
+}
+
+#[test]
+#[ignore = "issue 4 (external traffic): hairpin traffic (the client is the chosen backend) is not SNATed"]
+fn hairpin_connection_is_source_nated() {
+    let mut lab = Lab::new();
+    let syn = tcp((HAIRPIN_POD.0, 40000), (VIP_HAIRPIN, 80), Tcp::Syn, &[]);
+    let out = lab.run(&syn);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+    assert_eq!(
+        destination(&out.frame),
+        HAIRPIN_POD,
+        "DNAT to the pod itself"
+    );
+    ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum");
+    ok(verify_l4_checksum(&out.frame), "TCP checksum");
+    assert_ne!(
+        addr(view.src(&out.frame)),
+        addr(HAIRPIN_POD.0),
+        "a hairpin connection must be SNATed, or the pod answers itself directly \
+         from {}:{} and the client socket (connected to {}:80) drops the reply",
+        addr(HAIRPIN_POD.0),
+        HAIRPIN_POD.1,
+        addr(VIP_HAIRPIN)
+    );
+}
