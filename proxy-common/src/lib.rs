@@ -14,14 +14,16 @@ pub const BACKENDS_MAP: &str = "BACKENDS_V1";
 pub const REV_NAT_MAP: &str = "REV_NAT_V1";
 pub const CONNTRACK_MAP: &str = "CONNTRACK_V1";
 pub const STATS_MAP: &str = "STATS_V1";
+pub const CONFIG_MAP: &str = "CONFIG_V1";
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 5] = [
+pub const ALL_MAPS: [&str; 6] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
     CONNTRACK_MAP,
     STATS_MAP,
+    CONFIG_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -54,10 +56,21 @@ pub const BACKEND_STATE_TERMINATING: u8 = 1;
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// `ConntrackValue::state` (coarse; issue-level TCP tracking builds on it).
+/// `ConntrackValue::state`. TCP: NEW after the SYN, ESTABLISHED once the
+/// backend answered with SYN-ACK, CLOSING after a FIN, CLOSED after a RST.
+/// UDP flows stay NEW. Each state has its own idle timeout (`DatapathConfig`).
 pub const CT_STATE_NEW: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
 pub const CT_STATE_CLOSING: u8 = 2;
+pub const CT_STATE_CLOSED: u8 = 3;
+
+/// Default idle timeouts (SPEC section 7; kube-proxy's conntrack settings).
+pub const DEFAULT_TCP_SYN_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;
+pub const DEFAULT_TCP_ESTABLISHED_TIMEOUT_NS: u64 = 24 * 3600 * NS_PER_SEC;
+pub const DEFAULT_TCP_CLOSE_WAIT_TIMEOUT_NS: u64 = 3600 * NS_PER_SEC;
+pub const DEFAULT_TCP_CLOSED_TIMEOUT_NS: u64 = 10 * NS_PER_SEC;
+pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;
+pub const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Indexes into the per-CPU `STATS_V1` array.
 pub mod stat {
@@ -82,10 +95,15 @@ pub mod stat {
     pub const REJECT_FAILED: u32 = 8;
     /// Non-first IP fragments to a VIP (no L4 header to translate); passed.
     pub const FRAGMENT: u32 = 9;
+    /// A TCP segment other than a SYN to a Service, with no tracked flow
+    /// (or an expired one): dropped rather than sent to a random backend.
+    pub const INVALID: u32 = 10;
+    /// A conntrack entry found past its idle timeout and replaced.
+    pub const CT_EXPIRED: u32 = 11;
     pub const COUNT: u32 = 16;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 10] = [
+    pub const NAMES: [&str; 12] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -96,6 +114,8 @@ pub mod stat {
         "ct_insert_failed",
         "reject_failed",
         "fragment",
+        "invalid",
+        "ct_expired",
     ];
 }
 
@@ -187,6 +207,49 @@ pub struct ConntrackValue {
     pub last_seen_ns: u64,
 }
 
+/// The datapath's tunables, in `CONFIG_V1` (one entry). Zero means "use
+/// the compiled-in default", so a datapath loaded without userspace (packet
+/// fixtures) still behaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DatapathConfig {
+    pub tcp_syn_timeout_ns: u64,
+    pub tcp_established_timeout_ns: u64,
+    pub tcp_close_wait_timeout_ns: u64,
+    pub tcp_closed_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+}
+
+impl DatapathConfig {
+    /// The idle timeout of a flow in `state` for `proto`.
+    #[inline(always)]
+    pub fn timeout_ns(&self, proto: u8, state: u8) -> u64 {
+        let (configured, default) = if proto != PROTO_TCP {
+            (self.udp_timeout_ns, DEFAULT_UDP_TIMEOUT_NS)
+        } else {
+            match state {
+                CT_STATE_NEW => (self.tcp_syn_timeout_ns, DEFAULT_TCP_SYN_TIMEOUT_NS),
+                CT_STATE_ESTABLISHED => (
+                    self.tcp_established_timeout_ns,
+                    DEFAULT_TCP_ESTABLISHED_TIMEOUT_NS,
+                ),
+                CT_STATE_CLOSING => (
+                    self.tcp_close_wait_timeout_ns,
+                    DEFAULT_TCP_CLOSE_WAIT_TIMEOUT_NS,
+                ),
+                _ => (self.tcp_closed_timeout_ns, DEFAULT_TCP_CLOSED_TIMEOUT_NS),
+            }
+        };
+        if configured == 0 {
+            default
+        } else {
+            configured
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
@@ -205,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for ConntrackKey {}
     unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for DatapathConfig {}
 }
 
 /// `::ffff:a.b.c.d` for an IPv4 address given in network byte order.

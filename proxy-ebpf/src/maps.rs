@@ -3,12 +3,13 @@
 //! userspace may override at load time.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    BackendValue, ConntrackKey, ConntrackValue, RevNatValue, ServiceKey, ServiceValue,
-    BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, RevNatValue, ServiceKey,
+    ServiceValue, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, REV_NAT_MAX_ENTRIES,
+    SERVICES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -27,6 +28,18 @@ pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CONNTRACK_MAX_E
 
 #[btf_map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64, { proxy_common::stat::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "CONFIG_V1")]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// The tunables userspace wrote (all defaults when it wrote none).
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => DatapathConfig::default(),
+    }
+}
 
 /// Bumps one per-CPU counter (see `proxy_common::stat`).
 #[inline(always)]

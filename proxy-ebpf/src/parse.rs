@@ -43,7 +43,9 @@ pub struct Flow {
     pub tcp_flags: u8,
 }
 
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 impl Flow {

@@ -8,13 +8,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    ipv4_mapped, stat, ConntrackKey, ConntrackValue, ServiceKey, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_STATE_NEW, PROTO_UDP, SCOPE_EXTERNAL,
+    ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey, CT_DIR_FORWARD,
+    CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL,
 };
 
 use crate::{
-    maps::{count, BACKENDS, CONNTRACK, SERVICES},
-    parse::{parse, Flow, Skip, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF},
+    maps::{config, count, BACKENDS, CONNTRACK, SERVICES},
+    parse::{
+        parse, Flow, Skip, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_FLAG_ACK, TCP_FLAG_FIN,
+        TCP_FLAG_RST, TCP_FLAG_SYN,
+    },
     reject,
 };
 
@@ -35,51 +39,117 @@ pub fn handle(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(OK);
         }
     };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let verdict = tracked(ctx, &flow, now);
+    if verdict != NOT_TRACKED {
+        return Ok(verdict as i32);
+    }
+    match new_flow(ctx, &flow, now) {
+        NewFlow::Verdict(verdict) => Ok(verdict),
+        NewFlow::Reject => Ok(reject::port_unreachable(ctx, &flow)),
+    }
+}
+
+/// `tracked` found no usable flow.
+const NOT_TRACKED: i64 = -1;
+
+/// A packet of a tracked flow: reverse NAT for replies, DNAT to the
+/// recorded backend for the client's side. Returns the verdict, or
+/// `NOT_TRACKED`. A separate BPF function, like `new_flow`, so each path's
+/// keys live in its own stack frame.
+#[inline(never)]
+fn tracked(ctx: &TcContext, flow: &Flow, now: u64) -> i64 {
     let saddr = ipv4_mapped(flow.saddr);
     let daddr = ipv4_mapped(flow.daddr);
-    let now = unsafe { bpf_ktime_get_ns() };
+
+    let config = config();
 
     // A reply from a backend of a tracked flow: restore the service address.
-    let reply_key = ct_key(&flow, saddr, daddr, CT_DIR_REPLY);
+    let reply_key = ct_key(flow, saddr, daddr, CT_DIR_REPLY);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: a valid map value pointer for the duration of the program.
         let entry = unsafe { &mut *entry };
+        if expired(entry, &config, flow.proto, now) {
+            // Un-NATing it would leak the backend's address to the client,
+            // which answers with a RST: drop, as kube-proxy drops INVALID.
+            count(stat::CT_EXPIRED);
+            return SHOT as i64;
+        }
         entry.last_seen_ns = now;
+        if flow.proto == PROTO_TCP {
+            track_reply(entry, flow);
+        }
         let (addr, port) = (v4(&entry.nat_addr), entry.nat_port);
         count(stat::REV_NAT);
-        return Ok(rewrite(ctx, &flow, Side::Source, addr, port));
+        return rewrite(ctx, flow, Side::Source, addr, port) as i64;
     }
 
     // An established flow keeps its backend, even one that left the Service
-    // while it still runs. A new TCP connection (SYN) re-checks that the
-    // backend is still programmed, so a reused source port never lands on a
-    // removed endpoint.
-    let fwd_key = ct_key(&flow, saddr, daddr, CT_DIR_FORWARD);
+    // while it still runs (drain). A new TCP connection (SYN) and every UDP
+    // datagram re-check that the backend is still programmed, so a reused
+    // source port never lands on a removed endpoint and UDP clients with a
+    // fixed source port move on when their backend goes away.
+    let fwd_key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd_key) {
         let entry = unsafe { &mut *entry };
-        let still_valid = !flow.is_syn() || backend_matches(entry);
-        if still_valid {
+        let usable = if expired(entry, &config, flow.proto, now) {
+            count(stat::CT_EXPIRED);
+            false
+        } else if flow.proto == PROTO_TCP {
+            // A SYN on a closing or closed flow is a new connection reusing
+            // the port: pick again. Otherwise (a retransmission, a late
+            // duplicate) it stays with its backend while that still exists.
+            !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
+        } else {
+            backend_matches(entry)
+        };
+        if usable {
             entry.last_seen_ns = now;
+            if flow.proto == PROTO_TCP {
+                track_forward(entry, flow);
+            }
             let (addr, port) = (v4(&entry.nat_addr), entry.nat_port);
             count(stat::DNAT);
-            return Ok(rewrite(ctx, &flow, Side::Destination, addr, port));
+            return rewrite(ctx, flow, Side::Destination, addr, port) as i64;
         }
     }
 
+    NOT_TRACKED
+}
+
+enum NewFlow {
+    Verdict(i32),
+    Reject,
+}
+
+/// A packet with no tracked flow: look the frontend up, pick a backend,
+/// record the flow both ways, DNAT. A separate BPF function so that its
+/// keys and values do not add to the established-flow path's stack frame
+/// (the reject path's buffers get their own frame too, called from `handle`).
+#[inline(never)]
+fn new_flow(ctx: &TcContext, flow: &Flow, now: u64) -> NewFlow {
+    let saddr = ipv4_mapped(flow.saddr);
+    let daddr = ipv4_mapped(flow.daddr);
     let frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let frontend = match unsafe { SERVICES.get(&frontend_key) } {
-        Some(frontend) => *frontend,
+        Some(frontend) => frontend,
         None => {
             if unsafe { SERVICES.get(ServiceKey::vip_marker(daddr)) }.is_some() {
                 count(stat::REJECT_UNKNOWN_PORT);
-                return Ok(reject::port_unreachable(ctx, &flow));
+                return NewFlow::Reject;
             }
-            return Ok(OK);
+            return NewFlow::Verdict(OK);
         }
     };
     if frontend.count == 0 {
         count(stat::REJECT_NO_ENDPOINTS);
-        return Ok(reject::port_unreachable(ctx, &flow));
+        return NewFlow::Reject;
+    }
+    // Only a SYN opens a TCP flow; anything else without a tracked flow
+    // would reach a random backend mid-stream.
+    if flow.proto == PROTO_TCP && !flow.is_syn() {
+        count(stat::INVALID);
+        return NewFlow::Verdict(SHOT);
     }
 
     let slot = 1 + (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16;
@@ -89,14 +159,17 @@ pub fn handle(ctx: &TcContext) -> Result<i32, ()> {
     };
     let Some(backend_id) = (unsafe { SERVICES.get(&slot_key) }).map(|s| s.backend_id) else {
         count(stat::MISSING_BACKEND);
-        return Ok(SHOT);
+        return NewFlow::Verdict(SHOT);
     };
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }) else {
         count(stat::MISSING_BACKEND);
-        return Ok(SHOT);
+        return NewFlow::Verdict(SHOT);
     };
 
-    let forward = ConntrackValue {
+    // One key and one value, rewritten in place for the reply direction:
+    // this function's stack frame stays small.
+    let mut key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
+    let mut value = ConntrackValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         state: CT_STATE_NEW,
@@ -105,35 +178,99 @@ pub fn handle(ctx: &TcContext) -> Result<i32, ()> {
         last_seen_ns: now,
         ..ConntrackValue::default()
     };
-    let reply_key = ConntrackKey {
-        saddr: backend.addr,
-        daddr: saddr,
-        sport: backend.port,
-        dport: flow.sport,
+    let mut inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
+    key.saddr = backend.addr;
+    key.daddr = saddr;
+    key.sport = backend.port;
+    key.dport = flow.sport;
+    key.direction = CT_DIR_REPLY;
+    value.nat_addr = daddr;
+    value.nat_port = flow.dport;
+    inserted = inserted && CONNTRACK.insert(&key, &value, 0).is_ok();
+    count(if inserted {
+        stat::CT_CREATED
+    } else {
+        stat::CT_INSERT_FAILED
+    });
+    count(stat::DNAT);
+    let (addr, port) = (v4(&backend.addr), backend.port);
+    NewFlow::Verdict(rewrite(ctx, flow, Side::Destination, addr, port))
+}
+
+#[inline(always)]
+fn expired(entry: &ConntrackValue, config: &DatapathConfig, proto: u8, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) > config.timeout_ns(proto, entry.state)
+}
+
+/// TCP state from the client's side: FIN starts closing, RST closes.
+#[inline(always)]
+fn track_forward(entry: &mut ConntrackValue, flow: &Flow) {
+    if let Some(state) = closing_state(entry.state, flow.tcp_flags) {
+        entry.state = state;
+        set_peer_state(entry, flow, CT_DIR_REPLY, state);
+    }
+}
+
+/// TCP state from the backend's side: its SYN-ACK establishes the flow.
+#[inline(always)]
+fn track_reply(entry: &mut ConntrackValue, flow: &Flow) {
+    let state = match closing_state(entry.state, flow.tcp_flags) {
+        Some(state) => state,
+        None if entry.state == CT_STATE_NEW
+            && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK =>
+        {
+            CT_STATE_ESTABLISHED
+        }
+        None => return,
+    };
+    entry.state = state;
+    set_peer_state(entry, flow, CT_DIR_FORWARD, state);
+}
+
+#[inline(always)]
+fn closing_state(current: u8, flags: u8) -> Option<u8> {
+    if flags & TCP_FLAG_RST != 0 {
+        Some(CT_STATE_CLOSED)
+    } else if flags & TCP_FLAG_FIN != 0 && current != CT_STATE_CLOSED {
+        Some(CT_STATE_CLOSING)
+    } else {
+        None
+    }
+}
+
+/// Keeps the other direction's entry in the same state (state changes are
+/// rare: SYN-ACK, FIN, RST), so both expire together.
+#[inline(always)]
+fn set_peer_state(entry: &ConntrackValue, flow: &Flow, peer_direction: u8, state: u8) {
+    // The peer entry is keyed by the other side's view of the tuple.
+    let (saddr, daddr, sport, dport) = if peer_direction == CT_DIR_REPLY {
+        (
+            entry.nat_addr,
+            ipv4_mapped(flow.saddr),
+            entry.nat_port,
+            flow.sport,
+        )
+    } else {
+        (
+            ipv4_mapped(flow.daddr),
+            entry.nat_addr,
+            flow.dport,
+            entry.nat_port,
+        )
+    };
+    let key = ConntrackKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
         proto: flow.proto,
-        direction: CT_DIR_REPLY,
+        direction: peer_direction,
         _pad: [0; 2],
     };
-    let reply = ConntrackValue {
-        nat_addr: daddr,
-        nat_port: flow.dport,
-        ..forward
-    };
-    if CONNTRACK.insert(&fwd_key, &forward, 0).is_err()
-        || CONNTRACK.insert(&reply_key, &reply, 0).is_err()
-    {
-        count(stat::CT_INSERT_FAILED);
-    } else {
-        count(stat::CT_CREATED);
+    if let Some(peer) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: a valid map value pointer for the duration of the program.
+        unsafe { (*peer).state = state };
     }
-    count(stat::DNAT);
-    Ok(rewrite(
-        ctx,
-        &flow,
-        Side::Destination,
-        v4(&backend.addr),
-        backend.port,
-    ))
 }
 
 /// A tracked backend is still the one programmed under its id.

@@ -20,7 +20,9 @@ const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 
-#[inline(always)]
+// A separate BPF function: its buffers get their own stack frame instead of
+// adding to the hot path's.
+#[inline(never)]
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> i32 {
     // The quote is the offending IP header plus the whole base L4 header
     // (RFC 792 asks for at least 8 bytes; RFC 1812 allows more). Cutting
@@ -59,16 +61,22 @@ fn build<const QUOTE: usize, const ORIG: usize, const ICMP_MSG: usize, const OUT
     if flow.ip_hdr_len != IPV4_LEN {
         return Err(());
     }
-    let original: [u8; ORIG] = ctx.load(0).map_err(|_| ())?;
-
+    // Everything is built in `out`; checksums are summed over its parts,
+    // so the frame is the only large buffer on this function's stack.
     let mut out = [0u8; OUT];
+    let ip = ETH_LEN;
+    let icmp = ip + IPV4_LEN;
+    let quote = icmp + ICMP_LEN;
+    // The quote: the original IP header and the start of its L4 header.
+    let quoted: [u8; QUOTE] = ctx.load(ETH_LEN).map_err(|_| ())?;
+    out[quote..].copy_from_slice(&quoted);
     // Ethernet: back to where it came from.
-    out[0..6].copy_from_slice(&original[6..12]);
-    out[6..12].copy_from_slice(&original[0..6]);
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    out[0..6].copy_from_slice(&macs[6..12]);
+    out[6..12].copy_from_slice(&macs[0..6]);
     out[12] = 0x08;
     out[13] = 0x00;
     // IPv4, from the address the client wrote to (the VIP).
-    let ip = ETH_LEN;
     out[ip] = 0x45;
     let total = (IPV4_LEN + ICMP_MSG) as u16;
     out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
@@ -76,17 +84,13 @@ fn build<const QUOTE: usize, const ORIG: usize, const ICMP_MSG: usize, const OUT
     out[ip + 9] = IPPROTO_ICMP;
     out[ip + 12..ip + 16].copy_from_slice(&flow.daddr);
     out[ip + 16..ip + 20].copy_from_slice(&flow.saddr);
-    let mut ip_hdr = [0u8; IPV4_LEN];
-    ip_hdr.copy_from_slice(&out[ip..ip + IPV4_LEN]);
-    out[ip + 10..ip + 12].copy_from_slice(&checksum(&ip_hdr).to_be_bytes());
+    let ip_check = checksum(&out[ip..icmp]);
+    out[ip + 10..ip + 12].copy_from_slice(&ip_check.to_be_bytes());
     // ICMP destination unreachable / port unreachable + the quote.
-    let icmp = ip + IPV4_LEN;
     out[icmp] = ICMP_DEST_UNREACH;
     out[icmp + 1] = ICMP_PORT_UNREACH;
-    out[icmp + ICMP_LEN..].copy_from_slice(&original[ETH_LEN..]);
-    let mut icmp_msg = [0u8; ICMP_MSG];
-    icmp_msg.copy_from_slice(&out[icmp..]);
-    out[icmp + 2..icmp + 4].copy_from_slice(&checksum(&icmp_msg).to_be_bytes());
+    let icmp_check = checksum(&out[icmp..]);
+    out[icmp + 2..icmp + 4].copy_from_slice(&icmp_check.to_be_bytes());
 
     // Reshape the skb to the new length, then write the whole frame.
     // SAFETY: helper calls on our own skb.
