@@ -85,6 +85,25 @@ impl Netns {
         })
     }
 
+    /// A factory for listening sockets inside this namespace (callable
+    /// again and again, e.g. to restart a server on the same address).
+    pub fn listener_factory(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Fn() -> TcpListener + Send + Sync + 'static {
+        let file = self.file.try_clone().expect("dup netns fd");
+        move || {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    enter(&file);
+                    TcpListener::bind(addr).expect("bind in lab namespace")
+                })
+                .join()
+                .expect("bind thread")
+            })
+        }
+    }
+
     fn sysctl(&self, key: &str, value: &str) {
         run(Command::new("ip").args([
             "netns",
@@ -162,6 +181,8 @@ pub struct Lab {
     pub kproxy_bin: PathBuf,
     /// Extra `kproxy run` arguments (e.g. `--sync-period 1s`).
     pub kproxy_args: Vec<String>,
+    /// `--source` for kproxy; `dir:<yaml_dir>` unless a test sets it.
+    pub source: Option<String>,
     kproxy: Option<Child>,
     log_offset: u64,
     servers: Vec<Server>,
@@ -196,6 +217,7 @@ impl Lab {
             pin_dir,
             kproxy_bin: kproxy_bin.into(),
             kproxy_args: Vec::new(),
+            source: None,
             kproxy: None,
             log_offset: 0,
             servers: Vec::new(),
@@ -324,8 +346,11 @@ impl Lab {
         self.log_offset = log.metadata().unwrap().len();
         let netns_fd = self.node.file.as_raw_fd();
         let mut cmd = Command::new(&self.kproxy_bin);
-        cmd.args(["run", "--source"])
-            .arg(format!("dir:{}", self.yaml_dir.display()))
+        let source = self
+            .source
+            .clone()
+            .unwrap_or_else(|| format!("dir:{}", self.yaml_dir.display()));
+        cmd.args(["run", "--source", &source])
             .args([
                 "--hostname-override",
                 NODE_NAME,
@@ -385,6 +410,10 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn kproxy_pid(&self) -> Option<u32> {
+        self.kproxy.as_ref().map(|c| c.id())
     }
 
     /// Sends `signal` to kproxy and waits for it to exit.
