@@ -69,7 +69,7 @@ fn tracked(ctx: &TcContext, flow: &Flow, now: u64) -> i64 {
     if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: a valid map value pointer for the duration of the program.
         let entry = unsafe { &mut *entry };
-        if expired(entry, &config, flow.proto, now) {
+        if flow_expired(entry, flow, CT_DIR_FORWARD, &config, now) {
             // Un-NATing it would leak the backend's address to the client,
             // which answers with a RST: drop, as kube-proxy drops INVALID.
             count(stat::CT_EXPIRED);
@@ -92,7 +92,7 @@ fn tracked(ctx: &TcContext, flow: &Flow, now: u64) -> i64 {
     let fwd_key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd_key) {
         let entry = unsafe { &mut *entry };
-        let usable = if expired(entry, &config, flow.proto, now) {
+        let usable = if flow_expired(entry, flow, CT_DIR_REPLY, &config, now) {
             count(stat::CT_EXPIRED);
             false
         } else if flow.proto == PROTO_TCP {
@@ -242,6 +242,19 @@ fn closing_state(current: u8, flags: u8) -> Option<u8> {
 /// rare: SYN-ACK, FIN, RST), so both expire together.
 #[inline(always)]
 fn set_peer_state(entry: &ConntrackValue, flow: &Flow, peer_direction: u8, state: u8) {
+    if let Some(peer) = peer_entry(entry, flow, peer_direction) {
+        // SAFETY: a valid map value pointer for the duration of the program.
+        unsafe { (*peer).state = state };
+    }
+}
+
+/// The other direction's entry of the flow `entry` belongs to.
+#[inline(always)]
+fn peer_entry(
+    entry: &ConntrackValue,
+    flow: &Flow,
+    peer_direction: u8,
+) -> Option<*mut ConntrackValue> {
     // The peer entry is keyed by the other side's view of the tuple.
     let (saddr, daddr, sport, dport) = if peer_direction == CT_DIR_REPLY {
         (
@@ -267,9 +280,27 @@ fn set_peer_state(entry: &ConntrackValue, flow: &Flow, peer_direction: u8, state
         direction: peer_direction,
         _pad: [0; 2],
     };
-    if let Some(peer) = CONNTRACK.get_ptr_mut(&key) {
+    CONNTRACK.get_ptr_mut(&key)
+}
+
+/// A flow is idle only when both directions are: a one-way stream (say,
+/// UDP logs) keeps its reply entry usable. The peer is only consulted on
+/// the rare path where this entry alone looks expired.
+#[inline(always)]
+fn flow_expired(
+    entry: &ConntrackValue,
+    flow: &Flow,
+    peer_direction: u8,
+    config: &DatapathConfig,
+    now: u64,
+) -> bool {
+    if !expired(entry, config, flow.proto, now) {
+        return false;
+    }
+    match peer_entry(entry, flow, peer_direction) {
         // SAFETY: a valid map value pointer for the duration of the program.
-        unsafe { (*peer).state = state };
+        Some(peer) => expired(unsafe { &*peer }, config, flow.proto, now),
+        None => true,
     }
 }
 

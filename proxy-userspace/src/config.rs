@@ -45,6 +45,9 @@ pub struct FileConfig {
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub kubeconfig: Option<PathBuf>,
+    pub conntrack_tcp_established_timeout: Option<Duration>,
+    pub conntrack_tcp_close_wait_timeout: Option<Duration>,
+    pub conntrack_udp_timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                         Ok(true)
                     }
                     _ => Ok(false),
+                })?;
+            }
+            "conntrack" => {
+                reader.section(key, value, |r, k, v| {
+                    let slot = match k {
+                        "tcpEstablishedTimeout" => &mut config.conntrack_tcp_established_timeout,
+                        "tcpCloseWaitTimeout" => &mut config.conntrack_tcp_close_wait_timeout,
+                        "udpTimeout" => &mut config.conntrack_udp_timeout,
+                        _ => return Ok(false),
+                    };
+                    // 0 means "leave the system's value" in kube-proxy: our default.
+                    *slot = r.duration(k, v)?.filter(|d| !d.is_zero());
+                    Ok(true)
                 })?;
             }
             "mode" => {

@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
+use crate::conntrack;
 use crate::datapath::{Datapath, MapSizes};
 use crate::model::{self, namespace_of, ModelConfig, Snapshot};
 use crate::server::{self, Health, KindLabel, Metrics};
@@ -42,6 +43,10 @@ pub struct DaemonConfig {
     pub interface_poll: Duration,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
+    /// Conntrack timeouts, written to the datapath's CONFIG map.
+    pub datapath_config: proxy_common::DatapathConfig,
+    /// How often expired conntrack entries are swept.
+    pub conntrack_gc_interval: Duration,
 }
 
 /// A running source, asked for a snapshot at each sync.
@@ -75,6 +80,7 @@ impl Source {
 
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config.pin_dir, config.map_sizes)?;
+    datapath.write_config(&config.datapath_config)?;
     tracing::info!(pin_path = %config.pin_dir.display(), "datapath loaded");
     let mut syncer = Syncer::new();
     syncer
@@ -124,6 +130,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut interface_tick = tokio::time::interval(config.interface_poll);
     let mut resync_tick = tokio::time::interval(config.sync_period);
     resync_tick.tick().await;
+    let mut gc_tick = tokio::time::interval(config.conntrack_gc_interval);
+    gc_tick.tick().await;
 
     let mut state = SyncState::default();
     let mut pending = true;
@@ -161,6 +169,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         tokio::select! {
             Some(()) = rx.recv() => { pending = true; mark_queued(&health, &metrics); }
             _ = resync_tick.tick() => { pending = true; full_resync = true; }
+            _ = gc_tick.tick() => sweep_conntrack(&mut datapath, &config.datapath_config, &metrics),
             _ = interface_tick.tick() => attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -238,7 +247,13 @@ impl SyncState {
             }
         }
         let desired = model::desired_state(&snapshot, &config.model);
+        let udp_before = conntrack::udp_members(syncer.mirror());
         let report = syncer.apply(&mut maps, &desired);
+        drop(maps);
+        let udp_after = conntrack::udp_members(syncer.mirror());
+        if conntrack::udp_lost_backends(&udp_before, &udp_after) {
+            purge_stale_udp(datapath, &udp_after, metrics);
+        }
         let elapsed = started.elapsed();
         metrics.sync_duration.observe(elapsed.as_secs_f64());
         self.record(&report, syncer, config, metrics);
@@ -332,6 +347,78 @@ impl SyncState {
         }
         self.trigger_times = seen;
         self.synced_once = true;
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the datapath's `bpf_ktime_get_ns` clock.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Deletes flows idle past their timeout (LRU eviction only handles a full
+/// map; this keeps the table to live flows).
+fn sweep_conntrack(
+    datapath: &mut Datapath,
+    config: &proxy_common::DatapathConfig,
+    metrics: &Metrics,
+) {
+    let entries = match datapath.conntrack_entries() {
+        Ok(entries) => entries,
+        Err(err) => {
+            tracing::warn!(error = %err, "conntrack sweep: reading the map failed");
+            return;
+        }
+    };
+    metrics.conntrack_entries.set(entries.len() as i64);
+    let expired = conntrack::expired_keys(&entries, config, monotonic_ns());
+    if expired.is_empty() {
+        return;
+    }
+    match datapath.delete_conntrack(&expired) {
+        Ok(n) => {
+            metrics
+                .conntrack_deleted
+                .get_or_create(&KindLabel {
+                    kind: "expired".into(),
+                })
+                .inc_by(n as u64);
+            tracing::debug!(deleted = n, "conntrack sweep");
+        }
+        Err(err) => tracing::warn!(error = %err, "conntrack sweep: deleting failed"),
+    }
+}
+
+/// After a UDP frontend lost backends, its flows to them are deleted at
+/// once, so a client with a fixed source port moves to a live endpoint.
+fn purge_stale_udp(
+    datapath: &mut Datapath,
+    members: &HashMap<conntrack::Endpoint, std::collections::HashSet<conntrack::Endpoint>>,
+    metrics: &Metrics,
+) {
+    let result = datapath.conntrack_entries().and_then(|entries| {
+        let stale = conntrack::stale_udp_keys(&entries, members);
+        datapath.delete_conntrack(&stale)
+    });
+    match result {
+        Ok(n) => {
+            metrics
+                .conntrack_deleted
+                .get_or_create(&KindLabel {
+                    kind: "udp_backend_gone".into(),
+                })
+                .inc_by(n as u64);
+            if n > 0 {
+                tracing::info!(
+                    deleted = n,
+                    "purged UDP flows whose backend left the Service"
+                );
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "purging stale UDP flows failed; the datapath re-picks on its own")
+        }
     }
 }
 

@@ -7,14 +7,15 @@ use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
-    BackendValue, ConntrackKey, ConntrackValue, RevNatValue, ServiceKey, ServiceValue, ALL_MAPS,
-    BACKENDS_MAP, CONNTRACK_MAP, REV_NAT_MAP, SERVICES_MAP, STATS_MAP, TC_POD_PROGRAM,
+    BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, RevNatValue, ServiceKey,
+    ServiceValue, ALL_MAPS, BACKENDS_MAP, CONFIG_MAP, CONNTRACK_MAP, REV_NAT_MAP, SERVICES_MAP,
+    STATS_MAP, TC_POD_PROGRAM,
 };
 use thiserror::Error;
 
@@ -215,6 +216,73 @@ impl Datapath {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+    }
+
+    /// Writes the datapath's tunables (conntrack timeouts).
+    pub fn write_config(&mut self, config: &DatapathConfig) -> Result<(), DatapathError> {
+        let name = CONFIG_MAP;
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let mut array: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        array
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn conntrack_map(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut MapData, ConntrackKey, ConntrackValue>, DatapathError> {
+        let name = CONNTRACK_MAP;
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Every conntrack entry (a consistent-enough snapshot for housekeeping:
+    /// the datapath keeps adding and refreshing entries meanwhile).
+    pub fn conntrack_entries(
+        &mut self,
+    ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
+        let map = self.conntrack_map()?;
+        let mut out = std::collections::HashMap::new();
+        for item in map.iter() {
+            match item {
+                Ok((k, v)) => {
+                    out.insert(k, v);
+                }
+                // An entry evicted or deleted while iterating: skip it.
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DatapathError::Map {
+                        name: CONNTRACK_MAP,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes conntrack entries; returns how many were there.
+    pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
+        let mut map = self.conntrack_map()?;
+        let mut deleted = 0;
+        for key in keys {
+            match map.remove(key) {
+                Ok(()) => deleted += 1,
+                // Evicted or deleted by the datapath meanwhile: fine.
+                Err(e) => ignore_missing(Err(e)).map_err(|source| DatapathError::Map {
+                    name: CONNTRACK_MAP,
+                    source,
+                })?,
+            }
+        }
+        Ok(deleted)
     }
 
     /// Map access for sync.

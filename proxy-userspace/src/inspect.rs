@@ -112,9 +112,22 @@ pub struct ConntrackListing {
     pub source: String,
     pub destination: String,
     pub nat: String,
+    pub state: &'static str,
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub idle_seconds: f64,
+}
+
+fn state_name(proto: u8, state: u8) -> &'static str {
+    if proto != proxy_common::PROTO_TCP {
+        return "udp";
+    }
+    match state {
+        proxy_common::CT_STATE_NEW => "syn_sent",
+        proxy_common::CT_STATE_ESTABLISHED => "established",
+        proxy_common::CT_STATE_CLOSING => "closing",
+        _ => "closed",
+    }
 }
 
 pub fn conntrack(
@@ -133,6 +146,7 @@ pub fn conntrack(
             source: SocketAddr::new(addr_from_bytes(k.saddr), k.sport).to_string(),
             destination: SocketAddr::new(addr_from_bytes(k.daddr), k.dport).to_string(),
             nat: SocketAddr::new(addr_from_bytes(v.nat_addr), v.nat_port).to_string(),
+            state: state_name(k.proto, v.state),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
             idle_seconds: now_ns.saturating_sub(v.last_seen_ns) as f64 / 1e9,
@@ -142,12 +156,12 @@ pub fn conntrack(
 
 pub fn conntrack_table(listing: &[ConntrackListing]) -> String {
     let mut out = String::from(
-        "DIR      PROTO SOURCE                  DESTINATION             NAT TO                  IDLE\n",
+        "DIR      PROTO SOURCE                  DESTINATION             NAT TO                  STATE        IDLE\n",
     );
     for c in listing {
         out.push_str(&format!(
-            "{:<8} {:<5} {:<23} {:<23} {:<23} {:.0}s\n",
-            c.direction, c.protocol, c.source, c.destination, c.nat, c.idle_seconds
+            "{:<8} {:<5} {:<23} {:<23} {:<23} {:<12} {:.0}s\n",
+            c.direction, c.protocol, c.source, c.destination, c.nat, c.state, c.idle_seconds
         ));
     }
     out

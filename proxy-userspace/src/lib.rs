@@ -3,6 +3,7 @@
 //! `model` and `sync` are pure; `datapath` is the only module that touches
 //! the kernel; `daemon` wires a source to them.
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod inspect;

@@ -104,6 +104,21 @@ struct RunArgs {
     /// Full resync period: maps are re-read and drift repaired. [default: 30s]
     #[arg(long, value_parser = parse_duration)]
     sync_period: Option<Duration>,
+    /// Idle timeout of established TCP flows. [default: 24h]
+    #[arg(long, value_parser = parse_duration)]
+    conntrack_tcp_timeout: Option<Duration>,
+    /// Idle timeout of TCP flows after a FIN. [default: 1h]
+    #[arg(long, value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Idle timeout of UDP flows. [default: 60s]
+    #[arg(long, value_parser = parse_duration)]
+    conntrack_udp_timeout: Option<Duration>,
+    /// Idle timeout of TCP flows still in their handshake.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    conntrack_tcp_syn_timeout: Duration,
+    /// How often idle flows are swept from the conntrack map.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    conntrack_gc_interval: Duration,
     #[arg(long, default_value_t = proxy_common::SERVICES_MAX_ENTRIES)]
     services_map_size: u32,
     #[arg(long, default_value_t = proxy_common::BACKENDS_MAX_ENTRIES)]
@@ -294,6 +309,37 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ..MapSizes::default()
         },
         interface_poll: Duration::from_secs(1),
+        datapath_config: {
+            let ns = |d: Duration, default: u64| -> u64 {
+                u64::try_from(d.as_nanos()).unwrap_or(default).max(1)
+            };
+            let or = |flag: Option<Duration>, file: Option<Duration>, default: u64| {
+                flag.or(file).map_or(default, |d| ns(d, default))
+            };
+            proxy_common::DatapathConfig {
+                tcp_syn_timeout_ns: ns(
+                    args.conntrack_tcp_syn_timeout,
+                    proxy_common::DEFAULT_TCP_SYN_TIMEOUT_NS,
+                ),
+                tcp_established_timeout_ns: or(
+                    args.conntrack_tcp_timeout,
+                    file.conntrack_tcp_established_timeout,
+                    proxy_common::DEFAULT_TCP_ESTABLISHED_TIMEOUT_NS,
+                ),
+                tcp_close_wait_timeout_ns: or(
+                    args.conntrack_tcp_timeout_close_wait,
+                    file.conntrack_tcp_close_wait_timeout,
+                    proxy_common::DEFAULT_TCP_CLOSE_WAIT_TIMEOUT_NS,
+                ),
+                tcp_closed_timeout_ns: proxy_common::DEFAULT_TCP_CLOSED_TIMEOUT_NS,
+                udp_timeout_ns: or(
+                    args.conntrack_udp_timeout,
+                    file.conntrack_udp_timeout,
+                    proxy_common::DEFAULT_UDP_TIMEOUT_NS,
+                ),
+            }
+        },
+        conntrack_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),
         healthz_bind_address: parse_bind(&healthz, "--healthz-bind-address")?,
         metrics_bind_address: parse_bind(&metrics, "--metrics-bind-address")?,
     };

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabel, Gauge>,
     pub map_fill_ratio: Family<MapLabel, Gauge<f64, AtomicU64>>,
     pub sync_errors: Family<KindLabel, Counter>,
+    pub conntrack_entries: Gauge,
+    pub conntrack_deleted: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -184,6 +186,18 @@ impl Metrics {
             "Syncs that could not apply everything, by kind (source, map_full, map_write)",
             sync_errors.clone(),
         );
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "kproxy_conntrack_entries",
+            "Conntrack entries at the last sweep (two per flow)",
+            conntrack_entries.clone(),
+        );
+        let conntrack_deleted = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "kproxy_conntrack_deleted",
+            "Conntrack entries deleted by kproxy, by kind (expired, udp_backend_gone)",
+            conntrack_deleted.clone(),
+        );
         registry.register_collector(Box::new(DatapathCounters { pin_dir }));
         Self {
             registry,
@@ -197,6 +211,8 @@ impl Metrics {
             map_capacity,
             map_fill_ratio,
             sync_errors,
+            conntrack_entries,
+            conntrack_deleted,
         }
     }
 

@@ -1,0 +1,200 @@
+//! End to end: flow state. UDP clients with a fixed source port move on when
+//! their backend leaves; idle flows are swept by their timeouts; TCP state
+//! is tracked.
+
+mod lab;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use lab::{service_yaml, slice_yaml, Ep, Lab};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const PORTS: &[(&str, &str, u16)] = &[("tcp", "TCP", 80), ("udp", "UDP", 53)];
+
+fn lab_with(args: &[&str], backends: &[&str]) -> Lab {
+    let mut pods = vec!["c"];
+    pods.extend_from_slice(backends);
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_kproxy"), &pods);
+    lab.kproxy_args = args.iter().map(|s| s.to_string()).collect();
+    lab.start_servers(backends);
+    write_slice(&lab, backends);
+    lab.start_kproxy();
+    lab.wait_kproxy_ready();
+    lab
+}
+
+fn write_slice(lab: &Lab, backends: &[&str]) {
+    let eps: Vec<Ep> = backends.iter().map(|b| Ep::ready(lab.pod(b).ip)).collect();
+    let yaml = format!(
+        "{}---\n{}",
+        service_yaml("echo", VIP, PORTS),
+        slice_yaml("echo", "echo-1", PORTS, &eps)
+    );
+    lab.write_manifest("echo.yaml", &yaml);
+}
+
+fn conntrack(lab: &Lab) -> Vec<serde_json::Value> {
+    let out = lab.kproxy_cli(&["conntrack", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_udp_client_with_a_fixed_source_port_moves_on_when_its_backend_leaves() {
+    let lab = lab_with(&[], &["b1", "b2", "b3"]);
+    // One socket, one source port, a datagram every 200 ms.
+    let sock = lab
+        .pod("c")
+        .netns
+        .run(|| UdpSocket::bind(("0.0.0.0", 40053)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    sock.connect(SocketAddrV4::new(VIP, 53)).unwrap();
+    let ask = || -> Option<String> {
+        sock.send(b"ping\n").ok()?;
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).ok()?;
+        Some(
+            String::from_utf8_lossy(&buf[..n])
+                .split_whitespace()
+                .next()?
+                .to_owned(),
+        )
+    };
+    let first = (0..10).find_map(|_| ask()).expect("UDP through the VIP");
+    for _ in 0..5 {
+        assert_eq!(
+            ask().as_deref(),
+            Some(first.as_str()),
+            "a UDP flow sticks to its backend"
+        );
+    }
+
+    // Its backend leaves the Service but keeps running (and would answer).
+    let remaining: Vec<&str> = ["b1", "b2", "b3"]
+        .into_iter()
+        .filter(|b| *b != first)
+        .collect();
+    write_slice(&lab, &remaining);
+    let changed = Instant::now();
+    let moved_to = loop {
+        if let Some(answer) = ask() {
+            if answer != first {
+                break answer;
+            }
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(5),
+            "still answered by {first} 5 s after it left the Service"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let took = changed.elapsed();
+    println!("UDP client with a fixed source port moved {first} -> {moved_to} in {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(remaining.contains(&moved_to.as_str()));
+    // And it sticks to the new one.
+    for _ in 0..5 {
+        assert_eq!(ask().as_deref(), Some(moved_to.as_str()));
+    }
+}
+
+#[test]
+fn idle_flows_are_swept_by_their_timeouts_and_tcp_state_is_tracked() {
+    let lab = lab_with(
+        &[
+            "--conntrack-udp-timeout",
+            "2s",
+            "--conntrack-gc-interval",
+            "500ms",
+        ],
+        &["b1"],
+    );
+    let udp = lab.udp_requests("c", SocketAddrV4::new(VIP, 53), 1);
+    assert!(udp[0].is_ok());
+    let mut conn = lab.tcp_connect("c", SocketAddrV4::new(VIP, 80)).unwrap();
+    conn.echo("hello").unwrap();
+
+    let states: BTreeMap<String, String> = conntrack(&lab)
+        .iter()
+        .map(|e| {
+            (
+                format!("{} {}", e["protocol"], e["direction"]),
+                e["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states.get("\"TCP\" \"forward\"").map(String::as_str),
+        Some("established"),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.get("\"TCP\" \"reply\"").map(String::as_str),
+        Some("established"),
+        "{states:?}"
+    );
+
+    // The UDP flow is idle: gone within timeout + sweep interval (+ slack).
+    let start = Instant::now();
+    loop {
+        let udp_left = conntrack(&lab)
+            .iter()
+            .filter(|e| e["protocol"] == "UDP")
+            .count();
+        if udp_left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "UDP entries not swept: {udp_left}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("idle UDP flow swept after {:?}", start.elapsed());
+    // The established TCP flow (24 h timeout) stays and keeps working.
+    assert_eq!(
+        conntrack(&lab)
+            .iter()
+            .filter(|e| e["protocol"] == "TCP")
+            .count(),
+        2
+    );
+    assert_eq!(conn.echo("still here").unwrap(), "b1 still here");
+
+    // Closing the connection moves the flow to closing.
+    drop(conn);
+    let start = Instant::now();
+    loop {
+        let closing = conntrack(&lab)
+            .iter()
+            .filter(|e| e["protocol"] == "TCP" && e["state"] != "established")
+            .count();
+        if closing == 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "FIN not tracked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, metrics) = lab::http_get(
+        &lab,
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249),
+        "/metrics",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("kproxy_conntrack_deleted_total{kind=\"expired\"}"),
+        "{metrics}"
+    );
+}
