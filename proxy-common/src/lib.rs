@@ -15,15 +15,23 @@ pub const REV_NAT_MAP: &str = "REV_NAT_V1";
 pub const CONNTRACK_MAP: &str = "CONNTRACK_V1";
 pub const STATS_MAP: &str = "STATS_V1";
 pub const CONFIG_MAP: &str = "CONFIG_V1";
+pub const AFFINITY_MAP: &str = "AFFINITY_V1";
+pub const MAGLEV_MAP: &str = "MAGLEV_V1";
+pub const RR_MAP: &str = "RR_V1";
+pub const BACKEND_CONNS_MAP: &str = "BACKEND_CONNS_V1";
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 10] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
     CONNTRACK_MAP,
     STATS_MAP,
     CONFIG_MAP,
+    AFFINITY_MAP,
+    MAGLEV_MAP,
+    RR_MAP,
+    BACKEND_CONNS_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -31,6 +39,11 @@ pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
 pub const REV_NAT_MAX_ENTRIES: u32 = 65_536;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+pub const MAGLEV_MAX_ENTRIES: u32 = 1_048_576;
+/// Least-connection schedulers look at this many backends (a random window
+/// of them when a Service has more).
+pub const LC_SCAN_MAX: u32 = 32;
 
 /// The tc program attached to pod-facing interfaces.
 pub const TC_POD_PROGRAM: &str = "kproxy_tc_pod";
@@ -47,6 +60,18 @@ pub const SCOPE_INTERNAL: u8 = 1;
 /// The entry only marks its address as a known VIP (port 0, proto 0):
 /// traffic to an unknown port of a known VIP is rejected, not passed.
 pub const SVC_FLAG_VIP_MARKER: u16 = 1 << 0;
+/// The live Maglev table is generation 1 (`MAGLEV_GEN_BIT` set in indexes).
+pub const SVC_FLAG_MAGLEV_GEN: u16 = 1 << 1;
+
+/// `ServiceValue::algorithm` on slot 0: how a new flow picks its backend.
+pub const ALG_RANDOM: u8 = 0;
+pub const ALG_MAGLEV: u8 = 1;
+pub const ALG_RR: u8 = 2;
+pub const ALG_LC: u8 = 3;
+pub const ALG_SH: u8 = 4;
+pub const ALG_DH: u8 = 5;
+pub const ALG_SED: u8 = 6;
+pub const ALG_NQ: u8 = 7;
 
 /// `BackendValue::state`.
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
@@ -133,8 +158,11 @@ pub struct ServiceKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the services map. On slot 0: `count`, `rev_nat_id`, `flags`,
-/// `algorithm`, `affinity_timeout`; on slots 1..=count: `backend_id`.
+/// Value of the services map. On slots 1..=count: `backend_id`. On slot 0
+/// (the frontend): `count`, `rev_nat_id` (this frontend's id), `flags`,
+/// `algorithm`, `affinity_timeout` (seconds, 0 = no affinity),
+/// `maglev_size` (the table size for `ALG_MAGLEV`), and in `backend_id` the
+/// Service port's id: affinity is shared by all frontends of a Service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -142,11 +170,46 @@ pub struct ServiceValue {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub affinity_timeout: u32,
+    pub maglev_size: u32,
     pub count: u16,
     pub flags: u16,
     pub algorithm: u8,
     pub _pad: [u8; 3],
 }
+
+/// Key of the session affinity map: a client of a Service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityKey {
+    pub client: [u8; 16],
+    pub service_port_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of the session affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Key of the Maglev map: entry `index` of a frontend's lookup table.
+/// Bit 31 of `index` is the table generation: a new table is written under
+/// the other generation and committed by flipping `SVC_FLAG_MAGLEV_GEN` in
+/// slot 0, so a table is always swapped whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MaglevKey {
+    pub rev_nat_id: u32,
+    pub index: u32,
+}
+
+pub const MAGLEV_GEN_BIT: u32 = 1 << 31;
 
 /// Value of the backends map (key: backend id, `u32`, never 0).
 #[repr(C)]
@@ -251,7 +314,10 @@ impl DatapathConfig {
 
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
@@ -269,6 +335,9 @@ mod pod {
     unsafe impl aya::Pod for ConntrackKey {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for MaglevKey {}
 }
 
 /// `::ffff:a.b.c.d` for an IPv4 address given in network byte order.

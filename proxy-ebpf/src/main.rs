@@ -4,6 +4,7 @@
 #![no_main]
 
 mod csum;
+mod lb;
 mod maps;
 mod parse;
 mod pod;

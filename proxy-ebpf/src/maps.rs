@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, REV_NAT_MAX_ENTRIES,
-    SERVICES_MAX_ENTRIES,
+    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
+    MaglevKey, RevNatValue, ServiceKey, ServiceValue, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES,
+    CONNTRACK_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -28,6 +28,21 @@ pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CONNTRACK_MAX_E
 
 #[btf_map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64, { proxy_common::stat::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "MAGLEV_V1")]
+pub static MAGLEV: HashMap<MaglevKey, u32, { MAGLEV_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Round-robin position per frontend (rev-NAT id).
+#[btf_map(name = "RR_V1")]
+pub static RR: HashMap<u32, u64, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Open flows per backend id, for the least-connection schedulers.
+#[btf_map(name = "BACKEND_CONNS_V1")]
+pub static BACKEND_CONNS: HashMap<u32, u64, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
 
 #[btf_map(name = "CONFIG_V1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

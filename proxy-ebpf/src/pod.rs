@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use proxy_common::{
@@ -14,6 +14,7 @@ use proxy_common::{
 };
 
 use crate::{
+    lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES},
     parse::{
         parse, Flow, Skip, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_FLAG_ACK, TCP_FLAG_FIN,
@@ -152,12 +153,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, now: u64) -> NewFlow {
         return NewFlow::Verdict(SHOT);
     }
 
-    let slot = 1 + (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16;
-    let slot_key = ServiceKey {
-        slot,
-        ..frontend_key
-    };
-    let Some(backend_id) = (unsafe { SERVICES.get(&slot_key) }).map(|s| s.backend_id) else {
+    let Some(backend_id) = lb::select(flow, &frontend_key, frontend, &saddr, now) else {
         count(stat::MISSING_BACKEND);
         return NewFlow::Verdict(SHOT);
     };
@@ -187,6 +183,9 @@ fn new_flow(ctx: &TcContext, flow: &Flow, now: u64) -> NewFlow {
     value.nat_addr = daddr;
     value.nat_port = flow.dport;
     inserted = inserted && CONNTRACK.insert(&key, &value, 0).is_ok();
+    if inserted {
+        lb::flow_opened(backend_id);
+    }
     count(if inserted {
         stat::CT_CREATED
     } else {
@@ -206,6 +205,9 @@ fn expired(entry: &ConntrackValue, config: &DatapathConfig, proto: u8, now: u64)
 #[inline(always)]
 fn track_forward(entry: &mut ConntrackValue, flow: &Flow) {
     if let Some(state) = closing_state(entry.state, flow.tcp_flags) {
+        if entry.state < CT_STATE_CLOSING {
+            lb::flow_closed(entry.backend_id);
+        }
         entry.state = state;
         set_peer_state(entry, flow, CT_DIR_REPLY, state);
     }
@@ -223,6 +225,9 @@ fn track_reply(entry: &mut ConntrackValue, flow: &Flow) {
         }
         None => return,
     };
+    if entry.state < CT_STATE_CLOSING && state >= CT_STATE_CLOSING {
+        lb::flow_closed(entry.backend_id);
+    }
     entry.state = state;
     set_peer_state(entry, flow, CT_DIR_FORWARD, state);
 }

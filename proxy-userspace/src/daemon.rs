@@ -240,16 +240,17 @@ impl SyncState {
         health.set_node_eligible(kube_source::node_eligible(node));
 
         let started = Instant::now();
-        let mut maps = datapath.maps()?;
-        if full_resync {
-            if let Err(err) = syncer.reload(&maps) {
-                tracing::error!(error = %err, "re-reading maps for a full resync failed");
-            }
-        }
         let desired = model::desired_state(&snapshot, &config.model);
         let udp_before = conntrack::udp_members(syncer.mirror());
-        let report = syncer.apply(&mut maps, &desired);
-        drop(maps);
+        let report = {
+            let mut maps = datapath.maps()?;
+            if full_resync {
+                if let Err(err) = syncer.reload(&maps) {
+                    tracing::error!(error = %err, "re-reading maps for a full resync failed");
+                }
+            }
+            syncer.apply(&mut maps, &desired)
+        };
         let udp_after = conntrack::udp_members(syncer.mirror());
         if conntrack::udp_lost_backends(&udp_before, &udp_after) {
             purge_stale_udp(datapath, &udp_after, metrics);

@@ -13,9 +13,9 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
-    BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, ALL_MAPS, BACKENDS_MAP, CONFIG_MAP, CONNTRACK_MAP, REV_NAT_MAP, SERVICES_MAP,
-    STATS_MAP, TC_POD_PROGRAM,
+    BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey,
+    ServiceValue, ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, MAGLEV_MAP,
+    REV_NAT_MAP, RR_MAP, SERVICES_MAP, STATS_MAP, TC_POD_PROGRAM,
 };
 use thiserror::Error;
 
@@ -358,6 +358,10 @@ pub struct BpfMaps<'a> {
     services: BpfHashMap<&'a mut MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<&'a mut MapData, u32, BackendValue>,
     rev_nat: BpfHashMap<&'a mut MapData, u32, RevNatValue>,
+    maglev: BpfHashMap<&'a mut MapData, MaglevKey, u32>,
+    /// Per-frontend and per-backend scheduler state, removed with them.
+    rr: BpfHashMap<&'a mut MapData, u32, u64>,
+    backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
 }
 
 impl<'a> BpfMaps<'a> {
@@ -365,11 +369,17 @@ impl<'a> BpfMaps<'a> {
         let mut services = None;
         let mut backends = None;
         let mut rev_nat = None;
+        let mut maglev = None;
+        let mut rr = None;
+        let mut backend_conns = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 SERVICES_MAP => services = Some(map),
                 BACKENDS_MAP => backends = Some(map),
                 REV_NAT_MAP => rev_nat = Some(map),
+                MAGLEV_MAP => maglev = Some(map),
+                RR_MAP => rr = Some(map),
+                BACKEND_CONNS_MAP => backend_conns = Some(map),
                 _ => {}
             }
         }
@@ -387,6 +397,13 @@ impl<'a> BpfMaps<'a> {
                 .map_err(wrap(BACKENDS_MAP))?,
             rev_nat: BpfHashMap::try_from(rev_nat.ok_or_else(|| missing(REV_NAT_MAP))?)
                 .map_err(wrap(REV_NAT_MAP))?,
+            maglev: BpfHashMap::try_from(maglev.ok_or_else(|| missing(MAGLEV_MAP))?)
+                .map_err(wrap(MAGLEV_MAP))?,
+            rr: BpfHashMap::try_from(rr.ok_or_else(|| missing(RR_MAP))?).map_err(wrap(RR_MAP))?,
+            backend_conns: BpfHashMap::try_from(
+                backend_conns.ok_or_else(|| missing(BACKEND_CONNS_MAP))?,
+            )
+            .map_err(wrap(BACKEND_CONNS_MAP))?,
         })
     }
 }
@@ -416,6 +433,10 @@ impl MapWriter for BpfMaps<'_> {
             let (k, v) = item.map_err(|e| write_err(REV_NAT_MAP, e))?;
             contents.rev_nat.insert(k, v);
         }
+        for item in self.maglev.iter() {
+            let (k, v) = item.map_err(|e| write_err(MAGLEV_MAP, e))?;
+            contents.maglev.insert(k, v);
+        }
         Ok(contents)
     }
 
@@ -436,7 +457,8 @@ impl MapWriter for BpfMaps<'_> {
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), WriteError> {
-        ignore_missing(self.backends.remove(&id)).map_err(|e| write_err(BACKENDS_MAP, e))
+        ignore_missing(self.backends.remove(&id)).map_err(|e| write_err(BACKENDS_MAP, e))?;
+        ignore_missing(self.backend_conns.remove(&id)).map_err(|e| write_err(BACKEND_CONNS_MAP, e))
     }
 
     fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), WriteError> {
@@ -446,7 +468,18 @@ impl MapWriter for BpfMaps<'_> {
     }
 
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError> {
-        ignore_missing(self.rev_nat.remove(&id)).map_err(|e| write_err(REV_NAT_MAP, e))
+        ignore_missing(self.rev_nat.remove(&id)).map_err(|e| write_err(REV_NAT_MAP, e))?;
+        ignore_missing(self.rr.remove(&id)).map_err(|e| write_err(RR_MAP, e))
+    }
+
+    fn put_maglev(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), WriteError> {
+        self.maglev
+            .insert(key, backend_id, 0)
+            .map_err(|e| write_err(MAGLEV_MAP, e))
+    }
+
+    fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError> {
+        ignore_missing(self.maglev.remove(key)).map_err(|e| write_err(MAGLEV_MAP, e))
     }
 }
 
@@ -502,6 +535,7 @@ impl PinnedMaps {
             services: self.dump(SERVICES_MAP)?,
             backends: self.dump(BACKENDS_MAP)?,
             rev_nat: self.dump(REV_NAT_MAP)?,
+            maglev: self.dump(MAGLEV_MAP)?,
         })
     }
 

@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod inspect;
+pub mod maglev;
 pub mod model;
 pub mod server;
 pub mod source;

@@ -8,7 +8,7 @@ use proxy_userspace::config;
 use proxy_userspace::daemon::{self, DaemonConfig, SourceSpec};
 use proxy_userspace::datapath::{self, MapSizes, PinnedMaps};
 use proxy_userspace::inspect;
-use proxy_userspace::model::ModelConfig;
+use proxy_userspace::model::{Algorithm, ModelConfig};
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kproxy";
 
@@ -119,12 +119,23 @@ struct RunArgs {
     /// How often idle flows are swept from the conntrack map.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     conntrack_gc_interval: Duration,
+    /// Backend selection for Services without a `kproxy.io/lb-algorithm`
+    /// annotation: random, maglev, rr, lc, sh, dh, sed or nq.
+    #[arg(long, default_value = "random", value_parser = parse_algorithm)]
+    lb_algorithm: Algorithm,
     #[arg(long, default_value_t = proxy_common::SERVICES_MAX_ENTRIES)]
     services_map_size: u32,
     #[arg(long, default_value_t = proxy_common::BACKENDS_MAX_ENTRIES)]
     backends_map_size: u32,
     #[arg(long, default_value_t = proxy_common::CONNTRACK_MAX_ENTRIES)]
     conntrack_map_size: u32,
+}
+
+fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    Algorithm::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Algorithm::NAMES.iter().map(|(n, _)| *n).collect();
+        format!("`{s}` is not one of {}", names.join(", "))
+    })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -290,6 +301,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         model: ModelConfig {
             node_name: node_name.to_lowercase(),
             proxy_name: None,
+            default_algorithm: args.lb_algorithm,
         },
         pin_dir: args.bpf_pin_path,
         pod_interfaces,

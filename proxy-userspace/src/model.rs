@@ -26,6 +26,87 @@ pub struct ModelConfig {
     /// kproxy's own proxy name (`service.kubernetes.io/service-proxy-name`);
     /// `None` means "skip every Service that carries the label".
     pub proxy_name: Option<String>,
+    /// Backend selection for Services without a valid `kproxy.io/lb-algorithm`.
+    pub default_algorithm: Algorithm,
+}
+
+/// The annotation that picks a Service's backend selection algorithm.
+pub const ANNOTATION_LB_ALGORITHM: &str = "kproxy.io/lb-algorithm";
+/// kube-proxy's default and maximum ClientIP affinity timeouts.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
+
+/// How a new flow picks its backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// Uniformly at random (kube-proxy's iptables mode).
+    #[default]
+    Random,
+    /// Consistent hashing of the 5-tuple over a Maglev table.
+    Maglev,
+    /// Round robin.
+    RoundRobin,
+    /// Least connections.
+    LeastConnection,
+    /// Source hashing: one client address, one backend.
+    SourceHash,
+    /// Destination hashing: one destination address, one backend.
+    DestinationHash,
+    /// Shortest expected delay: fewest (active + 1).
+    ShortestExpectedDelay,
+    /// Never queue: an idle backend if there is one, else shortest expected delay.
+    NeverQueue,
+}
+
+impl Algorithm {
+    /// The annotation values, as IPVS names its schedulers.
+    pub const NAMES: [(&'static str, Algorithm); 8] = [
+        ("random", Algorithm::Random),
+        ("maglev", Algorithm::Maglev),
+        ("rr", Algorithm::RoundRobin),
+        ("lc", Algorithm::LeastConnection),
+        ("sh", Algorithm::SourceHash),
+        ("dh", Algorithm::DestinationHash),
+        ("sed", Algorithm::ShortestExpectedDelay),
+        ("nq", Algorithm::NeverQueue),
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|(_, a)| *a)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("random")
+    }
+
+    /// The datapath's number for it (`proxy_common::ALG_*`).
+    pub fn number(self) -> u8 {
+        match self {
+            Algorithm::Random => proxy_common::ALG_RANDOM,
+            Algorithm::Maglev => proxy_common::ALG_MAGLEV,
+            Algorithm::RoundRobin => proxy_common::ALG_RR,
+            Algorithm::LeastConnection => proxy_common::ALG_LC,
+            Algorithm::SourceHash => proxy_common::ALG_SH,
+            Algorithm::DestinationHash => proxy_common::ALG_DH,
+            Algorithm::ShortestExpectedDelay => proxy_common::ALG_SED,
+            Algorithm::NeverQueue => proxy_common::ALG_NQ,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Self {
+        Self::NAMES
+            .iter()
+            .map(|(_, a)| *a)
+            .find(|a| a.number() == n)
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -112,6 +193,9 @@ pub struct Backend {
 pub struct Frontend {
     pub service: ServicePortName,
     pub kind: FrontendKind,
+    pub algorithm: Algorithm,
+    /// `sessionAffinity: ClientIP`: the idle timeout in seconds.
+    pub affinity_timeout: Option<u32>,
     /// Sorted, without duplicates. Empty: the frontend rejects.
     pub backends: Vec<Backend>,
 }
@@ -174,6 +258,8 @@ pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState 
         };
         let namespace = namespace_of(&service.metadata);
         let ips = cluster_ips(service);
+        let algorithm = algorithm_of(service, namespace, name, config);
+        let affinity_timeout = affinity_of(spec);
         for service_port in spec.ports.iter().flatten() {
             let port_name = service_port.name.as_deref().unwrap_or("");
             let Some(protocol) = Protocol::from_k8s(service_port.protocol.as_deref()) else {
@@ -203,6 +289,8 @@ pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState 
                         port_name: port_name.to_owned(),
                     },
                     kind: FrontendKind::ClusterIp,
+                    algorithm,
+                    affinity_timeout,
                     backends: cluster_endpoints(&endpoints),
                 };
                 claims
@@ -315,6 +403,43 @@ fn usable<'a>(endpoints: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<Back
 /// Several Services claim one frontend: a misconfiguration (or two copies of
 /// one object). Keep the lowest namespace/name/port so the winner never
 /// depends on input order, and say so.
+/// The Service's `kproxy.io/lb-algorithm`, or the default (with a warning
+/// for a value kproxy does not know).
+fn algorithm_of(service: &Service, namespace: &str, name: &str, config: &ModelConfig) -> Algorithm {
+    let Some(value) = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
+    else {
+        return config.default_algorithm;
+    };
+    Algorithm::parse(value).unwrap_or_else(|| {
+        tracing::warn!(
+            service = %format_args!("{namespace}/{name}"),
+            value = %value,
+            default = config.default_algorithm.name(),
+            "unknown {ANNOTATION_LB_ALGORITHM}; use one of random, maglev, rr, lc, sh, dh, sed, nq"
+        );
+        config.default_algorithm
+    })
+}
+
+/// `sessionAffinity: ClientIP` -> its timeout (default 10800 s, at most 86400 s).
+fn affinity_of(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .map(|t| t.clamp(1, MAX_AFFINITY_TIMEOUT_SECONDS as i32) as u32)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+    Some(seconds)
+}
+
 fn resolve_claims(key: FrontendKey, mut claimants: Vec<Frontend>) -> Frontend {
     claimants
         .sort_by(|a, b| (&a.service, a.kind, &a.backends).cmp(&(&b.service, b.kind, &b.backends)));

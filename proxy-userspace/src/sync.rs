@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use proxy_common::{
-    ipv4_mapped, BackendValue, RevNatValue, ServiceKey, ServiceValue, BACKEND_STATE_ACTIVE,
-    BACKEND_STATE_TERMINATING, SCOPE_EXTERNAL, SVC_FLAG_VIP_MARKER,
+    ipv4_mapped, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, MAGLEV_GEN_BIT, SCOPE_EXTERNAL,
+    SVC_FLAG_MAGLEV_GEN, SVC_FLAG_VIP_MARKER,
 };
 use thiserror::Error;
 
-use crate::model::{DesiredState, FrontendKey};
+use crate::maglev::{self, MaglevBackend};
+use crate::model::{Algorithm, DesiredState, FrontendKey, ServicePortName};
 
 /// What the maps hold (or should hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,6 +25,7 @@ pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u32, RevNatValue>,
+    pub maglev: BTreeMap<MaglevKey, u32>,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -44,6 +47,8 @@ pub trait MapWriter {
     fn delete_backend(&mut self, id: u32) -> Result<(), WriteError>;
     fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), WriteError>;
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError>;
+    fn put_maglev(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), WriteError>;
+    fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError>;
 }
 
 /// The 16-byte map form of an address (IPv4 is stored IPv4-mapped).
@@ -83,6 +88,8 @@ struct FrontendEntries {
     slots: Vec<(ServiceKey, ServiceValue)>,
     rev_nat: (u32, RevNatValue),
     backends: Vec<(u32, BackendValue)>,
+    /// For Maglev frontends: the lookup table, as backend ids.
+    maglev_table: Option<Vec<u32>>,
 }
 
 /// Hands out the smallest ids not in use (ids start at 1; 0 means none).
@@ -105,6 +112,30 @@ impl IdAllocator {
         }
         self.used.insert(self.next);
         self.next
+    }
+}
+
+/// The Maglev table of a frontend, as backend ids. Backends are hashed by
+/// "ip:port" so every node (and every restart) builds the same table.
+fn maglev_table(backends: &[crate::model::Backend], ids: &[(u32, BackendValue)]) -> Vec<u32> {
+    let names: Vec<String> = backends
+        .iter()
+        .map(|b| std::net::SocketAddr::new(b.ip, b.port).to_string())
+        .collect();
+    let input: Vec<MaglevBackend<'_>> = names
+        .iter()
+        .map(|n| MaglevBackend {
+            key: n.as_bytes(),
+            weight: 1,
+        })
+        .collect();
+    let size = maglev::table_size_for(input.len());
+    match maglev::build_table(&input, size) {
+        Ok(table) => table.into_iter().map(|i| ids[i as usize].0).collect(),
+        Err(err) => {
+            tracing::error!(error = %err, "building a Maglev table failed; using slot order");
+            (0..size as usize).map(|i| ids[i % ids.len()].0).collect()
+        }
     }
 }
 
@@ -206,6 +237,26 @@ impl Syncer {
             }
         }
         let mut backend_alloc = IdAllocator::new(self.mirror.backends.keys().copied());
+        // Service port ids live in slot 0's `backend_id`: recover them per
+        // frontend, so a restart keeps affinity entries meaningful.
+        let mut port_ids: HashMap<ServicePortName, u32> = HashMap::new();
+        for (key, frontend) in &desired.frontends {
+            let k = ServiceKey::new(
+                addr_bytes(key.ip),
+                key.port,
+                key.protocol.number(),
+                SCOPE_EXTERNAL,
+                0,
+            );
+            if let Some(v) = self.mirror.services.get(&k) {
+                if v.backend_id != 0 {
+                    port_ids
+                        .entry(frontend.service.clone())
+                        .or_insert(v.backend_id);
+                }
+            }
+        }
+        let mut port_alloc = IdAllocator::new(port_ids.values().copied());
         let mut rev_nat_alloc = IdAllocator::new(
             self.mirror
                 .rev_nat
@@ -251,6 +302,11 @@ impl Syncer {
                 ));
             }
             let count = u16::try_from(frontend.backends.len()).unwrap_or(u16::MAX);
+            let port_id = *port_ids
+                .entry(frontend.service.clone())
+                .or_insert_with(|| port_alloc.allocate());
+            let maglev_table = (frontend.algorithm == Algorithm::Maglev && !backends.is_empty())
+                .then(|| maglev_table(&frontend.backends, &backends));
             out.push(FrontendEntries {
                 frontend: *key,
                 slot0: (
@@ -258,9 +314,14 @@ impl Syncer {
                     ServiceValue {
                         count,
                         rev_nat_id,
+                        backend_id: port_id,
+                        algorithm: frontend.algorithm.number(),
+                        affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
+                        maglev_size: maglev_table.as_ref().map_or(0, |t| t.len() as u32),
                         ..ServiceValue::default()
                     },
                 ),
+                maglev_table,
                 slots,
                 rev_nat: (
                     rev_nat_id,
@@ -309,8 +370,61 @@ impl Syncer {
             self.mirror.rev_nat.insert(*id, *value);
             report.writes += 1;
         }
-        // The commit point: from here packets see the new count.
-        self.put_service(writer, &fe.slot0.0, &fe.slot0.1, report)
+        let mut slot0 = fe.slot0.1;
+        if let Some(table) = &fe.maglev_table {
+            slot0.flags |= self.write_maglev(writer, fe.rev_nat.0, table, &fe.slot0.0, report)?;
+        }
+        // The commit point: from here packets see the new count (and table).
+        self.put_service(writer, &fe.slot0.0, &slot0, report)
+    }
+
+    /// Makes `table` live for frontend `id`: reuses the live generation when
+    /// it already holds exactly this table, else writes the other
+    /// generation (committed by the caller's slot 0). Returns the flags.
+    fn write_maglev(
+        &mut self,
+        writer: &mut impl MapWriter,
+        id: u32,
+        table: &[u32],
+        slot0_key: &ServiceKey,
+        report: &mut SyncReport,
+    ) -> Result<u16, WriteError> {
+        let live = self
+            .mirror
+            .services
+            .get(slot0_key)
+            .filter(|v| v.maglev_size as usize == table.len() && v.rev_nat_id == id)
+            .map(|v| v.flags & SVC_FLAG_MAGLEV_GEN);
+        if let Some(flags) = live {
+            let gen = if flags != 0 { MAGLEV_GEN_BIT } else { 0 };
+            let same = table.iter().enumerate().all(|(i, b)| {
+                self.mirror.maglev.get(&MaglevKey {
+                    rev_nat_id: id,
+                    index: i as u32 | gen,
+                }) == Some(b)
+            });
+            if same {
+                return Ok(flags);
+            }
+        }
+        let flags = match live {
+            Some(f) if f != 0 => 0,
+            Some(_) => SVC_FLAG_MAGLEV_GEN,
+            None => 0,
+        };
+        let gen = if flags != 0 { MAGLEV_GEN_BIT } else { 0 };
+        for (i, backend_id) in table.iter().enumerate() {
+            let key = MaglevKey {
+                rev_nat_id: id,
+                index: i as u32 | gen,
+            };
+            if self.mirror.maglev.get(&key) != Some(backend_id) {
+                writer.put_maglev(&key, *backend_id)?;
+                self.mirror.maglev.insert(key, *backend_id);
+                report.writes += 1;
+            }
+        }
+        Ok(flags)
     }
 
     fn put_service(
@@ -373,6 +487,44 @@ impl Syncer {
             match writer.delete_rev_nat(id) {
                 Ok(()) => {
                     self.mirror.rev_nat.remove(&id);
+                    report.deletes += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+
+        // Maglev entries of tables that are not live (old generations,
+        // frontends gone or no longer Maglev).
+        let live_tables: HashMap<u32, (u32, u32)> = self
+            .mirror
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.maglev_size > 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map(|(_, v)| {
+                let gen = if v.flags & SVC_FLAG_MAGLEV_GEN != 0 {
+                    MAGLEV_GEN_BIT
+                } else {
+                    0
+                };
+                (v.rev_nat_id, (gen, v.maglev_size))
+            })
+            .collect();
+        let stale: Vec<MaglevKey> = self
+            .mirror
+            .maglev
+            .keys()
+            .filter(|k| match live_tables.get(&k.rev_nat_id) {
+                Some((gen, size)) => {
+                    k.index & MAGLEV_GEN_BIT != *gen || k.index & !MAGLEV_GEN_BIT >= *size
+                }
+                None => true,
+            })
+            .copied()
+            .collect();
+        for key in stale {
+            match writer.delete_maglev(&key) {
+                Ok(()) => {
+                    self.mirror.maglev.remove(&key);
                     report.deletes += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
@@ -480,6 +632,18 @@ impl MapWriter for FakeMaps {
         self.contents.rev_nat.remove(&id);
         Ok(())
     }
+
+    fn put_maglev(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), WriteError> {
+        self.ops.push(format!("put maglev {}", key.index));
+        self.contents.maglev.insert(*key, backend_id);
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError> {
+        self.ops.push(format!("delete maglev {}", key.index));
+        self.contents.maglev.remove(key);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +684,8 @@ mod tests {
                                 port_name: String::new(),
                             },
                             kind: FrontendKind::ClusterIp,
+                            algorithm: Default::default(),
+                            affinity_timeout: None,
                             backends: b.clone(),
                         },
                     )

@@ -614,6 +614,7 @@ fn spec_table() {
         let config = ModelConfig {
             node_name: case.node.to_owned(),
             proxy_name: case.proxy_name.map(str::to_owned),
+            ..ModelConfig::default()
         };
         let got = render(&desired_state(&snapshot, &config));
         let want: Vec<String> = case.want.iter().map(|line| line.to_string()).collect();
@@ -637,6 +638,7 @@ fn spec_table_is_independent_of_object_order() {
         let config = ModelConfig {
             node_name: case.node.to_owned(),
             proxy_name: case.proxy_name.map(str::to_owned),
+            ..ModelConfig::default()
         };
         assert_eq!(
             desired_state(&snapshot, &config),
@@ -739,6 +741,7 @@ proptest! {
         let config = ModelConfig {
             node_name: node_name.to_owned(),
             proxy_name: proxy_name.map(str::to_owned),
+            ..ModelConfig::default()
         };
         let snapshot = Snapshot { services, endpoint_slices: slices, nodes: vec![] };
         let shuffled = Snapshot {

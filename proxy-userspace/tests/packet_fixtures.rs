@@ -110,6 +110,8 @@ fn lab_services() -> DesiredState {
                 port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
             },
             kind: FrontendKind::ClusterIp,
+            algorithm: Default::default(),
+            affinity_timeout: None,
             backends,
         };
         state.frontends.insert(key, frontend);
