@@ -135,11 +135,12 @@ struct Scan {
     algorithm: u8,
     best: u32,
     best_load: u64,
+    ties: u32,
 }
 
 /// lc, sed, nq: the backend with the fewest open flows, scanning up to
-/// `LC_SCAN_MAX` slots from a random start (ties go to the first seen, so
-/// equal backends share the load); nq takes an idle backend at once. The
+/// `LC_SCAN_MAX` slots from a random start, ties broken uniformly at random;
+/// nq takes the first idle backend it meets. The
 /// scan runs in `bpf_loop`, so the verifier checks one iteration, not 32.
 #[inline(always)]
 fn least_loaded(key: &ServiceKey, count: u32, algorithm: u8) -> Option<u32> {
@@ -150,6 +151,7 @@ fn least_loaded(key: &ServiceKey, count: u32, algorithm: u8) -> Option<u32> {
         algorithm,
         best: 0,
         best_load: u64::MAX,
+        ties: 0,
     };
     let rounds = if count < LC_SCAN_MAX {
         count
@@ -196,6 +198,15 @@ extern "C" fn scan_one(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if load < scan.best_load {
         scan.best_load = load;
         scan.best = id;
+        scan.ties = 1;
+    } else if load == scan.best_load {
+        // Reservoir sampling: each of the k equally loaded backends ends up
+        // chosen with probability 1/k.
+        scan.ties = scan.ties.wrapping_add(1);
+        let ties = scan.ties;
+        if ties != 0 && (unsafe { bpf_get_prandom_u32() }) % ties == 0 {
+            scan.best = id;
+        }
     }
     0
 }

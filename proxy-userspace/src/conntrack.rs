@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
-    ConntrackKey, ConntrackValue, DatapathConfig, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_UDP,
-    SVC_FLAG_VIP_MARKER,
+    AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathConfig, CT_DIR_FORWARD,
+    CT_DIR_REPLY, PROTO_UDP, SVC_FLAG_VIP_MARKER,
 };
 
 use crate::sync::MapContents;
@@ -116,6 +116,69 @@ pub fn stale_udp_keys(
                 .is_some_and(|backends| backends.contains(&backend))
         })
         .map(|(key, _)| *key)
+        .collect()
+}
+
+/// Backend ids of forward entries among `deleted` whose flow was still
+/// open (not closing): their backends' open-flow counts must drop by one.
+pub fn open_flow_backends(
+    deleted: &[ConntrackKey],
+    entries: &HashMap<ConntrackKey, ConntrackValue>,
+) -> Vec<u32> {
+    deleted
+        .iter()
+        .filter(|k| k.direction == CT_DIR_FORWARD)
+        .filter_map(|k| entries.get(k))
+        .filter(|v| v.state < proxy_common::CT_STATE_CLOSING)
+        .map(|v| v.backend_id)
+        .collect()
+}
+
+/// For each Service port with session affinity, the backend ids it has.
+pub fn affinity_members(maps: &MapContents) -> HashMap<u32, HashSet<u32>> {
+    let mut out: HashMap<u32, HashSet<u32>> = HashMap::new();
+    for (key, value) in &maps.services {
+        if key.slot != 0 || value.affinity_timeout == 0 || value.flags & SVC_FLAG_VIP_MARKER != 0 {
+            continue;
+        }
+        let members = out.entry(value.backend_id).or_default();
+        for slot in 1..=value.count {
+            if let Some(s) = maps
+                .services
+                .get(&proxy_common::ServiceKey { slot, ..*key })
+            {
+                members.insert(s.backend_id);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a Service port lost a backend or its affinity between two states.
+pub fn affinity_lost_backends(
+    before: &HashMap<u32, HashSet<u32>>,
+    after: &HashMap<u32, HashSet<u32>>,
+) -> bool {
+    before.iter().any(|(port, old)| match after.get(port) {
+        None => true,
+        Some(new) => old.iter().any(|b| !new.contains(b)),
+    })
+}
+
+/// Affinity entries that remember a backend no longer in their Service
+/// port (or a port without affinity now): the client picks anew.
+pub fn stale_affinity_keys(
+    entries: &HashMap<AffinityKey, AffinityValue>,
+    members: &HashMap<u32, HashSet<u32>>,
+) -> Vec<AffinityKey> {
+    entries
+        .iter()
+        .filter(|(k, v)| {
+            !members
+                .get(&k.service_port_id)
+                .is_some_and(|m| m.contains(&v.backend_id))
+        })
+        .map(|(k, _)| *k)
         .collect()
 }
 
@@ -263,6 +326,59 @@ mod tests {
             .all(|k| k.saddr == B1 || entries[k].nat_addr == B1));
         // A deleted frontend makes all of its flows stale.
         assert_eq!(stale_udp_keys(&entries, &HashMap::new()).len(), 4);
+    }
+
+    #[test]
+    fn affinity_to_a_backend_that_left_is_stale() {
+        let mut maps = maps_with_udp_backends(&[B1, B2]);
+        let slot0 = *maps.services.keys().find(|k| k.slot == 0).unwrap();
+        let v = maps.services.get_mut(&slot0).unwrap();
+        v.affinity_timeout = 10_800;
+        v.backend_id = 7; // the Service port id
+        let before = affinity_members(&maps);
+        assert_eq!(before[&7], HashSet::from([1, 2]));
+        // Backend 1 leaves: slot 1 now holds backend 2 only.
+        let v = maps.services.get_mut(&slot0).unwrap();
+        v.count = 1;
+        maps.services
+            .get_mut(&ServiceKey { slot: 1, ..slot0 })
+            .unwrap()
+            .backend_id = 2;
+        let after = affinity_members(&maps);
+        assert!(affinity_lost_backends(&before, &after));
+        let entry = |client: [u8; 16], backend_id| {
+            (
+                AffinityKey {
+                    client,
+                    service_port_id: 7,
+                    _pad: 0,
+                },
+                AffinityValue {
+                    backend_id,
+                    ..AffinityValue::default()
+                },
+            )
+        };
+        let entries: HashMap<_, _> = [entry(CLIENT, 1), entry(VIP, 2)].into_iter().collect();
+        let stale = stale_affinity_keys(&entries, &after);
+        assert_eq!(stale, vec![entry(CLIENT, 1).0]);
+    }
+
+    #[test]
+    fn deleting_open_flows_releases_their_backends() {
+        let entries: HashMap<_, _> = flow(PROTO_UDP, B1, 0, 0)
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.backend_id = 9;
+                (k, v)
+            })
+            .collect();
+        let keys: Vec<_> = entries.keys().copied().collect();
+        assert_eq!(
+            open_flow_backends(&keys, &entries),
+            vec![9],
+            "one per flow, not per entry"
+        );
     }
 
     #[test]

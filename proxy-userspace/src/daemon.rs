@@ -242,6 +242,7 @@ impl SyncState {
         let started = Instant::now();
         let desired = model::desired_state(&snapshot, &config.model);
         let udp_before = conntrack::udp_members(syncer.mirror());
+        let affinity_before = conntrack::affinity_members(syncer.mirror());
         let report = {
             let mut maps = datapath.maps()?;
             if full_resync {
@@ -254,6 +255,18 @@ impl SyncState {
         let udp_after = conntrack::udp_members(syncer.mirror());
         if conntrack::udp_lost_backends(&udp_before, &udp_after) {
             purge_stale_udp(datapath, &udp_after, metrics);
+        }
+        let affinity_after = conntrack::affinity_members(syncer.mirror());
+        if conntrack::affinity_lost_backends(&affinity_before, &affinity_after) {
+            match datapath.purge_affinity(|e| conntrack::stale_affinity_keys(e, &affinity_after)) {
+                Ok(n) if n > 0 => {
+                    tracing::info!(deleted = n, "forgot session affinity to backends that left")
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "purging session affinity failed; the datapath re-checks backends")
+                }
+            }
         }
         let elapsed = started.elapsed();
         metrics.sync_duration.observe(elapsed.as_secs_f64());
@@ -377,8 +390,12 @@ fn sweep_conntrack(
     if expired.is_empty() {
         return;
     }
+    let released = conntrack::open_flow_backends(&expired, &entries);
     match datapath.delete_conntrack(&expired) {
         Ok(n) => {
+            if let Err(err) = datapath.release_backend_conns(&released) {
+                tracing::debug!(error = %err, "open-flow counts not updated");
+            }
             metrics
                 .conntrack_deleted
                 .get_or_create(&KindLabel {
@@ -400,7 +417,10 @@ fn purge_stale_udp(
 ) {
     let result = datapath.conntrack_entries().and_then(|entries| {
         let stale = conntrack::stale_udp_keys(&entries, members);
-        datapath.delete_conntrack(&stale)
+        let released = conntrack::open_flow_backends(&stale, &entries);
+        let n = datapath.delete_conntrack(&stale)?;
+        datapath.release_backend_conns(&released)?;
+        Ok(n)
     });
     match result {
         Ok(n) => {

@@ -13,9 +13,10 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
-    BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey,
-    ServiceValue, ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, MAGLEV_MAP,
-    REV_NAT_MAP, RR_MAP, SERVICES_MAP, STATS_MAP, TC_POD_PROGRAM,
+    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
+    MaglevKey, RevNatValue, ServiceKey, ServiceValue, AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP,
+    BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP,
+    STATS_MAP, TC_POD_PROGRAM,
 };
 use thiserror::Error;
 
@@ -280,6 +281,52 @@ impl Datapath {
                     name: CONNTRACK_MAP,
                     source,
                 })?,
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// One open flow less for each of `backend_ids` (for lc/sed/nq).
+    pub fn release_backend_conns(&mut self, backend_ids: &[u32]) -> Result<(), DatapathError> {
+        let name = BACKEND_CONNS_MAP;
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let mut conns: BpfHashMap<&mut MapData, u32, u64> =
+            BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        for id in backend_ids {
+            if let Ok(n) = conns.get(id, 0) {
+                let _ = conns.insert(id, n.saturating_sub(1), 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn affinity_map(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut MapData, AffinityKey, AffinityValue>, DatapathError> {
+        let name = AFFINITY_MAP;
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Deletes the affinity entries `stale` picks from the current ones;
+    /// returns how many were deleted.
+    pub fn purge_affinity(
+        &mut self,
+        stale: impl FnOnce(&std::collections::HashMap<AffinityKey, AffinityValue>) -> Vec<AffinityKey>,
+    ) -> Result<usize, DatapathError> {
+        let mut map = self.affinity_map()?;
+        let entries: std::collections::HashMap<AffinityKey, AffinityValue> =
+            map.iter().filter_map(Result::ok).collect();
+        let mut deleted = 0;
+        for key in stale(&entries) {
+            if map.remove(&key).is_ok() {
+                deleted += 1;
             }
         }
         Ok(deleted)

@@ -389,13 +389,16 @@ impl Syncer {
         slot0_key: &ServiceKey,
         report: &mut SyncReport,
     ) -> Result<u16, WriteError> {
-        let live = self
+        let current = self
             .mirror
             .services
             .get(slot0_key)
-            .filter(|v| v.maglev_size as usize == table.len() && v.rev_nat_id == id)
-            .map(|v| v.flags & SVC_FLAG_MAGLEV_GEN);
-        if let Some(flags) = live {
+            .filter(|v| v.maglev_size > 0 && v.rev_nat_id == id);
+        let live = current.map(|v| v.flags & SVC_FLAG_MAGLEV_GEN);
+        if let Some(flags) = current
+            .filter(|v| v.maglev_size as usize == table.len())
+            .map(|v| v.flags & SVC_FLAG_MAGLEV_GEN)
+        {
             let gen = if flags != 0 { MAGLEV_GEN_BIT } else { 0 };
             let same = table.iter().enumerate().all(|(i, b)| {
                 self.mirror.maglev.get(&MaglevKey {
@@ -883,6 +886,72 @@ mod tests {
         assert_eq!(fe.count, 2, "the old count stays the commit point");
         // Every slot still resolves to a programmed backend.
         assert_eq!(resolve(&maps.contents, key(10, 80)).len(), 2);
+    }
+
+    #[test]
+    fn maglev_tables_are_swapped_whole_by_generation() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let maglev = |backends: Vec<Backend>| {
+            let mut d = state(&[(key(10, 80), backends)]);
+            for f in d.frontends.values_mut() {
+                f.algorithm = crate::model::Algorithm::Maglev;
+            }
+            d
+        };
+        syncer.apply(&mut maps, &maglev(vec![backend(2), backend(3), backend(4)]));
+        let fe = slot0(&maps.contents, key(10, 80)).unwrap();
+        assert_eq!(fe.maglev_size as usize, maps.contents.maglev.len());
+        assert!(fe.maglev_size >= 300);
+        let gen0 = fe.flags & SVC_FLAG_MAGLEV_GEN;
+
+        // Same backends: nothing rewritten.
+        let report = syncer.apply(&mut maps, &maglev(vec![backend(2), backend(3), backend(4)]));
+        assert_eq!(report.writes, 0);
+
+        // A change (even one that shrinks the table) goes to the other
+        // generation, committed by slot 0, then the old one is removed.
+        maps.ops.clear();
+        syncer.apply(&mut maps, &maglev(vec![backend(2), backend(3)]));
+        let fe = slot0(&maps.contents, key(10, 80)).unwrap();
+        assert_ne!(fe.flags & SVC_FLAG_MAGLEV_GEN, gen0, "generation flipped");
+        assert_eq!(
+            fe.maglev_size as usize,
+            maps.contents.maglev.len(),
+            "old generation removed"
+        );
+        let commit = maps
+            .ops
+            .iter()
+            .position(|o| o == "put service slot=0")
+            .unwrap();
+        let first_delete = maps
+            .ops
+            .iter()
+            .position(|o| o.starts_with("delete maglev"))
+            .unwrap();
+        let last_put = maps
+            .ops
+            .iter()
+            .rposition(|o| o.starts_with("put maglev"))
+            .unwrap();
+        assert!(last_put < commit && commit < first_delete, "{:?}", maps.ops);
+        let live_gen = if fe.flags & SVC_FLAG_MAGLEV_GEN != 0 {
+            MAGLEV_GEN_BIT
+        } else {
+            0
+        };
+        assert!(maps
+            .contents
+            .maglev
+            .keys()
+            .all(|k| k.index & MAGLEV_GEN_BIT == live_gen));
+        let ids: HashSet<u32> = maps.contents.maglev.values().copied().collect();
+        assert_eq!(ids.len(), 2);
+
+        // Back to random: the table goes.
+        syncer.apply(&mut maps, &state(&[(key(10, 80), vec![backend(2)])]));
+        assert!(maps.contents.maglev.is_empty());
     }
 
     #[test]
