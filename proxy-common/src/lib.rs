@@ -19,9 +19,10 @@ pub const AFFINITY_MAP: &str = "AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "MAGLEV_V1";
 pub const RR_MAP: &str = "RR_V1";
 pub const BACKEND_CONNS_MAP: &str = "BACKEND_CONNS_V1";
+pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V1";
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -32,6 +33,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAGLEV_MAP,
     RR_MAP,
     BACKEND_CONNS_MAP,
+    FRAGMENTS_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -125,10 +127,14 @@ pub mod stat {
     pub const INVALID: u32 = 10;
     /// A conntrack entry found past its idle timeout and replaced.
     pub const CT_EXPIRED: u32 = 11;
+    /// Later fragments translated like their first fragment.
+    pub const FRAGMENT_NAT: u32 = 12;
+    /// ICMP errors about a translated flow, translated back for the client.
+    pub const ICMP_REV_NAT: u32 = 13;
     pub const COUNT: u32 = 16;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 12] = [
+    pub const NAMES: [&str; 14] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -141,6 +147,8 @@ pub mod stat {
         "fragment",
         "invalid",
         "ct_expired",
+        "fragment_nat",
+        "icmp_rev_nat",
     ];
 }
 
@@ -210,6 +218,34 @@ pub struct MaglevKey {
 }
 
 pub const MAGLEV_GEN_BIT: u32 = 1 << 31;
+
+/// Key of the fragments map: one fragmented datagram, as its fragments
+/// arrive (before translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragmentKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of the fragments map: the address the first fragment got.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FragmentValue {
+    pub addr: [u8; 16],
+    /// `FRAG_REWRITE_SOURCE` or `FRAG_REWRITE_DESTINATION`.
+    pub side: u8,
+    pub _pad: [u8; 7],
+}
+
+pub const FRAG_REWRITE_SOURCE: u8 = 0;
+pub const FRAG_REWRITE_DESTINATION: u8 = 1;
+pub const FRAGMENTS_MAX_ENTRIES: u32 = 8192;
 
 /// Value of the backends map (key: backend id, `u32`, never 0).
 #[repr(C)]
@@ -318,6 +354,8 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);

@@ -4,6 +4,8 @@
 #![no_main]
 
 mod csum;
+mod frag;
+mod icmp;
 mod lb;
 mod maps;
 mod parse;

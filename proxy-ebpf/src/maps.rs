@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
-    MaglevKey, RevNatValue, ServiceKey, ServiceValue, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES,
-    CONNTRACK_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    FragmentKey, FragmentValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
+    AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
+    MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -44,16 +45,28 @@ pub static RR: HashMap<u32, u64, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::ne
 #[btf_map(name = "BACKEND_CONNS_V1")]
 pub static BACKEND_CONNS: HashMap<u32, u64, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
 
+/// How the first fragment of a datagram was translated, for the rest.
+#[btf_map(name = "FRAGMENTS_V1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { FRAGMENTS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
 #[btf_map(name = "CONFIG_V1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
-/// The tunables userspace wrote (all defaults when it wrote none).
+/// All zero: every field falls back to its compiled-in default.
+static DEFAULT_CONFIG: DatapathConfig = DatapathConfig {
+    tcp_syn_timeout_ns: 0,
+    tcp_established_timeout_ns: 0,
+    tcp_close_wait_timeout_ns: 0,
+    tcp_closed_timeout_ns: 0,
+    udp_timeout_ns: 0,
+};
+
+/// The tunables userspace wrote (all defaults when it wrote none). A
+/// reference, not a copy: the hot path's stack frame is tight.
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    match CONFIG.get(0) {
-        Some(c) => *c,
-        None => DatapathConfig::default(),
-    }
+pub fn config() -> &'static DatapathConfig {
+    CONFIG.get(0).unwrap_or(&DEFAULT_CONFIG)
 }
 
 /// Bumps one per-CPU counter (see `proxy_common::stat`).

@@ -4,6 +4,8 @@
 use aya_ebpf::programs::TcContext;
 use proxy_common::{PROTO_TCP, PROTO_UDP};
 
+pub const PROTO_ICMP: u8 = 1;
+
 pub const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPV4_MIN_LEN: usize = 20;
@@ -23,12 +25,24 @@ pub enum Skip {
     NotService,
     /// Headers truncated or inconsistent: pass untouched, count it.
     Malformed,
-    /// A non-first IP fragment: no L4 header to translate.
-    Fragment,
+    /// A non-first IP fragment: no L4 header; translated by the record
+    /// its first fragment left (see `frag.rs`).
+    Fragment(FragmentId),
+    /// An ICMP message (errors about a translated flow are handled in `icmp.rs`).
+    Icmp { l4_off: usize },
+}
+
+/// What identifies the fragments of one datagram (RFC 791).
+#[derive(Clone, Copy)]
+pub struct FragmentId {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub id: u16,
+    pub proto: u8,
 }
 
 /// The parts of an IPv4 TCP/UDP packet the datapath reads.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Flow {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
@@ -41,6 +55,10 @@ pub struct Flow {
     pub ip_hdr_len: usize,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// The first fragment of a fragmented datagram (MF set, offset 0):
+    /// later fragments need a record of the translation.
+    pub first_fragment: bool,
+    pub ip_id: u16,
 }
 
 pub const TCP_FLAG_FIN: u8 = 0x01;
@@ -81,8 +99,10 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
-#[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Flow, Skip> {
+/// Fills `flow` in place. Its own BPF function: the header copies live in
+/// its frame, not in the entry point's, which every other path adds to.
+#[inline(never)]
+pub fn parse(ctx: &TcContext, flow: &mut Flow) -> Result<(), Skip> {
     // Make the headers linear when the skb carries them in fragments.
     if ctx.data() + MAX_HEADERS as usize > ctx.data_end() {
         let want = if ctx.len() < MAX_HEADERS {
@@ -107,17 +127,28 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Skip> {
         return Err(Skip::Malformed);
     }
     let proto = ip[9];
+    let saddr = [ip[12], ip[13], ip[14], ip[15]];
+    let daddr = [ip[16], ip[17], ip[18], ip[19]];
+    let ip_id = u16::from_be_bytes([ip[4], ip[5]]);
+    let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
+    let frag_offset = frag_field & 0x1fff;
+    let more_fragments = frag_field & 0x2000 != 0;
+    // Bounded for the verifier: IHL is at most 15 words.
+    let l4_off = ETH_LEN + (ip_hdr_len & 0x3c);
+    if proto == PROTO_ICMP && frag_offset == 0 {
+        return Err(Skip::Icmp { l4_off });
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Skip::NotService);
     }
-    let frag_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
     if frag_offset != 0 {
-        return Err(Skip::Fragment);
+        return Err(Skip::Fragment(FragmentId {
+            saddr,
+            daddr,
+            id: ip_id,
+            proto,
+        }));
     }
-    let saddr = [ip[12], ip[13], ip[14], ip[15]];
-    let daddr = [ip[16], ip[17], ip[18], ip[19]];
-    // Bounded for the verifier: IHL is at most 15 words.
-    let l4_off = ETH_LEN + (ip_hdr_len & 0x3c);
     let l4_len = total_len - ip_hdr_len;
     let (ports, tcp_flags) = if proto == PROTO_TCP {
         let tcp: [u8; TCP_MIN_LEN] = read(ctx, l4_off).ok_or(Skip::Malformed)?;
@@ -129,12 +160,13 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Skip> {
     } else {
         let udp: [u8; UDP_LEN] = read(ctx, l4_off).ok_or(Skip::Malformed)?;
         let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
-        if udp_len < UDP_LEN || udp_len > l4_len {
+        // A first fragment carries only part of the datagram.
+        if udp_len < UDP_LEN || (udp_len > l4_len && !more_fragments) {
             return Err(Skip::Malformed);
         }
         ([udp[0], udp[1], udp[2], udp[3]], 0)
     };
-    Ok(Flow {
+    *flow = Flow {
         saddr,
         daddr,
         sport: u16::from_be_bytes([ports[0], ports[1]]),
@@ -143,5 +175,8 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Skip> {
         l4_off,
         ip_hdr_len,
         tcp_flags,
-    })
+        first_fragment: more_fragments,
+        ip_id,
+    };
+    Ok(())
 }

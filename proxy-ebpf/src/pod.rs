@@ -14,7 +14,7 @@ use proxy_common::{
 };
 
 use crate::{
-    lb,
+    frag, icmp, lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES},
     parse::{
         parse, Flow, Skip, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_FLAG_ACK, TCP_FLAG_FIN,
@@ -28,27 +28,31 @@ const SHOT: i32 = TC_ACT_SHOT as i32;
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> Result<i32, ()> {
-    let flow = match parse(ctx) {
-        Ok(flow) => flow,
+    let mut flow = Flow::default();
+    match parse(ctx, &mut flow) {
+        Ok(()) => {}
         Err(Skip::NotService) => return Ok(OK),
         Err(Skip::Malformed) => {
             count(stat::MALFORMED);
             return Ok(OK);
         }
-        Err(Skip::Fragment) => {
-            count(stat::FRAGMENT);
-            return Ok(OK);
-        }
+        Err(Skip::Fragment(id)) => return Ok(frag::later_fragment(ctx, &id)),
+        Err(Skip::Icmp { l4_off }) => return Ok(icmp::error(ctx, l4_off)),
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let verdict = tracked(ctx, &flow, now);
-    if verdict != NOT_TRACKED {
-        return Ok(verdict as i32);
+    let tracked = tracked(ctx, &flow, now);
+    let verdict = if tracked != NOT_TRACKED {
+        tracked as i32
+    } else {
+        match new_flow(ctx, &flow, now) {
+            NewFlow::Verdict(verdict) => verdict,
+            NewFlow::Reject => return Ok(reject::port_unreachable(ctx, &flow)),
+        }
+    };
+    if flow.first_fragment && verdict == OK {
+        frag::remember(ctx, &flow);
     }
-    match new_flow(ctx, &flow, now) {
-        NewFlow::Verdict(verdict) => Ok(verdict),
-        NewFlow::Reject => Ok(reject::port_unreachable(ctx, &flow)),
-    }
+    Ok(verdict)
 }
 
 /// `tracked` found no usable flow.
@@ -70,7 +74,7 @@ fn tracked(ctx: &TcContext, flow: &Flow, now: u64) -> i64 {
     if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: a valid map value pointer for the duration of the program.
         let entry = unsafe { &mut *entry };
-        if flow_expired(entry, flow, CT_DIR_FORWARD, &config, now) {
+        if flow_expired(entry, flow, CT_DIR_FORWARD, config, now) {
             // Un-NATing it would leak the backend's address to the client,
             // which answers with a RST: drop, as kube-proxy drops INVALID.
             count(stat::CT_EXPIRED);
@@ -93,7 +97,7 @@ fn tracked(ctx: &TcContext, flow: &Flow, now: u64) -> i64 {
     let fwd_key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd_key) {
         let entry = unsafe { &mut *entry };
-        let usable = if flow_expired(entry, flow, CT_DIR_REPLY, &config, now) {
+        let usable = if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
             count(stat::CT_EXPIRED);
             false
         } else if flow.proto == PROTO_TCP {

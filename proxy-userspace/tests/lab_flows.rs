@@ -198,3 +198,78 @@ fn idle_flows_are_swept_by_their_timeouts_and_tcp_state_is_tracked() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_2000_byte_udp_datagram_crosses_the_vip_intact_both_ways() {
+    let lab = lab_with(&[], &["b1", "b2"]);
+    let (sent, got) = lab.pod("c").netns.run(|| {
+        let sock = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock.connect(SocketAddrV4::new(VIP, 53)).unwrap();
+        let mut request = b"BIG".to_vec();
+        request.resize(2000, b'x');
+        sock.send(&request).unwrap();
+        let mut buf = [0u8; 8192];
+        let n = sock
+            .recv(&mut buf)
+            .expect("a reply to a fragmented datagram");
+        (request.len(), buf[..n].to_vec())
+    });
+    let text = String::from_utf8_lossy(&got);
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(
+        fields.get(2).copied(),
+        Some(sent.to_string().as_str()),
+        "backend got: {text:.80}"
+    );
+    assert_eq!(
+        got.len(),
+        3000,
+        "the 3000-byte reply came back fragmented and whole"
+    );
+    let counters = lab.kproxy_cli(&["status", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&counters.stdout).unwrap();
+    assert!(
+        json["counters"]["fragment_nat"].as_u64().unwrap() >= 2,
+        "{json}"
+    );
+}
+
+#[test]
+fn an_icmp_port_unreachable_from_a_backend_reaches_the_client() {
+    // The Service targets a port nothing listens on: the backend answers
+    // with ICMP port unreachable about backend:9999, which the client only
+    // recognises once it is translated back to VIP:5353.
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_kproxy"), &["c", "b1"]);
+    let yaml = format!(
+        "{}---\n{}",
+        service_yaml("closed", VIP, &[("udp", "UDP", 5353)]),
+        slice_yaml(
+            "closed",
+            "closed-1",
+            &[("udp", "UDP", 5353)],
+            &[Ep::ready(lab.pod("b1").ip)]
+        )
+        .replace("port: 8080", "port: 9999")
+    );
+    lab.write_manifest("closed.yaml", &yaml);
+    lab.start_kproxy();
+    lab.wait_kproxy_ready();
+    let err = lab
+        .pod("c")
+        .netns
+        .run(|| {
+            let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+            sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+            sock.connect(SocketAddrV4::new(VIP, 5353))?;
+            sock.send(b"anyone?")?;
+            let mut buf = [0u8; 64];
+            sock.recv(&mut buf).map(|_| ())
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the ICMP error was not translated back: {err}"
+    );
+}

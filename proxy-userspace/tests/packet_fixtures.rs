@@ -1897,7 +1897,7 @@ fn fragments(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
 }
 
 #[test]
-#[ignore = "issue 5 (flow state): fragments of a UDP datagram to a VIP are passed untouched, still addressed to the VIP"]
+
 fn fragmented_udp_datagram_reaches_the_backend() {
     let mut lab = Lab::new();
     let payload: Vec<u8> = (0..1992u32).map(|i| (i % 251) as u8).collect();
@@ -1924,7 +1924,7 @@ fn fragmented_udp_datagram_reaches_the_backend() {
 }
 
 #[test]
-#[ignore = "issue 5 (flow state): ICMP errors about a NATed flow are not reverse-NATed"]
+
 fn icmp_port_unreachable_from_a_backend_is_reverse_nated() {
     let mut lab = Lab::new();
     let c = client(48200);

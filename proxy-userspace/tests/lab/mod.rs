@@ -619,11 +619,17 @@ fn serve_conn(
     Ok(())
 }
 
+/// Answers `<pod> <peer> <bytes received>`; a datagram starting with `BIG`
+/// gets a 3000-byte answer (fragmented on the way back).
 fn serve_udp(sock: UdpSocket, name: String, stop: Arc<AtomicBool>) {
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; 65536];
     while !stop.load(Ordering::SeqCst) {
-        if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let mut reply = format!("{name} {peer} {n}\n").into_bytes();
+            if buf[..n].starts_with(b"BIG") {
+                reply.resize(3000, b'.');
+            }
+            let _ = sock.send_to(&reply, peer);
         }
     }
 }
