@@ -70,6 +70,8 @@ pub struct MapSizes {
     pub backends: u32,
     pub rev_nat: u32,
     pub conntrack: u32,
+    pub maglev: u32,
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -79,6 +81,8 @@ impl Default for MapSizes {
             backends: proxy_common::BACKENDS_MAX_ENTRIES,
             rev_nat: proxy_common::REV_NAT_MAX_ENTRIES,
             conntrack: proxy_common::CONNTRACK_MAX_ENTRIES,
+            maglev: proxy_common::MAGLEV_MAX_ENTRIES,
+            affinity: proxy_common::AFFINITY_MAX_ENTRIES,
         }
     }
 }
@@ -108,7 +112,9 @@ impl Datapath {
             .map_max_entries(SERVICES_MAP, sizes.services)
             .map_max_entries(BACKENDS_MAP, sizes.backends)
             .map_max_entries(REV_NAT_MAP, sizes.rev_nat)
-            .map_max_entries(CONNTRACK_MAP, sizes.conntrack);
+            .map_max_entries(CONNTRACK_MAP, sizes.conntrack)
+            .map_max_entries(MAGLEV_MAP, sizes.maglev)
+            .map_max_entries(AFFINITY_MAP, sizes.affinity);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(TC_POD_PROGRAM)

@@ -36,9 +36,15 @@ use thiserror::Error;
 /// Doubling keeps a table at most ~2x larger than needed while crossing a
 /// size boundary (which re-shuffles the whole table) stays rare.
 pub const TABLE_SIZES: &[u32] = &[
-    251, 503, 1_009, 2_003, 4_001, 8_009, 16_001, 32_003, 64_007, 128_021, 256_019, 512_009,
+    251, 503, 1_009, 2_003, 4_001, 8_009, 16_001, 32_003, 65_537, 128_021, 256_019, 512_009,
     1_000_003,
 ];
+
+/// The smallest table kproxy uses for a Service (Katran's default, a
+/// prime): at this size a backend change moves at most 1/N + 1% of the
+/// table for N up to 100 (measured; see the tests), and Services up to
+/// 655 backends never cross a size boundary.
+pub const MIN_TABLE_SIZE: u32 = 65_537;
 
 /// The largest table [`build_table`] accepts (4 MB of `u32` entries).
 pub const MAX_TABLE_SIZE: u32 = TABLE_SIZES[TABLE_SIZES.len() - 1];
@@ -60,7 +66,7 @@ const _: () = {
 };
 
 /// The table size for `backends` backends: the smallest of [`TABLE_SIZES`]
-/// that is at least 100 x `backends` (251 at minimum). Capped at
+/// that is at least 100 x `backends` and at least [`MIN_TABLE_SIZE`]. Capped at
 /// [`MAX_TABLE_SIZE`] = 1,000,003, i.e. from 10,001 backends on the table
 /// has fewer than 100 entries per backend and balance degrades gracefully
 /// (past 1,000,003 backends some get no entries at all).
@@ -75,7 +81,9 @@ const _: () = {
 /// backend's own share, more for unlucky key sets; more entries per backend
 /// shrink that (about 0.1-0.6% at 65,537 entries for N = 2..100).
 pub fn table_size_for(backends: usize) -> u32 {
-    let wanted = (backends as u64).saturating_mul(ENTRIES_PER_BACKEND);
+    let wanted = (backends as u64)
+        .saturating_mul(ENTRIES_PER_BACKEND)
+        .max(u64::from(MIN_TABLE_SIZE));
     TABLE_SIZES
         .iter()
         .copied()
@@ -393,27 +401,20 @@ mod tests {
 
     /// Maglev is not minimally disruptive: when one backend changes, the
     /// others claim their preferences in a different order and some entries
-    /// move between survivors. At kproxy's ~100-200 entries per backend that
-    /// excess is ~1-2.5% on average, with a tail (backends sharing a skip
-    /// walk the same cycle and chase each other) reaching ~20% for N=5.
-    /// The "1/N + 1%" holds only with many more entries per backend,
-    /// e.g. at Katran's default size 65,537; both are asserted here. A bug
+    /// move between survivors. At ~100-200 entries per backend that excess
+    /// is ~1-2.5% on average with a long tail; at kproxy's minimum size
+    /// (65,537) it stays under 1%, which is the "1/N + 1%". A bug
     /// that reshuffled the table would move about 1 - 1/N.
     #[test]
-    fn maglev_removing_or_adding_a_backend_moves_about_its_share() {
+    fn maglev_removing_or_adding_a_backend_moves_at_most_its_share_plus_one_percent() {
         for n in [2, 3, 5, 10, 50, 100] {
-            let sets = if n <= 10 { 20 } else { 2 };
+            let sets = if n <= 10 { 3 } else { 1 };
             let (mean, p90, worst) = summary(&excess_moved(n, sets, table_size_for));
             println!(
-                "N={n} table_size_for: moved beyond 1/N: mean {mean:.4} p90 {p90:.4} worst {worst:.4}"
+                "N={n} size {}: moved beyond 1/N: mean {mean:.4} p90 {p90:.4} worst {worst:.4}",
+                table_size_for(n)
             );
-            assert!(mean <= 0.03 && p90 <= 0.05, "N={n}: mean {mean}, p90 {p90}");
-
-            let (mean, p90, worst) = summary(&excess_moved(n, 1, |_| 65_537));
-            println!(
-                "N={n} size 65537: moved beyond 1/N: mean {mean:.4} p90 {p90:.4} worst {worst:.4}"
-            );
-            assert!(worst <= 0.01, "N={n}: worst {worst} at 65537");
+            assert!(worst <= 0.01, "N={n}: worst {worst} beyond 1/N");
         }
     }
 
@@ -595,19 +596,18 @@ mod tests {
         assert!(TABLE_SIZES.windows(2).all(|w| w[0] < w[1]));
         assert!([2, 3, 251, 65_537, 1_000_003].iter().all(|&p| is_prime(p)));
         assert!(![0, 1, 4, 9, 65_535, 1_000_001].iter().any(|&n| is_prime(n)));
-        assert_eq!(table_size_for(0), 251);
-        assert_eq!(table_size_for(1), 251);
+        assert_eq!(table_size_for(0), MIN_TABLE_SIZE);
+        assert_eq!(table_size_for(655), MIN_TABLE_SIZE);
+        assert_eq!(table_size_for(656), 128_021);
         for backends in 0..=10_000usize {
             let size = table_size_for(backends);
+            let wanted = (100 * backends as u64).max(u64::from(MIN_TABLE_SIZE));
             assert!(TABLE_SIZES.contains(&size));
-            assert!(
-                u64::from(size) >= 100 * backends as u64,
-                "{backends}: {size}"
-            );
+            assert!(u64::from(size) >= wanted, "{backends}: {size}");
             // The smallest listed size that fits.
             assert!(TABLE_SIZES
                 .iter()
-                .all(|&s| s >= size || u64::from(s) < 100 * backends as u64));
+                .all(|&s| s >= size || u64::from(s) < wanted));
         }
         assert_eq!(table_size_for(10_001), MAX_TABLE_SIZE);
         assert_eq!(table_size_for(usize::MAX), MAX_TABLE_SIZE);

@@ -129,6 +129,12 @@ struct RunArgs {
     backends_map_size: u32,
     #[arg(long, default_value_t = proxy_common::CONNTRACK_MAX_ENTRIES)]
     conntrack_map_size: u32,
+    /// Maglev table entries, all Services together (each Maglev Service
+    /// needs 65,537 or more, twice while its table is being replaced).
+    #[arg(long, default_value_t = proxy_common::MAGLEV_MAX_ENTRIES)]
+    maglev_map_size: u32,
+    #[arg(long, default_value_t = proxy_common::AFFINITY_MAX_ENTRIES)]
+    affinity_map_size: u32,
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
@@ -318,6 +324,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             services: args.services_map_size,
             backends: args.backends_map_size,
             conntrack: args.conntrack_map_size,
+            maglev: args.maglev_map_size,
+            affinity: args.affinity_map_size,
             ..MapSizes::default()
         },
         interface_poll: Duration::from_secs(1),
