@@ -169,7 +169,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         tokio::select! {
             Some(()) = rx.recv() => { pending = true; mark_queued(&health, &metrics); }
             _ = resync_tick.tick() => { pending = true; full_resync = true; }
-            _ = gc_tick.tick() => sweep_conntrack(&mut datapath, &config.datapath_config, &metrics),
+            _ = gc_tick.tick() => sweep_conntrack(&mut datapath, &config, &metrics),
             _ = interface_tick.tick() => attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -373,11 +373,8 @@ fn monotonic_ns() -> u64 {
 
 /// Deletes flows idle past their timeout (LRU eviction only handles a full
 /// map; this keeps the table to live flows).
-fn sweep_conntrack(
-    datapath: &mut Datapath,
-    config: &proxy_common::DatapathConfig,
-    metrics: &Metrics,
-) {
+fn sweep_conntrack(datapath: &mut Datapath, daemon: &DaemonConfig, metrics: &Metrics) {
+    let config = &daemon.datapath_config;
     let entries = match datapath.conntrack_entries() {
         Ok(entries) => entries,
         Err(err) => {
@@ -386,6 +383,13 @@ fn sweep_conntrack(
         }
     };
     metrics.conntrack_entries.set(entries.len() as i64);
+    // A full table evicts the least recently used flows (LRU); the fill
+    // ratio shows how close it is.
+    metrics.set_map(
+        proxy_common::CONNTRACK_MAP,
+        entries.len(),
+        daemon.map_sizes.conntrack,
+    );
     let expired = conntrack::expired_keys(&entries, config, monotonic_ns());
     if expired.is_empty() {
         return;

@@ -207,3 +207,63 @@ fn config_file_fields_apply_and_flags_win() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn a_full_map_keeps_what_was_programmed_and_says_so() {
+    const TCP: &[(&str, &str, u16)] = &[("tcp", "TCP", 80)];
+    let vip_b = Ipv4Addr::new(198, 19, 0, 20);
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_kproxy"), &["c", "b1", "b2", "b3"]);
+    lab.kproxy_args = vec!["--backends-map-size".into(), "3".into()];
+    lab.start_servers(&["b1", "b2", "b3"]);
+    let a = format!(
+        "{}---\n{}",
+        service_yaml("a", VIP, TCP),
+        slice_yaml(
+            "a",
+            "a-1",
+            TCP,
+            &[Ep::ready(lab.pod("b1").ip), Ep::ready(lab.pod("b2").ip)]
+        )
+    );
+    lab.write_manifest("a.yaml", &a);
+    lab.start_kproxy();
+    lab.wait_kproxy_ready();
+    // Service b needs two more backends; one fits.
+    let b = format!(
+        "{}---\n{}",
+        service_yaml("b", vip_b, TCP),
+        slice_yaml(
+            "b",
+            "b-1",
+            TCP,
+            &[
+                Ep::ready(lab.pod("b3").ip),
+                Ep::ready(Ipv4Addr::new(198, 18, 9, 2))
+            ]
+        )
+    );
+    lab.write_manifest("b.yaml", &b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.kproxy_log_since_start().contains("the map is full") {
+        assert!(
+            Instant::now() < deadline,
+            "no map-full error:\n{}",
+            lab.kproxy_log_since_start()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Service a keeps working; b has no frontend (no half-written Service).
+    let hellos = lab.tcp_hellos("c", SocketAddrV4::new(VIP, 80), 20);
+    assert!(hellos.iter().all(|h| h.is_ok()), "{hellos:?}");
+    let frontends = proxy_userspace::inspect::services(&lab.maps());
+    assert!(
+        !frontends
+            .iter()
+            .any(|f| f.ip == std::net::IpAddr::V4(vip_b)),
+        "{frontends:?}"
+    );
+    let (_, metrics) = http_get(&lab, METRICS, "/metrics").unwrap();
+    let full = metric_value(&metrics, "kproxy_sync_errors_total{kind=\"map_full\"}").unwrap_or(0.0);
+    assert!(full >= 1.0, "{metrics}");
+    let _ = &mut lab;
+}
