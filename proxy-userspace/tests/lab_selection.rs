@@ -318,3 +318,16 @@ fn switching_affinity_off_spreads_flows_again() {
     println!("affinity off after {:?}: {spread:?}", start.elapsed());
     assert_eq!(spread.len(), 3, "{spread:?}");
 }
+
+#[test]
+fn an_unknown_algorithm_warns_and_falls_back_to_the_default() {
+    let lab = lab_with(&["c"], Some("fastest-please"), None);
+    wait_algorithm(&lab, proxy_common::ALG_RANDOM);
+    let log = lab.kproxy_log_since_start();
+    assert!(
+        log.contains("unknown kproxy.io/lb-algorithm") && log.contains("fastest-please"),
+        "no warning:\n{log}"
+    );
+    let got = counts(&names(&lab.tcp_hellos("c", tcp_vip(), 60)));
+    assert_eq!(got.len(), 3, "{got:?}");
+}

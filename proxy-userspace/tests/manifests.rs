@@ -642,6 +642,23 @@ fn configmap_holds_a_kube_proxy_configuration() {
         Some("kubeproxy.config.k8s.io/v1alpha1")
     );
     assert_eq!(config["kind"].as_str(), Some("KubeProxyConfiguration"));
+
+    // kproxy's own `--config` reader takes it, uses every field it sets and
+    // ignores none of them.
+    let text = config_map.data.as_ref().unwrap()["config.yaml"].clone();
+    let loaded = proxy_userspace::config::parse(std::path::Path::new("config.yaml"), &text)
+        .expect("kproxy --config accepts the ConfigMap");
+    assert!(
+        loaded.ignored.is_empty(),
+        "fields kproxy would ignore: {:?}",
+        loaded.ignored
+    );
+    assert_eq!(
+        loaded.config.healthz_bind_address.as_deref(),
+        Some("0.0.0.0:10256")
+    );
+    assert!(loaded.config.sync_period.is_some() && loaded.config.min_sync_period.is_some());
+    assert!(loaded.config.conntrack_tcp_established_timeout.is_some());
 }
 
 #[test]
