@@ -64,6 +64,9 @@ pub const SCOPE_INTERNAL: u8 = 1;
 pub const SVC_FLAG_VIP_MARKER: u16 = 1 << 0;
 /// The live Maglev table is generation 1 (`MAGLEV_GEN_BIT` set in indexes).
 pub const SVC_FLAG_MAGLEV_GEN: u16 = 1 << 1;
+/// Traffic policy Local: with no endpoint, drop silently (the client times
+/// out) instead of rejecting.
+pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1 << 2;
 
 /// `ServiceValue::algorithm` on slot 0: how a new flow picks its backend.
 pub const ALG_RANDOM: u8 = 0;
@@ -131,10 +134,12 @@ pub mod stat {
     pub const FRAGMENT_NAT: u32 = 12;
     /// ICMP errors about a translated flow, translated back for the client.
     pub const ICMP_REV_NAT: u32 = 13;
+    /// Traffic policy Local and no local endpoint: dropped silently.
+    pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 14;
     pub const COUNT: u32 = 16;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 15] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -149,6 +154,7 @@ pub mod stat {
         "ct_expired",
         "fragment_nat",
         "icmp_rev_nat",
+        "drop_no_local_endpoints",
     ];
 }
 

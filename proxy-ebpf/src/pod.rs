@@ -10,7 +10,7 @@ use aya_ebpf::{
 use proxy_common::{
     ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL,
+    PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_DROP_WHEN_EMPTY,
 };
 
 use crate::{
@@ -147,6 +147,10 @@ fn new_flow(ctx: &TcContext, flow: &Flow, now: u64) -> NewFlow {
         }
     };
     if frontend.count == 0 {
+        if frontend.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
+            count(stat::DROP_NO_LOCAL_ENDPOINTS);
+            return NewFlow::Verdict(SHOT);
+        }
         count(stat::REJECT_NO_ENDPOINTS);
         return NewFlow::Reject;
     }
