@@ -225,15 +225,23 @@ impl Datapath {
         }
     }
 
-    /// Writes the datapath's tunables (conntrack timeouts).
-    pub fn write_config(&mut self, config: &DatapathConfig) -> Result<(), DatapathError> {
-        let name = CONFIG_MAP;
+    /// One of the loaded maps, typed (`T` is an aya map type such as
+    /// `HashMap<&mut MapData, K, V>`).
+    fn typed_map<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
         let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
             name,
             source: MapError::InvalidName { name: name.into() },
         })?;
-        let mut array: Array<&mut MapData, DatapathConfig> =
-            Array::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Writes the datapath's tunables (conntrack timeouts).
+    pub fn write_config(&mut self, config: &DatapathConfig) -> Result<(), DatapathError> {
+        let name = CONFIG_MAP;
+        let mut array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
         array
             .set(0, config, 0)
             .map_err(|source| DatapathError::Map { name, source })
@@ -242,12 +250,7 @@ impl Datapath {
     fn conntrack_map(
         &mut self,
     ) -> Result<BpfHashMap<&mut MapData, ConntrackKey, ConntrackValue>, DatapathError> {
-        let name = CONNTRACK_MAP;
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
-        BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+        self.typed_map(CONNTRACK_MAP)
     }
 
     /// Every conntrack entry (a consistent-enough snapshot for housekeeping:
@@ -294,13 +297,7 @@ impl Datapath {
 
     /// One open flow less for each of `backend_ids` (for lc/sed/nq).
     pub fn release_backend_conns(&mut self, backend_ids: &[u32]) -> Result<(), DatapathError> {
-        let name = BACKEND_CONNS_MAP;
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
-        let mut conns: BpfHashMap<&mut MapData, u32, u64> =
-            BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        let mut conns: BpfHashMap<&mut MapData, u32, u64> = self.typed_map(BACKEND_CONNS_MAP)?;
         for id in backend_ids {
             if let Ok(n) = conns.get(id, 0) {
                 let _ = conns.insert(id, n.saturating_sub(1), 0);
@@ -312,12 +309,7 @@ impl Datapath {
     fn affinity_map(
         &mut self,
     ) -> Result<BpfHashMap<&mut MapData, AffinityKey, AffinityValue>, DatapathError> {
-        let name = AFFINITY_MAP;
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
-        BpfHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+        self.typed_map(AFFINITY_MAP)
     }
 
     /// Deletes the affinity entries `stale` picks from the current ones;

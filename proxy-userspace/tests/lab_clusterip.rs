@@ -30,13 +30,7 @@ fn lab_with_echo_service() -> Lab {
 }
 
 fn write_echo(lab: &Lab, backends: &[&str]) {
-    let eps: Vec<Ep> = backends.iter().map(|b| Ep::ready(lab.pod(b).ip)).collect();
-    let yaml = format!(
-        "{}---\n{}",
-        service_yaml("echo", VIP, PORTS),
-        slice_yaml("echo", "echo-1", PORTS, &eps)
-    );
-    lab.write_manifest("echo.yaml", &yaml);
+    lab.write_echo_service(VIP, PORTS, backends);
 }
 
 fn tcp_vip() -> SocketAddrV4 {

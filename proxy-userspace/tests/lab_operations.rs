@@ -17,13 +17,7 @@ fn lab_with(args: &[&str]) -> Lab {
     let mut lab = Lab::new(env!("CARGO_BIN_EXE_kproxy"), &["c", "b1", "b2"]);
     lab.kproxy_args = args.iter().map(|s| s.to_string()).collect();
     lab.start_servers(&["b1", "b2"]);
-    let eps = [Ep::ready(lab.pod("b1").ip), Ep::ready(lab.pod("b2").ip)];
-    let yaml = format!(
-        "{}---\n{}",
-        service_yaml("echo", VIP, PORTS),
-        slice_yaml("echo", "echo-1", PORTS, &eps)
-    );
-    lab.write_manifest("echo.yaml", &yaml);
+    lab.write_echo_service(VIP, PORTS, &["b1", "b2"]);
     lab.start_kproxy();
     lab.wait_kproxy_ready();
     lab

@@ -441,6 +441,23 @@ impl Lab {
         fs::rename(&tmp, self.yaml_dir.join(name)).unwrap();
     }
 
+    /// Writes `echo.yaml`: the Service `echo` at `vip` with `ports`, and one
+    /// EndpointSlice with the named pods, all ready.
+    pub fn write_echo_service(
+        &self,
+        vip: Ipv4Addr,
+        ports: &[(&str, &str, u16)],
+        backends: &[&str],
+    ) {
+        let eps: Vec<Ep> = backends.iter().map(|b| Ep::ready(self.pod(b).ip)).collect();
+        let yaml = format!(
+            "{}---\n{}",
+            service_yaml("echo", vip, ports),
+            slice_yaml("echo", "echo-1", ports, &eps)
+        );
+        self.write_manifest("echo.yaml", &yaml);
+    }
+
     pub fn remove_manifest(&self, name: &str) {
         fs::remove_file(self.yaml_dir.join(name)).unwrap();
     }
