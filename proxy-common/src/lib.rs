@@ -54,9 +54,12 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
-/// `ServiceKey::scope`: which endpoint set a frontend entry serves.
-pub const SCOPE_EXTERNAL: u8 = 0;
-pub const SCOPE_INTERNAL: u8 = 1;
+/// `ServiceKey::scope`: who is asking. Internal: traffic from pods and from
+/// this node (ClusterIP with its internal policy; external frontends with
+/// Cluster behaviour, kube-proxy's short-circuit). External: traffic that
+/// arrived from outside the node (the external traffic policy's set).
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// `ServiceValue::flags` on slot 0.
 /// The entry only marks its address as a known VIP (port 0, proto 0):
@@ -408,6 +411,6 @@ impl ServiceKey {
     /// The marker entry saying "this address is a VIP".
     #[inline(always)]
     pub const fn vip_marker(addr: [u8; 16]) -> Self {
-        Self::new(addr, 0, 0, SCOPE_EXTERNAL, 0)
+        Self::new(addr, 0, 0, SCOPE_INTERNAL, 0)
     }
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use proxy_common::{
     ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL, SVC_FLAG_DROP_WHEN_EMPTY,
+    PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY,
 };
 
 use crate::{
@@ -135,7 +135,7 @@ enum NewFlow {
 fn new_flow(ctx: &TcContext, flow: &Flow, now: u64) -> NewFlow {
     let saddr = ipv4_mapped(flow.saddr);
     let daddr = ipv4_mapped(flow.daddr);
-    let frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
+    let frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, SCOPE_INTERNAL, 0);
     let frontend = match unsafe { SERVICES.get(&frontend_key) } {
         Some(frontend) => frontend,
         None => {

@@ -186,7 +186,7 @@ pub fn stale_affinity_keys(
 mod tests {
     use proxy_common::{
         ipv4_mapped, BackendValue, ServiceKey, ServiceValue, CT_STATE_ESTABLISHED, NS_PER_SEC,
-        PROTO_TCP, SCOPE_EXTERNAL,
+        PROTO_TCP, SCOPE_INTERNAL,
     };
 
     use super::*;
@@ -267,7 +267,7 @@ mod tests {
 
     fn maps_with_udp_backends(backends: &[[u8; 16]]) -> MapContents {
         let mut maps = MapContents::default();
-        let base = ServiceKey::new(VIP, 53, PROTO_UDP, SCOPE_EXTERNAL, 0);
+        let base = ServiceKey::new(VIP, 53, PROTO_UDP, SCOPE_INTERNAL, 0);
         maps.services.insert(
             base,
             ServiceValue {

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::conntrack;
 use crate::datapath::{Datapath, MapSizes};
+use crate::healthcheck::{HealthCheckServers, HealthCheckSpec};
 use crate::model::{self, namespace_of, ModelConfig, Snapshot};
 use crate::server::{self, Health, KindLabel, Metrics};
 use crate::source::{dir, kube as kube_source};
@@ -47,6 +48,8 @@ pub struct DaemonConfig {
     pub datapath_config: proxy_common::DatapathConfig,
     /// How often expired conntrack entries are swept.
     pub conntrack_gc_interval: Duration,
+    /// `--nodeport-addresses`: CIDRs or `primary`; empty: every node address.
+    pub nodeport_addresses: Vec<String>,
 }
 
 /// A running source, asked for a snapshot at each sync.
@@ -134,6 +137,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     gc_tick.tick().await;
 
     let mut state = SyncState::default();
+    let mut health_servers =
+        HealthCheckServers::new(config.healthz_bind_address.ip(), health.clone());
     let mut pending = true;
     let mut full_resync = false;
     mark_queued(&health, &metrics);
@@ -155,6 +160,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     &metrics,
                     resync,
                 )?;
+                for (port, err) in health_servers.sync(&state.health_checks).await {
+                    tracing::error!(port, error = %err, "healthCheckNodePort server not serving; retrying on the next sync");
+                }
                 continue;
             }
             tokio::select! {
@@ -199,6 +207,8 @@ struct SyncState {
     /// measure network programming latency once per change.
     trigger_times: HashMap<(String, String), String>,
     synced_once: bool,
+    /// healthCheckNodePort servers the last sync asked for.
+    health_checks: Vec<HealthCheckSpec>,
 }
 
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -240,7 +250,23 @@ impl SyncState {
         health.set_node_eligible(kube_source::node_eligible(node));
 
         let started = Instant::now();
-        let desired = model::desired_state(&snapshot, &config.model);
+        let mut model_config = config.model.clone();
+        model_config.node_addresses = model::nodeport_addresses(
+            &snapshot.nodes,
+            &config.model.node_name,
+            &config.nodeport_addresses,
+        );
+        let desired = model::desired_state(&snapshot, &model_config);
+        self.health_checks = desired
+            .health_checks
+            .iter()
+            .map(|h| HealthCheckSpec {
+                port: h.port,
+                namespace: h.namespace.clone(),
+                name: h.name.clone(),
+                local_endpoints: h.local_endpoints,
+            })
+            .collect();
         let udp_before = conntrack::udp_members(syncer.mirror());
         let affinity_before = conntrack::affinity_members(syncer.mirror());
         let report = {
@@ -462,6 +488,18 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Recomm
     Ok(watcher)
 }
 
+/// Replies to a NodePort reached from a pod are translated back to the
+/// node's own address before routing, and the kernel drops packets with a
+/// local source address arriving on an interface as martians unless the
+/// interface accepts them. (Redirecting such replies with `bpf_fib_lookup`
+/// would avoid the sysctl; see docs/ARCHITECTURE.md.)
+fn allow_local_sources(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    if let Err(err) = std::fs::write(&path, "1") {
+        tracing::warn!(%interface, error = %err, "could not set accept_local; pods reaching a NodePort on this node may time out");
+    }
+}
+
 /// Attaches to every interface matching a pod glob that is not attached yet
 /// (and re-attaches when an interface was recreated with a new index).
 fn attach_interfaces(
@@ -489,6 +527,7 @@ fn attach_interfaces(
         }
         match datapath.attach_pod_interface(name, *index) {
             Ok(()) => {
+                allow_local_sources(name);
                 tracing::info!(interface = %name, ifindex = index, "attached pod program (tcx ingress)");
                 attached.push((name.clone(), *index));
             }

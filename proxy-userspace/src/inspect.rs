@@ -71,9 +71,9 @@ pub fn services(contents: &MapContents) -> Vec<ServiceListing> {
             port: key.port,
             protocol,
             scope: if key.scope == SCOPE_EXTERNAL {
-                "cluster"
+                "external"
             } else {
-                "local"
+                "internal"
             },
             rev_nat_id: value.rev_nat_id,
             backends,

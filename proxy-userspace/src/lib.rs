@@ -6,6 +6,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
+pub mod healthcheck;
 pub mod inspect;
 pub mod maglev;
 pub mod model;

@@ -300,7 +300,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         cluster_cidrs = ?cluster_cidrs,
         nodeport_addresses = ?nodeport_addresses,
-        "accepted; used once NodePort and off-cluster SNAT are implemented"
+        "--cluster-cidr is accepted; it is used once off-cluster SNAT is implemented"
     );
     let config = DaemonConfig {
         source,
@@ -308,6 +308,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             node_name: node_name.to_lowercase(),
             proxy_name: None,
             default_algorithm: args.lb_algorithm,
+            ..ModelConfig::default()
         },
         pin_dir: args.bpf_pin_path,
         pod_interfaces,
@@ -360,6 +361,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         },
         conntrack_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),
+        nodeport_addresses: nodeport_addresses.clone(),
         healthz_bind_address: parse_bind(&healthz, "--healthz-bind-address")?,
         metrics_bind_address: parse_bind(&metrics, "--metrics-bind-address")?,
     };

@@ -1,7 +1,10 @@
 //! The pure model: (Services, EndpointSlices, Node, config) -> desired
 //! datapath state. No I/O here; `sync` turns the result into map writes.
 //!
-//! Implements SPEC.md section 1 and the ClusterIP part of section 2.
+//! Implements SPEC.md section 1 (which Services and endpoints count),
+//! section 2 (ClusterIP, NodePort, externalIP and LoadBalancer frontends),
+//! section 4 (traffic policies, `loadBalancerSourceRanges`,
+//! `healthCheckNodePort`) and section 8 (topology hints).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -28,6 +31,10 @@ pub struct ModelConfig {
     pub proxy_name: Option<String>,
     /// Backend selection for Services without a valid `kproxy.io/lb-algorithm`.
     pub default_algorithm: Algorithm,
+    /// The addresses NodePorts answer on, already narrowed by the caller
+    /// (`--nodeport-addresses`, `primary`, never 127.0.0.1 / ::1 unless
+    /// asked). Empty: no NodePort frontends at all.
+    pub node_addresses: Vec<IpAddr>,
 }
 
 /// The annotation that picks a Service's backend selection algorithm.
@@ -163,9 +170,34 @@ pub struct FrontendKey {
     pub protocol: Protocol,
 }
 
+/// How a client reaches a frontend (SPEC 2). Every kind but `ClusterIp` is
+/// "external" traffic for `externalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrontendKind {
+    /// A `clusterIPs` entry and the Service port.
     ClusterIp,
+    /// A node address (`ModelConfig::node_addresses`) and the `nodePort`.
+    NodePort,
+    /// A `spec.externalIPs` entry and the Service port.
+    ExternalIp,
+    /// A VIP-mode `status.loadBalancer.ingress[].ip` and the Service port.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Governed by `externalTrafficPolicy` rather than `internalTrafficPolicy`.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        }
+    }
 }
 
 /// Which Service port a frontend belongs to (for listings and metrics).
@@ -189,21 +221,82 @@ pub struct Backend {
 }
 
 /// One frontend and the endpoints that serve it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The derived order (service first) is what breaks ties between Services
+/// claiming one frontend; see `resolve_claims`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Frontend {
     pub service: ServicePortName,
     pub kind: FrontendKind,
     pub algorithm: Algorithm,
     /// `sessionAffinity: ClientIP`: the idle timeout in seconds.
     pub affinity_timeout: Option<u32>,
-    /// Sorted, without duplicates. Empty: the frontend rejects.
+    /// The traffic policy that governs this frontend is `Local`
+    /// (`internalTrafficPolicy` for ClusterIP, `externalTrafficPolicy` for
+    /// the others; SPEC 4): `backends` is then the local set.
+    pub policy_local: bool,
+    /// What to do when `backends` is empty: drop silently (true) or reject
+    /// (false). True when `policy_local` and the Service has usable
+    /// endpoints elsewhere in the cluster; a Service with no usable endpoint
+    /// anywhere rejects whatever its policy, as kube-proxy does (SPEC 3).
+    pub drop_when_empty: bool,
+    /// External traffic is source-NATed to the node (SPEC 5):
+    /// `externalTrafficPolicy: Cluster` on an external frontend.
+    pub snat: bool,
+    /// Sorted, without duplicates. Empty: the frontend rejects, or drops
+    /// when `drop_when_empty`.
     pub backends: Vec<Backend>,
+    /// What traffic from this node itself (its pods or its host) gets: the
+    /// cluster set (SPEC 4, short-circuit). Differs from `backends` only on
+    /// external frontends with `externalTrafficPolicy: Local`.
+    pub cluster_backends: Vec<Backend>,
+    /// `loadBalancerSourceRanges` of this frontend's family, as network
+    /// address and prefix length (host bits cleared); only on LoadBalancer
+    /// frontends. Empty: every source is allowed. Sources outside a
+    /// non-empty list are dropped.
+    pub source_ranges: Vec<(IpAddr, u8)>,
+}
+
+impl Frontend {
+    /// A frontend with the defaults of a plain Service: random selection,
+    /// no affinity, traffic policy Cluster (so SNAT for external kinds), no
+    /// source ranges.
+    pub fn new(service: ServicePortName, kind: FrontendKind, backends: Vec<Backend>) -> Self {
+        Frontend {
+            service,
+            kind,
+            algorithm: Algorithm::default(),
+            affinity_timeout: None,
+            policy_local: false,
+            drop_when_empty: false,
+            snat: kind.is_external(),
+            cluster_backends: backends.clone(),
+            backends,
+            source_ranges: Vec::new(),
+        }
+    }
+}
+
+/// A `healthCheckNodePort` to serve (SPEC 4): LoadBalancer Services with
+/// `externalTrafficPolicy: Local`. The HTTP server answers 200 when
+/// `local_endpoints` > 0 (and the proxy is healthy), else 503.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    /// Unique IPs of this node's ready endpoints, over every port and family
+    /// of the Service. Terminating-only endpoints do not count, so the node
+    /// reports 503 while their traffic still flows.
+    pub local_endpoints: usize,
 }
 
 /// The whole desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Sorted by port, one per port.
+    pub health_checks: Vec<HealthCheck>,
 }
 
 /// Label naming the Service an EndpointSlice belongs to.
@@ -212,6 +305,8 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label that makes kube-proxy ignore a Service or EndpointSlice.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The Node label naming its zone, matched against `hints.forZones`.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// The namespace objects without one are applied to (as kubectl does).
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -227,6 +322,40 @@ pub struct Endpoint {
     pub terminating: bool,
     /// On this node (`nodeName` == node name).
     pub local: bool,
+    /// What `hints.forZones` says about this node's zone.
+    pub zone_hint: Hint,
+    /// What `hints.forNodes` says about this node.
+    pub node_hint: Hint,
+}
+
+/// What one kind of topology hint on an endpoint says about this node
+/// (SPEC 8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hint {
+    /// No hint of this kind (absent or an empty list).
+    #[default]
+    Unset,
+    /// Hinted for this node (or its zone).
+    Here,
+    /// Hinted, but only for other nodes (or zones).
+    Elsewhere,
+}
+
+impl Hint {
+    fn of<'a>(names: impl Iterator<Item = &'a str>, here: Option<&str>) -> Hint {
+        let mut hinted = false;
+        for name in names {
+            hinted = true;
+            if Some(name) == here {
+                return Hint::Here;
+            }
+        }
+        if hinted {
+            Hint::Elsewhere
+        } else {
+            Hint::Unset
+        }
+    }
 }
 
 impl Endpoint {
@@ -247,7 +376,12 @@ impl Endpoint {
 /// order of the objects in the snapshot.
 pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState {
     let slices = SliceIndex::new(&snapshot.endpoint_slices);
+    let node = ThisNode {
+        name: &config.node_name,
+        zone: node_zone(&snapshot.nodes, &config.node_name),
+    };
     let mut claims: BTreeMap<FrontendKey, Vec<Frontend>> = BTreeMap::new();
+    let mut health_checks = Vec::new();
 
     for service in &snapshot.services {
         if !service_is_proxied(service, config) {
@@ -257,9 +391,14 @@ pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState 
             continue;
         };
         let namespace = namespace_of(&service.metadata);
-        let ips = cluster_ips(service);
+        let addresses = ServiceAddresses::of(service, config);
+        let source_ranges = source_ranges(service);
         let algorithm = algorithm_of(service, namespace, name, config);
         let affinity_timeout = affinity_of(spec);
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let takes_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let mut local_ready_ips = BTreeSet::new();
         for service_port in spec.ports.iter().flatten() {
             let port_name = service_port.name.as_deref().unwrap_or("");
             let Some(protocol) = Protocol::from_k8s(service_port.protocol.as_deref()) else {
@@ -279,25 +418,74 @@ pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState 
                 );
                 continue;
             };
-            for &ip in &ips {
+            // nodePort 0 or unset: none (`allocateLoadBalancerNodePorts: false`).
+            let node_port = service_port
+                .node_port
+                .and_then(port_number)
+                .filter(|_| takes_node_ports);
+            for family in [Family::V4, Family::V6] {
+                let targets = addresses.targets(family, port, node_port);
+                if targets.is_empty() {
+                    continue;
+                }
                 let endpoints =
-                    slices.endpoints(namespace, name, port_name, protocol, Family::of(ip), config);
-                let frontend = Frontend {
-                    service: ServicePortName {
-                        namespace: namespace.to_owned(),
-                        name: name.to_owned(),
-                        port_name: port_name.to_owned(),
-                    },
-                    kind: FrontendKind::ClusterIp,
-                    algorithm,
-                    affinity_timeout,
-                    backends: cluster_endpoints(&endpoints),
-                };
-                claims
-                    .entry(FrontendKey { ip, port, protocol })
-                    .or_default()
-                    .push(frontend);
+                    slices.endpoints(namespace, name, port_name, protocol, family, &node);
+                local_ready_ips.extend(
+                    endpoints
+                        .iter()
+                        .filter(|endpoint| endpoint.local && endpoint.ready)
+                        .map(|endpoint| endpoint.ip),
+                );
+                let cluster = cluster_endpoints(&endpoints);
+                let local = local_endpoints(&endpoints);
+                for (kind, ip, port) in targets {
+                    let external = kind.is_external();
+                    let policy_local = if external {
+                        external_local
+                    } else {
+                        internal_local
+                    };
+                    let backends = if policy_local { &local } else { &cluster };
+                    let frontend = Frontend {
+                        service: ServicePortName {
+                            namespace: namespace.to_owned(),
+                            name: name.to_owned(),
+                            port_name: port_name.to_owned(),
+                        },
+                        kind,
+                        algorithm,
+                        affinity_timeout,
+                        policy_local,
+                        // The cluster set is empty only when no endpoint is
+                        // usable anywhere: then reject, as for policy Cluster.
+                        drop_when_empty: policy_local && !cluster.is_empty(),
+                        snat: external && !policy_local,
+                        backends: backends.clone(),
+                        cluster_backends: if external { &cluster } else { backends }.clone(),
+                        source_ranges: if kind == FrontendKind::LoadBalancer {
+                            source_ranges
+                                .iter()
+                                .copied()
+                                .filter(|(ip, _)| Family::of(*ip) == family)
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
+                    };
+                    claims
+                        .entry(FrontendKey { ip, port, protocol })
+                        .or_default()
+                        .push(frontend);
+                }
             }
+        }
+        if let Some(port) = health_check_port(spec, namespace, name) {
+            health_checks.push(HealthCheck {
+                port,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                local_endpoints: local_ready_ips.len(),
+            });
         }
     }
 
@@ -305,7 +493,326 @@ pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState 
         .into_iter()
         .map(|(key, claimants)| (key, resolve_claims(key, claimants)))
         .collect();
-    DesiredState { frontends }
+    DesiredState {
+        frontends,
+        health_checks: resolve_health_checks(health_checks),
+    }
+}
+
+/// This node, as endpoint locality and topology hints see it.
+struct ThisNode<'a> {
+    /// `--hostname-override`; empty makes nothing local.
+    name: &'a str,
+    /// Its `topology.kubernetes.io/zone` label, if its Node object has one.
+    zone: Option<&'a str>,
+}
+
+/// The zone of the Node named `node_name` (SPEC 8). No such Node, or no
+/// label: no zone, so zone hints never match.
+pub fn node_zone<'a>(nodes: &'a [Node], node_name: &str) -> Option<&'a str> {
+    if node_name.is_empty() {
+        return None;
+    }
+    // Two Node objects with one name (two copies in a directory source):
+    // take the smallest zone so the answer never depends on input order.
+    nodes
+        .iter()
+        .filter(|node| node.metadata.name.as_deref() == Some(node_name))
+        .filter_map(|node| node.metadata.labels.as_ref()?.get(LABEL_TOPOLOGY_ZONE))
+        .map(String::as_str)
+        .filter(|zone| !zone.is_empty())
+        .min()
+}
+
+/// Every address a Service's frontends answer on, by kind (SPEC 2), each
+/// list sorted and without duplicates.
+struct ServiceAddresses {
+    cluster: BTreeSet<IpAddr>,
+    node: BTreeSet<IpAddr>,
+    external: BTreeSet<IpAddr>,
+    load_balancer: BTreeSet<IpAddr>,
+}
+
+impl ServiceAddresses {
+    /// NodePort, externalIP and LoadBalancer addresses only of the Service's
+    /// own families (`ipFamilies`, else those of its clusterIPs), as
+    /// kube-proxy programs a family only for Services with a clusterIP in it.
+    fn of(service: &Service, config: &ModelConfig) -> Self {
+        let cluster = cluster_ips(service);
+        let families = service_families(service, &cluster);
+        let of_service_family = |ip: &IpAddr| families.contains(&Family::of(*ip));
+        let node = config
+            .node_addresses
+            .iter()
+            .copied()
+            .filter(of_service_family)
+            .collect();
+        let external = external_ips(service)
+            .into_iter()
+            .filter(of_service_family)
+            .collect();
+        let load_balancer = load_balancer_ips(service)
+            .into_iter()
+            .filter(of_service_family)
+            .collect();
+        ServiceAddresses {
+            cluster,
+            node,
+            external,
+            load_balancer,
+        }
+    }
+
+    /// The frontends of one Service port in one family: kind, address, port.
+    fn targets(
+        &self,
+        family: Family,
+        port: u16,
+        node_port: Option<u16>,
+    ) -> Vec<(FrontendKind, IpAddr, u16)> {
+        let lists = [
+            (FrontendKind::ClusterIp, &self.cluster, Some(port)),
+            (FrontendKind::NodePort, &self.node, node_port),
+            (FrontendKind::ExternalIp, &self.external, Some(port)),
+            (FrontendKind::LoadBalancer, &self.load_balancer, Some(port)),
+        ];
+        let mut targets = Vec::new();
+        for (kind, ips, port) in lists {
+            let Some(port) = port else {
+                continue;
+            };
+            let ips = ips.iter().filter(|ip| Family::of(**ip) == family);
+            targets.extend(ips.map(|&ip| (kind, ip, port)));
+        }
+        targets
+    }
+}
+
+/// `ipFamilies`, or when it is empty (objects written before dual-stack,
+/// hand-made ones) the families of the clusterIPs.
+fn service_families(service: &Service, cluster_ips: &BTreeSet<IpAddr>) -> BTreeSet<Family> {
+    let listed = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.ip_families.as_ref())
+        .filter(|families| !families.is_empty());
+    match listed {
+        Some(families) => families
+            .iter()
+            .filter_map(|family| Family::of_address_type(family))
+            .collect(),
+        None => cluster_ips.iter().map(|ip| Family::of(*ip)).collect(),
+    }
+}
+
+/// `spec.externalIPs`, unparseable entries skipped with a warning.
+fn external_ips(service: &Service) -> Vec<IpAddr> {
+    let listed = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.external_ips.as_ref());
+    listed
+        .into_iter()
+        .flatten()
+        .filter(|ip| !ip.is_empty())
+        .filter_map(|ip| match ip.trim().parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                tracing::warn!(
+                    service = %qualified_name(&service.metadata),
+                    external_ip = ip.as_str(),
+                    "skipping an externalIP that is not an IP address"
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+/// The LoadBalancer ingress IPs kproxy answers on: `ipMode` VIP or unset.
+/// `Proxy` mode means the load balancer delivers to the node itself, and
+/// hostname-only entries have no address to answer on; both are skipped.
+/// Only for `type: LoadBalancer`, so a type change removes them at once.
+fn load_balancer_ips(service: &Service) -> Vec<IpAddr> {
+    let is_load_balancer =
+        service.spec.as_ref().and_then(|spec| spec.type_.as_deref()) == Some("LoadBalancer");
+    if !is_load_balancer {
+        return Vec::new();
+    }
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_ref());
+    ingress
+        .into_iter()
+        .flatten()
+        .filter(|ingress| matches!(ingress.ip_mode.as_deref(), None | Some("VIP")))
+        .filter_map(|ingress| ingress.ip.as_deref().filter(|ip| !ip.is_empty()))
+        .filter_map(|ip| match ip.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                tracing::warn!(
+                    service = %qualified_name(&service.metadata),
+                    ingress_ip = ip,
+                    "skipping a load balancer ingress IP that is not an IP address"
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+/// `loadBalancerSourceRanges` as (network, prefix length), sorted and
+/// deduplicated, both families. As kube-proxy does: entries are trimmed
+/// (API validation lets whitespace through), invalid ones skipped with a
+/// warning, and a frontend whose family ends up with no range allows every
+/// source, even when the Service listed only invalid or other-family ones.
+fn source_ranges(service: &Service) -> Vec<(IpAddr, u8)> {
+    let listed = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_ref());
+    let ranges: BTreeSet<(IpAddr, u8)> = listed
+        .into_iter()
+        .flatten()
+        .map(|range| range.trim())
+        .filter(|range| !range.is_empty())
+        .filter_map(|range| {
+            let parsed = parse_cidr(range);
+            if parsed.is_none() {
+                tracing::warn!(
+                    service = %qualified_name(&service.metadata),
+                    range,
+                    "skipping a loadBalancerSourceRanges entry that is not a CIDR (like 203.0.113.0/24)"
+                );
+            }
+            parsed
+        })
+        .collect();
+    ranges.into_iter().collect()
+}
+
+/// The addresses NodePorts answer on (SPEC 2): this Node's InternalIP and
+/// ExternalIP addresses from `status.addresses`; with `--nodeport-addresses`
+/// only those inside the given CIDRs, or with `primary` the first InternalIP
+/// of each family. Never loopback (**ours**).
+pub fn nodeport_addresses(nodes: &[Node], node_name: &str, filter: &[String]) -> Vec<IpAddr> {
+    let Some(node) = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+    else {
+        return Vec::new();
+    };
+    let listed: Vec<(String, IpAddr)> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| Some((a.type_.clone(), a.address.parse::<IpAddr>().ok()?)))
+        .filter(|(_, ip)| !ip.is_loopback())
+        .collect();
+    let mut out: Vec<IpAddr> = if filter.is_empty() {
+        listed.iter().map(|(_, ip)| *ip).collect()
+    } else {
+        let cidrs: Vec<(IpAddr, u8)> = filter.iter().filter_map(|c| parse_cidr(c.trim())).collect();
+        let primary = filter.iter().any(|f| f.trim() == "primary");
+        let mut chosen: Vec<IpAddr> = listed
+            .iter()
+            .map(|(_, ip)| *ip)
+            .filter(|ip| cidrs.iter().any(|c| cidr_contains(*c, *ip)))
+            .collect();
+        if primary {
+            for v4 in [true, false] {
+                if let Some((_, ip)) = listed
+                    .iter()
+                    .find(|(t, ip)| t == "InternalIP" && ip.is_ipv4() == v4)
+                {
+                    chosen.push(*ip);
+                }
+            }
+        }
+        chosen
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn cidr_contains((network, len): (IpAddr, u8), ip: IpAddr) -> bool {
+    parse_cidr(&format!("{ip}/{len}")).is_some_and(|(n, _)| n == network)
+}
+
+/// `ip/len` -> (network address, len), host bits cleared as Go's
+/// `ParseCIDR` does. A bare address without `/len` is not a CIDR.
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (ip, len) = text.split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    if u32::from(len) > bits {
+        return None;
+    }
+    // `checked_shl` fails for a shift of the full width: prefix length 0.
+    let network = match ip {
+        IpAddr::V4(ip) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(ip) & mask).into())
+        }
+        IpAddr::V6(ip) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(ip) & mask).into())
+        }
+    };
+    Some((network, len))
+}
+
+/// The `healthCheckNodePort` to serve, for LoadBalancer Services with
+/// `externalTrafficPolicy: Local` (SPEC 4).
+fn health_check_port(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    namespace: &str,
+    name: &str,
+) -> Option<u16> {
+    let needed = spec.type_.as_deref() == Some("LoadBalancer")
+        && spec.external_traffic_policy.as_deref() == Some("Local");
+    if !needed {
+        return None;
+    }
+    let port = spec.health_check_node_port.and_then(port_number);
+    if port.is_none() {
+        tracing::warn!(
+            service = %format_args!("{namespace}/{name}"),
+            health_check_node_port = spec.health_check_node_port,
+            "LoadBalancer Service with externalTrafficPolicy Local has no valid healthCheckNodePort; serving no health check for it"
+        );
+    }
+    port
+}
+
+/// One health check per port: the lowest namespace/name keeps a port two
+/// Services claim (the API server never allocates one twice).
+fn resolve_health_checks(mut checks: Vec<HealthCheck>) -> Vec<HealthCheck> {
+    checks.sort();
+    let mut kept: Vec<HealthCheck> = Vec::with_capacity(checks.len());
+    for check in checks {
+        match kept.last() {
+            Some(winner) if winner.port == check.port => {
+                if (&winner.namespace, &winner.name) != (&check.namespace, &check.name) {
+                    tracing::warn!(
+                        port = check.port,
+                        kept = %format_args!("{}/{}", winner.namespace, winner.name),
+                        ignored = %format_args!("{}/{}", check.namespace, check.name),
+                        "two Services claim the same healthCheckNodePort; fix one of them"
+                    );
+                }
+            }
+            _ => kept.push(check),
+        }
+    }
+    kept
 }
 
 /// Whether kproxy handles this Service at all (SPEC 1.1). Headless and
@@ -365,9 +872,31 @@ fn cluster_ips(service: &Service) -> BTreeSet<IpAddr> {
 
 /// The cluster endpoint set (SPEC 1.5): the ready endpoints; when none is
 /// ready, the serving and terminating ones (graceful termination), marked
-/// `terminating`. Topology hints (SPEC 8) will narrow the ready set here.
+/// `terminating`.
+///
+/// Topology hints (SPEC 8) narrow the ready endpoints to those hinted for
+/// this node, only when every ready endpoint carries that kind of hint and at
+/// least one names this node (or its zone); `forNodes` is tried before
+/// `forZones`. kube-proxy reads `forNodes` behind its
+/// PreferSameTrafficDistribution gate (on by default since 1.33); kproxy
+/// always does. When hints apply, some ready endpoint survives, so the
+/// terminating fallback never follows from hints.
 pub fn cluster_endpoints(endpoints: &[Endpoint]) -> Vec<Backend> {
-    usable(endpoints.iter())
+    match topology_hint(endpoints) {
+        Some(hint) => usable(endpoints.iter().filter(|e| hint(e) == Hint::Here)),
+        None => usable(endpoints.iter()),
+    }
+}
+
+/// Which kind of hint narrows the cluster set, if any (SPEC 8).
+fn topology_hint(endpoints: &[Endpoint]) -> Option<fn(&Endpoint) -> Hint> {
+    let node_hint: fn(&Endpoint) -> Hint = |endpoint| endpoint.node_hint;
+    let zone_hint: fn(&Endpoint) -> Hint = |endpoint| endpoint.zone_hint;
+    let ready = || endpoints.iter().filter(|endpoint| endpoint.ready);
+    [node_hint, zone_hint].into_iter().find(|hint| {
+        ready().all(|endpoint| hint(endpoint) != Hint::Unset)
+            && ready().any(|endpoint| hint(endpoint) == Hint::Here)
+    })
 }
 
 /// The local endpoint set (SPEC 1.5), for traffic policy Local: the local
@@ -400,9 +929,6 @@ fn usable<'a>(endpoints: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<Back
     backends
 }
 
-/// Several Services claim one frontend: a misconfiguration (or two copies of
-/// one object). Keep the lowest namespace/name/port so the winner never
-/// depends on input order, and say so.
 /// The Service's `kproxy.io/lb-algorithm`, or the default (with a warning
 /// for a value kproxy does not know).
 fn algorithm_of(service: &Service, namespace: &str, name: &str, config: &ModelConfig) -> Algorithm {
@@ -440,9 +966,13 @@ fn affinity_of(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<u32> {
     Some(seconds)
 }
 
+/// Several Services claim one frontend: a misconfiguration (or two copies of
+/// one object). Keep the lowest namespace/name/port so the winner never
+/// depends on input order, and say so.
 fn resolve_claims(key: FrontendKey, mut claimants: Vec<Frontend>) -> Frontend {
-    claimants
-        .sort_by(|a, b| (&a.service, a.kind, &a.backends).cmp(&(&b.service, b.kind, &b.backends)));
+    // The full order, not just the Service: one Service can claim one key
+    // twice with different frontends (an externalIP equal to an LB IP).
+    claimants.sort();
     claimants.dedup();
     let mut claimants = claimants.into_iter();
     let winner = claimants.next().expect("a claim exists for every key");
@@ -457,7 +987,7 @@ fn resolve_claims(key: FrontendKey, mut claimants: Vec<Frontend>) -> Frontend {
     winner
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Family {
     V4,
     V6,
@@ -471,7 +1001,8 @@ impl Family {
         }
     }
 
-    /// An EndpointSlice `addressType`; FQDN (and anything else) has no family.
+    /// An EndpointSlice `addressType` or a Service `ipFamilies` entry; FQDN
+    /// (and anything else) has no family.
     fn of_address_type(address_type: &str) -> Option<Family> {
         match address_type {
             "IPv4" => Some(Family::V4),
@@ -515,7 +1046,7 @@ impl<'a> SliceIndex<'a> {
         port_name: &str,
         protocol: Protocol,
         family: Family,
-        config: &ModelConfig,
+        node: &ThisNode,
     ) -> Vec<Endpoint> {
         let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
         let slices = self.by_service.get(&(namespace, service));
@@ -537,8 +1068,7 @@ impl<'a> SliceIndex<'a> {
             });
             for port in numbers {
                 for endpoint in &slice.endpoints {
-                    let Some(endpoint) = read_endpoint(slice, endpoint, port, family, config)
-                    else {
+                    let Some(endpoint) = read_endpoint(slice, endpoint, port, family, node) else {
                         continue;
                     };
                     merged
@@ -557,7 +1087,7 @@ fn read_endpoint(
     endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
     port: u16,
     family: Family,
-    config: &ModelConfig,
+    node: &ThisNode,
 ) -> Option<Endpoint> {
     // Only the first address carries traffic; the others are informational.
     let address = endpoint.addresses.first()?;
@@ -574,8 +1104,11 @@ fn read_endpoint(
         }
     };
     let conditions = endpoint.conditions.as_ref();
-    let local = !config.node_name.is_empty()
-        && endpoint.node_name.as_deref() == Some(config.node_name.as_str());
+    let local = !node.name.is_empty() && endpoint.node_name.as_deref() == Some(node.name);
+    let hints = endpoint.hints.as_ref();
+    let zones = hints.and_then(|hints| hints.for_zones.as_ref());
+    let nodes = hints.and_then(|hints| hints.for_nodes.as_ref());
+    let this_node = Some(node.name).filter(|name| !name.is_empty());
     Some(Endpoint {
         ip,
         port,
@@ -583,6 +1116,14 @@ fn read_endpoint(
         serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         local,
+        zone_hint: Hint::of(
+            zones.into_iter().flatten().map(|z| z.name.as_str()),
+            node.zone,
+        ),
+        node_hint: Hint::of(
+            nodes.into_iter().flatten().map(|n| n.name.as_str()),
+            this_node,
+        ),
     })
 }
 

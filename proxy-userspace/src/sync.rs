@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use proxy_common::{
     ipv4_mapped, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
     BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, MAGLEV_GEN_BIT, SCOPE_EXTERNAL,
-    SVC_FLAG_MAGLEV_GEN, SVC_FLAG_VIP_MARKER,
+    SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_MAGLEV_GEN, SVC_FLAG_VIP_MARKER,
 };
 use thiserror::Error;
 
@@ -84,6 +84,9 @@ pub struct SyncReport {
 /// The entries one frontend needs.
 struct FrontendEntries {
     frontend: FrontendKey,
+    /// ClusterIPs only: the address gets a VIP marker (unknown ports are
+    /// rejected). Node addresses (NodePorts) must never get one.
+    vip_marker: bool,
     slot0: (ServiceKey, ServiceValue),
     slots: Vec<(ServiceKey, ServiceValue)>,
     rev_nat: (u32, RevNatValue),
@@ -192,7 +195,11 @@ impl Syncer {
         }
 
         // VIP markers: "this address is a Service VIP", for reject on unknown ports.
-        let vips: BTreeSet<[u8; 16]> = entries.iter().map(|e| e.slot0.0.addr).collect();
+        let vips: BTreeSet<[u8; 16]> = entries
+            .iter()
+            .filter(|e| e.vip_marker)
+            .map(|e| e.slot0.0.addr)
+            .collect();
         for addr in vips {
             let key = ServiceKey::vip_marker(addr);
             let value = ServiceValue {
@@ -232,7 +239,7 @@ impl Syncer {
         let claimed: HashSet<u32> = frontend_ids.values().copied().collect();
         for (id, rn) in &self.mirror.rev_nat {
             if !claimed.contains(id) {
-                let key = ServiceKey::new(rn.addr, rn.port, rn.proto, SCOPE_EXTERNAL, 0);
+                let key = ServiceKey::new(rn.addr, rn.port, rn.proto, SCOPE_INTERNAL, 0);
                 frontend_ids.entry(key).or_insert(*id);
             }
         }
@@ -245,7 +252,7 @@ impl Syncer {
                 addr_bytes(key.ip),
                 key.port,
                 key.protocol.number(),
-                SCOPE_EXTERNAL,
+                SCOPE_INTERNAL,
                 0,
             );
             if let Some(v) = self.mirror.services.get(&k) {
@@ -269,71 +276,92 @@ impl Syncer {
         for (key, frontend) in &desired.frontends {
             let addr = addr_bytes(key.ip);
             let proto = key.protocol.number();
-            let slot0_key = ServiceKey::new(addr, key.port, proto, SCOPE_EXTERNAL, 0);
-            let rev_nat_id = *frontend_ids
-                .entry(slot0_key)
-                .or_insert_with(|| rev_nat_alloc.allocate());
-            let mut backends = Vec::with_capacity(frontend.backends.len());
-            let mut slots = Vec::with_capacity(frontend.backends.len());
-            for (i, b) in frontend.backends.iter().enumerate() {
-                let b_addr = addr_bytes(b.ip);
-                let id = *backend_ids
-                    .entry((b_addr, b.port, proto))
-                    .or_insert_with(|| backend_alloc.allocate());
-                let value = BackendValue {
-                    addr: b_addr,
-                    port: b.port,
-                    proto,
-                    state: if b.terminating {
-                        BACKEND_STATE_TERMINATING
-                    } else {
-                        BACKEND_STATE_ACTIVE
-                    },
-                    ..BackendValue::default()
-                };
-                backends.push((id, value));
-                let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
-                slots.push((
-                    ServiceKey { slot, ..slot0_key },
-                    ServiceValue {
-                        backend_id: id,
-                        ..ServiceValue::default()
-                    },
-                ));
-            }
-            let count = u16::try_from(frontend.backends.len()).unwrap_or(u16::MAX);
-            let port_id = *port_ids
-                .entry(frontend.service.clone())
-                .or_insert_with(|| port_alloc.allocate());
-            let maglev_table = (frontend.algorithm == Algorithm::Maglev && !backends.is_empty())
-                .then(|| maglev_table(&frontend.backends, &backends));
-            out.push(FrontendEntries {
-                frontend: *key,
-                slot0: (
-                    slot0_key,
-                    ServiceValue {
-                        count,
-                        rev_nat_id,
-                        backend_id: port_id,
-                        algorithm: frontend.algorithm.number(),
-                        affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
-                        maglev_size: maglev_table.as_ref().map_or(0, |t| t.len() as u32),
-                        ..ServiceValue::default()
-                    },
-                ),
-                maglev_table,
-                slots,
-                rev_nat: (
-                    rev_nat_id,
-                    RevNatValue {
-                        addr,
-                        port: key.port,
+            // Traffic from pods and this node always gets Cluster behaviour
+            // (kube-proxy's short-circuit for external frontends); traffic
+            // from outside (external scope, the XDP path) gets the external
+            // policy's set. ClusterIP frontends have one, internal, entry.
+            let scopes: Vec<(u8, &[crate::model::Backend], bool)> = if frontend.kind.is_external() {
+                vec![
+                    (SCOPE_INTERNAL, &frontend.cluster_backends, false),
+                    (SCOPE_EXTERNAL, &frontend.backends, frontend.drop_when_empty),
+                ]
+            } else {
+                vec![(SCOPE_INTERNAL, &frontend.backends, frontend.drop_when_empty)]
+            };
+            for (scope, set, drop_when_empty) in scopes {
+                let slot0_key = ServiceKey::new(addr, key.port, proto, scope, 0);
+                let rev_nat_id = *frontend_ids
+                    .entry(slot0_key)
+                    .or_insert_with(|| rev_nat_alloc.allocate());
+                let mut backends = Vec::with_capacity(set.len());
+                let mut slots = Vec::with_capacity(set.len());
+                for (i, b) in set.iter().enumerate() {
+                    let b_addr = addr_bytes(b.ip);
+                    let id = *backend_ids
+                        .entry((b_addr, b.port, proto))
+                        .or_insert_with(|| backend_alloc.allocate());
+                    let value = BackendValue {
+                        addr: b_addr,
+                        port: b.port,
                         proto,
-                        ..RevNatValue::default()
-                    },
-                ),
-                backends,
-            });
+                        state: if b.terminating {
+                            BACKEND_STATE_TERMINATING
+                        } else {
+                            BACKEND_STATE_ACTIVE
+                        },
+                        ..BackendValue::default()
+                    };
+                    backends.push((id, value));
+                    let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
+                    slots.push((
+                        ServiceKey { slot, ..slot0_key },
+                        ServiceValue {
+                            backend_id: id,
+                            ..ServiceValue::default()
+                        },
+                    ));
+                }
+                let count = u16::try_from(set.len()).unwrap_or(u16::MAX);
+                let port_id = *port_ids
+                    .entry(frontend.service.clone())
+                    .or_insert_with(|| port_alloc.allocate());
+                let maglev_table = (frontend.algorithm == Algorithm::Maglev
+                    && !backends.is_empty())
+                .then(|| maglev_table(set, &backends));
+                out.push(FrontendEntries {
+                    frontend: *key,
+                    vip_marker: frontend.kind == crate::model::FrontendKind::ClusterIp,
+                    slot0: (
+                        slot0_key,
+                        ServiceValue {
+                            count,
+                            rev_nat_id,
+                            backend_id: port_id,
+                            algorithm: frontend.algorithm.number(),
+                            affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
+                            maglev_size: maglev_table.as_ref().map_or(0, |t| t.len() as u32),
+                            flags: if drop_when_empty {
+                                SVC_FLAG_DROP_WHEN_EMPTY
+                            } else {
+                                0
+                            },
+                            ..ServiceValue::default()
+                        },
+                    ),
+                    maglev_table,
+                    slots,
+                    rev_nat: (
+                        rev_nat_id,
+                        RevNatValue {
+                            addr,
+                            port: key.port,
+                            proto,
+                            ..RevNatValue::default()
+                        },
+                    ),
+                    backends,
+                });
+            }
         }
         out
     }
@@ -680,25 +708,24 @@ mod tests {
                 .map(|(k, b)| {
                     (
                         *k,
-                        Frontend {
-                            service: ServicePortName {
+                        Frontend::new(
+                            ServicePortName {
                                 namespace: "ns".into(),
                                 name: "svc".into(),
                                 port_name: String::new(),
                             },
-                            kind: FrontendKind::ClusterIp,
-                            algorithm: Default::default(),
-                            affinity_timeout: None,
-                            backends: b.clone(),
-                        },
+                            FrontendKind::ClusterIp,
+                            b.clone(),
+                        ),
                     )
                 })
                 .collect(),
+            ..DesiredState::default()
         }
     }
 
     fn slot0(contents: &MapContents, k: FrontendKey) -> Option<ServiceValue> {
-        let key = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_EXTERNAL, 0);
+        let key = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_INTERNAL, 0);
         contents.services.get(&key).copied()
     }
 
@@ -708,7 +735,7 @@ mod tests {
         let Some(fe) = slot0(contents, k) else {
             return Vec::new();
         };
-        let base = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_EXTERNAL, 0);
+        let base = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_INTERNAL, 0);
         (1..=fe.count)
             .map(|slot| {
                 let id = contents.services[&ServiceKey { slot, ..base }].backend_id;

@@ -103,17 +103,15 @@ fn lab_services() -> DesiredState {
             port,
             protocol,
         };
-        let frontend = Frontend {
-            service: ServicePortName {
+        let frontend = Frontend::new(
+            ServicePortName {
                 namespace: "fixtures".to_owned(),
                 name: format!("svc-{}", ip[3]),
                 port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
             },
-            kind: FrontendKind::ClusterIp,
-            algorithm: Default::default(),
-            affinity_timeout: None,
+            FrontendKind::ClusterIp,
             backends,
-        };
+        );
         state.frontends.insert(key, frontend);
     };
     add(VIP, 80, Protocol::Tcp, &[WEB_BACKEND]);
