@@ -17,6 +17,9 @@ const DEBIAN_PACKAGES: [(&str, &str); 3] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
 ];
+/// What only the bench needs: it compares against kube-proxy's iptables and
+/// nftables modes (installed by `cargo xtask bench`, not by every test run).
+const BENCH_PACKAGES: [(&str, &str); 2] = [("iptables", "iptables"), ("nft", "nftables")];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -47,8 +50,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (docs/BENCHMARKS.md).
-    Bench,
+    /// Benchmarks: writes docs/BENCHMARKS.md and docs/bench-*.svg.
+    Bench {
+        /// Fewer Service counts and a smaller control-plane set (under 5 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -78,7 +85,15 @@ fn main() -> Result<()> {
             let kproxy = root.join("target/debug/kproxy");
             check(
                 Command::new("cargo")
-                    .args(["run", "-q", "-p", "proxy-userspace", "--example", "demo", "--"])
+                    .args([
+                        "run",
+                        "-q",
+                        "-p",
+                        "proxy-userspace",
+                        "--example",
+                        "demo",
+                        "--",
+                    ])
                     .arg(&kproxy)
                     .arg(root.join("manifests/examples")),
             )
@@ -88,18 +103,45 @@ fn main() -> Result<()> {
             require_root("the packet fixtures and lab tests load eBPF programs and create network namespaces")?;
             if !no_lint {
                 cargo(&["fmt", "--all", "--check"])?;
-                cargo(&["clippy", "--workspace", "--exclude", "proxy-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+                cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "proxy-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])?;
             }
             let mut test = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
             test.extend(args.iter().map(String::as_str));
             // The lab tests are heavy; two at a time suits these 2-core machines.
             let mut cmd = Command::new("cargo");
-            cmd.args(&test).env("RUST_TEST_THREADS", "2").env("KPROXY_REQUIRE_LAB", "1");
+            cmd.args(&test)
+                .env("RUST_TEST_THREADS", "2")
+                .env("KPROXY_REQUIRE_LAB", "1");
             check(&mut cmd)
         }
-        Cmd::Bench => bail!(
-            "`cargo xtask bench` is not written yet (see the benchmarks issue); nothing was measured"
-        ),
+        Cmd::Bench { quick } => {
+            setup()?;
+            install_packages(&BENCH_PACKAGES)?;
+            require_root("the bench loads eBPF programs and creates network namespaces")?;
+            let mut run = vec![
+                "run",
+                "--release",
+                "-p",
+                "proxy-userspace",
+                "--example",
+                "bench",
+                "--",
+            ];
+            if quick {
+                run.push("--quick");
+            }
+            run.extend(["--out", "docs/BENCHMARKS.md"]);
+            cargo(&run)
+        }
     }
 }
 
@@ -151,6 +193,31 @@ fn require_root(why: &str) -> Result<()> {
 
 /// Installs rust-src for nightly, bpf-linker, and the Debian tools; mounts
 /// bpffs at /sys/fs/bpf. Each step checks first, so a second run is quick.
+/// Installs the Debian packages whose command is missing.
+fn install_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(cmd, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {cmd}")])))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root("installing Debian packages needs root")?;
+    eprintln!("setup: installing {}", missing.join(" "));
+    check(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    check(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 fn setup() -> Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
@@ -182,26 +249,7 @@ fn setup() -> Result<()> {
         ])?;
     }
 
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .filter(|(cmd, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {cmd}")])))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        require_root("installing Debian packages needs root")?;
-        eprintln!("setup: installing {}", missing.join(" "));
-        check(
-            Command::new("apt-get")
-                .arg("update")
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-        check(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    install_packages(&DEBIAN_PACKAGES)?;
 
     if is_root() && Path::new("/sys/fs/bpf").is_dir() {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
