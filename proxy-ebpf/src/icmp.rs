@@ -1,23 +1,29 @@
-//! ICMP errors about a translated flow (port unreachable from a backend,
-//! fragmentation needed from a router on the path): the quoted packet went
-//! client -> backend, but the client only knows client -> VIP. The quote
-//! and, when the backend itself answered, the outer source are translated
-//! back so the client's socket learns of the error (PMTU discovery works).
+//! ICMP errors about a translated flow, in both directions: port
+//! unreachable or fragmentation needed about client -> backend packets
+//! (from the backend or a router) are translated back to client -> VIP, and
+//! errors a client sends about a reply (VIP -> client) are translated to the
+//! backend. Each socket then learns of its error (PMTU discovery works).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{ipv4_mapped, stat, ConntrackKey, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
+use proxy_common::{
+    ipv4_mapped, stat, ConntrackKey, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::maps::{count, CONNTRACK};
-use crate::parse::{IP_CHECK_OFF, IP_SRC_OFF};
+use crate::parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF};
 
 const OK: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Which end of the quoted packet is rewritten (offsets: address 12 + 4x,
+/// port 20 + 2x from the quoted IP header).
+const QUOTED_SOURCE: usize = 0;
+const QUOTED_DESTINATION: usize = 1;
 
 #[inline(never)]
 pub fn error(ctx: &TcContext, l4_off: usize) -> i32 {
@@ -50,9 +56,14 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     let inner_dst = [ip[16], ip[17], ip[18], ip[19]];
     let inner_sport = u16::from_be_bytes([ip[20], ip[21]]);
     let inner_dport = u16::from_be_bytes([ip[22], ip[23]]);
-    // The quoted packet went client -> backend: its reply entry is keyed
-    // backend -> client and holds the VIP and port the client used.
-    let key = ConntrackKey {
+    // From the backend's side the quote went client -> backend: its reply
+    // entry (keyed backend -> client) holds the VIP the client used; the
+    // quoted destination and, when the backend itself answered, the outer
+    // source become the VIP again. From the client's side the quote went
+    // VIP -> client (a reply already translated back): its forward entry
+    // (keyed client -> VIP) holds the backend; the quoted source and the
+    // outer destination become the backend.
+    let mut key = ConntrackKey {
         saddr: ipv4_mapped(inner_dst),
         daddr: ipv4_mapped(inner_src),
         sport: inner_dport,
@@ -61,23 +72,35 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
         direction: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
-        return Ok(OK);
+    let (entry, quoted, outer) = match unsafe { CONNTRACK.get(&key) } {
+        Some(entry) => (entry, QUOTED_DESTINATION, IP_SRC_OFF),
+        None => {
+            key.direction = CT_DIR_FORWARD;
+            match unsafe { CONNTRACK.get(&key) } {
+                Some(entry) => (entry, QUOTED_SOURCE, IP_DST_OFF),
+                None => return Ok(OK),
+            }
+        }
     };
-    let vip = [
+    let new = [
         entry.nat_addr[12],
         entry.nat_addr[13],
         entry.nat_addr[14],
         entry.nat_addr[15],
     ];
-    let vport = entry.nat_port;
+    let new_port = entry.nat_port;
+    let (old, old_port) = if quoted == QUOTED_DESTINATION {
+        (inner_dst, inner_dport)
+    } else {
+        (inner_src, inner_sport)
+    };
 
     let icmp_check = l4_off + 2;
     let inner_check = inner + 10;
-    let inner_dst_off = inner + 16;
-    let inner_dport_off = inner + 22;
-    let old_addr = u32::from_ne_bytes(inner_dst) as u64;
-    let new_addr = u32::from_ne_bytes(vip) as u64;
+    let addr_off = inner + 12 + quoted * 4;
+    let port_off = inner + 20 + quoted * 2;
+    let old_addr = u32::from_ne_bytes(old) as u64;
+    let new_addr = u32::from_ne_bytes(new) as u64;
     // The quoted IP header's checksum, then the ICMP checksum over every
     // quoted byte that changed (ICMP has no pseudo-header).
     let old_check: [u8; 2] = ctx.load(inner_check).map_err(|_| ())?;
@@ -93,20 +116,21 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
         2,
     )
     .map_err(|_| ())?;
-    ctx.store(inner_dst_off, &vip, 0).map_err(|_| ())?;
-    let old_port = u16::from_ne_bytes(inner_dport.to_be_bytes()) as u64;
-    let new_port = u16::from_ne_bytes(vport.to_be_bytes()) as u64;
-    ctx.l4_csum_replace(icmp_check, old_port, new_port, 2)
+    ctx.store(addr_off, &new, 0).map_err(|_| ())?;
+    let from_port = u16::from_ne_bytes(old_port.to_be_bytes()) as u64;
+    let to_port = u16::from_ne_bytes(new_port.to_be_bytes()) as u64;
+    ctx.l4_csum_replace(icmp_check, from_port, to_port, 2)
         .map_err(|_| ())?;
-    ctx.store(inner_dport_off, &vport.to_be_bytes(), 0)
+    ctx.store(port_off, &new_port.to_be_bytes(), 0)
         .map_err(|_| ())?;
 
-    // Sent by the backend itself: it must come from the VIP.
-    let outer_src: [u8; 4] = ctx.load(IP_SRC_OFF).map_err(|_| ())?;
-    if outer_src == inner_dst {
+    // The outer header: the backend's own error comes from the VIP; the
+    // client's error goes to the backend.
+    let outer_addr: [u8; 4] = ctx.load(outer).map_err(|_| ())?;
+    if outer_addr == old {
         ctx.l3_csum_replace(IP_CHECK_OFF, old_addr, new_addr, 4)
             .map_err(|_| ())?;
-        ctx.store(IP_SRC_OFF, &vip, 0).map_err(|_| ())?;
+        ctx.store(outer, &new, 0).map_err(|_| ())?;
     }
     count(stat::ICMP_REV_NAT);
     Ok(OK)

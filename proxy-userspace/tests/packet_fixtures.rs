@@ -1993,6 +1993,68 @@ fn icmp_port_unreachable_from_a_backend_is_reverse_nated() {
 }
 
 #[test]
+fn icmp_error_from_the_client_about_a_reply_goes_to_the_backend() {
+    let mut lab = Lab::new();
+    let c = client(48300);
+    let query = udp(c, (VIP, 53), b"query");
+    ok(
+        check(
+            &fixture("query", query.clone(), Expect::Dnat(DNS_BACKEND)),
+            &lab.run(&query),
+        ),
+        "the query",
+    );
+    // The reply, translated back to VIP:53 -> client, hits a closed port:
+    // the client's stack answers with a port unreachable to the VIP.
+    let reply = udp(DNS_BACKEND, c, b"answer");
+    let translated_reply = translated(&reply, Side::Source, (VIP, 53));
+    let quote = &translated_reply[ETH_LEN..];
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT_IP, VIP, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ));
+    let mut error = Vec::with_capacity(builder.size(quote.len()));
+    builder
+        .write(&mut error, quote)
+        .expect("building an ICMP error");
+
+    let out = lab.run(&error);
+    let result = (|| -> Result<(), String> {
+        expect_verdict(&out, TC_ACT_OK)?;
+        let frame = &out.frame;
+        let view = Ipv4View::parse(frame).ok_or("not IPv4")?;
+        if view.src(frame) != CLIENT_IP || view.dst(frame) != DNS_BACKEND.0 {
+            return Err(format!(
+                "ICMP error goes {} -> {}, expected the client -> the backend",
+                addr(view.src(frame)),
+                addr(view.dst(frame))
+            ));
+        }
+        ipv4_sum_ok(frame)?;
+        let icmp = &frame[view.l4..ETH_LEN + view.total];
+        if ones_sum(&[icmp]) != 0xffff {
+            return Err("ICMP checksum wrong".to_owned());
+        }
+        let inner = &icmp[8..];
+        let inner_ihl = usize::from(inner[0] & 0x0f) * 4;
+        if ones_sum(&[&inner[..inner_ihl]]) != 0xffff {
+            return Err("quoted IPv4 header checksum wrong".to_owned());
+        }
+        let quoted_src: [u8; 4] = inner[12..16].try_into().unwrap();
+        let sport = u16::from_be_bytes([inner[inner_ihl], inner[inner_ihl + 1]]);
+        if (quoted_src, sport) != DNS_BACKEND {
+            return Err(format!(
+                "the quote comes from {}:{sport}, expected the backend's own address",
+                addr(quoted_src)
+            ));
+        }
+        Ok(())
+    })();
+    ok(result, "ICMP port unreachable from the client");
+}
+
+#[test]
 #[ignore = "issue 4 (external traffic): hairpin traffic (the client is the chosen backend) is not SNATed"]
 fn hairpin_connection_is_source_nated() {
     let mut lab = Lab::new();
