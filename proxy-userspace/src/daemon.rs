@@ -243,6 +243,9 @@ impl SyncState {
                 return Ok(());
             }
         };
+        if matches!(source, Source::Kube(_)) && !self.synced_once {
+            warn_if_api_via_cluster_ip(&snapshot);
+        }
         let node = snapshot
             .nodes
             .iter()
@@ -387,6 +390,27 @@ impl SyncState {
         }
         self.trigger_times = seen;
         self.synced_once = true;
+    }
+}
+
+/// In-cluster config reaches the API server through the `kubernetes`
+/// ClusterIP (`KUBERNETES_SERVICE_HOST`). kproxy translates ClusterIPs for
+/// pods, not for host-network processes like itself: without kube-proxy the
+/// address is unreachable, so say how to fix it.
+fn warn_if_api_via_cluster_ip(snapshot: &Snapshot) {
+    let Ok(host) = std::env::var("KUBERNETES_SERVICE_HOST") else {
+        return;
+    };
+    let via_cluster_ip = snapshot.services.iter().any(|s| {
+        s.metadata.name.as_deref() == Some("kubernetes")
+            && s.metadata.namespace.as_deref() == Some("default")
+            && s.spec.as_ref().and_then(|spec| spec.cluster_ip.as_deref()) == Some(host.as_str())
+    });
+    if via_cluster_ip {
+        tracing::warn!(
+            %host,
+            "the API server is reached through the kubernetes ClusterIP, which kproxy does not translate for host-network processes; set KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT to the API server's own address (see docs/OPERATIONS.md) before removing kube-proxy"
+        );
     }
 }
 
