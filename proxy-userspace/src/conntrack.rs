@@ -62,6 +62,26 @@ pub fn expired_keys(
         .collect()
 }
 
+/// Entries whose other direction is gone, idle for at least `grace_ns`.
+/// LRU eviction removes single entries when the map is full; the surviving
+/// half of such a flow is useless, so the sweep deletes it and counts it as
+/// an eviction. The grace period keeps a flow being created while the
+/// sweep reads the map (one entry written, the other not yet) safe.
+pub fn orphan_keys(
+    entries: &HashMap<ConntrackKey, ConntrackValue>,
+    now_ns: u64,
+    grace_ns: u64,
+) -> Vec<ConntrackKey> {
+    entries
+        .iter()
+        .filter(|(k, v)| {
+            now_ns.saturating_sub(v.last_seen_ns) >= grace_ns
+                && !entries.contains_key(&peer_key(k, v))
+        })
+        .map(|(k, _)| *k)
+        .collect()
+}
+
 /// For each UDP frontend, the backends it currently has.
 pub fn udp_members(maps: &MapContents) -> HashMap<Endpoint, HashSet<Endpoint>> {
     let mut out: HashMap<Endpoint, HashSet<Endpoint>> = HashMap::new();
@@ -362,6 +382,23 @@ mod tests {
         let entries: HashMap<_, _> = [entry(CLIENT, 1), entry(VIP, 2)].into_iter().collect();
         let stale = stale_affinity_keys(&entries, &after);
         assert_eq!(stale, vec![entry(CLIENT, 1).0]);
+    }
+
+    #[test]
+    fn half_evicted_flows_are_orphans() {
+        let mut entries: HashMap<_, _> = flow(PROTO_TCP, B1, 0, 0).into_iter().collect();
+        let second = NS_PER_SEC;
+        assert!(orphan_keys(&entries, 10 * second, second).is_empty());
+        let reply = *entries
+            .keys()
+            .find(|k| k.direction == CT_DIR_REPLY)
+            .unwrap();
+        entries.remove(&reply);
+        // Just created (or still being created): kept.
+        assert!(orphan_keys(&entries, second / 2, second).is_empty());
+        let orphans = orphan_keys(&entries, 10 * second, second);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].direction, CT_DIR_FORWARD);
     }
 
     #[test]

@@ -440,7 +440,21 @@ fn sweep_conntrack(datapath: &mut Datapath, daemon: &DaemonConfig, metrics: &Met
         entries.len(),
         daemon.map_sizes.conntrack,
     );
-    let expired = conntrack::expired_keys(&entries, config, monotonic_ns());
+    let now = monotonic_ns();
+    let mut expired = conntrack::expired_keys(&entries, config, now);
+    let orphans = conntrack::orphan_keys(&entries, now, 2 * proxy_common::NS_PER_SEC);
+    if !orphans.is_empty() {
+        // Counted here: the kernel does not report LRU evictions.
+        metrics
+            .conntrack_deleted
+            .get_or_create(&KindLabel {
+                kind: "lru_evicted_peer".into(),
+            })
+            .inc_by(orphans.len() as u64);
+        expired.extend(orphans);
+        expired.sort_by_key(|k| bytemuck::bytes_of(k).to_vec());
+        expired.dedup();
+    }
     if expired.is_empty() {
         return;
     }
@@ -512,18 +526,6 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Recomm
     Ok(watcher)
 }
 
-/// Replies to a NodePort reached from a pod are translated back to the
-/// node's own address before routing, and the kernel drops packets with a
-/// local source address arriving on an interface as martians unless the
-/// interface accepts them. (Redirecting such replies with `bpf_fib_lookup`
-/// would avoid the sysctl; see docs/ARCHITECTURE.md.)
-fn allow_local_sources(interface: &str) {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
-    if let Err(err) = std::fs::write(&path, "1") {
-        tracing::warn!(%interface, error = %err, "could not set accept_local; pods reaching a NodePort on this node may time out");
-    }
-}
-
 /// Attaches to every interface matching a pod glob that is not attached yet
 /// (and re-attaches when an interface was recreated with a new index).
 fn attach_interfaces(
@@ -551,7 +553,7 @@ fn attach_interfaces(
         }
         match datapath.attach_pod_interface(name, *index) {
             Ok(()) => {
-                allow_local_sources(name);
+                crate::datapath::allow_local_sources(name);
                 tracing::info!(interface = %name, ifindex = index, "attached pod program (tcx ingress)");
                 attached.push((name.clone(), *index));
             }

@@ -336,6 +336,18 @@ impl Datapath {
     }
 }
 
+/// Replies to a NodePort reached from a pod are translated back to the
+/// node's own address before routing, and the kernel drops packets with a
+/// local source address arriving on an interface as martians unless the
+/// interface accepts them. (Redirecting such replies with `bpf_fib_lookup`
+/// would avoid the sysctl; see docs/ARCHITECTURE.md.)
+pub fn allow_local_sources(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    if let Err(err) = std::fs::write(&path, "1") {
+        tracing::warn!(%interface, error = %err, "could not set accept_local; pods reaching a NodePort on this node may time out");
+    }
+}
+
 fn attach_new(
     program: &mut SchedClassifier,
     interface: &str,
