@@ -267,3 +267,47 @@ fn an_icmp_port_unreachable_from_a_backend_reaches_the_client() {
         "the ICMP error was not translated back: {err}"
     );
 }
+
+#[test]
+fn a_full_conntrack_map_evicts_and_the_sweep_counts_it() {
+    let lab = lab_with(
+        &[
+            "--conntrack-map-size",
+            "64",
+            "--conntrack-gc-interval",
+            "500ms",
+        ],
+        &["b1"],
+    );
+    // 200 UDP flows need 400 entries: the LRU map evicts.
+    let answers = lab.udp_requests("c", SocketAddrV4::new(VIP, 53), 200);
+    assert!(
+        answers.iter().all(|a| a.is_ok()),
+        "new flows keep working on a full map"
+    );
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = lab::http_get(
+            &lab,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249),
+            "/metrics",
+        )
+        .unwrap();
+        let evicted = metrics
+            .lines()
+            .find(|l| l.starts_with("kproxy_conntrack_deleted_total{kind=\"lru_evicted_peer\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if evicted > 0.0 {
+            println!("half-evicted flows counted: {evicted}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "no eviction counted:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(conntrack(&lab).len() <= 64);
+}
