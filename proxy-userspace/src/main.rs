@@ -206,12 +206,12 @@ fn main() -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&json)?);
                 }
                 Output::Table => {
-                    println!("pin path:          {}", bpf_pin_path.display());
-                    println!("service entries:   {}", contents.services.len());
-                    println!("backends:          {}", contents.backends.len());
-                    println!("conntrack entries: {}", maps.conntrack()?.len());
+                    println!("pin path:                {}", bpf_pin_path.display());
+                    println!("service entries:         {}", contents.services.len());
+                    println!("backends:                {}", contents.backends.len());
+                    println!("conntrack entries:       {}", maps.conntrack()?.len());
                     for (name, value) in stats {
-                        println!("{name:<18} {value}");
+                        println!("{name:<24} {value}");
                     }
                 }
             }
