@@ -1736,6 +1736,27 @@ fn check_rewrite(input: &[u8], output: &[u8]) -> Result<(), String> {
         ));
     }
     let view = Ipv4View::parse(input).ok_or("rewrote a frame that is not well-formed IPv4")?;
+    // A later fragment (offset != 0) of a datagram whose first fragment was
+    // translated gets the same address rewrite (frag.rs): only an address
+    // and the IPv4 checksum may change, and the checksum stays as right (or
+    // as wrong) as it was.
+    let frag_offset = u16::from_be_bytes([input[ETH_LEN + 6], input[ETH_LEN + 7]]) & 0x1fff;
+    if frag_offset != 0 {
+        let allowed = |i: usize| (ETH_LEN + 10..ETH_LEN + 20).contains(&i);
+        if let Some(i) = (0..input.len()).find(|&i| input[i] != output[i] && !allowed(i)) {
+            return Err(format!(
+                "a later fragment's byte {i} changed, which is no address or checksum"
+            ));
+        }
+        let ip_in = ones_sum(&[view.header(input)]);
+        let ip_out = ones_sum(&[view.header(output)]);
+        if !same_ones(ip_in, ip_out) {
+            return Err(format!(
+                "fragment: IPv4 header checksum error changed: residual {ip_in:#06x} -> {ip_out:#06x}"
+            ));
+        }
+        return Ok(());
+    }
     if view.l4_covered(input).is_none() {
         return Err("rewrote a packet without a complete first-fragment TCP/UDP header".to_owned());
     }
