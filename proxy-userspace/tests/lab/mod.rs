@@ -1,7 +1,7 @@
 //! The network-namespace lab shared by the end-to-end tests and the demo.
 //!
 //! Topology: one node namespace; each pod is a namespace joined to the node
-//! by a veth pair (`pod-<name>` on the node, `eth0` in the pod), pod `i`
+//! by a veth pair (`pod-<name>` on the node, `lab0` in the pod), pod `i`
 //! (1-based) on 198.18.i.0/24 with the node at .1 and the pod at .2. The
 //! lab has no link to the root namespace, and nothing is attached outside
 //! it. Names carry a unique suffix (pid + counter); `Drop` removes the
@@ -252,7 +252,7 @@ impl Lab {
             "veth",
             "peer",
             "name",
-            "eth0",
+            "lab0",
             "netns",
             &netns.name,
         ]);
@@ -275,9 +275,9 @@ impl Lab {
             "add",
             &format!("{pod_ip}/24"),
             "dev",
-            "eth0",
+            "lab0",
         ]);
-        ip(&["-n", &netns.name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &netns.name, "link", "set", "lab0", "up"]);
         ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
         ip(&[
             "-n",
