@@ -13,6 +13,18 @@ use crate::parse::{Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF};
 
 const OK: i32 = TC_ACT_OK as i32;
 
+/// A datagram's identity, as every one of its fragments carries it.
+#[inline(always)]
+fn fragment_key(saddr: [u8; 4], daddr: [u8; 4], id: u16, proto: u8) -> FragmentKey {
+    FragmentKey {
+        saddr: ipv4_mapped(saddr),
+        daddr: ipv4_mapped(daddr),
+        id,
+        proto,
+        _pad: [0; 5],
+    }
+}
+
 /// After a first fragment was translated: record how, keyed by the
 /// datagram's original identity (what its later fragments carry).
 #[inline(never)]
@@ -29,13 +41,7 @@ pub fn remember(ctx: &TcContext, flow: &Flow) {
     } else {
         return;
     };
-    let key = FragmentKey {
-        saddr: ipv4_mapped(flow.saddr),
-        daddr: ipv4_mapped(flow.daddr),
-        id: flow.ip_id,
-        proto: flow.proto,
-        _pad: [0; 5],
-    };
+    let key = fragment_key(flow.saddr, flow.daddr, flow.ip_id, flow.proto);
     let value = FragmentValue {
         addr: ipv4_mapped(addr),
         side,
@@ -49,13 +55,7 @@ pub fn remember(ctx: &TcContext, flow: &Flow) {
 /// later) it passes untouched.
 #[inline(never)]
 pub fn later_fragment(ctx: &TcContext, id: &FragmentId) -> i32 {
-    let key = FragmentKey {
-        saddr: ipv4_mapped(id.saddr),
-        daddr: ipv4_mapped(id.daddr),
-        id: id.id,
-        proto: id.proto,
-        _pad: [0; 5],
-    };
+    let key = fragment_key(id.saddr, id.daddr, id.id, id.proto);
     let Some(record) = (unsafe { FRAGMENTS.get(&key) }) else {
         count(stat::FRAGMENT);
         return OK;
