@@ -12,17 +12,22 @@
 pub const SERVICES_MAP: &str = "SERVICES_V1";
 pub const BACKENDS_MAP: &str = "BACKENDS_V1";
 pub const REV_NAT_MAP: &str = "REV_NAT_V1";
-pub const CONNTRACK_MAP: &str = "CONNTRACK_V1";
-pub const STATS_MAP: &str = "STATS_V1";
+pub const CONNTRACK_MAP: &str = "CONNTRACK_V2";
+pub const STATS_MAP: &str = "STATS_V2";
 pub const CONFIG_MAP: &str = "CONFIG_V1";
 pub const AFFINITY_MAP: &str = "AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "MAGLEV_V1";
 pub const RR_MAP: &str = "RR_V1";
 pub const BACKEND_CONNS_MAP: &str = "BACKEND_CONNS_V1";
 pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V1";
+pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
+
+/// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
+/// and an upgraded daemon remove them (their flows cannot be carried over).
+pub const LEGACY_MAPS: [&str; 2] = ["CONNTRACK_V1", "STATS_V1"];
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -34,6 +39,7 @@ pub const ALL_MAPS: [&str; 11] = [
     RR_MAP,
     BACKEND_CONNS_MAP,
     FRAGMENTS_MAP,
+    SOURCE_RANGES_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -43,12 +49,26 @@ pub const REV_NAT_MAX_ENTRIES: u32 = 65_536;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const MAGLEV_MAX_ENTRIES: u32 = 1_048_576;
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 /// Least-connection schedulers look at this many backends (a random window
 /// of them when a Service has more).
 pub const LC_SCAN_MAX: u32 = 32;
 
 /// The tc program attached to pod-facing interfaces.
 pub const TC_POD_PROGRAM: &str = "kproxy_tc_pod";
+/// The XDP program on the external interfaces (`--interfaces`).
+pub const XDP_EXTERNAL_PROGRAM: &str = "kproxy_xdp_external";
+/// The tc program behind it on the same interfaces: what XDP passes on
+/// (rejects, fragments, ICMP errors, flows whose next hop has no neighbour
+/// entry yet), and the whole external path with `--xdp-mode off`.
+pub const TC_EXTERNAL_PROGRAM: &str = "kproxy_tc_external";
+
+/// Source ports for source-NATed flows (external traffic with policy
+/// Cluster to a backend on another node, hairpin). Above Linux's default
+/// ephemeral range (32768-60999), so the node's own connections never
+/// collide with them.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -70,6 +90,9 @@ pub const SVC_FLAG_MAGLEV_GEN: u16 = 1 << 1;
 /// Traffic policy Local: with no endpoint, drop silently (the client times
 /// out) instead of rejecting.
 pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1 << 2;
+/// `loadBalancerSourceRanges`: only sources in `SOURCE_RANGES_V1` under this
+/// frontend's id may open flows; others are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 3;
 
 /// `ServiceValue::algorithm` on slot 0: how a new flow picks its backend.
 pub const ALG_RANDOM: u8 = 0;
@@ -85,6 +108,11 @@ pub const ALG_NQ: u8 = 7;
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
 pub const BACKEND_STATE_TERMINATING: u8 = 1;
 
+/// `BackendValue::flags`: the endpoint runs on this node. External traffic
+/// to a local backend is only DNATed and handed to the stack; to a remote
+/// one it is also source-NATed and sent straight back out.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
+
 /// `ConntrackKey::direction`.
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
@@ -96,6 +124,10 @@ pub const CT_STATE_NEW: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
 pub const CT_STATE_CLOSING: u8 = 2;
 pub const CT_STATE_CLOSED: u8 = 3;
+
+/// `ConntrackValue::flags`: the flow is translated on both sides (SNAT as
+/// well as DNAT); `other_addr`/`other_port` hold the second rewrite.
+pub const CT_FLAG_SNAT: u8 = 1 << 0;
 
 /// Default idle timeouts (SPEC section 7; kube-proxy's conntrack settings).
 pub const DEFAULT_TCP_SYN_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;
@@ -139,10 +171,23 @@ pub mod stat {
     pub const ICMP_REV_NAT: u32 = 13;
     /// Traffic policy Local and no local endpoint: dropped silently.
     pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 14;
-    pub const COUNT: u32 = 16;
+    /// A source outside the frontend's `loadBalancerSourceRanges`: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 15;
+    /// New flows source-NATed (external, to a remote backend; hairpin).
+    pub const SNAT: u32 = 16;
+    /// No free SNAT port for a new flow after several tries: dropped.
+    pub const SNAT_PORTS_EXHAUSTED: u32 = 17;
+    /// Packets XDP handed to the tc program because it could not forward
+    /// them itself (no neighbour entry for the next hop yet, other errors).
+    pub const XDP_TO_TC: u32 = 18;
+    /// Packets XDP sent straight back out (XDP_TX or redirect).
+    pub const XDP_FORWARD: u32 = 19;
+    /// A source-NATed flow with no route to its next hop: dropped.
+    pub const NO_ROUTE: u32 = 20;
+    pub const COUNT: u32 = 24;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 15] = [
+    pub const NAMES: [&str; 21] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -158,6 +203,12 @@ pub mod stat {
         "fragment_nat",
         "icmp_rev_nat",
         "drop_no_local_endpoints",
+        "drop_source_range",
+        "snat",
+        "snat_ports_exhausted",
+        "xdp_to_tc",
+        "xdp_forward",
+        "no_route",
     ];
 }
 
@@ -256,6 +307,24 @@ pub const FRAG_REWRITE_SOURCE: u8 = 0;
 pub const FRAG_REWRITE_DESTINATION: u8 = 1;
 pub const FRAGMENTS_MAX_ENTRIES: u32 = 8192;
 
+/// The data of a `SOURCE_RANGES_V1` LPM key: a frontend id (big-endian, so
+/// it is matched first and whole) and a client address. A range `a/n` of a
+/// frontend is keyed with prefix length `ID_BITS + n` for IPv6 and
+/// `ID_BITS + 96 + n` for IPv4 (stored IPv4-mapped); a lookup uses the
+/// full length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceRange {
+    pub rev_nat_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+impl SourceRange {
+    /// Prefix length (bits) of the frontend id part of a key.
+    pub const ID_BITS: u32 = 32;
+}
+
 /// Value of the backends map (key: backend id, `u32`, never 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -303,14 +372,19 @@ pub struct ConntrackKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ConntrackValue {
-    /// Forward: the backend address; reply: the service address.
+    /// Forward: the backend address (new destination); reply: the service
+    /// address (new source).
     pub nat_addr: [u8; 16],
+    /// With `CT_FLAG_SNAT`: forward: the SNAT address (new source); reply:
+    /// the client (new destination). Zero otherwise.
+    pub other_addr: [u8; 16],
     pub nat_port: u16,
+    pub other_port: u16,
     pub state: u8,
     pub flags: u8,
+    pub _pad: [u8; 2],
     pub rev_nat_id: u32,
     pub backend_id: u32,
-    pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last packet.
     pub last_seen_ns: u64,
 }
@@ -368,7 +442,8 @@ const _: () = assert!(core::mem::size_of::<FragmentValue>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
-const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 40);
+const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 56);
+const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);
 
 // SAFETY: all types are #[repr(C)], made only of integers and byte arrays,
 // with explicit padding (checked by the size asserts above and bytemuck).
@@ -385,6 +460,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for SourceRange {}
 }
 
 /// `::ffff:a.b.c.d` for an IPv4 address given in network byte order.

@@ -21,3 +21,22 @@ pub fn checksum(bytes: &[u8]) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+/// RFC 1624 incremental update of checksum `check` for a 16-bit word
+/// changing from `old` to `new` (both in network byte order).
+#[inline(always)]
+pub fn update2(check: u16, old: [u8; 2], new: [u8; 2]) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!u16::from_be_bytes(old)) as u32;
+    sum += u16::from_be_bytes(new) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The same for a 32-bit field (an IPv4 address).
+#[inline(always)]
+pub fn update4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let check = update2(check, [old[0], old[1]], [new[0], new[1]]);
+    update2(check, [old[2], old[3]], [new[2], new[3]])
+}

@@ -8,18 +8,37 @@ mod frag;
 mod icmp;
 mod lb;
 mod maps;
+mod packet;
 mod parse;
-mod pod;
 mod reject;
+mod service;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
-/// tc ingress on pod-facing interfaces: ClusterIP DNAT for traffic from
-/// pods, reverse NAT for replies from backends.
+/// tc ingress on pod-facing interfaces: Services for traffic from pods
+/// (ClusterIP DNAT, hairpin SNAT), reverse NAT for replies from backends.
 #[classifier]
 pub fn kproxy_tc_pod(ctx: TcContext) -> i32 {
-    // An error here happens before any byte was rewritten: pass untouched.
-    pod::handle(&ctx).unwrap_or(TC_ACT_OK as i32)
+    service::handle::<_, false>(&ctx)
+}
+
+/// XDP on the external interfaces: NodePorts, LoadBalancer IPs and
+/// externalIPs for traffic from outside, before the kernel stack sees it;
+/// reverse NAT for replies arriving from other nodes.
+#[xdp]
+pub fn kproxy_xdp_external(ctx: XdpContext) -> u32 {
+    service::handle::<_, true>(&ctx) as u32
+}
+
+/// tc ingress on the external interfaces: what XDP passed on (rejects,
+/// fragments, ICMP errors, next hops without a neighbour entry yet), or
+/// the whole external path when XDP is off.
+#[classifier]
+pub fn kproxy_tc_external(ctx: TcContext) -> i32 {
+    service::handle::<_, true>(&ctx)
 }
 
 #[cfg(not(test))]

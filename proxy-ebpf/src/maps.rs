@@ -3,14 +3,14 @@
 //! userspace may override at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
-    FragmentKey, FragmentValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
+    FragmentKey, FragmentValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
     AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
-    MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -23,11 +23,11 @@ pub static BACKENDS: HashMap<u32, BackendValue, { BACKENDS_MAX_ENTRIES as usize 
 #[btf_map(name = "REV_NAT_V1")]
 pub static REV_NAT: HashMap<u32, RevNatValue, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::new();
 
-#[btf_map(name = "CONNTRACK_V1")]
+#[btf_map(name = "CONNTRACK_V2")]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CONNTRACK_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
-#[btf_map(name = "STATS_V1")]
+#[btf_map(name = "STATS_V2")]
 pub static STATS: PerCpuArray<u64, { proxy_common::stat::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "AFFINITY_V1")]
@@ -49,6 +49,11 @@ pub static BACKEND_CONNS: HashMap<u32, u64, { BACKENDS_MAX_ENTRIES as usize }> =
 #[btf_map(name = "FRAGMENTS_V1")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { FRAGMENTS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// `loadBalancerSourceRanges` per frontend (see `SourceRange`).
+#[btf_map(name = "SOURCE_RANGES_V1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> =
+    LpmTrie::new();
 
 #[btf_map(name = "CONFIG_V1")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -1,8 +1,9 @@
 //! Header parsing with bounds-checked direct packet access. The parser only
 //! reads; it returns a copy of what the service path needs.
 
-use aya_ebpf::programs::TcContext;
 use proxy_common::{PROTO_TCP, PROTO_UDP};
+
+use crate::packet::Packet;
 
 pub const PROTO_ICMP: u8 = 1;
 
@@ -12,7 +13,7 @@ const IPV4_MIN_LEN: usize = 20;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 /// Largest header span we ever need linear: Ethernet + IPv4 with options + TCP.
-const MAX_HEADERS: u32 = (ETH_LEN + 60 + TCP_MIN_LEN) as u32;
+const MAX_HEADERS: usize = ETH_LEN + 60 + TCP_MIN_LEN;
 
 /// Offsets inside the IPv4 header.
 pub const IP_CHECK_OFF: usize = ETH_LEN + 10;
@@ -84,7 +85,7 @@ impl Flow {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+fn ptr_at<T, P: Packet>(ctx: &P, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -94,24 +95,17 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
     // SAFETY: ptr_at checked the bounds; read_unaligned copes with any offset.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    ptr_at::<T, P>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 /// Fills `flow` in place. Its own BPF function: the header copies live in
 /// its frame, not in the entry point's, which every other path adds to.
 #[inline(never)]
-pub fn parse(ctx: &TcContext, flow: &mut Flow) -> Result<(), Skip> {
+pub fn parse<P: Packet>(ctx: &P, flow: &mut Flow) -> Result<(), Skip> {
     // Make the headers linear when the skb carries them in fragments.
-    if ctx.data() + MAX_HEADERS as usize > ctx.data_end() {
-        let want = if ctx.len() < MAX_HEADERS {
-            ctx.len()
-        } else {
-            MAX_HEADERS
-        };
-        let _ = ctx.pull_data(want);
-    }
+    ctx.make_linear(MAX_HEADERS);
     let ether_type: [u8; 2] = read(ctx, 12).ok_or(Skip::NotService)?;
     if u16::from_be_bytes(ether_type) != ETH_P_IP {
         return Err(Skip::NotService);
@@ -123,7 +117,7 @@ pub fn parse(ctx: &TcContext, flow: &mut Flow) -> Result<(), Skip> {
     if version != 4 || ip_hdr_len < IPV4_MIN_LEN || total_len < ip_hdr_len {
         return Err(Skip::Malformed);
     }
-    if ETH_LEN + total_len > ctx.len() as usize {
+    if ETH_LEN + total_len > ctx.len() {
         return Err(Skip::Malformed);
     }
     let proto = ip[9];

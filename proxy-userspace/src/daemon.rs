@@ -17,7 +17,7 @@ use notify::Watcher as _;
 use tokio::sync::mpsc;
 
 use crate::conntrack;
-use crate::datapath::{Datapath, MapSizes};
+use crate::datapath::{Datapath, MapSizes, XdpMode};
 use crate::healthcheck::{HealthCheckServers, HealthCheckSpec};
 use crate::model::{self, namespace_of, ModelConfig, Snapshot};
 use crate::server::{self, Health, KindLabel, Metrics};
@@ -37,6 +37,9 @@ pub struct DaemonConfig {
     pub model: ModelConfig,
     pub pin_dir: PathBuf,
     pub pod_interfaces: Vec<glob::Pattern>,
+    /// `--interfaces`: where traffic from outside arrives.
+    pub external_interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     pub map_sizes: MapSizes,
@@ -126,6 +129,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     };
 
     let mut attached: Vec<(String, u32)> = Vec::new();
+    let mut attached_external: Vec<(String, u32)> = Vec::new();
+    attach_external_interfaces(&mut datapath, &config, &mut attached_external)?;
     attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached);
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -168,7 +173,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::time::sleep(due - Instant::now()) => {}
                 Some(()) = rx.recv() => mark_queued(&health, &metrics),
-                _ = interface_tick.tick() => attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached),
+                _ = interface_tick.tick() => {
+                    attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached);
+                    let _ = attach_external_interfaces(&mut datapath, &config, &mut attached_external);
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -178,7 +186,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             Some(()) = rx.recv() => { pending = true; mark_queued(&health, &metrics); }
             _ = resync_tick.tick() => { pending = true; full_resync = true; }
             _ = gc_tick.tick() => sweep_conntrack(&mut datapath, &config, &metrics),
-            _ = interface_tick.tick() => attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached),
+            _ = interface_tick.tick() => {
+                    attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached);
+                    let _ = attach_external_interfaces(&mut datapath, &config, &mut attached_external);
+                }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -524,6 +535,39 @@ fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Recomm
         .watch(path, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}: does the directory exist?", path.display()))?;
     Ok(watcher)
+}
+
+/// Attaches the external programs to each `--interfaces` entry not attached
+/// yet (again when it was recreated with a new index). At startup an error
+/// is fatal (a typo must not leave NodePorts silently unserved); later it
+/// is logged and retried.
+fn attach_external_interfaces(
+    datapath: &mut Datapath,
+    config: &DaemonConfig,
+    attached: &mut Vec<(String, u32)>,
+) -> anyhow::Result<()> {
+    let starting = attached.is_empty();
+    for name in &config.external_interfaces {
+        let Ok(index) = nix::net::if_::if_nametoindex(name.as_str()) else {
+            if starting {
+                anyhow::bail!("--interfaces: no interface `{name}`");
+            }
+            continue;
+        };
+        if attached.iter().any(|(n, i)| n == name && *i == index) {
+            continue;
+        }
+        match datapath.attach_external_interface(name, index, config.xdp_mode) {
+            Ok(()) => {
+                tracing::info!(interface = %name, ifindex = index, xdp_mode = %config.xdp_mode, "attached external program (XDP and tcx ingress)");
+                attached.retain(|(n, _)| n != name);
+                attached.push((name.clone(), index));
+            }
+            Err(err) if starting => return Err(err.into()),
+            Err(err) => tracing::error!(interface = %name, error = %err, "attach failed; retrying"),
+        }
+    }
+    Ok(())
 }
 
 /// Attaches to every interface matching a pod glob that is not attached yet

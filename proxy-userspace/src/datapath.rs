@@ -2,25 +2,28 @@
 //! maps and links under the pin path, attaches to interfaces, and implements
 //! [`MapWriter`] over the real maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
-    MaglevKey, RevNatValue, ServiceKey, ServiceValue, AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP,
-    BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP,
-    STATS_MAP, TC_POD_PROGRAM,
+    MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAP, ALL_MAPS,
+    BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, LEGACY_MAPS, MAGLEV_MAP,
+    REV_NAT_MAP, RR_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM,
+    TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
 };
 use thiserror::Error;
 
-use crate::sync::{MapContents, MapWriter, WriteError};
+use crate::sync::{MapContents, MapWriter, SourceRangeKey, WriteError};
 
 /// The eBPF object built by build.rs (aya-build) and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -48,6 +51,14 @@ pub enum DatapathError {
     #[error("attaching to interface {interface}: {source}")]
     Attach {
         interface: String,
+        source: ProgramError,
+    },
+    #[error(
+        "attaching XDP in {mode} mode to {interface}: {source}; if its driver has no native XDP, run with --xdp-mode generic (slower) or --xdp-mode off (tc only)"
+    )]
+    AttachXdp {
+        interface: String,
+        mode: XdpMode,
         source: ProgramError,
     },
     #[error("pinned link {path}: {source}")]
@@ -87,6 +98,46 @@ impl Default for MapSizes {
     }
 }
 
+/// How the external interfaces run XDP (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver, before an skb exists (the fast path).
+    Native,
+    /// In the kernel stack, for drivers without native XDP (slower).
+    Generic,
+    /// No XDP: the tc program on the same interfaces does the whole job.
+    Off,
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for XdpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown XDP mode `{other}`: use native, generic or off"
+            )),
+        }
+    }
+}
+
+/// Which program a pinned link attaches, by pin name prefix.
+const POD_LINK: &str = "tc-pod-ingress";
+const EXTERNAL_TC_LINK: &str = "tc-external-ingress";
+const XDP_LINK_PREFIX: &str = "xdp-external-";
+
 /// The loaded datapath: programs, pinned maps, and pinned links.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -116,21 +167,41 @@ impl Datapath {
             .map_max_entries(MAGLEV_MAP, sizes.maglev)
             .map_max_entries(AFFINITY_MAP, sizes.affinity);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TC_POD_PROGRAM)
+        for name in [TC_POD_PROGRAM, TC_EXTERNAL_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let name = XDP_EXTERNAL_PROGRAM;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(name)
             .ok_or(DatapathError::Program {
-                name: TC_POD_PROGRAM,
+                name,
                 source: ProgramError::UnexpectedProgramType,
             })?
             .try_into()
-            .map_err(|source| DatapathError::Program {
-                name: TC_POD_PROGRAM,
-                source,
-            })?;
-        program.load().map_err(|source| DatapathError::Program {
-            name: TC_POD_PROGRAM,
-            source,
-        })?;
+            .map_err(|source| DatapathError::Program { name, source })?;
+        xdp.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        // Maps of an older layout cannot be used by this datapath.
+        for legacy in LEGACY_MAPS {
+            let path = pin_dir.join(legacy);
+            if path.exists() {
+                tracing::warn!(
+                    map = legacy,
+                    "removing a map of an older kproxy layout; flows it tracked are forgotten"
+                );
+                let _ = std::fs::remove_file(path);
+            }
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -143,10 +214,27 @@ impl Datapath {
 
     /// The loaded pod program, for BPF_PROG_TEST_RUN fixtures.
     pub fn pod_program(&mut self) -> &mut SchedClassifier {
+        self.classifier(TC_POD_PROGRAM)
+    }
+
+    /// The tc program of the external interfaces.
+    pub fn external_tc_program(&mut self) -> &mut SchedClassifier {
+        self.classifier(TC_EXTERNAL_PROGRAM)
+    }
+
+    /// The XDP program of the external interfaces.
+    pub fn xdp_program(&mut self) -> &mut Xdp {
         self.ebpf
-            .program_mut(TC_POD_PROGRAM)
+            .program_mut(XDP_EXTERNAL_PROGRAM)
             .and_then(|p| p.try_into().ok())
-            .expect("the pod program was loaded in Datapath::load")
+            .expect("the XDP program was loaded in Datapath::load")
+    }
+
+    fn classifier(&mut self, name: &str) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("the tc programs were loaded in Datapath::load")
     }
 
     /// Attaches the pod program at tcx ingress of `interface`, or atomically
@@ -157,12 +245,82 @@ impl Datapath {
         interface: &str,
         ifindex: u32,
     ) -> Result<(), DatapathError> {
+        self.attach_tc(TC_POD_PROGRAM, POD_LINK, interface, ifindex)
+    }
+
+    /// Attaches the external programs to `interface`: tc ingress always
+    /// (it handles what XDP passes on, or everything with `--xdp-mode
+    /// off`), XDP in `mode` unless off. Pinned links are reused, their
+    /// programs swapped atomically; a link of another XDP mode is replaced.
+    pub fn attach_external_interface(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<(), DatapathError> {
+        self.attach_tc(TC_EXTERNAL_PROGRAM, EXTERNAL_TC_LINK, interface, ifindex)?;
         let links = self.pin_dir.join(LINKS_DIR);
-        let pin = links.join(link_pin_name(interface, ifindex));
+        let kind = format!("{XDP_LINK_PREFIX}{mode}");
+        // Links of the other modes (or any, when off) go: unpinning the
+        // last reference detaches them.
+        for other in [XdpMode::Native, XdpMode::Generic] {
+            if other != mode {
+                let name = link_pin_name(&format!("{XDP_LINK_PREFIX}{other}"), interface, ifindex);
+                let _ = std::fs::remove_file(links.join(name));
+            }
+        }
+        if mode == XdpMode::Off {
+            return Ok(());
+        }
+        remove_stale_links(&links, &kind, interface, ifindex);
+        let pin = links.join(link_pin_name(&kind, interface, ifindex));
+        let aya_mode = match mode {
+            XdpMode::Native => aya::programs::xdp::XdpMode::Driver,
+            _ => aya::programs::xdp::XdpMode::Skb,
+        };
+        let program = self.xdp_program();
+        let attach_err = |source| DatapathError::AttachXdp {
+            interface: interface.to_owned(),
+            mode,
+            source,
+        };
+        let reused = PinnedLink::from_pin(&pin)
+            .ok()
+            .and_then(|pinned| XdpLink::try_from(FdLink::from(pinned)).ok())
+            .and_then(|link| program.attach_to_link(link).ok());
+        let link_id = match reused {
+            Some(id) => id,
+            None => {
+                let _ = std::fs::remove_file(&pin);
+                program.attach(interface, aya_mode).map_err(attach_err)?
+            }
+        };
+        let link = program.take_link(link_id).map_err(attach_err)?;
+        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(&pin);
+        fd_link.pin(&pin).map_err(|e| DatapathError::PinPath {
+            path: pin.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        program: &'static str,
+        kind: &str,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<(), DatapathError> {
+        let links = self.pin_dir.join(LINKS_DIR);
+        let pin = links.join(link_pin_name(kind, interface, ifindex));
         // A pin for the same name but another ifindex belongs to an interface
         // that was deleted and recreated; its link is defunct.
-        remove_stale_links(&links, interface, ifindex);
-        let program = self.pod_program();
+        remove_stale_links(&links, kind, interface, ifindex);
+        let program = self.classifier(program);
         let attach_err = |source| DatapathError::Attach {
             interface: interface.to_owned(),
             source,
@@ -204,9 +362,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Unpins every link except those of `keep`: interfaces that are gone
-    /// (the kernel already detached them) or no longer match the pod globs
-    /// (unpinning the last reference detaches the program).
+    /// Unpins every pod link except those of `keep`: interfaces that are
+    /// gone (the kernel already detached them) or no longer match the pod
+    /// globs (unpinning the last reference detaches the program). Links of
+    /// the external interfaces are left alone.
     pub fn forget_missing_interfaces(&self, keep: &[(String, u32)]) {
         let links = self.pin_dir.join(LINKS_DIR);
         let Ok(entries) = std::fs::read_dir(&links) else {
@@ -215,9 +374,12 @@ impl Datapath {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = String::from_utf8_lossy(name.as_bytes()).into_owned();
+            if !name.starts_with(&format!("{POD_LINK}@")) {
+                continue;
+            }
             let alive = keep
                 .iter()
-                .any(|(ifname, idx)| link_pin_name(ifname, *idx) == name);
+                .any(|(ifname, idx)| link_pin_name(POD_LINK, ifname, *idx) == name);
             if !alive {
                 tracing::info!(link = %name, "interface gone, unpinning its link");
                 let _ = std::fs::remove_file(entry.path());
@@ -359,13 +521,13 @@ fn attach_new(
     )
 }
 
-fn link_pin_name(interface: &str, ifindex: u32) -> String {
-    format!("tc-pod-ingress@{interface}@{ifindex}")
+fn link_pin_name(kind: &str, interface: &str, ifindex: u32) -> String {
+    format!("{kind}@{interface}@{ifindex}")
 }
 
-fn remove_stale_links(links: &Path, interface: &str, ifindex: u32) {
-    let prefix = format!("tc-pod-ingress@{interface}@");
-    let keep = link_pin_name(interface, ifindex);
+fn remove_stale_links(links: &Path, kind: &str, interface: &str, ifindex: u32) {
+    let prefix = format!("{kind}@{interface}@");
+    let keep = link_pin_name(kind, interface, ifindex);
     if let Ok(entries) = std::fs::read_dir(links) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -419,6 +581,7 @@ pub struct BpfMaps<'a> {
     /// Per-frontend and per-backend scheduler state, removed with them.
     rr: BpfHashMap<&'a mut MapData, u32, u64>,
     backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
+    source_ranges: LpmTrie<&'a mut MapData, SourceRange, u8>,
 }
 
 impl<'a> BpfMaps<'a> {
@@ -429,6 +592,7 @@ impl<'a> BpfMaps<'a> {
         let mut maglev = None;
         let mut rr = None;
         let mut backend_conns = None;
+        let mut source_ranges = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 SERVICES_MAP => services = Some(map),
@@ -437,6 +601,7 @@ impl<'a> BpfMaps<'a> {
                 MAGLEV_MAP => maglev = Some(map),
                 RR_MAP => rr = Some(map),
                 BACKEND_CONNS_MAP => backend_conns = Some(map),
+                SOURCE_RANGES_MAP => source_ranges = Some(map),
                 _ => {}
             }
         }
@@ -461,6 +626,10 @@ impl<'a> BpfMaps<'a> {
                 backend_conns.ok_or_else(|| missing(BACKEND_CONNS_MAP))?,
             )
             .map_err(wrap(BACKEND_CONNS_MAP))?,
+            source_ranges: LpmTrie::try_from(
+                source_ranges.ok_or_else(|| missing(SOURCE_RANGES_MAP))?,
+            )
+            .map_err(wrap(SOURCE_RANGES_MAP))?,
         })
     }
 }
@@ -493,6 +662,12 @@ impl MapWriter for BpfMaps<'_> {
         for item in self.maglev.iter() {
             let (k, v) = item.map_err(|e| write_err(MAGLEV_MAP, e))?;
             contents.maglev.insert(k, v);
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(|e| write_err(SOURCE_RANGES_MAP, e))?;
+            contents
+                .source_ranges
+                .insert((key.prefix_len(), key.data()));
         }
         Ok(contents)
     }
@@ -537,6 +712,17 @@ impl MapWriter for BpfMaps<'_> {
 
     fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError> {
         ignore_missing(self.maglev.remove(key)).map_err(|e| write_err(MAGLEV_MAP, e))
+    }
+
+    fn put_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
+        self.source_ranges
+            .insert(&LpmKey::new(key.0, key.1), 1, 0)
+            .map_err(|e| write_err(SOURCE_RANGES_MAP, e))
+    }
+
+    fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
+        ignore_missing(self.source_ranges.remove(&LpmKey::new(key.0, key.1)))
+            .map_err(|e| write_err(SOURCE_RANGES_MAP, e))
     }
 }
 
@@ -593,7 +779,19 @@ impl PinnedMaps {
             backends: self.dump(BACKENDS_MAP)?,
             rev_nat: self.dump(REV_NAT_MAP)?,
             maglev: self.dump(MAGLEV_MAP)?,
+            source_ranges: self.source_ranges()?,
         })
+    }
+
+    fn source_ranges(&self) -> Result<BTreeSet<SourceRangeKey>, DatapathError> {
+        let name = SOURCE_RANGES_MAP;
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        let trie: LpmTrie<MapData, SourceRange, u8> =
+            LpmTrie::try_from(Map::LpmTrie(data)).map_err(wrap)?;
+        trie.keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())).map_err(wrap))
+            .collect()
     }
 
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
@@ -661,7 +859,7 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
         }
         std::fs::remove_dir(&links)?;
     }
-    for name in ALL_MAPS {
+    for name in ALL_MAPS.into_iter().chain(LEGACY_MAPS) {
         let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),

@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_userspace::config;
 use proxy_userspace::daemon::{self, DaemonConfig, SourceSpec};
-use proxy_userspace::datapath::{self, MapSizes, PinnedMaps};
+use proxy_userspace::datapath::{self, MapSizes, PinnedMaps, XdpMode};
 use proxy_userspace::inspect;
 use proxy_userspace::model::{Algorithm, ModelConfig};
 
@@ -71,9 +71,14 @@ struct RunArgs {
     /// This node's name; decides which endpoints are local. [default: hostname]
     #[arg(long, env = "NODE_NAME")]
     hostname_override: Option<String>,
-    /// External interfaces for XDP (NodePort, LoadBalancer, externalIPs).
+    /// External interfaces (NodePort, LoadBalancer, externalIPs from
+    /// outside): XDP plus tc ingress. Must exist at start.
     #[arg(long, value_delimiter = ',')]
     interfaces: Vec<String>,
+    /// XDP on --interfaces: native (in the driver), generic (any driver,
+    /// slower) or off (tc only). Never falls back by itself.
+    #[arg(long, default_value = "native")]
+    xdp_mode: XdpMode,
     /// Pod-facing interfaces (globs, e.g. `veth*,cali*`); new ones are picked up.
     #[arg(long, value_delimiter = ',')]
     pod_interfaces: Vec<String>,
@@ -255,8 +260,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             args.source
         ),
     };
-    if !args.interfaces.is_empty() {
-        bail!("--interfaces (XDP for NodePort/LoadBalancer) is not implemented yet; leave it out");
+    for interface in &args.interfaces {
+        if nix::net::if_::if_nametoindex(interface.as_str()).is_err() {
+            bail!("--interfaces: no interface `{interface}` here (see `ip link`)");
+        }
+    }
+    if args.interfaces.is_empty() {
+        tracing::warn!("no --interfaces given: NodePorts, LoadBalancer IPs and externalIPs are not served to traffic from outside");
+    } else if args.xdp_mode == XdpMode::Generic {
+        tracing::warn!(
+            "--xdp-mode generic: XDP runs in the kernel stack (slower than native), as asked"
+        );
     }
     let pod_interfaces = args
         .pod_interfaces
@@ -312,6 +326,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         pin_dir: args.bpf_pin_path,
         pod_interfaces,
+        external_interfaces: args.interfaces.clone(),
+        xdp_mode: args.xdp_mode,
         min_sync_period: args
             .min_sync_period
             .or(file.min_sync_period)

@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use proxy_common::{
-    ipv4_mapped, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, MAGLEV_GEN_BIT, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_MAGLEV_GEN, SVC_FLAG_VIP_MARKER,
+    ipv4_mapped, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
+    BACKEND_FLAG_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, MAGLEV_GEN_BIT,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_MAGLEV_GEN,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_VIP_MARKER,
 };
 use thiserror::Error;
 
@@ -26,6 +27,35 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u32, RevNatValue>,
     pub maglev: BTreeMap<MaglevKey, u32>,
+    /// `loadBalancerSourceRanges` entries: (LPM prefix length, data).
+    pub source_ranges: BTreeSet<SourceRangeKey>,
+}
+
+/// A `SOURCE_RANGES_V1` key: prefix length in bits and the data it covers.
+pub type SourceRangeKey = (u32, SourceRange);
+
+/// The LPM key allowing `addr/prefix` for frontend `rev_nat_id` (host
+/// bits cleared, so each range has one canonical key).
+pub fn source_range_key(rev_nat_id: u32, addr: IpAddr, prefix: u8) -> SourceRangeKey {
+    let (bits, max) = match addr {
+        IpAddr::V4(_) => (96 + u32::from(prefix.min(32)), 128),
+        IpAddr::V6(_) => (u32::from(prefix.min(128)), 128),
+    };
+    let mut bytes = addr_bytes(addr);
+    let host_bits = max - bits;
+    let mask: u128 = if host_bits >= 128 {
+        0
+    } else {
+        !0u128 << host_bits
+    };
+    bytes = (u128::from_be_bytes(bytes) & mask).to_be_bytes();
+    (
+        SourceRange::ID_BITS + bits,
+        SourceRange {
+            rev_nat_id: rev_nat_id.to_be_bytes(),
+            addr: bytes,
+        },
+    )
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -49,6 +79,8 @@ pub trait MapWriter {
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError>;
     fn put_maglev(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), WriteError>;
     fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError>;
+    fn put_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError>;
+    fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError>;
 }
 
 /// The 16-byte map form of an address (IPv4 is stored IPv4-mapped).
@@ -93,6 +125,8 @@ struct FrontendEntries {
     backends: Vec<(u32, BackendValue)>,
     /// For Maglev frontends: the lookup table, as backend ids.
     maglev_table: Option<Vec<u32>>,
+    /// `loadBalancerSourceRanges` (external scope of LoadBalancer IPs).
+    source_ranges: Vec<SourceRangeKey>,
 }
 
 /// Hands out the smallest ids not in use (ids start at 1; 0 means none).
@@ -170,6 +204,7 @@ impl Syncer {
         let mut report = SyncReport::default();
         let entries = self.plan(desired);
         let mut keep: HashSet<ServiceKey> = HashSet::new();
+        let mut keep_ranges: HashSet<SourceRangeKey> = HashSet::new();
         let mut wanted_backends: HashSet<u32> = HashSet::new();
 
         for fe in &entries {
@@ -178,8 +213,18 @@ impl Syncer {
                 Ok(()) => {
                     keep.insert(fe.slot0.0);
                     keep.extend(fe.slots.iter().map(|(k, _)| *k));
+                    keep_ranges.extend(fe.source_ranges.iter().copied());
                 }
                 Err(err) => {
+                    // Its source ranges stay as they were, too.
+                    let id = fe.rev_nat.0.to_be_bytes();
+                    keep_ranges.extend(
+                        self.mirror
+                            .source_ranges
+                            .iter()
+                            .filter(|(_, r)| r.rev_nat_id == id)
+                            .copied(),
+                    );
                     tracing::error!(frontend = ?fe.frontend, error = %err, "frontend not updated; it keeps its previous state");
                     // Keep whatever the frontend had, consistently: its old
                     // slot 0 and every slot it may reference.
@@ -213,6 +258,7 @@ impl Syncer {
         }
 
         self.delete_stale(writer, &keep, &wanted_backends, &mut report);
+        self.delete_stale_ranges(writer, &keep_ranges, &mut report);
         report.frontends = entries.len();
         report.backends = self.mirror.backends.len();
         report
@@ -304,6 +350,7 @@ impl Syncer {
                         addr: b_addr,
                         port: b.port,
                         proto,
+                        flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
                         state: if b.terminating {
                             BACKEND_STATE_TERMINATING
                         } else {
@@ -328,6 +375,25 @@ impl Syncer {
                 let maglev_table = (frontend.algorithm == Algorithm::Maglev
                     && !backends.is_empty())
                 .then(|| maglev_table(set, &backends));
+                // Source ranges restrict traffic from outside to LB IPs
+                // (the model gives them to LoadBalancer frontends only).
+                let source_ranges: Vec<SourceRangeKey> = if scope == SCOPE_EXTERNAL {
+                    frontend
+                        .source_ranges
+                        .iter()
+                        .map(|(ip, prefix)| source_range_key(rev_nat_id, *ip, *prefix))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let mut flags = if drop_when_empty {
+                    SVC_FLAG_DROP_WHEN_EMPTY
+                } else {
+                    0
+                };
+                if !source_ranges.is_empty() {
+                    flags |= SVC_FLAG_SOURCE_RANGES;
+                }
                 out.push(FrontendEntries {
                     frontend: *key,
                     vip_marker: frontend.kind == crate::model::FrontendKind::ClusterIp,
@@ -340,15 +406,12 @@ impl Syncer {
                             algorithm: frontend.algorithm.number(),
                             affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
                             maglev_size: maglev_table.as_ref().map_or(0, |t| t.len() as u32),
-                            flags: if drop_when_empty {
-                                SVC_FLAG_DROP_WHEN_EMPTY
-                            } else {
-                                0
-                            },
+                            flags,
                             ..ServiceValue::default()
                         },
                     ),
                     maglev_table,
+                    source_ranges,
                     slots,
                     rev_nat: (
                         rev_nat_id,
@@ -397,6 +460,13 @@ impl Syncer {
             writer.put_rev_nat(*id, value)?;
             self.mirror.rev_nat.insert(*id, *value);
             report.writes += 1;
+        }
+        for range in &fe.source_ranges {
+            if !self.mirror.source_ranges.contains(range) {
+                writer.put_source_range(range)?;
+                self.mirror.source_ranges.insert(*range);
+                report.writes += 1;
+            }
         }
         let mut slot0 = fe.slot0.1;
         if let Some(table) = &fe.maglev_table {
@@ -471,6 +541,32 @@ impl Syncer {
             report.writes += 1;
         }
         Ok(())
+    }
+
+    /// Source ranges no frontend wants (after slot 0 dropped the flag or
+    /// the frontend went away).
+    fn delete_stale_ranges(
+        &mut self,
+        writer: &mut impl MapWriter,
+        keep: &HashSet<SourceRangeKey>,
+        report: &mut SyncReport,
+    ) {
+        let stale: Vec<SourceRangeKey> = self
+            .mirror
+            .source_ranges
+            .iter()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            match writer.delete_source_range(&key) {
+                Ok(()) => {
+                    self.mirror.source_ranges.remove(&key);
+                    report.deletes += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
     }
 
     fn delete_stale(
@@ -673,6 +769,18 @@ impl MapWriter for FakeMaps {
     fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError> {
         self.ops.push(format!("delete maglev {}", key.index));
         self.contents.maglev.remove(key);
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
+        self.ops.push(format!("put source range /{}", key.0));
+        self.contents.source_ranges.insert(*key);
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
+        self.ops.push(format!("delete source range /{}", key.0));
+        self.contents.source_ranges.remove(key);
         Ok(())
     }
 }

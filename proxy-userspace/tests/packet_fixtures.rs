@@ -2076,7 +2076,6 @@ fn icmp_error_from_the_client_about_a_reply_goes_to_the_backend() {
 }
 
 #[test]
-#[ignore = "issue 4 (external traffic): hairpin traffic (the client is the chosen backend) is not SNATed"]
 fn hairpin_connection_is_source_nated() {
     let mut lab = Lab::new();
     let syn = tcp((HAIRPIN_POD.0, 40000), (VIP_HAIRPIN, 80), Tcp::Syn, &[]);

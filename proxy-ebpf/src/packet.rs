@@ -1,0 +1,328 @@
+//! What the service path needs from its hook, for tc (`TcContext`, an skb)
+//! and XDP (`XdpContext`, a raw frame). The service path is written once,
+//! generic over `Packet`; each hook supplies its verdicts, how it rewrites
+//! an address and port, and how it sends a packet out of another interface.
+//! XDP hands what it cannot do itself (rejects, fragments, ICMP errors) to
+//! the tc program behind it by passing the packet untouched.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    },
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use proxy_common::PROTO_UDP;
+
+use crate::{
+    csum, frag, icmp,
+    parse::{Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF},
+    reject,
+};
+
+const AF_INET: u8 = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// Where a packet leaves: the result of a FIB lookup.
+#[derive(Clone, Copy, Default)]
+pub struct Route {
+    pub ifindex: u32,
+    /// The address the kernel would pick as source towards the next hop
+    /// (what MASQUERADE uses).
+    pub src: [u8; 4],
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+pub trait Packet {
+    /// XDP: what the kernel cannot do at this hook goes to tc untouched.
+    const IS_XDP: bool;
+    const PASS: i32;
+    const DROP: i32;
+
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length (an skb may hold part of it non-linear).
+    fn len(&self) -> usize;
+    /// Makes the first `len` bytes directly readable (tc: pull them in).
+    fn make_linear(&self, len: usize);
+    /// Rewrites one side's address and port, keeping the checksums right.
+    fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool;
+    /// The route to `dst` (XDP: only a complete one, neighbour included).
+    fn route(&self, dst: [u8; 4]) -> Option<Route>;
+    /// Sends the (rewritten) packet out along `route`; returns the verdict.
+    fn forward(&self, route: &Route) -> i32;
+    fn reject(&self, flow: &Flow) -> i32;
+    fn later_fragment(&self, id: &FragmentId) -> i32;
+    fn remember_fragment(&self, flow: &Flow);
+    fn icmp_error(&self, l4_off: usize) -> i32;
+}
+
+impl Packet for TcContext {
+    const IS_XDP: bool = false;
+    const PASS: i32 = TC_ACT_OK as i32;
+    const DROP: i32 = TC_ACT_SHOT as i32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn make_linear(&self, len: usize) {
+        if TcContext::data(self) + len > TcContext::data_end(self) {
+            let have = TcContext::len(self) as usize;
+            let _ = self.pull_data(if have < len { have } else { len } as u32);
+        }
+    }
+
+    /// Through the kernel's incremental helpers, which also handle
+    /// CHECKSUM_PARTIAL skbs from local sockets.
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool {
+        let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
+        let check_off = flow.l4_check_off();
+        // A zero UDP checksum means "none": leave it zero.
+        let mangled = if flow.proto == PROTO_UDP {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        };
+        let from_addr = u32::from_ne_bytes(old_addr) as u64;
+        let to_addr = u32::from_ne_bytes(addr) as u64;
+        if from_addr != to_addr {
+            let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+            if self
+                .l4_csum_replace(check_off, from_addr, to_addr, pseudo)
+                .is_err()
+                || self
+                    .l3_csum_replace(IP_CHECK_OFF, from_addr, to_addr, 4)
+                    .is_err()
+                || self.store(addr_off, &addr, 0).is_err()
+            {
+                return false;
+            }
+        }
+        let from_port = u16::from_ne_bytes(old_port.to_be_bytes()) as u64;
+        let to_port = u16::from_ne_bytes(port.to_be_bytes()) as u64;
+        if from_port != to_port
+            && (self
+                .l4_csum_replace(check_off, from_port, to_port, mangled | 2)
+                .is_err()
+                || self.store(port_off, &port.to_be_bytes(), 0).is_err())
+        {
+            return false;
+        }
+        true
+    }
+
+    /// The egress interface only: `bpf_redirect_neigh` resolves the next
+    /// hop itself (and asks for it when it is not known yet).
+    #[inline(always)]
+    fn route(&self, dst: [u8; 4]) -> Option<Route> {
+        fib_lookup(self.as_ptr(), dst, ingress_ifindex_tc(self), true)
+    }
+
+    #[inline(always)]
+    fn forward(&self, route: &Route) -> i32 {
+        let rc = unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) };
+        if rc == TC_ACT_REDIRECT as i64 {
+            TC_ACT_REDIRECT as i32
+        } else {
+            Self::DROP
+        }
+    }
+
+    #[inline(always)]
+    fn reject(&self, flow: &Flow) -> i32 {
+        reject::port_unreachable(self, flow)
+    }
+    #[inline(always)]
+    fn later_fragment(&self, id: &FragmentId) -> i32 {
+        frag::later_fragment(self, id)
+    }
+    #[inline(always)]
+    fn remember_fragment(&self, flow: &Flow) {
+        frag::remember(self, flow)
+    }
+    #[inline(always)]
+    fn icmp_error(&self, l4_off: usize) -> i32 {
+        icmp::error(self, l4_off)
+    }
+}
+
+#[inline(always)]
+fn ingress_ifindex_tc(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+impl Packet for XdpContext {
+    const IS_XDP: bool = true;
+    const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
+
+    // Volatile reads: the compiler must not hoist them into a caller and
+    // pass packet pointers as 32-bit arguments, whose zero-extension the
+    // verifier refuses ("pointer arithmetic on pkt_end prohibited").
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        Packet::data_end(self) - Packet::data(self)
+    }
+    #[inline(always)]
+    fn make_linear(&self, _len: usize) {}
+
+    /// RFC 1624 incremental checksums, written through the XDP byte
+    /// helpers (offsets, not packet pointers: nothing for the verifier to
+    /// doubt). Frames at XDP come from the wire with full checksums (no
+    /// CHECKSUM_PARTIAL here).
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool {
+        let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
+        let l4_check_off = flow.l4_check_off();
+        let (Some(ip_check), Some(l4_check)) =
+            (xdp_load2(self, IP_CHECK_OFF), xdp_load2(self, l4_check_off))
+        else {
+            return false;
+        };
+        let new_port = port.to_be_bytes();
+        let ip_check = csum::update4(u16::from_be_bytes(ip_check), old_addr, addr);
+        let mut l4 = u16::from_be_bytes(l4_check);
+        // A zero UDP checksum means "none": leave it zero.
+        if !(flow.proto == PROTO_UDP && l4 == 0) {
+            l4 = csum::update4(l4, old_addr, addr);
+            l4 = csum::update2(l4, old_port.to_be_bytes(), new_port);
+            if flow.proto == PROTO_UDP && l4 == 0 {
+                l4 = 0xffff;
+            }
+        }
+        xdp_store(self, IP_CHECK_OFF, &ip_check.to_be_bytes())
+            && xdp_store(self, l4_check_off, &l4.to_be_bytes())
+            && xdp_store(self, addr_off, &addr)
+            && xdp_store(self, port_off, &new_port)
+    }
+
+    #[inline(always)]
+    fn route(&self, dst: [u8; 4]) -> Option<Route> {
+        // SAFETY: the context pointer is valid for the program's run.
+        let ingress = unsafe { (*self.ctx).ingress_ifindex };
+        fib_lookup(self.as_ptr(), dst, ingress, false)
+    }
+
+    #[inline(always)]
+    fn forward(&self, route: &Route) -> i32 {
+        if !xdp_store(self, 0, &route.dmac) || !xdp_store(self, 6, &route.smac) {
+            return Self::DROP;
+        }
+        let ingress = unsafe { (*self.ctx).ingress_ifindex };
+        if route.ifindex == ingress {
+            xdp_action::XDP_TX as i32
+        } else {
+            unsafe { bpf_redirect(route.ifindex, 0) as i32 }
+        }
+    }
+
+    #[inline(always)]
+    fn reject(&self, _flow: &Flow) -> i32 {
+        Self::PASS
+    }
+    #[inline(always)]
+    fn later_fragment(&self, _id: &FragmentId) -> i32 {
+        Self::PASS
+    }
+    #[inline(always)]
+    fn remember_fragment(&self, _flow: &Flow) {}
+    #[inline(always)]
+    fn icmp_error(&self, _l4_off: usize) -> i32 {
+        Self::PASS
+    }
+}
+
+/// Offsets and old values of one side's address and port.
+#[inline(always)]
+fn locate(flow: &Flow, side: Side) -> (usize, [u8; 4], usize, u16) {
+    match side {
+        Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_off, flow.sport),
+        Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_off + 2, flow.dport),
+    }
+}
+
+#[inline(always)]
+fn xdp_load2(ctx: &XdpContext, offset: usize) -> Option<[u8; 2]> {
+    let mut buf = [0u8; 2];
+    // SAFETY: the helper checks the offset against the frame.
+    let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, buf.as_mut_ptr().cast(), 2) };
+    (rc == 0).then_some(buf)
+}
+
+#[inline(always)]
+fn xdp_store<const N: usize>(ctx: &XdpContext, offset: usize, bytes: &[u8; N]) -> bool {
+    let mut buf = *bytes;
+    // SAFETY: the helper checks the offset against the frame.
+    unsafe { bpf_xdp_store_bytes(ctx.ctx, offset as u32, buf.as_mut_ptr().cast(), N as u32) == 0 }
+}
+
+/// A FIB lookup as the kernel's forwarding path would do it for a packet
+/// to `dst` that arrived on `ingress`. `skip_neigh`: the caller resolves
+/// the next hop itself (tc's `bpf_redirect_neigh`). Its own BPF function:
+/// the 64-byte parameter block gets its own stack frame.
+#[inline(never)]
+fn fib_lookup(
+    ctx: *mut core::ffi::c_void,
+    dst: [u8; 4],
+    ingress: u32,
+    skip_neigh: bool,
+) -> Option<Route> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = ingress;
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let mut flags = BPF_FIB_LOOKUP_SRC;
+    if skip_neigh {
+        flags |= BPF_FIB_LOOKUP_SKIP_NEIGH;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    Some(Route {
+        ifindex: params.ifindex,
+        src: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
+        smac: params.smac,
+        dmac: params.dmac,
+    })
+}

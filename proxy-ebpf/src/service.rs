@@ -1,0 +1,582 @@
+//! The service path, written once for every hook (generic over `Packet`):
+//! reverse NAT for replies, conntrack for established flows, backend
+//! selection and DNAT for new flows, reject or drop when a Service has
+//! nothing to offer.
+//!
+//! Two kinds of hook share it. The pod hook (`EXTERNAL = false`, tc on pod
+//! interfaces) serves traffic from pods and this node: ClusterIPs with
+//! their internal policy, external frontends with Cluster behaviour, and
+//! source-NATs hairpin flows (a pod reaching itself) to the service
+//! address. The external hook (`EXTERNAL = true`, XDP and tc on
+//! `--interfaces`) serves traffic from outside: NodePorts, LoadBalancer
+//! IPs and externalIPs with their external policy and source ranges. A
+//! remote backend is DNATed, source-NATed to the node and sent straight
+//! back out; a local backend is only DNATed and handed to the stack (its
+//! reply passes this node's pod hook anyway).
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use proxy_common::{
+    ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey, SourceRange,
+    BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSED,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
+};
+
+use crate::{
+    lb,
+    maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
+    packet::{Packet, Side},
+    parse::{parse, Flow, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+};
+
+/// How many random SNAT ports a new flow tries before giving up.
+const SNAT_TRIES: u32 = 8;
+
+/// The rewrite a packet gets: its new source and destination (equal to
+/// the packet's own where that side is not translated).
+#[derive(Clone, Copy, Default)]
+struct Nat {
+    saddr: [u8; 4],
+    sport: u16,
+    daddr: [u8; 4],
+    dport: u16,
+    /// Source-NATed flow at the external hook: routed straight back out.
+    route_out: bool,
+}
+
+#[inline(always)]
+pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
+    let mut flow = Flow::default();
+    match parse(ctx, &mut flow) {
+        Ok(()) => {}
+        Err(Skip::NotService) => return P::PASS,
+        Err(Skip::Malformed) => {
+            count(stat::MALFORMED);
+            return P::PASS;
+        }
+        Err(Skip::Fragment(id)) => return ctx.later_fragment(&id),
+        Err(Skip::Icmp { l4_off }) => return ctx.icmp_error(l4_off),
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut nat = Nat {
+        saddr: flow.saddr,
+        sport: flow.sport,
+        daddr: flow.daddr,
+        dport: flow.dport,
+        route_out: false,
+    };
+    let tracked = tracked::<EXTERNAL>(&flow, now, &mut nat);
+    if tracked == NOT_TRACKED {
+        let verdict = open_new::<P, EXTERNAL>(ctx, &flow, now, &mut nat);
+        if verdict != TRANSLATE {
+            return verdict as i32;
+        }
+    } else if tracked != TRANSLATE {
+        return if tracked == DROP { P::DROP } else { P::PASS };
+    }
+    finish(ctx, &flow, &nat)
+}
+
+/// A packet no tracked flow knows: decide (`new_flow`), take the SNAT
+/// address where one is needed, record the flow (`open_flow`). Returns
+/// `TRANSLATE` with `nat` filled, or the verdict. Its own BPF function, so
+/// that its locals are not in the entry point's frame, which every path
+/// adds to.
+#[inline(never)]
+fn open_new<P: Packet, const EXTERNAL: bool>(ctx: &P, flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
+    let mut pending = Pending::default();
+    match new_flow::<EXTERNAL>(flow, now, &mut pending) {
+        NewFlow::Verdict(Verdict::Pass) => return P::PASS as i64,
+        NewFlow::Verdict(Verdict::Drop) => return P::DROP as i64,
+        NewFlow::Reject => return ctx.reject(flow) as i64,
+        NewFlow::Open => {}
+    }
+    let snat_addr = match pending.snat {
+        Snat::None => [0; 4],
+        // Hairpin: the pod sees its own connection come from the Service,
+        // and answers through us.
+        Snat::Hairpin => flow.daddr,
+        // To the node: masquerade to the address the route picks.
+        Snat::Node => match ctx.route(v4(&pending.backend_addr)) {
+            Some(route) => route.src,
+            None => return no_route::<P>() as i64,
+        },
+    };
+    if !open_flow(flow, &pending, snat_addr, now, nat) {
+        return P::DROP as i64;
+    }
+    nat.route_out = EXTERNAL && pending.snat == Snat::Node;
+    TRANSLATE
+}
+
+/// Applies `nat`; a source-NATed flow at the external hook leaves through
+/// the interface its route names.
+#[inline(never)]
+fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
+    let route = if nat.route_out {
+        match ctx.route(nat.daddr) {
+            Some(r) => Some(r),
+            None => return no_route::<P>(),
+        }
+    } else {
+        None
+    };
+    if (nat.saddr, nat.sport) != (flow.saddr, flow.sport)
+        && !ctx.rewrite(flow, Side::Source, nat.saddr, nat.sport)
+    {
+        return P::DROP;
+    }
+    if (nat.daddr, nat.dport) != (flow.daddr, flow.dport)
+        && !ctx.rewrite(flow, Side::Destination, nat.daddr, nat.dport)
+    {
+        return P::DROP;
+    }
+    match route {
+        Some(route) => {
+            count(stat::XDP_FORWARD);
+            ctx.forward(&route)
+        }
+        None => {
+            if flow.first_fragment {
+                ctx.remember_fragment(flow);
+            }
+            P::PASS
+        }
+    }
+}
+
+/// XDP cannot complete the route (no neighbour entry for the next hop yet,
+/// or none at all): the packet goes on untouched to the tc program, which
+/// resolves the neighbour. At tc there is no route at all: drop.
+#[inline(always)]
+fn no_route<P: Packet>() -> i32 {
+    if P::IS_XDP {
+        count(stat::XDP_TO_TC);
+        P::PASS
+    } else {
+        count(stat::NO_ROUTE);
+        P::DROP
+    }
+}
+
+/// `tracked` found no usable flow.
+const NOT_TRACKED: i64 = -1;
+/// `tracked` filled in the rewrite.
+const TRANSLATE: i64 = -2;
+const DROP: i64 = -3;
+
+/// A packet of a tracked flow: reverse NAT for replies, DNAT (and SNAT) to
+/// the recorded backend for the client's side. Fills `nat` and returns
+/// `TRANSLATE`, or returns `DROP` or `NOT_TRACKED`. A separate BPF
+/// function, like `new_flow`, so each path's keys live in its own stack
+/// frame.
+#[inline(never)]
+fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
+    let saddr = ipv4_mapped(flow.saddr);
+    let daddr = ipv4_mapped(flow.daddr);
+
+    let config = config();
+
+    // A reply from a backend of a tracked flow: restore the service address.
+    let reply_key = ct_key(flow, saddr, daddr, CT_DIR_REPLY);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
+        // SAFETY: a valid map value pointer for the duration of the program.
+        let entry = unsafe { &mut *entry };
+        if flow_expired(entry, flow, CT_DIR_FORWARD, config, now) {
+            // Un-NATing it would leak the backend's address to the client,
+            // which answers with a RST: drop, as kube-proxy drops INVALID.
+            count(stat::CT_EXPIRED);
+            return DROP;
+        }
+        entry.last_seen_ns = now;
+        if flow.proto == PROTO_TCP {
+            track_reply(entry, flow);
+        }
+        nat.saddr = v4(&entry.nat_addr);
+        nat.sport = entry.nat_port;
+        if entry.flags & CT_FLAG_SNAT != 0 {
+            nat.daddr = v4(&entry.other_addr);
+            nat.dport = entry.other_port;
+            nat.route_out = EXTERNAL;
+        }
+        count(stat::REV_NAT);
+        return TRANSLATE;
+    }
+
+    // An established flow keeps its backend, even one that left the Service
+    // while it still runs (drain). A new TCP connection (SYN) and every UDP
+    // datagram re-check that the backend is still programmed, so a reused
+    // source port never lands on a removed endpoint and UDP clients with a
+    // fixed source port move on when their backend goes away.
+    let fwd_key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd_key) {
+        let entry = unsafe { &mut *entry };
+        let usable = if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
+            count(stat::CT_EXPIRED);
+            false
+        } else if flow.proto == PROTO_TCP {
+            // A SYN on a closing or closed flow is a new connection reusing
+            // the port: pick again. Otherwise (a retransmission, a late
+            // duplicate) it stays with its backend while that still exists.
+            !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
+        } else {
+            backend_matches(entry)
+        };
+        if usable {
+            entry.last_seen_ns = now;
+            if flow.proto == PROTO_TCP {
+                track_forward(entry, flow);
+            }
+            nat.daddr = v4(&entry.nat_addr);
+            nat.dport = entry.nat_port;
+            if entry.flags & CT_FLAG_SNAT != 0 {
+                nat.saddr = v4(&entry.other_addr);
+                nat.sport = entry.other_port;
+                nat.route_out = EXTERNAL;
+            }
+            count(stat::DNAT);
+            return TRANSLATE;
+        }
+    }
+
+    NOT_TRACKED
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+enum Snat {
+    #[default]
+    None,
+    /// External traffic with policy Cluster to a backend on another node.
+    Node,
+    /// A pod reaching itself through a Service.
+    Hairpin,
+}
+
+/// A new flow's decision, before it is recorded.
+#[derive(Clone, Copy, Default)]
+struct Pending {
+    backend_addr: [u8; 16],
+    backend_port: u16,
+    backend_id: u32,
+    rev_nat_id: u32,
+    snat: Snat,
+}
+
+#[derive(Clone, Copy)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+enum NewFlow {
+    Verdict(Verdict),
+    Reject,
+    Open,
+}
+
+/// A packet with no tracked flow: look the frontend up (internal scope at
+/// the pod hook, external scope at the external hook), apply source ranges
+/// and policy, pick a backend. A separate BPF function so that its keys
+/// and values do not add to the established-flow path's stack frame.
+#[inline(never)]
+fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) -> NewFlow {
+    let saddr = ipv4_mapped(flow.saddr);
+    let daddr = ipv4_mapped(flow.daddr);
+    let scope = if EXTERNAL {
+        SCOPE_EXTERNAL
+    } else {
+        SCOPE_INTERNAL
+    };
+    let frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
+    let frontend = match unsafe { SERVICES.get(&frontend_key) } {
+        Some(frontend) => frontend,
+        None => {
+            // ClusterIPs are not served from outside: only a pod learns
+            // that a VIP has no such port.
+            if !EXTERNAL && unsafe { SERVICES.get(ServiceKey::vip_marker(daddr)) }.is_some() {
+                count(stat::REJECT_UNKNOWN_PORT);
+                return NewFlow::Reject;
+            }
+            return NewFlow::Verdict(Verdict::Pass);
+        }
+    };
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(frontend.rev_nat_id, saddr) {
+        count(stat::DROP_SOURCE_RANGE);
+        return NewFlow::Verdict(Verdict::Drop);
+    }
+    if frontend.count == 0 {
+        if frontend.flags & SVC_FLAG_DROP_WHEN_EMPTY != 0 {
+            count(stat::DROP_NO_LOCAL_ENDPOINTS);
+            return NewFlow::Verdict(Verdict::Drop);
+        }
+        count(stat::REJECT_NO_ENDPOINTS);
+        return NewFlow::Reject;
+    }
+    // Only a SYN opens a TCP flow; anything else without a tracked flow
+    // would reach a random backend mid-stream.
+    if flow.proto == PROTO_TCP && !flow.is_syn() {
+        count(stat::INVALID);
+        return NewFlow::Verdict(Verdict::Drop);
+    }
+
+    let Some(backend_id) = lb::select(flow, &frontend_key, frontend, &saddr, now) else {
+        count(stat::MISSING_BACKEND);
+        return NewFlow::Verdict(Verdict::Drop);
+    };
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }) else {
+        count(stat::MISSING_BACKEND);
+        return NewFlow::Verdict(Verdict::Drop);
+    };
+    *pending = Pending {
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        backend_id,
+        rev_nat_id: frontend.rev_nat_id,
+        snat: if EXTERNAL {
+            if backend.flags & BACKEND_FLAG_LOCAL != 0 {
+                Snat::None
+            } else {
+                Snat::Node
+            }
+        } else if backend.addr == saddr {
+            Snat::Hairpin
+        } else {
+            Snat::None
+        },
+    };
+    NewFlow::Open
+}
+
+/// `loadBalancerSourceRanges`: the client is inside one of the frontend's.
+#[inline(always)]
+fn source_allowed(rev_nat_id: u32, client: [u8; 16]) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        SourceRange::ID_BITS + 128,
+        SourceRange {
+            rev_nat_id: rev_nat_id.to_be_bytes(),
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Records a new flow in both directions (the reply entry first, so a
+/// forward entry never exists without its reply) and fills `nat`. A
+/// source-NATed flow takes a free port in `SNAT_PORT_MIN..=SNAT_PORT_MAX`
+/// of `snat_addr`: the reply entry is inserted only if no flow holds that
+/// (backend, address, port) yet. Returns false when no port was free.
+#[inline(never)]
+fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: &mut Nat) -> bool {
+    let saddr = ipv4_mapped(flow.saddr);
+    let daddr = ipv4_mapped(flow.daddr);
+    let snat = pending.snat != Snat::None;
+    // One key and one value, rewritten in place for the forward direction:
+    // this function's stack frame stays small.
+    let mut key = ConntrackKey {
+        saddr: pending.backend_addr,
+        daddr: saddr,
+        sport: pending.backend_port,
+        dport: flow.sport,
+        proto: flow.proto,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let mut value = ConntrackValue {
+        nat_addr: daddr,
+        nat_port: flow.dport,
+        state: CT_STATE_NEW,
+        rev_nat_id: pending.rev_nat_id,
+        backend_id: pending.backend_id,
+        last_seen_ns: now,
+        ..ConntrackValue::default()
+    };
+    let mut inserted = false;
+    if snat {
+        value.flags = CT_FLAG_SNAT;
+        value.other_addr = saddr;
+        value.other_port = flow.sport;
+        key.daddr = ipv4_mapped(snat_addr);
+        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        let mut i = 0;
+        while i < SNAT_TRIES {
+            key.dport = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % span) as u16;
+            if CONNTRACK.insert(&key, &value, BPF_NOEXIST).is_ok() {
+                inserted = true;
+                break;
+            }
+            i += 1;
+        }
+        if !inserted {
+            count(stat::SNAT_PORTS_EXHAUSTED);
+            return false;
+        }
+        count(stat::SNAT);
+        nat.saddr = snat_addr;
+        nat.sport = key.dport;
+        value.other_addr = key.daddr;
+        value.other_port = key.dport;
+    } else {
+        inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
+    }
+    key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
+    value.nat_addr = pending.backend_addr;
+    value.nat_port = pending.backend_port;
+    inserted = CONNTRACK.insert(&key, &value, 0).is_ok() && inserted;
+    if inserted {
+        lb::flow_opened(pending.backend_id);
+    }
+    count(if inserted {
+        stat::CT_CREATED
+    } else {
+        stat::CT_INSERT_FAILED
+    });
+    count(stat::DNAT);
+    nat.daddr = v4(&pending.backend_addr);
+    nat.dport = pending.backend_port;
+    true
+}
+
+const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
+
+#[inline(always)]
+fn expired(entry: &ConntrackValue, config: &DatapathConfig, proto: u8, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) > config.timeout_ns(proto, entry.state)
+}
+
+/// TCP state from the client's side: FIN starts closing, RST closes.
+#[inline(always)]
+fn track_forward(entry: &mut ConntrackValue, flow: &Flow) {
+    if let Some(state) = closing_state(entry.state, flow.tcp_flags) {
+        if entry.state < CT_STATE_CLOSING {
+            lb::flow_closed(entry.backend_id);
+        }
+        entry.state = state;
+        set_peer_state(entry, flow, CT_DIR_REPLY, state);
+    }
+}
+
+/// TCP state from the backend's side: its SYN-ACK establishes the flow.
+#[inline(always)]
+fn track_reply(entry: &mut ConntrackValue, flow: &Flow) {
+    let state = match closing_state(entry.state, flow.tcp_flags) {
+        Some(state) => state,
+        None if entry.state == CT_STATE_NEW
+            && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK =>
+        {
+            CT_STATE_ESTABLISHED
+        }
+        None => return,
+    };
+    if entry.state < CT_STATE_CLOSING && state >= CT_STATE_CLOSING {
+        lb::flow_closed(entry.backend_id);
+    }
+    entry.state = state;
+    set_peer_state(entry, flow, CT_DIR_FORWARD, state);
+}
+
+#[inline(always)]
+fn closing_state(current: u8, flags: u8) -> Option<u8> {
+    if flags & TCP_FLAG_RST != 0 {
+        Some(CT_STATE_CLOSED)
+    } else if flags & TCP_FLAG_FIN != 0 && current != CT_STATE_CLOSED {
+        Some(CT_STATE_CLOSING)
+    } else {
+        None
+    }
+}
+
+/// Keeps the other direction's entry in the same state (state changes are
+/// rare: SYN-ACK, FIN, RST), so both expire together.
+#[inline(always)]
+fn set_peer_state(entry: &ConntrackValue, flow: &Flow, peer_direction: u8, state: u8) {
+    if let Some(peer) = peer_entry(entry, flow, peer_direction) {
+        // SAFETY: a valid map value pointer for the duration of the program.
+        unsafe { (*peer).state = state };
+    }
+}
+
+/// The other direction's entry of the flow `entry` belongs to.
+#[inline(always)]
+fn peer_entry(
+    entry: &ConntrackValue,
+    flow: &Flow,
+    peer_direction: u8,
+) -> Option<*mut ConntrackValue> {
+    // The peer entry is keyed by the other side's view of the tuple: the
+    // backend and the client (or, source-NATed, the SNAT address) for a
+    // reply; the client and the service for a forward entry.
+    let snat = entry.flags & CT_FLAG_SNAT != 0;
+    let (saddr, daddr, sport, dport) = if peer_direction == CT_DIR_REPLY {
+        let (client, client_port) = if snat {
+            (entry.other_addr, entry.other_port)
+        } else {
+            (ipv4_mapped(flow.saddr), flow.sport)
+        };
+        (entry.nat_addr, client, entry.nat_port, client_port)
+    } else {
+        let (client, client_port) = if snat {
+            (entry.other_addr, entry.other_port)
+        } else {
+            (ipv4_mapped(flow.daddr), flow.dport)
+        };
+        (client, entry.nat_addr, client_port, entry.nat_port)
+    };
+    let key = ConntrackKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: flow.proto,
+        direction: peer_direction,
+        _pad: [0; 2],
+    };
+    CONNTRACK.get_ptr_mut(&key)
+}
+
+/// A flow is idle only when both directions are: a one-way stream (say,
+/// UDP logs) keeps its reply entry usable. The peer is only consulted on
+/// the rare path where this entry alone looks expired.
+#[inline(always)]
+fn flow_expired(
+    entry: &ConntrackValue,
+    flow: &Flow,
+    peer_direction: u8,
+    config: &DatapathConfig,
+    now: u64,
+) -> bool {
+    if !expired(entry, config, flow.proto, now) {
+        return false;
+    }
+    match peer_entry(entry, flow, peer_direction) {
+        // SAFETY: a valid map value pointer for the duration of the program.
+        Some(peer) => expired(unsafe { &*peer }, config, flow.proto, now),
+        None => true,
+    }
+}
+
+/// A tracked backend is still the one programmed under its id.
+#[inline(always)]
+fn backend_matches(entry: &ConntrackValue) -> bool {
+    match unsafe { BACKENDS.get(entry.backend_id) } {
+        Some(b) => b.addr == entry.nat_addr && b.port == entry.nat_port,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn ct_key(flow: &Flow, saddr: [u8; 16], daddr: [u8; 16], direction: u8) -> ConntrackKey {
+    ConntrackKey {
+        saddr,
+        daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn v4(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
