@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
     AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathConfig, CT_DIR_FORWARD,
-    CT_DIR_REPLY, PROTO_UDP, SVC_FLAG_VIP_MARKER,
+    CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_UDP, SVC_FLAG_VIP_MARKER,
 };
 
 use crate::sync::MapContents;
@@ -14,24 +14,38 @@ use crate::sync::MapContents;
 /// An (address, port) in map form.
 pub type Endpoint = ([u8; 16], u16);
 
-/// The key of the other direction's entry of the same flow.
+/// The key of the other direction's entry of the same flow. A
+/// source-NATed flow (`CT_FLAG_SNAT`) keeps the other side's translation in
+/// `other_addr`/`other_port`: the reply is keyed (backend -> SNAT address),
+/// and the reply entry names the client there.
 pub fn peer_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
+    let snat = value.flags & CT_FLAG_SNAT != 0;
     if key.direction == CT_DIR_FORWARD {
-        // (client -> VIP) -> reply keyed (backend -> client).
+        // (client -> VIP) -> reply keyed (backend -> client or SNAT address).
+        let (client, client_port) = if snat {
+            (value.other_addr, value.other_port)
+        } else {
+            (key.saddr, key.sport)
+        };
         ConntrackKey {
             saddr: value.nat_addr,
-            daddr: key.saddr,
+            daddr: client,
             sport: value.nat_port,
-            dport: key.sport,
+            dport: client_port,
             direction: CT_DIR_REPLY,
             ..*key
         }
     } else {
-        // (backend -> client) -> forward keyed (client -> VIP).
+        // (backend -> client or SNAT address) -> forward keyed (client -> VIP).
+        let (client, client_port) = if snat {
+            (value.other_addr, value.other_port)
+        } else {
+            (key.daddr, key.dport)
+        };
         ConntrackKey {
-            saddr: key.daddr,
+            saddr: client,
             daddr: value.nat_addr,
-            sport: key.dport,
+            sport: client_port,
             dport: value.nat_port,
             direction: CT_DIR_FORWARD,
             ..*key
@@ -255,6 +269,46 @@ mod tests {
         assert_eq!(reply.dport, 40000);
         assert_eq!(peer_key(&reply, &rv), fwd);
         assert_eq!(peer_key(&fwd, &fv), reply);
+    }
+
+    #[test]
+    fn source_nated_flows_pair_through_the_snat_address() {
+        // client:40000 -> node:30080, DNAT to B1:8080 and SNAT to node:61234.
+        let node = ipv4_mapped([198, 18, 100, 11]);
+        let fwd = ConntrackKey {
+            saddr: CLIENT,
+            daddr: node,
+            sport: 40000,
+            dport: 30080,
+            proto: PROTO_UDP,
+            direction: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        let fv = ConntrackValue {
+            nat_addr: B1,
+            nat_port: 8080,
+            other_addr: node,
+            other_port: 61234,
+            flags: CT_FLAG_SNAT,
+            ..ConntrackValue::default()
+        };
+        let reply = peer_key(&fwd, &fv);
+        assert_eq!((reply.saddr, reply.sport), (B1, 8080));
+        assert_eq!((reply.daddr, reply.dport), (node, 61234));
+        let rv = ConntrackValue {
+            nat_addr: node,
+            nat_port: 30080,
+            other_addr: CLIENT,
+            other_port: 40000,
+            flags: CT_FLAG_SNAT,
+            ..ConntrackValue::default()
+        };
+        assert_eq!(peer_key(&reply, &rv), fwd);
+        let entries: HashMap<_, _> = [(fwd, fv), (reply, rv)].into_iter().collect();
+        assert!(
+            orphan_keys(&entries, u64::MAX, 0).is_empty(),
+            "both halves of a source-NATed flow are there: no orphan"
+        );
     }
 
     #[test]

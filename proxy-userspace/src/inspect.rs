@@ -112,6 +112,10 @@ pub struct ConntrackListing {
     pub source: String,
     pub destination: String,
     pub nat: String,
+    /// Source-NATed flows: the other side's translation (forward: the new
+    /// source; reply: the client the reply goes back to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat: Option<String>,
     pub state: &'static str,
     pub backend_id: u32,
     pub rev_nat_id: u32,
@@ -146,6 +150,8 @@ pub fn conntrack(
             source: SocketAddr::new(addr_from_bytes(k.saddr), k.sport).to_string(),
             destination: SocketAddr::new(addr_from_bytes(k.daddr), k.dport).to_string(),
             nat: SocketAddr::new(addr_from_bytes(v.nat_addr), v.nat_port).to_string(),
+            snat: (v.flags & proxy_common::CT_FLAG_SNAT != 0)
+                .then(|| SocketAddr::new(addr_from_bytes(v.other_addr), v.other_port).to_string()),
             state: state_name(k.proto, v.state),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
@@ -156,12 +162,19 @@ pub fn conntrack(
 
 pub fn conntrack_table(listing: &[ConntrackListing]) -> String {
     let mut out = String::from(
-        "DIR      PROTO SOURCE                  DESTINATION             NAT TO                  STATE        IDLE\n",
+        "DIR      PROTO SOURCE                  DESTINATION             NAT TO                  SNAT/CLIENT             STATE        IDLE\n",
     );
     for c in listing {
         out.push_str(&format!(
-            "{:<8} {:<5} {:<23} {:<23} {:<23} {:<12} {:.0}s\n",
-            c.direction, c.protocol, c.source, c.destination, c.nat, c.state, c.idle_seconds
+            "{:<8} {:<5} {:<23} {:<23} {:<23} {:<23} {:<12} {:.0}s\n",
+            c.direction,
+            c.protocol,
+            c.source,
+            c.destination,
+            c.nat,
+            c.snat.as_deref().unwrap_or("-"),
+            c.state,
+            c.idle_seconds
         ));
     }
     out

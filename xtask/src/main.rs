@@ -12,10 +12,12 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// Debian packages the lab, the demo and the tests use, by the command that
 /// proves each is there.
-const DEBIAN_PACKAGES: [(&str, &str); 3] = [
+const DEBIAN_PACKAGES: [(&str, &str); 4] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("tc", "iproute2"),
+    // The two-node lab turns checksum offload off on its veths.
+    ("ethtool", "ethtool"),
 ];
 /// What only the bench needs: it compares against kube-proxy's iptables and
 /// nftables modes (installed by `cargo xtask bench`, not by every test run).

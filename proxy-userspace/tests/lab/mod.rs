@@ -46,7 +46,7 @@ pub fn require_lab() {
     );
 }
 
-fn run(cmd: &mut Command) {
+pub fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -55,7 +55,7 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
@@ -66,7 +66,7 @@ pub struct Netns {
 }
 
 impl Netns {
-    fn create(name: String) -> Self {
+    pub fn create(name: String) -> Self {
         ip(&["netns", "add", &name]);
         let file = File::open(format!("/var/run/netns/{name}")).expect("open netns");
         Self { name, file }
@@ -104,7 +104,7 @@ impl Netns {
         }
     }
 
-    fn sysctl(&self, key: &str, value: &str) {
+    pub fn sysctl(&self, key: &str, value: &str) {
         run(Command::new("ip").args([
             "netns",
             "exec",
@@ -114,9 +114,21 @@ impl Netns {
             &format!("{key}={value}"),
         ]));
     }
+
+    /// The namespace file (e.g. for `setns` in a child's `pre_exec`).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Runs `ip netns exec <this> <program> <args>` and asserts success.
+    pub fn exec(&self, program: &str, args: &[&str]) {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args));
+    }
 }
 
-fn enter(file: &File) {
+pub fn enter(file: &File) {
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
 }
@@ -140,7 +152,7 @@ pub struct Pod {
 /// A TCP and UDP server in a pod on :8080. TCP: greets each connection with
 /// `<pod> <peer>` and then echoes each line as `<pod> <line>`. UDP: answers
 /// each datagram with `<pod> <peer>`.
-struct Server {
+pub struct Server {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -154,6 +166,30 @@ impl Drop for Server {
     }
 }
 
+/// Starts the TCP and UDP servers of the pod `name` on :8080 inside
+/// `netns`; they stop when the returned `Server` is dropped.
+pub fn start_server(netns: &Netns, name: &str) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tcp, udp) = netns.run(|| {
+        let tcp = TcpListener::bind(("0.0.0.0", BACKEND_PORT)).expect("bind tcp");
+        let udp = UdpSocket::bind(("0.0.0.0", BACKEND_PORT)).expect("bind udp");
+        (tcp, udp)
+    });
+    tcp.set_nonblocking(true).unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let pod_name = name.to_owned();
+    let tcp_stop = stop.clone();
+    let tcp_thread = std::thread::spawn(move || serve_tcp(tcp, pod_name, tcp_stop));
+    let pod_name = name.to_owned();
+    let udp_stop = stop.clone();
+    let udp_thread = std::thread::spawn(move || serve_udp(udp, pod_name, udp_stop));
+    Server {
+        stop,
+        threads: vec![tcp_thread, udp_thread],
+    }
+}
+
 /// What a backend answered: its name and the client address it saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -161,7 +197,7 @@ pub struct Hello {
     pub peer: SocketAddr,
 }
 
-fn parse_hello(line: &str) -> io::Result<Hello> {
+pub fn parse_hello(line: &str) -> io::Result<Hello> {
     let mut parts = line.split_whitespace();
     let backend = parts.next().unwrap_or_default().to_owned();
     let peer = parts
@@ -308,25 +344,8 @@ impl Lab {
     pub fn start_servers(&mut self, names: &[&str]) {
         for name in names {
             let pod = self.pod(name);
-            let stop = Arc::new(AtomicBool::new(false));
-            let (tcp, udp) = pod.netns.run(|| {
-                let tcp = TcpListener::bind(("0.0.0.0", BACKEND_PORT)).expect("bind tcp");
-                let udp = UdpSocket::bind(("0.0.0.0", BACKEND_PORT)).expect("bind udp");
-                (tcp, udp)
-            });
-            tcp.set_nonblocking(true).unwrap();
-            udp.set_read_timeout(Some(Duration::from_millis(50)))
-                .unwrap();
-            let pod_name = pod.name.clone();
-            let tcp_stop = stop.clone();
-            let tcp_thread = std::thread::spawn(move || serve_tcp(tcp, pod_name, tcp_stop));
-            let pod_name = pod.name.clone();
-            let udp_stop = stop.clone();
-            let udp_thread = std::thread::spawn(move || serve_udp(udp, pod_name, udp_stop));
-            self.servers.push(Server {
-                stop,
-                threads: vec![tcp_thread, udp_thread],
-            });
+            let server = start_server(&pod.netns, &pod.name);
+            self.servers.push(server);
         }
     }
 
@@ -584,7 +603,7 @@ impl Conversation {
     }
 }
 
-fn serve_tcp(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
+pub fn serve_tcp(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
     let mut conns = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -638,7 +657,7 @@ fn serve_conn(
 
 /// Answers `<pod> <peer> <bytes received>`; a datagram starting with `BIG`
 /// gets a 3000-byte answer (fragmented on the way back).
-fn serve_udp(sock: UdpSocket, name: String, stop: Arc<AtomicBool>) {
+pub fn serve_udp(sock: UdpSocket, name: String, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 65536];
     while !stop.load(Ordering::SeqCst) {
         if let Ok((n, peer)) = sock.recv_from(&mut buf) {
