@@ -852,6 +852,99 @@ mod tests {
             .collect()
     }
 
+    /// A LoadBalancer frontend with `ranges` and a local and a remote backend.
+    fn load_balancer(ranges: &[(IpAddr, u8)]) -> DesiredState {
+        let mut desired = state(&[(key(40, 80), vec![backend(2), backend(3)])]);
+        let fe = desired.frontends.get_mut(&key(40, 80)).unwrap();
+        fe.kind = FrontendKind::LoadBalancer;
+        fe.backends[0].local = true;
+        fe.cluster_backends = fe.backends.clone();
+        fe.source_ranges = ranges.to_vec();
+        desired
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_their_frontend_and_removed_with_it() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let range: (IpAddr, u8) = (IpAddr::V4(Ipv4Addr::new(198, 18, 71, 9)), 24);
+        syncer.apply(&mut maps, &load_balancer(&[range]));
+        let external = ServiceKey::new(addr_bytes(key(40, 80).ip), 80, 6, SCOPE_EXTERNAL, 0);
+        let fe = maps.contents.services[&external];
+        assert_ne!(fe.flags & SVC_FLAG_SOURCE_RANGES, 0);
+        // One canonical key: host bits cleared, under the external entry's id.
+        let expected =
+            source_range_key(fe.rev_nat_id, IpAddr::V4(Ipv4Addr::new(198, 18, 71, 0)), 24);
+        assert_eq!(expected.0, SourceRange::ID_BITS + 96 + 24);
+        assert_eq!(
+            maps.contents
+                .source_ranges
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![expected]
+        );
+        let internal = ServiceKey::new(addr_bytes(key(40, 80).ip), 80, 6, SCOPE_INTERNAL, 0);
+        assert_eq!(
+            maps.contents.services[&internal].flags & SVC_FLAG_SOURCE_RANGES,
+            0,
+            "pods are not filtered"
+        );
+        let range_put = maps
+            .ops
+            .iter()
+            .position(|o| o.starts_with("put source range"))
+            .unwrap();
+        let slot0_put = maps
+            .ops
+            .iter()
+            .rposition(|o| o == "put service slot=0")
+            .unwrap();
+        assert!(range_put < slot0_put, "{:?}", maps.ops);
+        // Only the local endpoint carries the local flag.
+        let flags: BTreeSet<(IpAddr, u8)> = maps
+            .contents
+            .backends
+            .values()
+            .map(|b| (addr_from_bytes(b.addr), b.flags))
+            .collect();
+        assert!(flags.contains(&(backend(2).ip, BACKEND_FLAG_LOCAL)));
+        assert!(flags.contains(&(backend(3).ip, 0)));
+
+        // Ranges dropped: the flag goes, then the entry.
+        maps.ops.clear();
+        syncer.apply(&mut maps, &load_balancer(&[]));
+        assert_eq!(
+            maps.contents.services[&external].flags & SVC_FLAG_SOURCE_RANGES,
+            0
+        );
+        assert!(maps.contents.source_ranges.is_empty());
+        let slot0_put = maps
+            .ops
+            .iter()
+            .position(|o| o == "put service slot=0")
+            .unwrap();
+        let range_delete = maps
+            .ops
+            .iter()
+            .position(|o| o.starts_with("delete source range"))
+            .unwrap();
+        assert!(slot0_put < range_delete, "{:?}", maps.ops);
+        assert_eq!(&maps.contents, syncer.mirror());
+    }
+
+    #[test]
+    fn ipv6_source_ranges_use_their_own_prefix() {
+        let v6: IpAddr = "2001:db8:1::ff".parse().unwrap();
+        let (bits, data) = source_range_key(7, v6, 48);
+        assert_eq!(bits, SourceRange::ID_BITS + 48);
+        assert_eq!(
+            addr_from_bytes(data.addr),
+            "2001:db8:1::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(data.rev_nat_id, 7u32.to_be_bytes());
+    }
+
     #[test]
     fn programs_every_entry_and_the_vip_marker() {
         let mut maps = FakeMaps::default();

@@ -612,3 +612,35 @@ fn xdp_mode_off_uses_tc() {
         assert_cluster_policy_sources(&c, entry, CLIENT_1_IP, &udp);
     }
 }
+
+#[test]
+fn external_frontends_without_endpoints_reject() {
+    // SPEC section 3: no usable endpoint at all is a REJECT, from outside
+    // too: the XDP program hands the packet to tc, which answers with ICMP
+    // port unreachable for NodePorts and LoadBalancer IPs alike.
+    let svc = ServiceSpec::new("empty", "LoadBalancer", cluster_ip(20))
+        .ingress(lb_ip(30), None)
+        .port(Port::tcp(80).node_port(30090))
+        .port(Port::udp(80).node_port(30090));
+    let c = up(&[], |_| service_with_endpoints(&svc, &[]));
+    c.wait_maps(NODE_A, "the empty Service's frontends", SYNC, |m| {
+        !frontends_at(m, lb_ip(30), 80).is_empty()
+    });
+    for to in [
+        SocketAddrV4::new(NODE_A_IP, 30090),
+        SocketAddrV4::new(lb_ip(30), 80),
+    ] {
+        let start = std::time::Instant::now();
+        let outcome = c.tcp_probe(CLIENT_1, to, PROBE_TIMEOUT);
+        assert!(outcome.is_refused(), "TCP to {to}: {outcome}");
+        assert!(
+            start.elapsed() < PROBE_TIMEOUT,
+            "TCP to {to}: refused only after {:?}",
+            start.elapsed()
+        );
+        let outcome = c.udp_probe(CLIENT_1, to, PROBE_TIMEOUT);
+        assert!(outcome.is_refused(), "UDP to {to}: {outcome}");
+    }
+    let rejected = c.node(NODE_A).stat(proxy_common::stat::REJECT_NO_ENDPOINTS);
+    assert!(rejected >= 4, "node-a counted {rejected} rejects");
+}

@@ -81,6 +81,13 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// One datapath counter (`proxy_common::stat` index), summed over CPUs.
+    pub fn stat(&self, index: u32) -> u64 {
+        PinnedMaps::open(&self.pin_dir)
+            .and_then(|m| m.stats())
+            .expect("read the datapath counters")[index as usize]
+    }
+
     /// The kproxy log written since its last start.
     pub fn log_since_start(&self) -> String {
         let mut text = String::new();
