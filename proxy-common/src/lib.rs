@@ -19,12 +19,12 @@ pub const AFFINITY_MAP: &str = "AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "MAGLEV_V1";
 pub const RR_MAP: &str = "RR_V1";
 pub const BACKEND_CONNS_MAP: &str = "BACKEND_CONNS_V1";
-pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V1";
+pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V2";
 pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 
 /// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
 /// and an upgraded daemon remove them (their flows cannot be carried over).
-pub const LEGACY_MAPS: [&str; 2] = ["CONNTRACK_V1", "STATS_V1"];
+pub const LEGACY_MAPS: [&str; 3] = ["CONNTRACK_V1", "STATS_V1", "FRAGMENTS_V1"];
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
 pub const ALL_MAPS: [&str; 12] = [
@@ -137,7 +137,7 @@ pub const DEFAULT_TCP_CLOSED_TIMEOUT_NS: u64 = 10 * NS_PER_SEC;
 pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Indexes into the per-CPU `STATS_V1` array.
+/// Indexes into the per-CPU `STATS_V2` array.
 pub mod stat {
     /// Packets rewritten towards a backend (DNAT).
     pub const DNAT: u32 = 0;
@@ -180,14 +180,17 @@ pub mod stat {
     /// Packets XDP handed to the tc program because it could not forward
     /// them itself (no neighbour entry for the next hop yet, other errors).
     pub const XDP_TO_TC: u32 = 18;
-    /// Packets XDP sent straight back out (XDP_TX or redirect).
+    /// Packets the external hook sent straight back out (XDP_TX or a
+    /// redirect at XDP; a neighbour redirect at tc).
     pub const XDP_FORWARD: u32 = 19;
     /// A source-NATed flow with no route to its next hop: dropped.
     pub const NO_ROUTE: u32 = 20;
+    /// A packet to forward whose TTL ran out: dropped.
+    pub const TTL_EXCEEDED: u32 = 21;
     pub const COUNT: u32 = 24;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 21] = [
+    pub const NAMES: [&str; 22] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -209,6 +212,7 @@ pub mod stat {
         "xdp_to_tc",
         "xdp_forward",
         "no_route",
+        "ttl_exceeded",
     ];
 }
 
@@ -292,19 +296,16 @@ pub struct FragmentKey {
     pub _pad: [u8; 5],
 }
 
-/// Value of the fragments map: the address the first fragment got.
+/// Value of the fragments map: the addresses the first fragment got (a
+/// side that was not translated keeps its own address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FragmentValue {
-    pub addr: [u8; 16],
-    /// `FRAG_REWRITE_SOURCE` or `FRAG_REWRITE_DESTINATION`.
-    pub side: u8,
-    pub _pad: [u8; 7],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
 }
 
-pub const FRAG_REWRITE_SOURCE: u8 = 0;
-pub const FRAG_REWRITE_DESTINATION: u8 = 1;
 pub const FRAGMENTS_MAX_ENTRIES: u32 = 8192;
 
 /// The data of a `SOURCE_RANGES_V1` LPM key: a frontend id (big-endian, so
@@ -438,7 +439,7 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
-const _: () = assert!(core::mem::size_of::<FragmentValue>() == 24);
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == 32);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);

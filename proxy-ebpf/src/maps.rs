@@ -46,7 +46,7 @@ pub static RR: HashMap<u32, u64, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::ne
 pub static BACKEND_CONNS: HashMap<u32, u64, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// How the first fragment of a datagram was translated, for the rest.
-#[btf_map(name = "FRAGMENTS_V1")]
+#[btf_map(name = "FRAGMENTS_V2")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { FRAGMENTS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 

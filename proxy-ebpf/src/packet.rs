@@ -21,7 +21,7 @@ use proxy_common::PROTO_UDP;
 
 use crate::{
     csum, frag, icmp,
-    parse::{Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF},
+    parse::{Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
     reject,
 };
 
@@ -62,8 +62,13 @@ pub trait Packet {
     fn route(&self, dst: [u8; 4]) -> Option<Route>;
     /// Sends the (rewritten) packet out along `route`; returns the verdict.
     fn forward(&self, route: &Route) -> i32;
+    /// Lowers the IPv4 TTL by one, as forwarding does; false when it
+    /// would reach zero (or the header cannot be written).
+    fn decrement_ttl(&self) -> bool;
     fn reject(&self, flow: &Flow) -> i32;
-    fn later_fragment(&self, id: &FragmentId) -> i32;
+    /// `route_out`: at the external hook, a fragment of a source-NATed
+    /// flow leaves by its route like the rest of the flow.
+    fn later_fragment(&self, id: &FragmentId, route_out: bool) -> i32;
     fn remember_fragment(&self, flow: &Flow);
     fn icmp_error(&self, l4_off: usize) -> i32;
 }
@@ -141,6 +146,23 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
+    fn decrement_ttl(&self) -> bool {
+        let Ok(old) = self.load::<[u8; 2]>(IP_TTL_OFF) else {
+            return false;
+        };
+        if old[0] <= 1 {
+            return false;
+        }
+        let new = [old[0] - 1, old[1]];
+        let (from, to) = (
+            u16::from_ne_bytes(old) as u64,
+            u16::from_ne_bytes(new) as u64,
+        );
+        self.l3_csum_replace(IP_CHECK_OFF, from, to, 2).is_ok()
+            && self.store(IP_TTL_OFF, &new, 0).is_ok()
+    }
+
+    #[inline(always)]
     fn forward(&self, route: &Route) -> i32 {
         let rc = unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) };
         if rc == TC_ACT_REDIRECT as i64 {
@@ -155,8 +177,8 @@ impl Packet for TcContext {
         reject::port_unreachable(self, flow)
     }
     #[inline(always)]
-    fn later_fragment(&self, id: &FragmentId) -> i32 {
-        frag::later_fragment(self, id)
+    fn later_fragment(&self, id: &FragmentId, route_out: bool) -> i32 {
+        frag::later_fragment(self, id, route_out)
     }
     #[inline(always)]
     fn remember_fragment(&self, flow: &Flow) {
@@ -236,6 +258,20 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn decrement_ttl(&self) -> bool {
+        let (Some(old), Some(check)) = (xdp_load2(self, IP_TTL_OFF), xdp_load2(self, IP_CHECK_OFF))
+        else {
+            return false;
+        };
+        if old[0] <= 1 {
+            return false;
+        }
+        let new = [old[0] - 1, old[1]];
+        let check = csum::update2(u16::from_be_bytes(check), old, new);
+        xdp_store(self, IP_TTL_OFF, &new) && xdp_store(self, IP_CHECK_OFF, &check.to_be_bytes())
+    }
+
+    #[inline(always)]
     fn forward(&self, route: &Route) -> i32 {
         if !xdp_store(self, 0, &route.dmac) || !xdp_store(self, 6, &route.smac) {
             return Self::DROP;
@@ -253,7 +289,7 @@ impl Packet for XdpContext {
         Self::PASS
     }
     #[inline(always)]
-    fn later_fragment(&self, _id: &FragmentId) -> i32 {
+    fn later_fragment(&self, _id: &FragmentId, _route_out: bool) -> i32 {
         Self::PASS
     }
     #[inline(always)]
@@ -293,7 +329,7 @@ fn xdp_store<const N: usize>(ctx: &XdpContext, offset: usize, bytes: &[u8; N]) -
 /// the next hop itself (tc's `bpf_redirect_neigh`). Its own BPF function:
 /// the 64-byte parameter block gets its own stack frame.
 #[inline(never)]
-fn fib_lookup(
+pub fn fib_lookup(
     ctx: *mut core::ffi::c_void,
     dst: [u8; 4],
     ingress: u32,

@@ -16,6 +16,7 @@ const UDP_LEN: usize = 8;
 const MAX_HEADERS: usize = ETH_LEN + 60 + TCP_MIN_LEN;
 
 /// Offsets inside the IPv4 header.
+pub const IP_TTL_OFF: usize = ETH_LEN + 8;
 pub const IP_CHECK_OFF: usize = ETH_LEN + 10;
 pub const IP_SRC_OFF: usize = ETH_LEN + 12;
 pub const IP_DST_OFF: usize = ETH_LEN + 16;

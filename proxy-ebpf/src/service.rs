@@ -54,9 +54,14 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
             count(stat::MALFORMED);
             return P::PASS;
         }
-        Err(Skip::Fragment(id)) => return ctx.later_fragment(&id),
+        Err(Skip::Fragment(id)) => return ctx.later_fragment(&id, EXTERNAL),
         Err(Skip::Icmp { l4_off }) => return ctx.icmp_error(l4_off),
     };
+    // The first fragment of a datagram leaves a record for the later ones,
+    // which only tc keeps: the whole datagram goes that way.
+    if P::IS_XDP && flow.first_fragment {
+        return P::PASS;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let mut nat = Nat {
         saddr: flow.saddr,
@@ -131,17 +136,20 @@ fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     {
         return P::DROP;
     }
+    if flow.first_fragment {
+        ctx.remember_fragment(flow);
+    }
     match route {
         Some(route) => {
+            // Forwarded here, not by the kernel: the TTL is ours to lower.
+            if !ctx.decrement_ttl() {
+                count(stat::TTL_EXCEEDED);
+                return P::DROP;
+            }
             count(stat::XDP_FORWARD);
             ctx.forward(&route)
         }
-        None => {
-            if flow.first_fragment {
-                ctx.remember_fragment(flow);
-            }
-            P::PASS
-        }
+        None => P::PASS,
     }
 }
 

@@ -2010,7 +2010,7 @@ fn render(
     md
 }
 
-/// What each path does, from `proxy-ebpf/src/pod.rs`, for explaining a miss.
+/// What each path does, from `proxy-ebpf/src/service.rs`, for explaining a miss.
 fn why_text(pp: &PerPacket) -> String {
     let floor = pp
         .counts
@@ -2019,7 +2019,7 @@ fn why_text(pp: &PerPacket) -> String {
         .map_or(f64::NAN, |s| s.kernel_ns);
     format!(
         "No hardware counters here, so this is the work each path does (from \
-         `proxy-ebpf/src/pod.rs`), against a floor of about {floor:.0} ns that is nearly all \
+         `proxy-ebpf/src/service.rs`), against a floor of about {floor:.0} ns that is nearly all \
          test-run loop overhead (the empty program is two instructions):\n\n\
          - every IPv4 TCP packet: header parsing with bounds checks, one `bpf_ktime_get_ns`, \
          one array lookup (config).\n\

@@ -1,5 +1,11 @@
-//! Table-driven packet fixtures for the tc pod program (`kproxy_tc_pod`),
+//! Table-driven packet fixtures for the tc pod program (`kproxy_tc_pod`)
+//! and the XDP program of the external interfaces (`kproxy_xdp_external`),
 //! run through BPF_PROG_TEST_RUN (DESIGN.md section 5).
+//!
+//! The XDP fixtures (section 8) run inside a network namespace of their
+//! own (a veth pair, routes and permanent neighbour entries), entered by
+//! the thread that issues the test runs: the program's FIB lookups see that
+//! namespace, and its ingress interface is set through the `xdp_md` context.
 //!
 //! Every fixture is an input frame, the expected verdict and the expected
 //! output. Expected outputs are built here and their checksums recomputed
@@ -10,8 +16,12 @@
 //! message saying so: they are never skipped silently.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::programs::{ProgramError, SchedClassifier};
@@ -26,7 +36,8 @@ use nix::mount::{umount2, MntFlags};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use proxy_userspace::datapath::{self, Datapath, MapSizes};
+use proxy_common::stat;
+use proxy_userspace::datapath::{self, Datapath, MapSizes, PinnedMaps};
 use proxy_userspace::model::{
     Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, ServicePortName,
 };
@@ -196,6 +207,11 @@ impl Lab {
     /// Loads a fresh datapath (empty conntrack) programmed with
     /// [`lab_services`].
     fn new() -> Self {
+        Self::with_services(&lab_services())
+    }
+
+    /// Loads a fresh datapath (empty conntrack) programmed with `services`.
+    fn with_services(services: &DesiredState) -> Self {
         require_root_and_btf();
         let pins = PinDir::new();
         let mut datapath = Datapath::load(&pins.path, MapSizes::default())
@@ -204,7 +220,7 @@ impl Lab {
             let mut maps = datapath
                 .maps()
                 .unwrap_or_else(|e| panic!("opening the datapath maps: {e}"));
-            let report = Syncer::new().apply(&mut maps, &lab_services());
+            let report = Syncer::new().apply(&mut maps, services);
             assert!(
                 report.failed.is_empty() && report.failed_deletes.is_empty(),
                 "programming the lab Services failed: {:?} {:?}",
@@ -1868,6 +1884,929 @@ fn mutated_and_truncated_packets_never_break_checksums() {
     if let Err(failure) = result {
         panic!("{failure}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// 8. The XDP program of the external interfaces (`kproxy_xdp_external`).
+//
+// FIB lookups in a test run use the network namespace of the thread that
+// issues BPF_PROG_TEST_RUN, and the ingress interface is the
+// `ingress_ifindex` of the `xdp_md` passed as ctx_in. Each XDP test builds
+// a namespace of its own and runs on a thread inside it:
+//
+//   xdpin0 198.18.50.1/24 (the node's external interface) <-veth-> xdpin1
+//   198.18.60.0/24 via 198.18.50.2 (permanent neighbour): remote backends
+//   198.18.61.0/24 via 198.18.50.4 (no neighbour entry)
+//   198.18.70.0/24 and 198.18.71.0/24 via 198.18.50.3 (permanent
+//   neighbour): clients
+//   198.18.90.0/24: no route at all
+// ---------------------------------------------------------------------------
+
+// XDP verdicts (enum xdp_action).
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+/// The node's address on its external interface (NodePorts live here).
+const NODE_IP: [u8; 4] = [198, 18, 50, 1];
+const XDPIN0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x01];
+const XDPIN1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x11];
+/// The next hop towards the remote backends, and its MAC.
+const BACKEND_HOP: [u8; 4] = [198, 18, 50, 2];
+const BACKEND_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x02];
+/// The next hop towards the clients, and its MAC.
+const CLIENT_HOP: [u8; 4] = [198, 18, 50, 3];
+const CLIENT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x03];
+/// A next hop without a neighbour entry.
+const UNRESOLVED_HOP: [u8; 4] = [198, 18, 50, 4];
+const UNRESOLVED_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x04];
+/// A client outside the LoadBalancer's source range.
+const EXT_CLIENT: [u8; 4] = [198, 18, 70, 2];
+/// A client inside the LoadBalancer's source range (198.18.71.0/24).
+const RANGE_CLIENT: [u8; 4] = [198, 18, 71, 5];
+const LB_IP: [u8; 4] = [198, 18, 200, 10];
+const REMOTE_BACKEND: Addr = ([198, 18, 60, 2], 8080);
+const LB_BACKEND: Addr = ([198, 18, 60, 3], 8080);
+const LOCAL_BACKEND: Addr = ([198, 18, 80, 2], 8080);
+const UNROUTED_BACKEND: Addr = ([198, 18, 90, 2], 8080);
+const UNRESOLVED_BACKEND: Addr = ([198, 18, 61, 2], 8080);
+/// TCP and UDP, policy Cluster, one remote backend.
+const NP_REMOTE: u16 = 30080;
+/// Policy Local, no local endpoint (the cluster has one).
+const NP_POLICY_LOCAL: u16 = 30081;
+/// One backend on this node.
+const NP_LOCAL_BACKEND: u16 = 30082;
+/// One remote backend without a route.
+const NP_UNROUTED: u16 = 30083;
+/// One remote backend whose next hop has no neighbour entry.
+const NP_UNRESOLVED: u16 = 30084;
+/// No endpoints anywhere (the tc program behind rejects).
+const NP_EMPTY: u16 = 30085;
+/// A ClusterIP: internal scope only, not served from outside.
+const XDP_CLUSTER_IP: Addr = ([198, 19, 0, 10], 80);
+/// Where source-NATed flows take their port (SPEC; independent of the
+/// datapath's constants on purpose).
+const SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
+
+fn remote_client(port: u16) -> Addr {
+    (EXT_CLIENT, port)
+}
+
+fn node_port(port: u16) -> Addr {
+    (NODE_IP, port)
+}
+
+/// The Services the XDP lab is programmed with.
+fn xdp_services() -> DesiredState {
+    let backend = |(ip, port): Addr, local: bool| Backend {
+        ip: IpAddr::V4(Ipv4Addr::from(ip)),
+        port,
+        terminating: false,
+        local,
+    };
+    let frontend = |name: &str, kind: FrontendKind, backends: Vec<Backend>| {
+        Frontend::new(
+            ServicePortName {
+                namespace: "xdp-fixtures".to_owned(),
+                name: name.to_owned(),
+                port_name: "p".to_owned(),
+            },
+            kind,
+            backends,
+        )
+    };
+    let mut state = DesiredState::default();
+    let mut add = |(ip, port): Addr, protocol: Protocol, frontend: Frontend| {
+        let key = FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::from(ip)),
+            port,
+            protocol,
+        };
+        state.frontends.insert(key, frontend);
+    };
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mut f = frontend(
+            &format!("remote-{}", protocol.as_str().to_lowercase()),
+            FrontendKind::NodePort,
+            vec![backend(REMOTE_BACKEND, false)],
+        );
+        f.snat = true;
+        add(node_port(NP_REMOTE), protocol, f);
+    }
+
+    let mut f = frontend("policy-local", FrontendKind::NodePort, Vec::new());
+    f.policy_local = true;
+    f.drop_when_empty = true;
+    f.snat = false;
+    f.cluster_backends = vec![backend(REMOTE_BACKEND, false)];
+    add(node_port(NP_POLICY_LOCAL), Protocol::Tcp, f);
+
+    let mut f = frontend(
+        "lb",
+        FrontendKind::LoadBalancer,
+        vec![backend(LB_BACKEND, false)],
+    );
+    f.snat = true;
+    f.source_ranges = vec![(IpAddr::V4(Ipv4Addr::new(198, 18, 71, 0)), 24)];
+    add((LB_IP, 80), Protocol::Tcp, f);
+
+    for (name, port, b, local) in [
+        ("local-backend", NP_LOCAL_BACKEND, LOCAL_BACKEND, true),
+        ("unrouted", NP_UNROUTED, UNROUTED_BACKEND, false),
+        ("unresolved", NP_UNRESOLVED, UNRESOLVED_BACKEND, false),
+    ] {
+        let f = frontend(name, FrontendKind::NodePort, vec![backend(b, local)]);
+        add(node_port(port), Protocol::Tcp, f);
+    }
+    add(
+        node_port(NP_EMPTY),
+        Protocol::Tcp,
+        frontend("empty", FrontendKind::NodePort, Vec::new()),
+    );
+    add(
+        XDP_CLUSTER_IP,
+        Protocol::Tcp,
+        frontend(
+            "cluster-ip",
+            FrontendKind::ClusterIp,
+            vec![backend(REMOTE_BACKEND, false)],
+        ),
+    );
+    state
+}
+
+static NEXT_NETNS: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and panics with its output unless it succeeds.
+fn must_run(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e} (the XDP fixtures need iproute2)"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace of our own, deleted on drop (also while unwinding;
+/// the veth pair inside goes with it).
+struct XdpNetns {
+    name: String,
+}
+
+impl XdpNetns {
+    fn create() -> Self {
+        let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
+        // The guard exists before the namespace does: a failure half-way
+        // through the setup still removes it.
+        let netns = Self {
+            name: format!("kpx-xdpfix-{}-{n}", std::process::id()),
+        };
+        must_run(Command::new("ip").args(["netns", "add", &netns.name]));
+        netns
+    }
+
+    /// `ip -n <this> <args>`.
+    fn ip(&self, args: &str) -> String {
+        must_run(
+            Command::new("ip")
+                .args(["-n", &self.name])
+                .args(args.split_whitespace()),
+        )
+    }
+
+    fn setup(&self) {
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let ip = |a: [u8; 4]| addr(a).to_string();
+        self.ip("link set lo up");
+        self.ip(&format!(
+            "link add xdpin0 address {} type veth peer name xdpin1 address {}",
+            mac(XDPIN0_MAC),
+            mac(XDPIN1_MAC)
+        ));
+        self.ip(&format!("addr add {}/24 dev xdpin0", ip(NODE_IP)));
+        self.ip("link set xdpin0 up");
+        self.ip("link set xdpin1 up");
+        // After the links exist: this turns forwarding on for each of them
+        // (the FIB lookup answers "forwarding disabled" otherwise).
+        must_run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]));
+        for (hop, hop_mac) in [(BACKEND_HOP, BACKEND_HOP_MAC), (CLIENT_HOP, CLIENT_HOP_MAC)] {
+            self.ip(&format!(
+                "neigh add {} lladdr {} dev xdpin0 nud permanent",
+                ip(hop),
+                mac(hop_mac)
+            ));
+        }
+        for (net, hop) in [
+            ("198.18.60.0/24", BACKEND_HOP),
+            ("198.18.61.0/24", UNRESOLVED_HOP),
+            ("198.18.70.0/24", CLIENT_HOP),
+            ("198.18.71.0/24", CLIENT_HOP),
+        ] {
+            self.ip(&format!("route add {net} via {} dev xdpin0", ip(hop)));
+        }
+    }
+
+    /// The ifindex and MAC of a link in this namespace.
+    fn link(&self, dev: &str) -> (u32, [u8; 6]) {
+        let line = self.ip(&format!("-o link show dev {dev}"));
+        let ifindex = line
+            .split(':')
+            .next()
+            .and_then(|i| i.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex in {line:?}"));
+        let mut words = line.split_whitespace();
+        let mac = words
+            .by_ref()
+            .find(|w| *w == "link/ether")
+            .and_then(|_| words.next())
+            .unwrap_or_else(|| panic!("no MAC in {line:?}"));
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("a hex MAC byte"))
+            .collect();
+        (
+            ifindex,
+            bytes.try_into().expect("a 6-byte Ethernet address"),
+        )
+    }
+}
+
+impl Drop for XdpNetns {
+    fn drop(&mut self) {
+        // Best effort and never a panic (this also runs while unwinding).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+struct XdpLab {
+    lab: Lab,
+    netns: String,
+    /// The node's external interface: the ingress of most fixtures.
+    in0: u32,
+    in0_mac: [u8; 6],
+    /// Its veth peer: a second interface of the node.
+    in1: u32,
+}
+
+/// Builds the namespace, then runs `test` on a thread inside it with a
+/// fresh datapath programmed with [`xdp_services`]. The datapath is gone
+/// before the namespace is deleted, whatever `test` does.
+fn with_xdp_lab(test: impl FnOnce(&mut XdpLab) + Send) {
+    require_root_and_btf();
+    let netns = XdpNetns::create();
+    netns.setup();
+    let (in0, in0_mac) = netns.link("xdpin0");
+    let (in1, _) = netns.link("xdpin1");
+    assert_eq!(in0_mac, XDPIN0_MAC, "xdpin0 has the MAC it was given");
+    std::thread::scope(|s| {
+        let thread = s.spawn(|| {
+            let path = format!("/var/run/netns/{}", netns.name);
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            // SAFETY: a valid namespace fd; only this thread moves.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            let mut lab = XdpLab {
+                lab: Lab::with_services(&xdp_services()),
+                netns: netns.name.clone(),
+                in0,
+                in0_mac,
+                in1,
+            };
+            test(&mut lab);
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+impl XdpLab {
+    /// A test run of the XDP program on a frame arriving on `ingress`.
+    fn run_on(&mut self, ingress: u32, frame: &[u8]) -> Outcome {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex (must be 0 for a test run).
+        let frame_len = u32::try_from(frame.len()).expect("a small frame");
+        let ctx: Vec<u8> = [0, frame_len, 0, ingress, 0, 0]
+            .iter()
+            .flat_map(|v: &u32| v.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .lab
+            .datapath
+            .xdp_program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "BPF_PROG_TEST_RUN (XDP) on a {}-byte frame: {e} ({e:?})",
+                    frame.len()
+                )
+            });
+        out.truncate(result.data_size_out as usize);
+        Outcome {
+            verdict: result.return_value,
+            frame: out,
+        }
+    }
+
+    /// A frame arriving on xdpin0.
+    fn run(&mut self, frame: &[u8]) -> Outcome {
+        let ingress = self.in0;
+        self.run_on(ingress, frame)
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.lab.datapath.pin_dir().to_owned()
+    }
+
+    fn stats(&self) -> Vec<u64> {
+        PinnedMaps::open(&self.pin_dir())
+            .and_then(|maps| maps.stats())
+            .unwrap_or_else(|e| panic!("reading the datapath counters: {e}"))
+    }
+
+    /// Whether conntrack holds any entry keyed by `ip:port` as source.
+    fn tracks_source(&self, (ip, port): Addr) -> bool {
+        let entries = PinnedMaps::open(&self.pin_dir())
+            .and_then(|maps| maps.conntrack())
+            .unwrap_or_else(|e| panic!("reading conntrack: {e}"));
+        let mapped = proxy_common::ipv4_mapped(ip);
+        entries
+            .iter()
+            .any(|(key, _)| key.saddr == mapped && key.sport == port)
+    }
+
+    /// The forwarded frame a correct XDP NAT makes of `input`: both sides
+    /// rewritten, the TTL lowered by one (the program forwards it, not the
+    /// kernel), the Ethernet header set for the next hop out of xdpin0,
+    /// everything else as it came in; checksums recomputed from scratch.
+    fn forwarded(&self, input: &[u8], src: Addr, dst: Addr, next_hop_mac: [u8; 6]) -> Vec<u8> {
+        let mut lowered = input.to_vec();
+        lowered[ETH_LEN + 8] -= 1;
+        let out = translated(&lowered, Side::Source, src);
+        let mut out = translated(&out, Side::Destination, dst);
+        out[0..6].copy_from_slice(&next_hop_mac);
+        out[6..12].copy_from_slice(&self.in0_mac);
+        out
+    }
+
+    /// Checks the forward of a new flow from outside to a remote backend
+    /// (DNAT, SNAT to the node, sent to the backend's next hop) and
+    /// returns the SNAT port it got.
+    fn check_new_flow(
+        &self,
+        input: &[u8],
+        out: &Outcome,
+        verdict: u32,
+        backend: Addr,
+    ) -> Result<u16, String> {
+        expect_verdict(out, verdict)?;
+        let view = Ipv4View::parse(&out.frame).ok_or("the output is not well-formed IPv4")?;
+        let (sport, _) = view.ports(&out.frame);
+        if !SNAT_PORTS.contains(&sport) {
+            return Err(format!(
+                "SNAT port {sport} outside {SNAT_PORTS:?}:\n{}",
+                hex(&out.frame)
+            ));
+        }
+        let expected = self.forwarded(input, (NODE_IP, sport), backend, BACKEND_HOP_MAC);
+        check_frame(&expected, out)?;
+        Ok(sport)
+    }
+}
+
+/// Sets the Ethernet header of a frame arriving on xdpin0 from `from`.
+fn arriving(mut frame: Vec<u8>, from: [u8; 6]) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&XDPIN0_MAC);
+    frame[6..12].copy_from_slice(&from);
+    frame
+}
+
+fn from_client(frame: Vec<u8>) -> Vec<u8> {
+    arriving(frame, CLIENT_HOP_MAC)
+}
+
+fn from_backend(frame: Vec<u8>) -> Vec<u8> {
+    arriving(frame, BACKEND_HOP_MAC)
+}
+
+/// The output is exactly `expected`, with checksums right by our own
+/// computation (stated outright, though `expected` has them recomputed).
+fn check_frame(expected: &[u8], out: &Outcome) -> Result<(), String> {
+    if out.frame != expected {
+        return Err(format!("wrong output: {}", diff(expected, &out.frame)));
+    }
+    verify_ipv4_checksum(&out.frame)?;
+    verify_l4_checksum(&out.frame)
+}
+
+/// XDP_PASS and the frame byte for byte as it came in.
+fn check_untouched(input: &[u8], out: &Outcome) -> Result<(), String> {
+    expect_verdict(out, XDP_PASS)?;
+    if out.frame != input {
+        return Err(format!(
+            "a frame that must pass untouched was changed: {}",
+            diff(input, &out.frame)
+        ));
+    }
+    Ok(())
+}
+
+/// What a counter did between two readings.
+fn grew(before: &[u64], after: &[u64], index: u32) -> u64 {
+    let i = index as usize;
+    after[i] - before[i]
+}
+
+#[test]
+fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
+    with_xdp_lab(|lab| {
+        let before = lab.stats();
+        let syn = from_client(tcp(
+            remote_client(40000),
+            node_port(NP_REMOTE),
+            Tcp::Syn,
+            &[],
+        ));
+        let out = lab.run(&syn);
+
+        // Field by field first, for a readable failure.
+        assert_eq!(
+            out.verdict,
+            XDP_TX,
+            "SYN {}:40000 -> {}:{NP_REMOTE} arriving on xdpin0, backend behind xdpin0: \
+             verdict {} (expected XDP_TX), output:\n{}",
+            addr(EXT_CLIENT),
+            addr(NODE_IP),
+            out.verdict,
+            hex(&out.frame)
+        );
+        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+        assert_eq!(
+            destination(&out.frame),
+            REMOTE_BACKEND,
+            "DNAT to the backend"
+        );
+        assert_eq!(
+            addr(view.src(&out.frame)),
+            addr(NODE_IP),
+            "SNAT to the route's source address"
+        );
+        let (sport, _) = view.ports(&out.frame);
+        assert!(SNAT_PORTS.contains(&sport), "SNAT port {sport}");
+        assert_eq!(
+            out.frame[0..6],
+            BACKEND_HOP_MAC,
+            "Ethernet destination: the backend's next hop"
+        );
+        assert_eq!(
+            out.frame[6..12],
+            lab.in0_mac,
+            "Ethernet source: the egress interface"
+        );
+        ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after NAT");
+        ok(verify_l4_checksum(&out.frame), "TCP checksum after NAT");
+        // Then the whole frame.
+        let first_port = lab
+            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("TCP SYN: {e}"));
+
+        let after = lab.stats();
+        for (index, name) in [
+            (stat::SNAT, "snat"),
+            (stat::XDP_FORWARD, "xdp_forward"),
+            (stat::CT_CREATED, "ct_created"),
+        ] {
+            assert_eq!(grew(&before, &after, index), 1, "counter {name}");
+        }
+
+        // UDP, with and without a checksum.
+        let dgram = from_client(udp(
+            remote_client(40001),
+            node_port(NP_REMOTE),
+            b"an external datagram",
+        ));
+        let out = lab.run(&dgram);
+        ok(
+            lab.check_new_flow(&dgram, &out, XDP_TX, REMOTE_BACKEND)
+                .map(|_| ()),
+            "UDP with a checksum",
+        );
+        let no_checksum = from_client(with_udp_checksum(
+            udp(remote_client(40002), node_port(NP_REMOTE), b"no checksum"),
+            0,
+        ));
+        let out = lab.run(&no_checksum);
+        ok(
+            lab.check_new_flow(&no_checksum, &out, XDP_TX, REMOTE_BACKEND)
+                .map(|_| ()),
+            "UDP without a checksum",
+        );
+        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+        assert_eq!(
+            view.udp_checksum(&out.frame),
+            0,
+            "no UDP checksum stays none"
+        );
+
+        // Arriving on another interface than the one towards the backend:
+        // redirected there instead of sent back out.
+        let syn = from_client(tcp(
+            remote_client(40003),
+            node_port(NP_REMOTE),
+            Tcp::Syn,
+            b"SYN with data",
+        ));
+        let ingress = lab.in1;
+        let out = lab.run_on(ingress, &syn);
+        let second_port = lab
+            .check_new_flow(&syn, &out, XDP_REDIRECT, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("SYN arriving on xdpin1: {e}"));
+        assert_ne!(
+            first_port, second_port,
+            "two flows to one backend share the SNAT port {first_port}: replies cannot be told apart"
+        );
+
+        // Only a SYN opens a TCP flow.
+        let before = lab.stats();
+        let ack = from_client(tcp(
+            remote_client(40004),
+            node_port(NP_REMOTE),
+            Tcp::Ack,
+            &[0xa5; 100],
+        ));
+        let out = lab.run(&ack);
+        ok(expect_verdict(&out, XDP_DROP), "untracked mid-stream ACK");
+        assert_eq!(
+            grew(&before, &lab.stats(), stat::INVALID),
+            1,
+            "counter invalid"
+        );
+    });
+}
+
+#[test]
+fn xdp_replies_are_reverse_nated_and_flows_keep_their_snat_port() {
+    with_xdp_lab(|lab| {
+        let c = remote_client(41000);
+        let frontend = node_port(NP_REMOTE);
+        let syn = from_client(tcp(c, frontend, Tcp::Syn, &[]));
+        let out = lab.run(&syn);
+        let port = lab
+            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("SYN: {e}"));
+        let snat = (NODE_IP, port);
+
+        let before = lab.stats();
+        let syn_ack = from_backend(tcp(REMOTE_BACKEND, snat, Tcp::SynAck, &[]));
+        let out = lab.run(&syn_ack);
+        assert_eq!(
+            out.verdict,
+            XDP_TX,
+            "SYN-ACK {}:{} -> {}:{port}: verdict {}, output:\n{}",
+            addr(REMOTE_BACKEND.0),
+            REMOTE_BACKEND.1,
+            addr(NODE_IP),
+            out.verdict,
+            hex(&out.frame)
+        );
+        assert_eq!(destination(&out.frame), c, "reply goes back to the client");
+        assert_eq!(
+            out.frame[0..6],
+            CLIENT_HOP_MAC,
+            "Ethernet destination: the client's next hop"
+        );
+        let expected = lab.forwarded(&syn_ack, frontend, c, CLIENT_HOP_MAC);
+        ok(check_frame(&expected, &out), "SYN-ACK");
+        assert_eq!(
+            grew(&before, &lab.stats(), stat::REV_NAT),
+            1,
+            "counter rev_nat"
+        );
+
+        // The client's next segments take the same backend and SNAT port.
+        let request = from_client(tcp(
+            c,
+            frontend,
+            Tcp::Ack,
+            b"GET / HTTP/1.1\r\nHost: web\r\n\r\n",
+        ));
+        let out = lab.run(&request);
+        ok(expect_verdict(&out, XDP_TX), "ACK with data");
+        let expected = lab.forwarded(&request, snat, REMOTE_BACKEND, BACKEND_HOP_MAC);
+        ok(check_frame(&expected, &out), "ACK with data");
+
+        let response = from_backend(tcp(REMOTE_BACKEND, snat, Tcp::Ack, &[0x5a; 700]));
+        let out = lab.run(&response);
+        ok(expect_verdict(&out, XDP_TX), "response");
+        let expected = lab.forwarded(&response, frontend, c, CLIENT_HOP_MAC);
+        ok(check_frame(&expected, &out), "response");
+
+        let retransmitted = from_client(tcp(c, frontend, Tcp::Syn, &[]));
+        let out = lab.run(&retransmitted);
+        let expected = lab.forwarded(&retransmitted, snat, REMOTE_BACKEND, BACKEND_HOP_MAC);
+        ok(
+            expect_verdict(&out, XDP_TX).and_then(|()| check_frame(&expected, &out)),
+            "retransmitted SYN keeps its SNAT port",
+        );
+
+        // UDP replies.
+        let uc = remote_client(41001);
+        let query = from_client(udp(uc, frontend, b"query"));
+        let out = lab.run(&query);
+        let uport = lab
+            .check_new_flow(&query, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("UDP query: {e}"));
+        let answer = from_backend(udp(REMOTE_BACKEND, (NODE_IP, uport), b"answer"));
+        let out = lab.run(&answer);
+        let expected = lab.forwarded(&answer, frontend, uc, CLIENT_HOP_MAC);
+        ok(
+            expect_verdict(&out, XDP_TX).and_then(|()| check_frame(&expected, &out)),
+            "UDP reply",
+        );
+
+        // A SNAT port no flow holds: not ours to translate.
+        let stray_port = if port == *SNAT_PORTS.start() {
+            port + 1
+        } else {
+            port - 1
+        };
+        let stray = from_backend(tcp(REMOTE_BACKEND, (NODE_IP, stray_port), Tcp::SynAck, &[]));
+        ok(
+            check_untouched(&stray, &lab.run(&stray)),
+            "backend -> a SNAT port no flow holds",
+        );
+    });
+}
+
+#[test]
+fn xdp_without_endpoints_drops_for_policy_local_and_passes_otherwise() {
+    with_xdp_lab(|lab| {
+        let before = lab.stats();
+        let syn = from_client(tcp(
+            remote_client(42000),
+            node_port(NP_POLICY_LOCAL),
+            Tcp::Syn,
+            &[],
+        ));
+        let out = lab.run(&syn);
+        ok(
+            expect_verdict(&out, XDP_DROP),
+            "SYN to a policy-Local NodePort without a local endpoint",
+        );
+        let after = lab.stats();
+        assert_eq!(
+            grew(&before, &after, stat::DROP_NO_LOCAL_ENDPOINTS),
+            1,
+            "counter drop_no_local_endpoints"
+        );
+
+        // No endpoint anywhere: the tc program behind builds the reject.
+        let syn = from_client(tcp(
+            remote_client(42001),
+            node_port(NP_EMPTY),
+            Tcp::Syn,
+            &[],
+        ));
+        ok(
+            check_untouched(&syn, &lab.run(&syn)),
+            "SYN to a NodePort without endpoints",
+        );
+        assert_eq!(
+            grew(&after, &lab.stats(), stat::DROP_NO_LOCAL_ENDPOINTS),
+            0,
+            "a Service without endpoints anywhere is not dropped"
+        );
+    });
+}
+
+#[test]
+fn xdp_load_balancer_source_ranges() {
+    with_xdp_lab(|lab| {
+        let before = lab.stats();
+        let outside = from_client(tcp((EXT_CLIENT, 43000), (LB_IP, 80), Tcp::Syn, &[]));
+        let out = lab.run(&outside);
+        ok(
+            expect_verdict(&out, XDP_DROP),
+            "SYN from outside loadBalancerSourceRanges",
+        );
+        let after = lab.stats();
+        assert_eq!(
+            grew(&before, &after, stat::DROP_SOURCE_RANGE),
+            1,
+            "counter drop_source_range"
+        );
+        assert!(
+            !lab.tracks_source((EXT_CLIENT, 43000)),
+            "a dropped SYN opened a flow"
+        );
+
+        let c = (RANGE_CLIENT, 43001);
+        let inside = from_client(tcp(c, (LB_IP, 80), Tcp::Syn, &[]));
+        let out = lab.run(&inside);
+        let port = lab
+            .check_new_flow(&inside, &out, XDP_TX, LB_BACKEND)
+            .unwrap_or_else(|e| panic!("SYN from inside the source range: {e}"));
+        let after_inside = lab.stats();
+        assert_eq!(
+            grew(&after, &after_inside, stat::DROP_SOURCE_RANGE),
+            0,
+            "counter drop_source_range"
+        );
+        assert_eq!(grew(&after, &after_inside, stat::SNAT), 1, "counter snat");
+
+        // The reply comes from the LoadBalancer IP, not the node.
+        let syn_ack = from_backend(tcp(LB_BACKEND, (NODE_IP, port), Tcp::SynAck, &[]));
+        let out = lab.run(&syn_ack);
+        let expected = lab.forwarded(&syn_ack, (LB_IP, 80), c, CLIENT_HOP_MAC);
+        ok(
+            expect_verdict(&out, XDP_TX).and_then(|()| check_frame(&expected, &out)),
+            "SYN-ACK to the client inside the source range",
+        );
+    });
+}
+
+#[test]
+fn xdp_local_backend_is_only_dnated() {
+    with_xdp_lab(|lab| {
+        let before = lab.stats();
+        let syn = from_client(tcp(
+            remote_client(44000),
+            node_port(NP_LOCAL_BACKEND),
+            Tcp::Syn,
+            b"hello",
+        ));
+        let out = lab.run(&syn);
+        let expected = translated(&syn, Side::Destination, LOCAL_BACKEND);
+        ok(
+            expect_verdict(&out, XDP_PASS).and_then(|()| check_frame(&expected, &out)),
+            "SYN to a NodePort with a local backend",
+        );
+        let after = lab.stats();
+        assert_eq!(grew(&before, &after, stat::SNAT), 0, "counter snat");
+        assert_eq!(
+            grew(&before, &after, stat::XDP_FORWARD),
+            0,
+            "counter xdp_forward"
+        );
+    });
+}
+
+#[test]
+fn xdp_backend_without_route_or_neighbour_passes_untouched() {
+    with_xdp_lab(|lab| {
+        for (port, client_port, what) in [
+            (NP_UNROUTED, 45000, "no route to the backend"),
+            (NP_UNRESOLVED, 45001, "no neighbour entry for the next hop"),
+        ] {
+            let before = lab.stats();
+            let syn = from_client(tcp(
+                remote_client(client_port),
+                node_port(port),
+                Tcp::Syn,
+                &[],
+            ));
+            ok(check_untouched(&syn, &lab.run(&syn)), what);
+            let after = lab.stats();
+            assert_eq!(
+                grew(&before, &after, stat::XDP_TO_TC),
+                1,
+                "{what}: counter xdp_to_tc"
+            );
+            assert_eq!(grew(&before, &after, stat::SNAT), 0, "{what}: counter snat");
+            assert!(
+                !lab.tracks_source(remote_client(client_port)),
+                "{what}: the SYN passed on to tc opened a flow"
+            );
+        }
+
+        // Once the next hop is resolved, the same SYN is forwarded.
+        must_run(
+            Command::new("ip").args([
+                "-n",
+                &lab.netns,
+                "neigh",
+                "add",
+                &addr(UNRESOLVED_HOP).to_string(),
+                "lladdr",
+                &UNRESOLVED_HOP_MAC
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+                "dev",
+                "xdpin0",
+                "nud",
+                "permanent",
+            ]),
+        );
+        let syn = from_client(tcp(
+            remote_client(45001),
+            node_port(NP_UNRESOLVED),
+            Tcp::Syn,
+            &[],
+        ));
+        let out = lab.run(&syn);
+        let result = expect_verdict(&out, XDP_TX).and_then(|()| {
+            let view = Ipv4View::parse(&out.frame).ok_or("not IPv4")?;
+            let port = view.ports(&out.frame).0;
+            let expected = lab.forwarded(
+                &syn,
+                (NODE_IP, port),
+                UNRESOLVED_BACKEND,
+                UNRESOLVED_HOP_MAC,
+            );
+            if !SNAT_PORTS.contains(&port) {
+                return Err(format!("SNAT port {port}"));
+            }
+            check_frame(&expected, &out)
+        });
+        ok(result, "the SYN once the next hop has a neighbour entry");
+    });
+}
+
+#[test]
+fn xdp_non_service_traffic_passes_byte_identical() {
+    with_xdp_lab(|lab| {
+        let cases = [
+            (
+                "TCP SYN to the node's port 22",
+                tcp(remote_client(46000), node_port(22), Tcp::Syn, &[]),
+            ),
+            (
+                "TCP data to the node's port 22",
+                tcp(remote_client(46000), node_port(22), Tcp::Ack, b"ssh"),
+            ),
+            (
+                "UDP to the node's port 53",
+                udp(remote_client(46001), node_port(53), b"query"),
+            ),
+            (
+                "TCP SYN to a node port no Service has",
+                tcp(remote_client(46002), node_port(30099), Tcp::Syn, &[]),
+            ),
+            (
+                "UDP to a TCP-only NodePort",
+                udp(remote_client(46003), node_port(NP_LOCAL_BACKEND), b"q"),
+            ),
+            (
+                "TCP SYN from outside to a ClusterIP",
+                tcp(remote_client(46004), XDP_CLUSTER_IP, Tcp::Syn, &[]),
+            ),
+            (
+                "TCP SYN to the LoadBalancer IP on another port",
+                tcp((RANGE_CLIENT, 46005), (LB_IP, 443), Tcp::Syn, &[]),
+            ),
+            (
+                "a backend's TCP segment to a node port below the SNAT range",
+                tcp(REMOTE_BACKEND, node_port(40000), Tcp::Ack, b"x"),
+            ),
+            ("ICMP echo to the node", icmp_echo(NODE_IP)),
+            ("ICMP echo to the LoadBalancer IP", icmp_echo(LB_IP)),
+            ("ARP who-has the node", arp_request(NODE_IP)),
+            ("IPv6 UDP to port 53", ipv6_udp(53)),
+            ("IPv6 TCP SYN to port 80", ipv6_tcp_syn(80)),
+        ];
+        let failures: Vec<String> = cases
+            .into_iter()
+            .filter_map(|(name, frame)| {
+                let frame = from_client(frame);
+                check_untouched(&frame, &lab.run(&frame))
+                    .err()
+                    .map(|why| format!("- {name}: {why}"))
+            })
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{} fixtures failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    });
 }
 
 // ---------------------------------------------------------------------------
