@@ -128,6 +128,13 @@ pub const CT_STATE_CLOSED: u8 = 3;
 /// `ConntrackValue::flags`: the flow is translated on both sides (SNAT as
 /// well as DNAT); `other_addr`/`other_port` hold the second rewrite.
 pub const CT_FLAG_SNAT: u8 = 1 << 0;
+/// The flow was opened by this node's own process (it came in on `lo`):
+/// a reply arriving from another node goes back to `lo` once translated
+/// (its new source is a local address, which other interfaces refuse).
+pub const CT_FLAG_HOST: u8 = 1 << 1;
+
+/// The loopback interface's index, in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Default idle timeouts (SPEC section 7; kube-proxy's conntrack settings).
 pub const DEFAULT_TCP_SYN_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;

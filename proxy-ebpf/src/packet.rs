@@ -8,8 +8,8 @@
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_F_INGRESS, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use proxy_common::PROTO_UDP;
+use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 
 use crate::{
     csum, frag, icmp,
@@ -62,6 +62,11 @@ pub trait Packet {
     fn route(&self, dst: [u8; 4]) -> Option<Route>;
     /// Sends the (rewritten) packet out along `route`; returns the verdict.
     fn forward(&self, route: &Route) -> i32;
+    /// The interface the packet arrived on.
+    fn ingress_ifindex(&self) -> u32;
+    /// Hands the (translated) packet to this node's own stack through
+    /// `lo`, where a local source address is accepted.
+    fn to_host(&self) -> i32;
     /// Lowers the IPv4 TTL by one, as forwarding does; false when it
     /// would reach zero (or the header cannot be written).
     fn decrement_ttl(&self) -> bool;
@@ -143,6 +148,21 @@ impl Packet for TcContext {
     #[inline(always)]
     fn route(&self, dst: [u8; 4]) -> Option<Route> {
         fib_lookup(self.as_ptr(), dst, ingress_ifindex_tc(self), true)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        ingress_ifindex_tc(self)
+    }
+
+    #[inline(always)]
+    fn to_host(&self) -> i32 {
+        // The stack drops frames not addressed to the receiving device
+        // (PACKET_OTHERHOST): address this one to lo's all-zero MAC.
+        if self.store(0, &[0u8; 6], 0).is_err() {
+            return Self::DROP;
+        }
+        unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
     }
 
     #[inline(always)]
@@ -255,6 +275,18 @@ impl Packet for XdpContext {
         // SAFETY: the context pointer is valid for the program's run.
         let ingress = unsafe { (*self.ctx).ingress_ifindex };
         fib_lookup(self.as_ptr(), dst, ingress, false)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    /// Not at XDP: the service path passes such packets on to tc untouched.
+    #[inline(always)]
+    fn to_host(&self) -> i32 {
+        Self::PASS
     }
 
     #[inline(always)]

@@ -17,9 +17,10 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
     ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey, SourceRange,
-    BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSED,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, PROTO_TCP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
+    BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -42,6 +43,9 @@ struct Nat {
     dport: u16,
     /// Source-NATed flow at the external hook: routed straight back out.
     route_out: bool,
+    /// A reply at the external hook to a flow this node's own process
+    /// opened: handed to the stack through `lo`.
+    to_host: bool,
 }
 
 #[inline(always)]
@@ -69,10 +73,12 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         daddr: flow.daddr,
         dport: flow.dport,
         route_out: false,
+        to_host: false,
     };
     let tracked = tracked::<EXTERNAL>(&flow, now, &mut nat);
     if tracked == NOT_TRACKED {
-        let verdict = open_new::<P, EXTERNAL>(ctx, &flow, now, &mut nat);
+        let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
+        let verdict = open_new::<P, EXTERNAL>(ctx, &flow, now, from_host, &mut nat);
         if verdict != TRANSLATE {
             return verdict as i32;
         }
@@ -88,8 +94,17 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
 /// that its locals are not in the entry point's frame, which every path
 /// adds to.
 #[inline(never)]
-fn open_new<P: Packet, const EXTERNAL: bool>(ctx: &P, flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
-    let mut pending = Pending::default();
+fn open_new<P: Packet, const EXTERNAL: bool>(
+    ctx: &P,
+    flow: &Flow,
+    now: u64,
+    from_host: bool,
+    nat: &mut Nat,
+) -> i64 {
+    let mut pending = Pending {
+        from_host,
+        ..Pending::default()
+    };
     match new_flow::<EXTERNAL>(flow, now, &mut pending) {
         NewFlow::Verdict(Verdict::Pass) => return P::PASS as i64,
         NewFlow::Verdict(Verdict::Drop) => return P::DROP as i64,
@@ -110,7 +125,10 @@ fn open_new<P: Packet, const EXTERNAL: bool>(ctx: &P, flow: &Flow, now: u64, nat
     if !open_flow(flow, &pending, snat_addr, now, nat) {
         return P::DROP as i64;
     }
-    nat.route_out = EXTERNAL && pending.snat == Snat::Node;
+    // A flow of this node's own process leaves by its route: a packet that
+    // looped through `lo` still carries the local route it was sent with,
+    // so the stack would deliver it locally despite the new destination.
+    nat.route_out = (EXTERNAL && pending.snat == Snat::Node) || from_host;
     TRANSLATE
 }
 
@@ -118,6 +136,10 @@ fn open_new<P: Packet, const EXTERNAL: bool>(ctx: &P, flow: &Flow, now: u64, nat
 /// the interface its route names.
 #[inline(never)]
 fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
+    if nat.to_host && P::IS_XDP {
+        count(stat::XDP_TO_TC);
+        return P::PASS;
+    }
     let route = if nat.route_out {
         match ctx.route(nat.daddr) {
             Some(r) => Some(r),
@@ -138,6 +160,9 @@ fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     }
     if flow.first_fragment {
         ctx.remember_fragment(flow);
+    }
+    if nat.to_host {
+        return ctx.to_host();
     }
     match route {
         Some(route) => {
@@ -207,6 +232,7 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
             nat.dport = entry.other_port;
             nat.route_out = EXTERNAL;
         }
+        nat.to_host = EXTERNAL && entry.flags & CT_FLAG_HOST != 0;
         count(stat::REV_NAT);
         return TRANSLATE;
     }
@@ -242,6 +268,9 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
                 nat.sport = entry.other_port;
                 nat.route_out = EXTERNAL;
             }
+            if entry.flags & CT_FLAG_HOST != 0 {
+                nat.route_out = true;
+            }
             count(stat::DNAT);
             return TRANSLATE;
         }
@@ -268,6 +297,8 @@ struct Pending {
     backend_id: u32,
     rev_nat_id: u32,
     snat: Snat,
+    /// Opened by this node's own process (arrived on `lo`).
+    from_host: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -336,6 +367,7 @@ fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) 
         return NewFlow::Verdict(Verdict::Drop);
     };
     *pending = Pending {
+        from_host: pending.from_host,
         backend_addr: backend.addr,
         backend_port: backend.port,
         backend_id,
@@ -396,11 +428,12 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
         rev_nat_id: pending.rev_nat_id,
         backend_id: pending.backend_id,
         last_seen_ns: now,
+        flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
         ..ConntrackValue::default()
     };
     let mut inserted = false;
     if snat {
-        value.flags = CT_FLAG_SNAT;
+        value.flags |= CT_FLAG_SNAT;
         value.other_addr = saddr;
         value.other_port = flow.sport;
         key.daddr = ipv4_mapped(snat_addr);

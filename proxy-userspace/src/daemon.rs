@@ -131,6 +131,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut attached: Vec<(String, u32)> = Vec::new();
     let mut attached_external: Vec<(String, u32)> = Vec::new();
     attach_external_interfaces(&mut datapath, &config, &mut attached_external)?;
+    match datapath.attach_host_loopback() {
+        Ok(()) => tracing::info!(
+            "attached host program (tcx ingress of lo): this node's processes reach its NodePorts"
+        ),
+        Err(err) => {
+            tracing::warn!(error = %err, "attaching to lo failed: this node's own processes cannot reach its NodePorts")
+        }
+    }
     attach_interfaces(&mut datapath, &config.pod_interfaces, &mut attached);
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

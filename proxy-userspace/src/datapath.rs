@@ -136,6 +136,7 @@ impl std::str::FromStr for XdpMode {
 /// Which program a pinned link attaches, by pin name prefix.
 const POD_LINK: &str = "tc-pod-ingress";
 const EXTERNAL_TC_LINK: &str = "tc-external-ingress";
+const HOST_LINK: &str = "tc-host-ingress";
 const XDP_LINK_PREFIX: &str = "xdp-external-";
 
 /// The loaded datapath: programs, pinned maps, and pinned links.
@@ -246,6 +247,21 @@ impl Datapath {
         ifindex: u32,
     ) -> Result<(), DatapathError> {
         self.attach_tc(TC_POD_PROGRAM, POD_LINK, interface, ifindex)
+    }
+
+    /// Attaches the pod program to the loopback interface: the node's own
+    /// processes reaching its NodePorts (and externalIPs / LB IPs it holds)
+    /// send through `lo`, and get Cluster behaviour there like pods do.
+    /// The translated packet is then forwarded from `lo` with a local
+    /// source, which the kernel accepts only with `accept_local` on `lo`.
+    pub fn attach_host_loopback(&mut self) -> Result<(), DatapathError> {
+        let ifindex = nix::net::if_::if_nametoindex("lo").map_err(|e| DatapathError::Attach {
+            interface: "lo".into(),
+            source: ProgramError::IOError(io::Error::from(e)),
+        })?;
+        self.attach_tc(TC_POD_PROGRAM, HOST_LINK, "lo", ifindex)?;
+        allow_local_sources("lo");
+        Ok(())
     }
 
     /// Attaches the external programs to `interface`: tc ingress always

@@ -690,3 +690,29 @@ fn fragmented_datagrams_through_a_nodeport_to_a_remote_backend() {
     );
     assert!(c.node(NODE_A).stat(proxy_common::stat::FRAGMENT_NAT) >= 2);
 }
+
+#[test]
+fn the_node_itself_reaches_its_own_node_ports_with_cluster_behaviour() {
+    // SPEC 4: the host of a node reaching its own external frontends gets
+    // Cluster behaviour (kube-proxy's short-circuit), even with policy
+    // Local and no local endpoint: node-b reaches a1 on node-a.
+    let svc = ServiceSpec::new("np", "NodePort", cluster_ip(22))
+        .etp("Local")
+        .port(Port::tcp(80).node_port(30080))
+        .port(Port::udp(80).node_port(30080));
+    let c = up(&["a1"], |c| {
+        service_with_endpoints(&svc, &[Endpoint::of(c.pod("a1"))])
+    });
+    let to = SocketAddrV4::new(NODE_B_IP, 30080);
+    let tcp = answered("node-b to its own NodePort", c.tcp_hellos(NODE_B, to, 5));
+    let udp = answered(
+        "node-b to its own NodePort (UDP)",
+        c.udp_requests(NODE_B, to, 5),
+    );
+    for h in tcp.iter().chain(&udp) {
+        assert_eq!(h.backend, "a1");
+    }
+    // From outside, node-b still drops (policy Local, no local endpoint).
+    let outcome = c.tcp_probe(CLIENT_1, to, PROBE_TIMEOUT);
+    assert!(outcome.is_timed_out(), "client-1 via node-b: {outcome}");
+}
