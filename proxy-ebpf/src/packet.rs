@@ -270,11 +270,15 @@ impl Packet for XdpContext {
             && xdp_store(self, port_off, &new_port)
     }
 
+    /// Only a route back out of the interface the frame came in on
+    /// (`XDP_TX`). Anything else goes through tc: redirecting a frame at
+    /// XDP needs the target to take XDP frames (a pod's veth, whose peer
+    /// runs no XDP, would hold them until something else wakes it).
     #[inline(always)]
     fn route(&self, dst: [u8; 4]) -> Option<Route> {
         // SAFETY: the context pointer is valid for the program's run.
         let ingress = unsafe { (*self.ctx).ingress_ifindex };
-        fib_lookup(self.as_ptr(), dst, ingress, false)
+        fib_lookup(self.as_ptr(), dst, ingress, false).filter(|r| r.ifindex == ingress)
     }
 
     #[inline(always)]
@@ -308,12 +312,8 @@ impl Packet for XdpContext {
         if !xdp_store(self, 0, &route.dmac) || !xdp_store(self, 6, &route.smac) {
             return Self::DROP;
         }
-        let ingress = unsafe { (*self.ctx).ingress_ifindex };
-        if route.ifindex == ingress {
-            xdp_action::XDP_TX as i32
-        } else {
-            unsafe { bpf_redirect(route.ifindex, 0) as i32 }
-        }
+        // `route` leaves by the ingress interface (see `route`).
+        xdp_action::XDP_TX as i32
     }
 
     #[inline(always)]

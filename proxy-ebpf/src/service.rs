@@ -326,13 +326,22 @@ fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) 
     } else {
         SCOPE_INTERNAL
     };
-    let frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
-    let frontend = match unsafe { SERVICES.get(&frontend_key) } {
+    let mut frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
+    // A ClusterIP reached from outside the cluster (a router sends the
+    // Service range to this node): served, and source-NATed so the reply
+    // comes back through us (SPEC 5). External frontends always have an
+    // external-scope entry, so only ClusterIPs get here.
+    let mut cluster_ip_from_outside = false;
+    let mut found = unsafe { SERVICES.get(&frontend_key) };
+    if EXTERNAL && found.is_none() {
+        frontend_key.scope = SCOPE_INTERNAL;
+        found = unsafe { SERVICES.get(&frontend_key) };
+        cluster_ip_from_outside = found.is_some();
+    }
+    let frontend = match found {
         Some(frontend) => frontend,
         None => {
-            // ClusterIPs are not served from outside: only a pod learns
-            // that a VIP has no such port.
-            if !EXTERNAL && unsafe { SERVICES.get(ServiceKey::vip_marker(daddr)) }.is_some() {
+            if unsafe { SERVICES.get(ServiceKey::vip_marker(daddr)) }.is_some() {
                 count(stat::REJECT_UNKNOWN_PORT);
                 return NewFlow::Reject;
             }
@@ -373,7 +382,7 @@ fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) 
         backend_id,
         rev_nat_id: frontend.rev_nat_id,
         snat: if EXTERNAL {
-            if backend.flags & BACKEND_FLAG_LOCAL != 0 {
+            if backend.flags & BACKEND_FLAG_LOCAL != 0 && !cluster_ip_from_outside {
                 Snat::None
             } else {
                 Snat::Node

@@ -716,3 +716,44 @@ fn the_node_itself_reaches_its_own_node_ports_with_cluster_behaviour() {
     let outcome = c.tcp_probe(CLIENT_1, to, PROBE_TIMEOUT);
     assert!(outcome.is_timed_out(), "client-1 via node-b: {outcome}");
 }
+
+#[test]
+fn off_cluster_clients_reach_a_cluster_ip_source_nated() {
+    // SPEC 5: a client outside the cluster whose router sends the Service
+    // range to node-a reaches the ClusterIP; both backends (local and
+    // remote) see node-a's address, so their replies come back through it.
+    let svc = ServiceSpec::new("web", "ClusterIP", cluster_ip(23)).port(Port::tcp(80));
+    let c = up(&["a1", "b1"], |c| {
+        service_with_endpoints(
+            &svc,
+            &[Endpoint::of(c.pod("a1")), Endpoint::of(c.pod("b1"))],
+        )
+    });
+    c.netns(CLIENT_1).exec(
+        "ip",
+        &["route", "add", "198.19.0.0/24", "via", "198.18.100.11"],
+    );
+    let to = SocketAddrV4::new(cluster_ip(23), 80);
+    let hellos = answered("client-1 to the ClusterIP", c.tcp_hellos(CLIENT_1, to, 30));
+    assert_eq!(backends(&hellos), set(&["a1", "b1"]));
+    // Masquerade semantics: the address of node-a's interface towards the
+    // backend (its external address for b1, its side of a1's veth for a1).
+    let a1_gateway = {
+        let o = c.pod("a1").ip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 1)
+    };
+    for h in &hellos {
+        let expected = if h.backend == "a1" {
+            a1_gateway
+        } else {
+            NODE_A_IP
+        };
+        assert_eq!(h.peer.ip(), v4(expected), "{} saw {}", h.backend, h.peer);
+    }
+    // Without the route, the ClusterIP is not reachable from outside at all.
+    let outcome = c.tcp_probe(CLIENT_2, to, PROBE_TIMEOUT);
+    assert!(
+        !matches!(outcome, Outcome::Answered(_)),
+        "client-2: {outcome}"
+    );
+}

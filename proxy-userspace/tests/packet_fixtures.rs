@@ -1906,7 +1906,6 @@ fn mutated_and_truncated_packets_never_break_checksums() {
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 /// The node's address on its external interface (NodePorts live here).
 const NODE_IP: [u8; 4] = [198, 18, 50, 1];
@@ -2434,18 +2433,41 @@ fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
         );
 
         // Arriving on another interface than the one towards the backend:
-        // redirected there instead of sent back out.
+        // XDP only sends frames back out where they came in (XDP_TX); this
+        // one goes on untouched to tc, which redirects it with its
+        // neighbour resolved, and nothing is recorded at XDP.
         let syn = from_client(tcp(
             remote_client(40003),
             node_port(NP_REMOTE),
             Tcp::Syn,
             b"SYN with data",
         ));
+        let before = lab.stats();
         let ingress = lab.in1;
         let out = lab.run_on(ingress, &syn);
+        ok(expect_verdict(&out, XDP_PASS), "SYN arriving on xdpin1");
+        assert_eq!(out.frame, syn, "handed to tc byte-identical");
+        assert_eq!(
+            grew(&before, &lab.stats(), stat::XDP_TO_TC),
+            1,
+            "counter xdp_to_tc"
+        );
+        assert!(
+            !lab.tracks_source(remote_client(40003)),
+            "no flow recorded at XDP"
+        );
+
+        // A second flow to the same backend gets its own SNAT port.
+        let syn = from_client(tcp(
+            remote_client(40005),
+            node_port(NP_REMOTE),
+            Tcp::Syn,
+            &[],
+        ));
+        let out = lab.run(&syn);
         let second_port = lab
-            .check_new_flow(&syn, &out, XDP_REDIRECT, REMOTE_BACKEND)
-            .unwrap_or_else(|e| panic!("SYN arriving on xdpin1: {e}"));
+            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("a second SYN: {e}"));
         assert_ne!(
             first_port, second_port,
             "two flows to one backend share the SNAT port {first_port}: replies cannot be told apart"
@@ -2677,6 +2699,32 @@ fn xdp_local_backend_is_only_dnated() {
 }
 
 #[test]
+fn xdp_cluster_ip_from_outside_is_source_nated() {
+    // SPEC 5: an off-cluster source reaching a ClusterIP (a router sends
+    // the Service range to this node) is served and source-NATed, so the
+    // backend's reply comes back through this node.
+    with_xdp_lab(|lab| {
+        let syn = from_client(tcp(remote_client(45000), XDP_CLUSTER_IP, Tcp::Syn, &[]));
+        let out = lab.run(&syn);
+        lab.check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("SYN from outside to a ClusterIP: {e}"));
+        // Another port of the ClusterIP is rejected (by tc, behind XDP).
+        let other = from_client(tcp(
+            remote_client(45001),
+            (XDP_CLUSTER_IP.0, 81),
+            Tcp::Syn,
+            &[],
+        ));
+        let out = lab.run(&other);
+        ok(
+            expect_verdict(&out, XDP_PASS),
+            "unknown port of a ClusterIP",
+        );
+        assert_eq!(out.frame, other, "handed to tc byte-identical");
+    });
+}
+
+#[test]
 fn xdp_backend_without_route_or_neighbour_passes_untouched() {
     with_xdp_lab(|lab| {
         for (port, client_port, what) in [
@@ -2772,10 +2820,6 @@ fn xdp_non_service_traffic_passes_byte_identical() {
             (
                 "UDP to a TCP-only NodePort",
                 udp(remote_client(46003), node_port(NP_LOCAL_BACKEND), b"q"),
-            ),
-            (
-                "TCP SYN from outside to a ClusterIP",
-                tcp(remote_client(46004), XDP_CLUSTER_IP, Tcp::Syn, &[]),
             ),
             (
                 "TCP SYN to the LoadBalancer IP on another port",
