@@ -46,7 +46,9 @@ fn frontend_backends(maps: &MapContents, port: u16) -> Vec<Ipv4Addr> {
         .map(|s| {
             s.backends
                 .iter()
-                .map(|b| b.address.split(':').next().unwrap().parse().unwrap())
+                // A dump is not atomic: a backend deleted between reading
+                // the slots and the backends shows as `<missing>`.
+                .filter_map(|b| b.address.split(':').next()?.parse().ok())
                 .collect()
         })
         .unwrap_or_default()
