@@ -314,7 +314,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         cluster_cidrs = ?cluster_cidrs,
         nodeport_addresses = ?nodeport_addresses,
-        "--cluster-cidr is accepted; it is used once off-cluster SNAT is implemented"
+        "--cluster-cidr is accepted but not needed: ClusterIP traffic arriving from outside on --interfaces is always source-NATed"
     );
     let config = DaemonConfig {
         source,
