@@ -29,7 +29,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -655,7 +655,7 @@ impl Cluster {
         addr: SocketAddrV4,
         path: &str,
     ) -> io::Result<(u16, String)> {
-        self.netns(from).run(|| http_get(addr, path))
+        self.netns(from).run(|| lab::http_get_here(addr, path))
     }
 }
 
@@ -887,25 +887,6 @@ pub fn udp_hello(to: SocketAddrV4, timeout: Duration) -> io::Result<Hello> {
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf)?;
     parse_hello(String::from_utf8_lossy(&buf[..n]).trim())
-}
-
-/// A plain HTTP/1.0 GET from the current namespace.
-pub fn http_get(addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, response.clone()))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after `timeout` naming

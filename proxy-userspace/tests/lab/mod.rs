@@ -555,23 +555,26 @@ impl Lab {
 /// A plain HTTP/1.0 GET from inside the node namespace (kproxy's health and
 /// metrics servers listen there). Returns (status code, body).
 pub fn http_get(lab: &Lab, addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
-    lab.node.run(|| {
-        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, response.clone()))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
-    })
+    lab.node.run(|| http_get_here(addr, path))
+}
+
+/// A plain HTTP/1.0 GET from the calling thread's namespace.
+pub fn http_get_here(addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, response.clone()))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 pub fn tcp_hello(to: SocketAddrV4) -> io::Result<Hello> {
