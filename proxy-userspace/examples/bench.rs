@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,137 +166,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-// ---------------------------------------------------------------------------
-// Raw bpf(2): the floor program and a symmetric BPF_PROG_TEST_RUN.
-//
-// aya loads programs only from objects, and the floor must be an empty tc
-// program measured exactly like kproxy's. So: BPF_PROG_LOAD of the two
-// instructions `r0 = 0 (TC_ACT_OK); exit` as BPF_PROG_TYPE_SCHED_CLS, and
-// BPF_PROG_TEST_RUN through the same code for both programs. The attr
-// structs follow union bpf_attr (include/uapi/linux/bpf.h); the kernel
-// accepts a larger attr whose tail is zero.
+// Raw bpf(2): the floor program (`r0 = 0 (TC_ACT_OK); exit` as a tc
+// program, measured exactly like kproxy's) and a symmetric
+// BPF_PROG_TEST_RUN for both, shared with the lab.
 // ---------------------------------------------------------------------------
 
-mod raw {
-    use super::*;
-
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct ProgLoadAttr {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        tail: [u64; 16],
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRunAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        tail: [u32; 9],
-    }
-
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-        // SAFETY: `attr` is a live, properly laid out bpf_attr prefix of the
-        // size we pass; every pointer inside it outlives the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *mut T as *mut libc::c_void,
-                std::mem::size_of::<T>() as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }
-
-    /// The floor: `r0 = 0; exit` as a tc program.
-    pub fn load_empty_tc_program() -> io::Result<OwnedFd> {
-        // struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; }
-        let insns: [u64; 2] = [
-            0xb7, // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0
-            0x95, // BPF_JMP | BPF_EXIT
-        ];
-        let license = c"GPL";
-        let mut name = [0u8; 16];
-        name[..11].copy_from_slice(b"bench_floor");
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_SCHED_CLS,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name: name,
-            ..Default::default()
-        };
-        let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
-        // SAFETY: BPF_PROG_LOAD returned a new fd that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    pub struct Run {
-        pub retval: u32,
-        /// Kernel-measured time per repeat (integer ns, bpf_test_timer).
-        pub kernel_ns: u32,
-        /// Wall-clock time of the whole syscall, divided by repeat.
-        pub wall_ns: f64,
-        pub out_len: usize,
-    }
-
-    pub fn test_run(
-        prog: BorrowedFd<'_>,
-        data: &[u8],
-        out: &mut [u8],
-        repeat: u32,
-    ) -> io::Result<Run> {
-        let mut attr = TestRunAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            data_size_in: data.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: data.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat,
-            ..Default::default()
-        };
-        let start = Instant::now();
-        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-        let wall = start.elapsed();
-        Ok(Run {
-            retval: attr.retval,
-            kernel_ns: attr.duration,
-            wall_ns: wall.as_nanos() as f64 / f64::from(repeat.max(1)),
-            out_len: attr.data_size_out as usize,
-        })
-    }
-}
+#[path = "../tests/raw_bpf/mod.rs"]
+mod raw;
 
 /// Runs a frame once and returns the verdict and the output frame.
 fn run_once(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>)> {

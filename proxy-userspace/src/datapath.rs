@@ -311,17 +311,7 @@ impl Datapath {
                 program.attach(interface, aya_mode).map_err(attach_err)?
             }
         };
-        let link = program.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
-            path: pin.clone(),
-            source,
-        })?;
-        let _ = std::fs::remove_file(&pin);
-        fd_link.pin(&pin).map_err(|e| DatapathError::PinPath {
-            path: pin.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        Ok(())
+        pin_link(program.take_link(link_id).map_err(attach_err)?, &pin)
     }
 
     fn attach_tc(
@@ -364,18 +354,7 @@ impl Datapath {
                 attach_new(program, interface).map_err(attach_err)?
             }
         };
-        let link = program.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
-            path: pin.clone(),
-            source,
-        })?;
-        // Re-pinning over our own pin: remove the old file first.
-        let _ = std::fs::remove_file(&pin);
-        fd_link.pin(&pin).map_err(|e| DatapathError::PinPath {
-            path: pin.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        Ok(())
+        pin_link(program.take_link(link_id).map_err(attach_err)?, &pin)
     }
 
     /// Unpins every pod link except those of `keep`: interfaces that are
@@ -535,6 +514,24 @@ fn attach_new(
         TcAttachType::Ingress,
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )
+}
+
+/// Pins an attached link at `pin` (re-pinning over our own pin: the old
+/// file goes first), so it outlives this process.
+fn pin_link<L: TryInto<FdLink, Error = LinkError>>(
+    link: L,
+    pin: &Path,
+) -> Result<(), DatapathError> {
+    let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+        path: pin.to_owned(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(pin);
+    fd_link.pin(pin).map_err(|e| DatapathError::PinPath {
+        path: pin.to_owned(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok(())
 }
 
 fn link_pin_name(kind: &str, interface: &str, ifindex: u32) -> String {

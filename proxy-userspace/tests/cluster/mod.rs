@@ -27,6 +27,9 @@
 //! attached to a root-namespace interface.
 #![allow(dead_code)]
 
+#[path = "../raw_bpf/mod.rs"]
+mod raw_bpf;
+
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
@@ -664,51 +667,8 @@ impl Cluster {
 /// mode to `ifname` in `netns` with iproute2; the attachment keeps it alive
 /// after the pin is removed.
 fn attach_xdp_pass(netns: &str, ifname: &str, bpffs: &Path) {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
-    #[repr(C)]
-    #[derive(Default)]
-    struct ProgLoadAttr {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        tail: [u64; 16],
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct ObjPinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        tail: [u32; 9],
-    }
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-        // SAFETY: `attr` is a bpf_attr prefix of the size passed; its
-        // pointers outlive the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *mut T as *mut libc::c_void,
-                std::mem::size_of::<T>() as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }
+    use std::os::fd::AsFd as _;
+    const XDP_PASS: u32 = 2;
     if !bpffs.exists() {
         fs::create_dir_all(bpffs).unwrap();
         nix::mount::mount(
@@ -720,27 +680,10 @@ fn attach_xdp_pass(netns: &str, ifname: &str, bpffs: &Path) {
         )
         .expect("mount a bpffs for the lab's XDP pass program");
     }
-    // BPF_ALU64|BPF_MOV|BPF_K r0 = 2 (XDP_PASS); BPF_JMP|BPF_EXIT.
-    let insns: [u64; 2] = [0xb7 | (2 << 32), 0x95];
-    let license = c"GPL";
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_PROG_LOAD, &mut attr).expect("load the XDP pass program");
-    // SAFETY: a new fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let prog = raw_bpf::load_return_program(raw_bpf::BPF_PROG_TYPE_XDP, XDP_PASS, "lab_xdp_pass")
+        .expect("load the XDP pass program");
     let pin = bpffs.join(format!("pass-{ifname}"));
-    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
-    let mut attr = ObjPinAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        ..Default::default()
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).expect("pin the XDP pass program");
+    raw_bpf::obj_pin(prog.as_fd(), &pin).expect("pin the XDP pass program");
     let pin_str = pin.to_str().unwrap();
     ip(&[
         "-n", netns, "link", "set", "dev", ifname, "xdpdrv", "pinned", pin_str,

@@ -1,0 +1,157 @@
+//! Raw bpf(2), for the few programs aya cannot load (it loads only from
+//! objects): the bench's empty floor program and the two-node lab's
+//! pass-through XDP program, plus a BPF_PROG_TEST_RUN that treats every
+//! program alike. The attr structs follow union bpf_attr
+//! (include/uapi/linux/bpf.h); the kernel accepts a larger attr whose tail
+//! is zero. Shared by `examples/bench.rs` and `tests/cluster` via `#[path]`.
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::path::Path;
+use std::time::Instant;
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    tail: [u64; 16],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    tail: [u32; 9],
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, properly laid out bpf_attr prefix of the
+    // size we pass; every pointer inside it outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A program of `prog_type` that only returns `verdict`:
+/// `r0 = verdict; exit`.
+pub fn load_return_program(prog_type: u32, verdict: u32, name: &str) -> io::Result<OwnedFd> {
+    // struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; }
+    let insns: [u64; 2] = [
+        0xb7 | (u64::from(verdict) << 32), // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm verdict
+        0x95,                              // BPF_JMP | BPF_EXIT
+    ];
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: BPF_PROG_LOAD returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The bench's floor: `r0 = 0 (TC_ACT_OK); exit` as a tc program.
+pub fn load_empty_tc_program() -> io::Result<OwnedFd> {
+    load_return_program(BPF_PROG_TYPE_SCHED_CLS, 0, "bench_floor")
+}
+
+pub struct Run {
+    pub retval: u32,
+    /// Kernel-measured time per repeat (integer ns, bpf_test_timer).
+    pub kernel_ns: u32,
+    /// Wall-clock time of the whole syscall, divided by repeat.
+    pub wall_ns: f64,
+    pub out_len: usize,
+}
+
+pub fn test_run(prog: BorrowedFd<'_>, data: &[u8], out: &mut [u8], repeat: u32) -> io::Result<Run> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    let wall = start.elapsed();
+    Ok(Run {
+        retval: attr.retval,
+        kernel_ns: attr.duration,
+        wall_ns: wall.as_nanos() as f64 / f64::from(repeat.max(1)),
+        out_len: attr.data_size_out as usize,
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    tail: [u32; 9],
+}
+
+/// Pins `prog` at `path` (on a bpffs).
+pub fn obj_pin(prog: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjPinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
