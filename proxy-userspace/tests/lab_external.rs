@@ -657,19 +657,7 @@ fn fragmented_datagrams_through_a_nodeport_to_a_remote_backend() {
         service_with_endpoints(&svc, &[Endpoint::of(c.pod("b1"))])
     });
     let to = SocketAddrV4::new(NODE_A_IP, 30053);
-    let (sent, got) = c.netns(CLIENT_1).run(|| {
-        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        sock.connect(to).unwrap();
-        let mut request = b"BIG".to_vec();
-        request.resize(2000, b'x');
-        sock.send(&request).unwrap();
-        let mut buf = [0u8; 8192];
-        let n = sock
-            .recv(&mut buf)
-            .expect("a reply to a fragmented datagram");
-        (request.len(), buf[..n].to_vec())
-    });
+    let (sent, got) = c.netns(CLIENT_1).run(|| lab::big_udp_request(to));
     let text = String::from_utf8_lossy(&got);
     let fields: Vec<&str> = text.split_whitespace().collect();
     assert_eq!(fields.first().copied(), Some("b1"));

@@ -196,19 +196,10 @@ fn idle_flows_are_swept_by_their_timeouts_and_tcp_state_is_tracked() {
 #[test]
 fn a_2000_byte_udp_datagram_crosses_the_vip_intact_both_ways() {
     let lab = lab_with(&[], &["b1", "b2"]);
-    let (sent, got) = lab.pod("c").netns.run(|| {
-        let sock = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        sock.connect(SocketAddrV4::new(VIP, 53)).unwrap();
-        let mut request = b"BIG".to_vec();
-        request.resize(2000, b'x');
-        sock.send(&request).unwrap();
-        let mut buf = [0u8; 8192];
-        let n = sock
-            .recv(&mut buf)
-            .expect("a reply to a fragmented datagram");
-        (request.len(), buf[..n].to_vec())
-    });
+    let (sent, got) = lab
+        .pod("c")
+        .netns
+        .run(|| lab::big_udp_request(SocketAddrV4::new(VIP, 53)));
     let text = String::from_utf8_lossy(&got);
     let fields: Vec<&str> = text.split_whitespace().collect();
     assert_eq!(

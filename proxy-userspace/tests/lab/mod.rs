@@ -577,6 +577,24 @@ pub fn http_get_here(addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)
     Ok((status, body))
 }
 
+/// A 2000-byte UDP datagram starting with `BIG` (fragmented on the way
+/// out) from the calling thread's namespace; the lab's servers answer it
+/// with 3000 bytes (fragmented on the way back). Returns (bytes sent, the
+/// answer).
+pub fn big_udp_request(to: SocketAddrV4) -> (usize, Vec<u8>) {
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.connect(to).unwrap();
+    let mut request = b"BIG".to_vec();
+    request.resize(2000, b'x');
+    sock.send(&request).unwrap();
+    let mut buf = [0u8; 8192];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a reply to a fragmented datagram");
+    (request.len(), buf[..n].to_vec())
+}
+
 pub fn tcp_hello(to: SocketAddrV4) -> io::Result<Hello> {
     let stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
