@@ -41,7 +41,8 @@ struct Nat {
     sport: u16,
     daddr: [u8; 4],
     dport: u16,
-    /// Source-NATed flow at the external hook: routed straight back out.
+    /// Leaves by its route (FIB lookup, then out): a source-NATed flow at
+    /// the external hook, or a flow of this node's own processes at `lo`.
     route_out: bool,
     /// A reply at the external hook to a flow this node's own process
     /// opened: handed to the stack through `lo`.
@@ -132,8 +133,8 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
     TRANSLATE
 }
 
-/// Applies `nat`; a source-NATed flow at the external hook leaves through
-/// the interface its route names.
+/// Applies `nat`; a flow with `route_out` leaves through the interface its
+/// route names, a reply with `to_host` goes to `lo`.
 #[inline(never)]
 fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     if nat.to_host && P::IS_XDP {
