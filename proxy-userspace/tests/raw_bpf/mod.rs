@@ -3,7 +3,7 @@
 //! pass-through XDP program, plus a BPF_PROG_TEST_RUN that treats every
 //! program alike. The attr structs follow union bpf_attr
 //! (include/uapi/linux/bpf.h); the kernel accepts a larger attr whose tail
-//! is zero. Shared by `examples/bench.rs` and `tests/cluster` via `#[path]`.
+//! is zero. Shared by `examples/bench` and `tests/cluster` via `#[path]`.
 #![allow(dead_code)]
 
 use std::ffi::CString;
@@ -99,9 +99,15 @@ pub fn load_return_program(prog_type: u32, verdict: u32, name: &str) -> io::Resu
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The bench's floor: `r0 = 0 (TC_ACT_OK); exit` as a tc program.
+/// The bench's tc floor: `r0 = 0 (TC_ACT_OK); exit` as a tc program.
 pub fn load_empty_tc_program() -> io::Result<OwnedFd> {
     load_return_program(BPF_PROG_TYPE_SCHED_CLS, 0, "bench_floor")
+}
+
+/// An XDP program that only returns `verdict` (XDP_PASS, XDP_DROP, ...):
+/// the bench's floor, the lab's pass-through peer.
+pub fn load_xdp_return_program(verdict: u32, name: &str) -> io::Result<OwnedFd> {
+    load_return_program(BPF_PROG_TYPE_XDP, verdict, name)
 }
 
 pub struct Run {
@@ -114,13 +120,71 @@ pub struct Run {
 }
 
 pub fn test_run(prog: BorrowedFd<'_>, data: &[u8], out: &mut [u8], repeat: u32) -> io::Result<Run> {
+    test_run_with(
+        prog,
+        data,
+        out,
+        &RunOptions {
+            repeat,
+            ..RunOptions::default()
+        },
+    )
+}
+
+/// BPF_PROG_TEST_RUN flag: XDP frames are really sent (XDP_TX out of the
+/// ingress interface, XDP_REDIRECT, XDP_PASS up the stack): the kernel's
+/// own packet generator (xdp-trafficgen uses it). Needs `repeat` > 0 and
+/// an `xdp_md` context naming the ingress interface; there is no output.
+pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    pub repeat: u32,
+    /// The program's context (`struct xdp_md` for XDP, see [`xdp_md`]).
+    pub ctx: Option<&'a [u8]>,
+    pub flags: u32,
+    /// Frames per batch in live-frames mode (0: the kernel's default, 64).
+    pub batch_size: u32,
+}
+
+/// `struct xdp_md` for BPF_PROG_TEST_RUN: the packet arrives on interface
+/// `ingress_ifindex` (of the caller's network namespace), rx queue 0.
+pub fn xdp_md(ingress_ifindex: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    // data, data_end, data_meta (u32 each, zero), then ingress_ifindex.
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
+}
+
+pub fn test_run_with(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out: &mut [u8],
+    options: &RunOptions<'_>,
+) -> io::Result<Run> {
+    let repeat = options.repeat;
+    let (ctx_in, ctx_len) = options
+        .ctx
+        .map_or((0, 0), |c| (c.as_ptr() as u64, c.len() as u32));
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data.len() as u32,
         data_size_out: out.len() as u32,
         data_in: data.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
+        data_out: if out.is_empty() {
+            0
+        } else {
+            out.as_mut_ptr() as u64
+        },
         repeat,
+        ctx_size_in: ctx_len,
+        ctx_in,
+        flags: options.flags,
+        batch_size: options.batch_size,
         ..Default::default()
     };
     let start = Instant::now();

@@ -1,0 +1,43 @@
+//! A datapath of the bench's own under a private pin dir.
+
+use super::*;
+
+// ---------------------------------------------------------------------------
+// A datapath under a private pin dir, removed even on error.
+// ---------------------------------------------------------------------------
+
+pub struct Lab {
+    // Declared first: program and map fds close before the pins go.
+    pub datapath: Datapath,
+    pub pins: PathBuf,
+}
+
+impl Lab {
+    pub fn load(tag: &str, sizes: MapSizes) -> Result<Self> {
+        let pins = PathBuf::from(format!("/run/kproxy-bench-{}-{tag}", std::process::id()));
+        let datapath = Datapath::load(&pins, sizes)
+            .with_context(|| format!("loading the datapath at {}", pins.display()))?;
+        Ok(Self { datapath, pins })
+    }
+
+    pub fn apply(&mut self, syncer: &mut Syncer, state: &DesiredState) -> Result<()> {
+        let mut maps = self.datapath.maps().context("opening the maps")?;
+        let report = syncer.apply(&mut maps, state);
+        ensure!(
+            report.failed.is_empty() && report.failed_deletes.is_empty(),
+            "programming {} frontends failed: {} frontends, {} deletes (maps too small?)",
+            state.frontends.len(),
+            report.failed.len(),
+            report.failed_deletes.len()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = datapath::cleanup(&self.pins);
+        let _ = umount2(&self.pins, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.pins);
+    }
+}
