@@ -117,7 +117,9 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&docs)?;
     let sections = [
         per_packet::run(&config, &docs)?,
+        connections::run(&config, &docs)?,
         control_plane::run(&config, &docs)?,
+        xdp_forward::run(&config, &docs)?,
     ];
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let report = render(&config, &machine, &sections, started.elapsed(), &load_after);
@@ -138,6 +140,7 @@ fn main() -> Result<()> {
 #[path = "../../tests/raw_bpf/mod.rs"]
 mod raw;
 
+mod connections;
 mod control_plane;
 mod kube_rules;
 mod lab;
@@ -145,6 +148,7 @@ mod per_packet;
 mod plot;
 mod services;
 mod sys;
+mod xdp_forward;
 
 use kube_rules::*;
 use lab::*;
