@@ -45,7 +45,7 @@ use proxy_userspace::datapath::PinnedMaps;
 use proxy_userspace::inspect::ServiceListing;
 use proxy_userspace::sync::{addr_bytes, MapContents};
 
-use crate::lab::{self, ip, parse_hello, require_lab, Hello, Netns, Server, BACKEND_PORT};
+use super::lab::{self, ip, parse_hello, require_lab, Hello, Netns, Server, BACKEND_PORT};
 
 pub const NODE_A: &str = "node-a";
 pub const NODE_B: &str = "node-b";

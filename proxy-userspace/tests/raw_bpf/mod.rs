@@ -219,3 +219,167 @@ pub fn obj_pin(prog: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     };
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
+
+// ---------------------------------------------------------------------------
+// Programs from instructions, prog arrays, programs by id: the bench's XDP
+// forwarding part wraps a program in a tail call (see `load_program`).
+// ---------------------------------------------------------------------------
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+/// `expected_attach_type` of an XDP program attached to an interface (aya
+/// loads XDP programs with it; a tail call needs caller and callee alike).
+pub const BPF_XDP: u32 = 37;
+/// `src_reg` of a `BPF_LD | BPF_IMM | BPF_DW` whose imm is a map fd.
+pub const BPF_PSEUDO_MAP_FD: u8 = 1;
+pub const BPF_FUNC_TAIL_CALL: i32 = 12;
+
+/// One `struct bpf_insn` as a u64 (little-endian layout: code, dst:4 |
+/// src:4, off, imm).
+pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code)
+        | (u64::from(dst & 0xf | (src & 0xf) << 4) << 8)
+        | (u64::from(off as u16) << 16)
+        | (u64::from(imm as u32) << 32)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttrTyped {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    tail: [u64; 14],
+}
+
+/// Loads `insns` as a program of `prog_type` with `expected_attach_type`;
+/// on a verifier error the error carries the verifier's log.
+pub fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+    name: &str,
+) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = ProgLoadAttrTyped {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_name,
+        expected_attach_type,
+        ..Default::default()
+    };
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        // SAFETY: BPF_PROG_LOAD returned a new fd that nothing else owns.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Err(err) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            Err(io::Error::new(
+                err.kind(),
+                format!(
+                    "BPF_PROG_LOAD {name}: {err}; verifier: {}",
+                    String::from_utf8_lossy(&log[..end]).trim()
+                ),
+            ))
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    tail: [u32; 16],
+}
+
+/// A `BPF_MAP_TYPE_PROG_ARRAY` of `max_entries` slots.
+pub fn create_prog_array(max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_PROG_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Puts `prog` into slot `index` of a prog array.
+pub fn prog_array_set(map: BorrowedFd<'_>, index: u32, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let value = prog.as_raw_fd() as u32;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &index as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+    tail: [u32; 5],
+}
+
+/// A new fd for the loaded program with id `id` (e.g. the one `ip -d link`
+/// shows attached to an interface).
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `struct xdp_md` for a BPF_PROG_TEST_RUN of a `data_len`-byte frame
+/// arriving on `ingress_ifindex`: with a context, the kernel wants
+/// `data_end` to be the frame's length.
+pub fn xdp_md_for(ingress_ifindex: u32, data_len: usize) -> [u8; 24] {
+    let mut ctx = xdp_md(ingress_ifindex);
+    ctx[4..8].copy_from_slice(&(data_len as u32).to_ne_bytes());
+    ctx
+}
