@@ -129,6 +129,18 @@ fn main() -> Result<()> {
             setup()?;
             install_packages(&BENCH_PACKAGES)?;
             require_root("the bench loads eBPF programs and creates network namespaces")?;
+            // The bench runs the kproxy binary in its labs: build it with
+            // the bench, so it is never stale.
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "proxy-userspace",
+                "--bin",
+                "kproxy",
+                "--example",
+                "bench",
+            ])?;
             let mut run = vec![
                 "run",
                 "--release",

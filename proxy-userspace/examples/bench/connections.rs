@@ -273,41 +273,6 @@ fn mode_missing(mode: Mode, kproxy: Result<&PathBuf, &anyhow::Error>) -> Option<
     }
 }
 
-/// The kproxy binary next to the bench's own (`target/release/kproxy` for
-/// `target/release/examples/bench`), built by the cargo that ran the bench
-/// so it is never stale.
-fn kproxy_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the bench is not in target/<profile>/examples")?;
-    let bin = profile_dir.join("kproxy");
-    if let (Some(cargo), Some(target_dir)) = (std::env::var_os("CARGO"), profile_dir.parent()) {
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "proxy-userspace",
-                "--bin",
-                "kproxy",
-            ])
-            .env("CARGO_TARGET_DIR", target_dir)
-            .stdout(Stdio::null())
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("bench: connections: building kproxy failed; using {bin:?} if it exists");
-        }
-    }
-    ensure!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --release -p proxy-userspace`",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 // ---------------------------------------------------------------------------
 // The lab
 // ---------------------------------------------------------------------------

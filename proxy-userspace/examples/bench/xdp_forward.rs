@@ -138,68 +138,6 @@ pub fn run(config: &Config, docs: &Path) -> Result<Section> {
     render(config, docs, runs, repeat, &warmup, &samples)
 }
 
-/// Builds the kproxy binary next to the bench (`cargo run --example` does
-/// not build the package's binaries; `CARGO` is set by `cargo run`) and
-/// returns its path.
-fn kproxy_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // <target>/release/examples/bench
-    let release = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("where is the bench binary?")?
-        .to_owned();
-    let target = release.parent().context("where is the target dir?")?;
-    let bin = release.join("kproxy");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = matches!((modified(&bin), modified(&exe)), (Some(b), Some(e)) if b >= e);
-    let cargo = std::env::var("CARGO");
-    // Only when missing or older than the bench: a nested cargo sees other
-    // variables than the outer one and may rebuild dependencies.
-    if let (false, Ok(cargo)) = (fresh, cargo) {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let mut command = Command::new(cargo);
-        // `cargo run` gives the bench its package's variables (CARGO_PKG_*,
-        // OUT_DIR, ...); build scripts that watch them would run again.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let runtime_only = key == "OUT_DIR"
-                || key == "LD_LIBRARY_PATH"
-                || (key.starts_with("CARGO_")
-                    && !matches!(&*key, "CARGO_HOME" | "CARGO_TARGET_DIR"));
-            if runtime_only {
-                command.env_remove(&*key);
-            }
-        }
-        let status = command
-            // With the bench in the build, features resolve as for
-            // `cargo run --example bench`.
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "proxy-userspace",
-                "--bin",
-                "kproxy",
-            ])
-            .args(["--example", "bench"])
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target)
-            .stdout(Stdio::null())
-            .status()
-            .context("running cargo build for the kproxy binary")?;
-        ensure!(status.success(), "cargo build --bin kproxy failed");
-    }
-    ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build --release -p proxy-userspace`",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 impl Bed {
     fn new(kproxy: &Path) -> Result<Self> {
         let mut cluster = Cluster::new(kproxy, &[], &[BACKEND_POD]);
