@@ -5,11 +5,13 @@
 use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
-    AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathConfig, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_UDP, SVC_FLAG_VIP_MARKER,
+    AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_VIP_MARKER,
 };
 
-use crate::sync::MapContents;
+use crate::model::FrontendKey;
+use crate::sync::{addr_bytes, MapContents};
 
 /// An (address, port) in map form.
 pub type Endpoint = ([u8; 16], u16);
@@ -109,6 +111,71 @@ pub fn udp_members(maps: &MapContents) -> HashMap<Endpoint, HashSet<Endpoint>> {
                 members.insert((b.addr, b.port));
             }
         }
+    }
+    out
+}
+
+/// The slot-0 entries of `frontends` (both scopes) and their backend ids.
+fn frontend_entries<'a>(
+    maps: &'a MapContents,
+    frontends: &'a [FrontendKey],
+) -> impl Iterator<Item = (ServiceKey, &'a proxy_common::ServiceValue, Vec<u32>)> + 'a {
+    frontends.iter().flat_map(move |key| {
+        [SCOPE_INTERNAL, SCOPE_EXTERNAL]
+            .into_iter()
+            .filter_map(move |scope| {
+                let slot0 = ServiceKey::new(
+                    addr_bytes(key.ip),
+                    key.port,
+                    key.protocol.number(),
+                    scope,
+                    0,
+                );
+                let value = maps.services.get(&slot0)?;
+                let ids = (1..=value.count)
+                    .filter_map(|slot| maps.services.get(&ServiceKey { slot, ..slot0 }))
+                    .map(|s| s.backend_id)
+                    .collect();
+                Some((slot0, value, ids))
+            })
+    })
+}
+
+/// [`udp_members`] of `frontends` only (those an apply touches), so a
+/// change costs what it touches: the same as `udp_members` restricted to
+/// their (address, port), whose entries are all among them.
+pub fn udp_members_of(
+    maps: &MapContents,
+    frontends: &[FrontendKey],
+) -> HashMap<Endpoint, HashSet<Endpoint>> {
+    let mut out: HashMap<Endpoint, HashSet<Endpoint>> = HashMap::new();
+    for (slot0, _, ids) in frontend_entries(maps, frontends) {
+        if slot0.proto != PROTO_UDP {
+            continue;
+        }
+        let members = out.entry((slot0.addr, slot0.port)).or_default();
+        members.extend(
+            ids.iter()
+                .filter_map(|id| maps.backends.get(id))
+                .map(|b| (b.addr, b.port)),
+        );
+    }
+    out
+}
+
+/// [`affinity_members`] of `frontends` only. A Service port may have other
+/// frontends: a loss seen here is only a candidate, to be confirmed
+/// against the whole `affinity_members` after the change.
+pub fn affinity_members_of(
+    maps: &MapContents,
+    frontends: &[FrontendKey],
+) -> HashMap<u32, HashSet<u32>> {
+    let mut out: HashMap<u32, HashSet<u32>> = HashMap::new();
+    for (_, value, ids) in frontend_entries(maps, frontends) {
+        if value.affinity_timeout == 0 {
+            continue;
+        }
+        out.entry(value.backend_id).or_default().extend(ids);
     }
     out
 }

@@ -22,7 +22,7 @@ use crate::healthcheck::{HealthCheckServers, HealthCheckSpec};
 use crate::model::{self, namespace_of, ModelConfig, Snapshot};
 use crate::server::{self, Health, KindLabel, Metrics};
 use crate::source::{dir, kube as kube_source};
-use crate::sync::{SyncReport, Syncer};
+use crate::sync::{Changes, SyncReport, Syncer};
 
 /// Where Services and endpoints come from.
 #[derive(Clone, Debug)]
@@ -289,31 +289,27 @@ impl SyncState {
                 local_endpoints: h.local_endpoints,
             })
             .collect();
-        let udp_before = conntrack::udp_members(syncer.mirror());
-        let affinity_before = conntrack::affinity_members(syncer.mirror());
-        let report = {
-            let mut maps = datapath.maps()?;
-            if full_resync {
-                if let Err(err) = syncer.reload(&maps) {
-                    tracing::error!(error = %err, "re-reading maps for a full resync failed");
-                }
+        if full_resync {
+            if let Err(err) = syncer.reload(&datapath.maps()?) {
+                tracing::error!(error = %err, "re-reading maps for a full resync failed");
             }
-            syncer.apply(&mut maps, &desired)
-        };
-        let udp_after = conntrack::udp_members(syncer.mirror());
-        if conntrack::udp_lost_backends(&udp_before, &udp_after) {
-            purge_stale_udp(datapath, &udp_after, metrics);
         }
-        let affinity_after = conntrack::affinity_members(syncer.mirror());
+        // Which frontends lost backends is judged on the frontends the
+        // apply touches only, so a change costs what it changes.
+        let changes = syncer.changes(&desired);
+        let (udp_before, affinity_before) = members(syncer.mirror(), &changes);
+        let report = syncer.apply_changes(&mut datapath.maps()?, &desired, &changes);
+        let (udp_after, affinity_after) = members(syncer.mirror(), &changes);
+        if conntrack::udp_lost_backends(&udp_before, &udp_after) {
+            let all = conntrack::udp_members(syncer.mirror());
+            purge_stale_udp(datapath, &all, metrics);
+        }
         if conntrack::affinity_lost_backends(&affinity_before, &affinity_after) {
-            match datapath.purge_affinity(|e| conntrack::stale_affinity_keys(e, &affinity_after)) {
-                Ok(n) if n > 0 => {
-                    tracing::info!(deleted = n, "forgot session affinity to backends that left")
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "purging session affinity failed; the datapath re-checks backends")
-                }
+            // Another frontend of the Service port may still have the
+            // backend: confirm against all of them.
+            let all = conntrack::affinity_members(syncer.mirror());
+            if conntrack::affinity_lost_backends(&affinity_before, &all) {
+                purge_stale_affinity(datapath, &all);
             }
         }
         let elapsed = started.elapsed();
@@ -492,6 +488,44 @@ fn sweep_conntrack(datapath: &mut Datapath, daemon: &DaemonConfig, metrics: &Met
             tracing::debug!(deleted = n, "conntrack sweep");
         }
         Err(err) => tracing::warn!(error = %err, "conntrack sweep: deleting failed"),
+    }
+}
+
+/// UDP and session-affinity membership of the frontends `changes` names
+/// (all of them for a full apply).
+#[allow(clippy::type_complexity)]
+fn members(
+    mirror: &crate::sync::MapContents,
+    changes: &Changes,
+) -> (
+    HashMap<conntrack::Endpoint, std::collections::HashSet<conntrack::Endpoint>>,
+    HashMap<u32, std::collections::HashSet<u32>>,
+) {
+    match changes {
+        Changes::All => (
+            conntrack::udp_members(mirror),
+            conntrack::affinity_members(mirror),
+        ),
+        Changes::Frontends(keys) => (
+            conntrack::udp_members_of(mirror, keys),
+            conntrack::affinity_members_of(mirror, keys),
+        ),
+    }
+}
+
+/// Forgets session affinity to backends that left their Service port.
+fn purge_stale_affinity(
+    datapath: &mut Datapath,
+    members: &HashMap<u32, std::collections::HashSet<u32>>,
+) {
+    match datapath.purge_affinity(|e| conntrack::stale_affinity_keys(e, members)) {
+        Ok(n) if n > 0 => {
+            tracing::info!(deleted = n, "forgot session affinity to backends that left")
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "purging session affinity failed; the datapath re-checks backends")
+        }
     }
 }
 

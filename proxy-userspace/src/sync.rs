@@ -105,7 +105,11 @@ pub fn addr_from_bytes(bytes: [u8; 16]) -> IpAddr {
 pub struct SyncReport {
     pub writes: usize,
     pub deletes: usize,
+    /// Frontend entries (one per scope) the desired state has.
     pub frontends: usize,
+    /// Desired frontends planned by this apply (every one, or only those
+    /// that changed since the last apply).
+    pub planned: usize,
     pub backends: usize,
     /// Frontends left as they were because a write failed.
     pub failed: Vec<(FrontendKey, WriteError)>,
@@ -130,25 +134,42 @@ struct FrontendEntries {
 }
 
 /// Hands out the smallest ids not in use (ids start at 1; 0 means none).
+/// Ids below `next` are in use unless listed in `free`.
+#[derive(Default)]
 struct IdAllocator {
-    used: BTreeSet<u32>,
+    free: BTreeSet<u32>,
     next: u32,
 }
 
 impl IdAllocator {
     fn new(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().filter(|id| *id != 0).collect();
+        let mut free = BTreeSet::new();
+        let mut expected = 1;
+        for &id in &used {
+            free.extend(expected..id);
+            expected = id.saturating_add(1);
+        }
         Self {
-            used: used.into_iter().collect(),
-            next: 1,
+            free,
+            next: expected,
         }
     }
 
     fn allocate(&mut self) -> u32 {
-        while self.used.contains(&self.next) {
-            self.next += 1;
+        if let Some(id) = self.free.pop_first() {
+            return id;
         }
-        self.used.insert(self.next);
-        self.next
+        let id = self.next;
+        self.next = self.next.saturating_add(1);
+        id
+    }
+
+    /// `id` is no longer in use.
+    fn release(&mut self, id: u32) {
+        if id != 0 && id < self.next {
+            self.free.insert(id);
+        }
     }
 }
 
@@ -176,10 +197,400 @@ fn maglev_table(backends: &[crate::model::Backend], ids: &[(u32, BackendValue)])
     }
 }
 
+/// The slot-0 key of `frontend`'s entry in `scope`.
+fn slot0_key(frontend: &FrontendKey, scope: u8) -> ServiceKey {
+    ServiceKey::new(
+        addr_bytes(frontend.ip),
+        frontend.port,
+        frontend.protocol.number(),
+        scope,
+        0,
+    )
+}
+
+/// Every services-map key of one frontend entry (slot 0 to the last slot):
+/// the key orders by slot last, so they are one range.
+fn entry_range(slot0: ServiceKey) -> std::ops::RangeInclusive<ServiceKey> {
+    slot0..=ServiceKey {
+        slot: u16::MAX,
+        ..slot0
+    }
+}
+
+fn range_id(key: &SourceRangeKey) -> u32 {
+    u32::from_be_bytes(key.1.rev_nat_id)
+}
+
+/// What the maps hold, with indexes kept in step with every change, so a
+/// change finds the entries it affects without scanning all of them.
+#[derive(Default)]
+struct Mirror {
+    contents: MapContents,
+    /// Slots (1..N) referencing each backend id.
+    backend_users: HashMap<u32, u32>,
+    /// Backends in the maps that no slot references.
+    unreferenced_backends: BTreeSet<u32>,
+    /// Frontend slot-0 entries naming each rev-NAT id.
+    rev_nat_users: HashMap<u32, u32>,
+    /// Rev-NAT entries no slot 0 names.
+    unreferenced_rev_nat: BTreeSet<u32>,
+    /// Source ranges per rev-NAT id.
+    ranges: HashMap<u32, BTreeSet<SourceRangeKey>>,
+}
+
+impl Mirror {
+    fn new(mut contents: MapContents) -> Self {
+        let mut mirror = Mirror::default();
+        mirror.contents.maglev = std::mem::take(&mut contents.maglev);
+        for (id, value) in &contents.backends {
+            mirror.set_backend(*id, *value);
+        }
+        for (id, value) in &contents.rev_nat {
+            mirror.set_rev_nat(*id, *value);
+        }
+        for key in &contents.source_ranges {
+            mirror.insert_range(*key);
+        }
+        for (key, value) in &contents.services {
+            mirror.set_service(*key, *value);
+        }
+        mirror
+    }
+
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) {
+        if let Some(old) = self.contents.services.insert(key, value) {
+            self.unlink(&key, &old);
+        }
+        if value.flags & SVC_FLAG_VIP_MARKER != 0 {
+            return;
+        }
+        if key.slot == 0 {
+            *self.rev_nat_users.entry(value.rev_nat_id).or_default() += 1;
+            self.unreferenced_rev_nat.remove(&value.rev_nat_id);
+        } else {
+            *self.backend_users.entry(value.backend_id).or_default() += 1;
+            self.unreferenced_backends.remove(&value.backend_id);
+        }
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) {
+        if let Some(old) = self.contents.services.remove(key) {
+            self.unlink(key, &old);
+        }
+    }
+
+    fn unlink(&mut self, key: &ServiceKey, old: &ServiceValue) {
+        if old.flags & SVC_FLAG_VIP_MARKER != 0 {
+            return;
+        }
+        let (users, unreferenced, present, id) = if key.slot == 0 {
+            (
+                &mut self.rev_nat_users,
+                &mut self.unreferenced_rev_nat,
+                self.contents.rev_nat.contains_key(&old.rev_nat_id),
+                old.rev_nat_id,
+            )
+        } else {
+            (
+                &mut self.backend_users,
+                &mut self.unreferenced_backends,
+                self.contents.backends.contains_key(&old.backend_id),
+                old.backend_id,
+            )
+        };
+        if let Some(n) = users.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&id);
+                if present {
+                    unreferenced.insert(id);
+                }
+            }
+        }
+    }
+
+    fn set_backend(&mut self, id: u32, value: BackendValue) {
+        self.contents.backends.insert(id, value);
+        if !self.backend_users.contains_key(&id) {
+            self.unreferenced_backends.insert(id);
+        }
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Option<BackendValue> {
+        self.unreferenced_backends.remove(&id);
+        self.contents.backends.remove(&id)
+    }
+
+    fn set_rev_nat(&mut self, id: u32, value: RevNatValue) {
+        self.contents.rev_nat.insert(id, value);
+        if !self.rev_nat_users.contains_key(&id) {
+            self.unreferenced_rev_nat.insert(id);
+        }
+    }
+
+    fn remove_rev_nat(&mut self, id: u32) {
+        self.unreferenced_rev_nat.remove(&id);
+        self.contents.rev_nat.remove(&id);
+    }
+
+    fn insert_range(&mut self, key: SourceRangeKey) {
+        self.contents.source_ranges.insert(key);
+        self.ranges.entry(range_id(&key)).or_default().insert(key);
+    }
+
+    fn remove_range(&mut self, key: &SourceRangeKey) {
+        self.contents.source_ranges.remove(key);
+        let id = range_id(key);
+        if let Some(set) = self.ranges.get_mut(&id) {
+            set.remove(key);
+            if set.is_empty() {
+                self.ranges.remove(&id);
+            }
+        }
+    }
+
+    fn ranges_of(&self, id: u32) -> impl Iterator<Item = &SourceRangeKey> {
+        self.ranges.get(&id).into_iter().flatten()
+    }
+}
+
+/// The ids the syncer hands out, kept across applies: backend
+/// (addr, port, proto) -> backend id, frontend entry (its slot-0 key) ->
+/// rev-NAT id, Service port -> port id.
+#[derive(Default)]
+struct Ids {
+    backends: HashMap<([u8; 16], u16, u8), u32>,
+    backend_alloc: IdAllocator,
+    frontends: HashMap<ServiceKey, u32>,
+    rev_nat_alloc: IdAllocator,
+    /// Port id and how many planned frontends belong to the Service port.
+    ports: HashMap<ServicePortName, (u32, usize)>,
+    port_alloc: IdAllocator,
+}
+
+impl Ids {
+    /// The ids the maps already hold, so that unchanged entries are not
+    /// rewritten (and a restart keeps them).
+    fn from_maps(mirror: &MapContents, desired: &DesiredState) -> Self {
+        let backends: HashMap<([u8; 16], u16, u8), u32> = mirror
+            .backends
+            .iter()
+            .map(|(id, b)| ((b.addr, b.port, b.proto), *id))
+            .collect();
+        let mut frontends: HashMap<ServiceKey, u32> = mirror
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map(|(k, v)| (*k, v.rev_nat_id))
+            .collect();
+        // A frontend whose slot 0 vanished (deleted by hand) finds its id
+        // again through its rev-NAT entry, so drift repair changes nothing else.
+        let claimed: HashSet<u32> = frontends.values().copied().collect();
+        for (id, rn) in &mirror.rev_nat {
+            if !claimed.contains(id) {
+                let key = ServiceKey::new(rn.addr, rn.port, rn.proto, SCOPE_INTERNAL, 0);
+                frontends.entry(key).or_insert(*id);
+            }
+        }
+        // Service port ids live in slot 0's `backend_id`: recover them per
+        // frontend, so a restart keeps affinity entries meaningful.
+        // An id goes to one Service port only (the first in key order), even
+        // if a frontend moved to another Service since it was written.
+        let mut ports: HashMap<ServicePortName, (u32, usize)> = HashMap::new();
+        let mut claimed_ports: HashSet<u32> = HashSet::new();
+        for (key, frontend) in &desired.frontends {
+            if ports.contains_key(&frontend.service) {
+                continue;
+            }
+            if let Some(v) = mirror.services.get(&slot0_key(key, SCOPE_INTERNAL)) {
+                if v.backend_id != 0 && claimed_ports.insert(v.backend_id) {
+                    ports.insert(frontend.service.clone(), (v.backend_id, 0));
+                }
+            }
+        }
+        Ids {
+            backend_alloc: IdAllocator::new(backends.values().copied()),
+            backends,
+            rev_nat_alloc: IdAllocator::new(
+                mirror
+                    .rev_nat
+                    .keys()
+                    .copied()
+                    .chain(frontends.values().copied()),
+            ),
+            frontends,
+            port_alloc: IdAllocator::new(ports.values().map(|(id, _)| *id)),
+            ports,
+        }
+    }
+
+    fn port_id(&mut self, service: &ServicePortName) -> u32 {
+        if let Some((id, users)) = self.ports.get_mut(service) {
+            *users += 1;
+            return *id;
+        }
+        let id = self.port_alloc.allocate();
+        self.ports.insert(service.clone(), (id, 1));
+        id
+    }
+
+    /// One planned frontend of `service` is gone.
+    fn release_port(&mut self, service: &ServicePortName) {
+        if let Some((id, users)) = self.ports.get_mut(service) {
+            *users = users.saturating_sub(1);
+            if *users == 0 {
+                let id = *id;
+                self.ports.remove(service);
+                self.port_alloc.release(id);
+            }
+        }
+    }
+}
+
+/// Turns one desired frontend into map entries (one per scope), taking
+/// ids from `ids`.
+fn plan_frontend(
+    ids: &mut Ids,
+    key: &FrontendKey,
+    frontend: &crate::model::Frontend,
+    out: &mut Vec<FrontendEntries>,
+) {
+    let addr = addr_bytes(key.ip);
+    let proto = key.protocol.number();
+    // Traffic from pods and this node always gets Cluster behaviour
+    // (kube-proxy's short-circuit for external frontends); traffic
+    // from outside (external scope, the XDP path) gets the external
+    // policy's set. ClusterIP frontends have one, internal, entry.
+    let scopes: Vec<(u8, &[crate::model::Backend], bool)> = if frontend.kind.is_external() {
+        vec![
+            (SCOPE_INTERNAL, &frontend.cluster_backends, false),
+            (SCOPE_EXTERNAL, &frontend.backends, frontend.drop_when_empty),
+        ]
+    } else {
+        vec![(SCOPE_INTERNAL, &frontend.backends, frontend.drop_when_empty)]
+    };
+    for (scope, set, drop_when_empty) in scopes {
+        let slot0_key = ServiceKey::new(addr, key.port, proto, scope, 0);
+        let rev_nat_id = *ids
+            .frontends
+            .entry(slot0_key)
+            .or_insert_with(|| ids.rev_nat_alloc.allocate());
+        let mut backends = Vec::with_capacity(set.len());
+        let mut slots = Vec::with_capacity(set.len());
+        for (i, b) in set.iter().enumerate() {
+            let b_addr = addr_bytes(b.ip);
+            let id = *ids
+                .backends
+                .entry((b_addr, b.port, proto))
+                .or_insert_with(|| ids.backend_alloc.allocate());
+            let value = BackendValue {
+                addr: b_addr,
+                port: b.port,
+                proto,
+                flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
+                state: if b.terminating {
+                    BACKEND_STATE_TERMINATING
+                } else {
+                    BACKEND_STATE_ACTIVE
+                },
+                ..BackendValue::default()
+            };
+            backends.push((id, value));
+            let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
+            slots.push((
+                ServiceKey { slot, ..slot0_key },
+                ServiceValue {
+                    backend_id: id,
+                    ..ServiceValue::default()
+                },
+            ));
+        }
+        let count = u16::try_from(set.len()).unwrap_or(u16::MAX);
+        let port_id = ids.port_id(&frontend.service);
+        let maglev_table = (frontend.algorithm == Algorithm::Maglev && !backends.is_empty())
+            .then(|| maglev_table(set, &backends));
+        // Source ranges restrict traffic from outside to LB IPs
+        // (the model gives them to LoadBalancer frontends only).
+        let source_ranges: Vec<SourceRangeKey> = if scope == SCOPE_EXTERNAL {
+            frontend
+                .source_ranges
+                .iter()
+                .map(|(ip, prefix)| source_range_key(rev_nat_id, *ip, *prefix))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut flags = if drop_when_empty {
+            SVC_FLAG_DROP_WHEN_EMPTY
+        } else {
+            0
+        };
+        if !source_ranges.is_empty() {
+            flags |= SVC_FLAG_SOURCE_RANGES;
+        }
+        out.push(FrontendEntries {
+            frontend: *key,
+            vip_marker: frontend.kind == crate::model::FrontendKind::ClusterIp,
+            slot0: (
+                slot0_key,
+                ServiceValue {
+                    count,
+                    rev_nat_id,
+                    backend_id: port_id,
+                    algorithm: frontend.algorithm.number(),
+                    affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
+                    maglev_size: maglev_table.as_ref().map_or(0, |t| t.len() as u32),
+                    flags,
+                    ..ServiceValue::default()
+                },
+            ),
+            maglev_table,
+            source_ranges,
+            slots,
+            rev_nat: (
+                rev_nat_id,
+                RevNatValue {
+                    addr,
+                    port: key.port,
+                    proto,
+                    ..RevNatValue::default()
+                },
+            ),
+            backends,
+        });
+    }
+}
+
+/// Which frontends an apply plans and writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// Every frontend, with stale entries found by scanning every map
+    /// (the first apply, and the first after `reload` or a failure).
+    All,
+    /// Only these: added, changed or removed since the last apply.
+    Frontends(Vec<FrontendKey>),
+}
+
 /// Keeps a mirror of what the maps hold and writes only differences.
+///
+/// It remembers the desired frontends it last applied; while that apply
+/// fully succeeded, the next one plans and writes only the frontends whose
+/// desired value differs (a merge walk of two sorted maps), deletes only
+/// their stale entries, and garbage-collects backends and rev-NAT entries
+/// by reference count. After `reload` or any failed write or delete, the
+/// next apply plans everything and scans every map, which also retries
+/// what failed.
 #[derive(Default)]
 pub struct Syncer {
-    mirror: MapContents,
+    mirror: Mirror,
+    ids: Ids,
+    /// The desired frontends the last apply planned; `None` when the next
+    /// apply must plan everything.
+    applied: Option<BTreeMap<FrontendKey, crate::model::Frontend>>,
+    /// ClusterIP frontends per address (one VIP marker while > 0).
+    vip_users: HashMap<[u8; 16], usize>,
+    /// Frontend entries (one per scope) of the applied frontends.
+    entries: usize,
 }
 
 impl Syncer {
@@ -189,244 +600,326 @@ impl Syncer {
 
     /// What this syncer believes the maps hold.
     pub fn mirror(&self) -> &MapContents {
-        &self.mirror
+        &self.mirror.contents
     }
 
     /// Re-reads the maps: at startup (a previous kproxy may have left state,
     /// whose ids are reused) and on every full resync (repairs drift, e.g. an
-    /// entry deleted by hand).
+    /// entry deleted by hand). The next apply compares against the maps.
     pub fn reload(&mut self, writer: &impl MapWriter) -> Result<(), WriteError> {
-        self.mirror = writer.read_all()?;
+        self.mirror = Mirror::new(writer.read_all()?);
+        self.applied = None;
         Ok(())
     }
 
+    /// What `apply_changes` would plan for `desired`.
+    pub fn changes(&self, desired: &DesiredState) -> Changes {
+        let Some(applied) = &self.applied else {
+            return Changes::All;
+        };
+        let mut changed = Vec::new();
+        let mut old = applied.iter().peekable();
+        let mut new = desired.frontends.iter().peekable();
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some((k, _)), None) => {
+                    changed.push(**k);
+                    old.next();
+                }
+                (None, Some((k, _))) => {
+                    changed.push(**k);
+                    new.next();
+                }
+                (Some((ko, vo)), Some((kn, vn))) => match ko.cmp(kn) {
+                    std::cmp::Ordering::Less => {
+                        changed.push(**ko);
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        changed.push(**kn);
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if vo != vn {
+                            changed.push(**kn);
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
+            }
+        }
+        Changes::Frontends(changed)
+    }
+
     pub fn apply(&mut self, writer: &mut impl MapWriter, desired: &DesiredState) -> SyncReport {
+        let changes = self.changes(desired);
+        self.apply_changes(writer, desired, &changes)
+    }
+
+    /// Applies `desired`, planning only `changes`, which must be what
+    /// [`Syncer::changes`] returned for it with no apply or reload since.
+    pub fn apply_changes(
+        &mut self,
+        writer: &mut impl MapWriter,
+        desired: &DesiredState,
+        changes: &Changes,
+    ) -> SyncReport {
+        let report = match (changes, self.applied.take()) {
+            (Changes::Frontends(keys), Some(applied)) => {
+                self.apply_incremental(writer, desired, keys, applied)
+            }
+            _ => self.apply_all(writer, desired),
+        };
+        if !report.failed.is_empty() || !report.failed_deletes.is_empty() {
+            // Compare against the maps next time: retries what failed.
+            self.applied = None;
+        }
+        report
+    }
+
+    /// Plans every frontend and deletes whatever no frontend wants.
+    fn apply_all(&mut self, writer: &mut impl MapWriter, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
-        let entries = self.plan(desired);
+        self.ids = Ids::from_maps(&self.mirror.contents, desired);
+        let mut entries = Vec::with_capacity(desired.frontends.len());
+        for (key, frontend) in &desired.frontends {
+            plan_frontend(&mut self.ids, key, frontend, &mut entries);
+        }
         let mut keep: HashSet<ServiceKey> = HashSet::new();
         let mut keep_ranges: HashSet<SourceRangeKey> = HashSet::new();
         let mut wanted_backends: HashSet<u32> = HashSet::new();
-
         for fe in &entries {
             wanted_backends.extend(fe.backends.iter().map(|(id, _)| *id));
-            match self.write_frontend(writer, fe, &mut report) {
-                Ok(()) => {
-                    keep.insert(fe.slot0.0);
-                    keep.extend(fe.slots.iter().map(|(k, _)| *k));
-                    keep_ranges.extend(fe.source_ranges.iter().copied());
-                }
-                Err(err) => {
-                    // Its source ranges stay as they were, too.
-                    let id = fe.rev_nat.0.to_be_bytes();
-                    keep_ranges.extend(
-                        self.mirror
-                            .source_ranges
-                            .iter()
-                            .filter(|(_, r)| r.rev_nat_id == id)
-                            .copied(),
-                    );
-                    tracing::error!(frontend = ?fe.frontend, error = %err, "frontend not updated; it keeps its previous state");
-                    // Keep whatever the frontend had, consistently: its old
-                    // slot 0 and every slot it may reference.
-                    keep.insert(fe.slot0.0);
-                    if let Some(old) = self.mirror.services.get(&fe.slot0.0) {
-                        for slot in 1..=old.count {
-                            keep.insert(ServiceKey { slot, ..fe.slot0.0 });
-                        }
-                    }
-                    report.failed.push((fe.frontend, err));
-                }
-            }
+            self.write_and_keep(writer, fe, &mut keep, &mut keep_ranges, &mut report);
         }
-
-        // VIP markers: "this address is a Service VIP", for reject on unknown ports.
         let vips: BTreeSet<[u8; 16]> = entries
             .iter()
             .filter(|e| e.vip_marker)
             .map(|e| e.slot0.0.addr)
             .collect();
         for addr in vips {
-            let key = ServiceKey::vip_marker(addr);
-            let value = ServiceValue {
-                flags: SVC_FLAG_VIP_MARKER,
-                ..ServiceValue::default()
-            };
-            keep.insert(key);
-            if let Err(err) = self.put_service(writer, &key, &value, &mut report) {
-                tracing::error!(error = %err, "writing a VIP marker failed");
-            }
+            keep.insert(ServiceKey::vip_marker(addr));
+            self.put_vip_marker(writer, addr, &mut report);
         }
 
-        self.delete_stale(writer, &keep, &wanted_backends, &mut report);
-        self.delete_stale_ranges(writer, &keep_ranges, &mut report);
+        let stale: Vec<ServiceKey> = self
+            .mirror
+            .contents
+            .services
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
+        self.delete_services(writer, stale, &mut report);
+        self.delete_unreferenced(writer, &wanted_backends, &mut report);
+        // Maglev entries of tables that are not live (old generations,
+        // frontends gone or no longer Maglev).
+        let ids: BTreeSet<u32> = self
+            .mirror
+            .contents
+            .maglev
+            .keys()
+            .map(|k| k.rev_nat_id)
+            .collect();
+        let slot0s: Vec<ServiceKey> = self
+            .mirror
+            .contents
+            .services
+            .keys()
+            .filter(|k| k.slot == 0)
+            .copied()
+            .collect();
+        self.delete_stale_maglev(writer, ids, slot0s, &mut report);
+        let stale: Vec<SourceRangeKey> = self
+            .mirror
+            .contents
+            .source_ranges
+            .iter()
+            .filter(|k| !keep_ranges.contains(k))
+            .copied()
+            .collect();
+        self.delete_ranges(writer, stale, &mut report);
+
+        // Start the incremental state from what the maps hold now.
+        self.ids = Ids::from_maps(&self.mirror.contents, desired);
+        self.vip_users.clear();
+        for (key, frontend) in &desired.frontends {
+            self.ids.port_id(&frontend.service);
+            if frontend.kind == crate::model::FrontendKind::ClusterIp {
+                *self.vip_users.entry(addr_bytes(key.ip)).or_default() += 1;
+            }
+        }
+        self.entries = entries.len();
+        self.applied = Some(desired.frontends.clone());
         report.frontends = entries.len();
-        report.backends = self.mirror.backends.len();
+        report.planned = desired.frontends.len();
+        report.backends = self.mirror.contents.backends.len();
         report
     }
 
-    /// Turns the desired state into map entries, reusing the ids the maps
-    /// already hold so that unchanged entries are not rewritten.
-    fn plan(&self, desired: &DesiredState) -> Vec<FrontendEntries> {
-        let mut backend_ids: HashMap<([u8; 16], u16, u8), u32> = self
-            .mirror
-            .backends
-            .iter()
-            .map(|(id, b)| ((b.addr, b.port, b.proto), *id))
-            .collect();
-        let mut frontend_ids: HashMap<ServiceKey, u32> = self
-            .mirror
-            .services
-            .iter()
-            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
-            .map(|(k, v)| (*k, v.rev_nat_id))
-            .collect();
-        // A frontend whose slot 0 vanished (deleted by hand) finds its id
-        // again through its rev-NAT entry, so drift repair changes nothing else.
-        let claimed: HashSet<u32> = frontend_ids.values().copied().collect();
-        for (id, rn) in &self.mirror.rev_nat {
-            if !claimed.contains(id) {
-                let key = ServiceKey::new(rn.addr, rn.port, rn.proto, SCOPE_INTERNAL, 0);
-                frontend_ids.entry(key).or_insert(*id);
-            }
-        }
-        let mut backend_alloc = IdAllocator::new(self.mirror.backends.keys().copied());
-        // Service port ids live in slot 0's `backend_id`: recover them per
-        // frontend, so a restart keeps affinity entries meaningful.
-        let mut port_ids: HashMap<ServicePortName, u32> = HashMap::new();
-        for (key, frontend) in &desired.frontends {
-            let k = ServiceKey::new(
-                addr_bytes(key.ip),
-                key.port,
-                key.protocol.number(),
-                SCOPE_INTERNAL,
-                0,
-            );
-            if let Some(v) = self.mirror.services.get(&k) {
-                if v.backend_id != 0 {
-                    port_ids
-                        .entry(frontend.service.clone())
-                        .or_insert(v.backend_id);
-                }
-            }
-        }
-        let mut port_alloc = IdAllocator::new(port_ids.values().copied());
-        let mut rev_nat_alloc = IdAllocator::new(
-            self.mirror
-                .rev_nat
-                .keys()
-                .copied()
-                .chain(frontend_ids.values().copied()),
-        );
-
-        let mut out = Vec::with_capacity(desired.frontends.len());
-        for (key, frontend) in &desired.frontends {
+    /// Plans and writes only `keys` (added, changed or removed frontends).
+    fn apply_incremental(
+        &mut self,
+        writer: &mut impl MapWriter,
+        desired: &DesiredState,
+        keys: &[FrontendKey],
+        mut applied: BTreeMap<FrontendKey, crate::model::Frontend>,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut entries = Vec::new();
+        let mut markers: BTreeSet<[u8; 16]> = BTreeSet::new();
+        for key in keys {
             let addr = addr_bytes(key.ip);
-            let proto = key.protocol.number();
-            // Traffic from pods and this node always gets Cluster behaviour
-            // (kube-proxy's short-circuit for external frontends); traffic
-            // from outside (external scope, the XDP path) gets the external
-            // policy's set. ClusterIP frontends have one, internal, entry.
-            let scopes: Vec<(u8, &[crate::model::Backend], bool)> = if frontend.kind.is_external() {
-                vec![
-                    (SCOPE_INTERNAL, &frontend.cluster_backends, false),
-                    (SCOPE_EXTERNAL, &frontend.backends, frontend.drop_when_empty),
-                ]
-            } else {
-                vec![(SCOPE_INTERNAL, &frontend.backends, frontend.drop_when_empty)]
-            };
-            for (scope, set, drop_when_empty) in scopes {
-                let slot0_key = ServiceKey::new(addr, key.port, proto, scope, 0);
-                let rev_nat_id = *frontend_ids
-                    .entry(slot0_key)
-                    .or_insert_with(|| rev_nat_alloc.allocate());
-                let mut backends = Vec::with_capacity(set.len());
-                let mut slots = Vec::with_capacity(set.len());
-                for (i, b) in set.iter().enumerate() {
-                    let b_addr = addr_bytes(b.ip);
-                    let id = *backend_ids
-                        .entry((b_addr, b.port, proto))
-                        .or_insert_with(|| backend_alloc.allocate());
-                    let value = BackendValue {
-                        addr: b_addr,
-                        port: b.port,
-                        proto,
-                        flags: if b.local { BACKEND_FLAG_LOCAL } else { 0 },
-                        state: if b.terminating {
-                            BACKEND_STATE_TERMINATING
-                        } else {
-                            BACKEND_STATE_ACTIVE
-                        },
-                        ..BackendValue::default()
-                    };
-                    backends.push((id, value));
-                    let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
-                    slots.push((
-                        ServiceKey { slot, ..slot0_key },
-                        ServiceValue {
-                            backend_id: id,
-                            ..ServiceValue::default()
-                        },
-                    ));
+            if let Some(old) = applied.remove(key) {
+                self.ids.release_port(&old.service);
+                self.entries -= if old.kind.is_external() { 2 } else { 1 };
+                if old.kind == crate::model::FrontendKind::ClusterIp {
+                    if let Some(n) = self.vip_users.get_mut(&addr) {
+                        *n -= 1;
+                    }
+                    markers.insert(addr);
                 }
-                let count = u16::try_from(set.len()).unwrap_or(u16::MAX);
-                let port_id = *port_ids
-                    .entry(frontend.service.clone())
-                    .or_insert_with(|| port_alloc.allocate());
-                let maglev_table = (frontend.algorithm == Algorithm::Maglev
-                    && !backends.is_empty())
-                .then(|| maglev_table(set, &backends));
-                // Source ranges restrict traffic from outside to LB IPs
-                // (the model gives them to LoadBalancer frontends only).
-                let source_ranges: Vec<SourceRangeKey> = if scope == SCOPE_EXTERNAL {
-                    frontend
-                        .source_ranges
-                        .iter()
-                        .map(|(ip, prefix)| source_range_key(rev_nat_id, *ip, *prefix))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let mut flags = if drop_when_empty {
-                    SVC_FLAG_DROP_WHEN_EMPTY
-                } else {
-                    0
-                };
-                if !source_ranges.is_empty() {
-                    flags |= SVC_FLAG_SOURCE_RANGES;
+            }
+            if let Some(new) = desired.frontends.get(key) {
+                let before = entries.len();
+                plan_frontend(&mut self.ids, key, new, &mut entries);
+                self.entries += entries.len() - before;
+                if new.kind == crate::model::FrontendKind::ClusterIp {
+                    *self.vip_users.entry(addr).or_default() += 1;
+                    markers.insert(addr);
                 }
-                out.push(FrontendEntries {
-                    frontend: *key,
-                    vip_marker: frontend.kind == crate::model::FrontendKind::ClusterIp,
-                    slot0: (
-                        slot0_key,
-                        ServiceValue {
-                            count,
-                            rev_nat_id,
-                            backend_id: port_id,
-                            algorithm: frontend.algorithm.number(),
-                            affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
-                            maglev_size: maglev_table.as_ref().map_or(0, |t| t.len() as u32),
-                            flags,
-                            ..ServiceValue::default()
-                        },
-                    ),
-                    maglev_table,
-                    source_ranges,
-                    slots,
-                    rev_nat: (
-                        rev_nat_id,
-                        RevNatValue {
-                            addr,
-                            port: key.port,
-                            proto,
-                            ..RevNatValue::default()
-                        },
-                    ),
-                    backends,
-                });
+                applied.insert(*key, new.clone());
             }
         }
-        out
+
+        let mut keep: HashSet<ServiceKey> = HashSet::new();
+        let mut keep_ranges: HashSet<SourceRangeKey> = HashSet::new();
+        let mut wanted_backends: HashSet<u32> = HashSet::new();
+        for fe in &entries {
+            wanted_backends.extend(fe.backends.iter().map(|(id, _)| *id));
+            self.write_and_keep(writer, fe, &mut keep, &mut keep_ranges, &mut report);
+        }
+        let mut stale: Vec<ServiceKey> = Vec::new();
+        for addr in markers {
+            let marker = ServiceKey::vip_marker(addr);
+            if self.vip_users.get(&addr).is_some_and(|n| *n > 0) {
+                self.put_vip_marker(writer, addr, &mut report);
+            } else {
+                self.vip_users.remove(&addr);
+                stale.push(marker);
+            }
+        }
+
+        // Stale entries can only belong to the frontends planned here.
+        let mut touched_ids: BTreeSet<u32> = BTreeSet::new();
+        let mut gone_scopes: Vec<ServiceKey> = Vec::new();
+        let mut touched_slot0s: Vec<ServiceKey> = Vec::new();
+        for key in keys {
+            for scope in [SCOPE_INTERNAL, SCOPE_EXTERNAL] {
+                let slot0 = slot0_key(key, scope);
+                touched_slot0s.push(slot0);
+                stale.extend(
+                    self.mirror
+                        .contents
+                        .services
+                        .range(entry_range(slot0))
+                        .map(|(k, _)| *k)
+                        .filter(|k| !keep.contains(k)),
+                );
+                if let Some(id) = self.ids.frontends.get(&slot0) {
+                    touched_ids.insert(*id);
+                    let wanted = desired
+                        .frontends
+                        .get(key)
+                        .is_some_and(|f| scope == SCOPE_INTERNAL || f.kind.is_external());
+                    if !wanted {
+                        gone_scopes.push(slot0);
+                    }
+                }
+            }
+        }
+        self.delete_services(writer, stale, &mut report);
+        self.delete_unreferenced(writer, &wanted_backends, &mut report);
+        self.delete_stale_maglev(
+            writer,
+            touched_ids.iter().copied(),
+            touched_slot0s,
+            &mut report,
+        );
+        let stale: Vec<SourceRangeKey> = touched_ids
+            .iter()
+            .flat_map(|id| self.mirror.ranges_of(*id))
+            .filter(|k| !keep_ranges.contains(k))
+            .copied()
+            .collect();
+        self.delete_ranges(writer, stale, &mut report);
+
+        // Ids of frontend entries that are gone for good are free again.
+        for slot0 in gone_scopes {
+            let id = self.ids.frontends[&slot0];
+            if !self.mirror.contents.services.contains_key(&slot0)
+                && !self.mirror.contents.rev_nat.contains_key(&id)
+            {
+                self.ids.frontends.remove(&slot0);
+                self.ids.rev_nat_alloc.release(id);
+            }
+        }
+        self.applied = Some(applied);
+        report.frontends = self.entries;
+        report.planned = keys.len();
+        report.backends = self.mirror.contents.backends.len();
+        report
+    }
+
+    /// Writes one frontend entry and adds what must survive the stale
+    /// deletes to `keep` / `keep_ranges`: the new entries, or on failure
+    /// whatever the frontend had, consistently (its old slot 0 and every
+    /// slot it may reference, its old source ranges).
+    fn write_and_keep(
+        &mut self,
+        writer: &mut impl MapWriter,
+        fe: &FrontendEntries,
+        keep: &mut HashSet<ServiceKey>,
+        keep_ranges: &mut HashSet<SourceRangeKey>,
+        report: &mut SyncReport,
+    ) {
+        match self.write_frontend(writer, fe, report) {
+            Ok(()) => {
+                keep.insert(fe.slot0.0);
+                keep.extend(fe.slots.iter().map(|(k, _)| *k));
+                keep_ranges.extend(fe.source_ranges.iter().copied());
+            }
+            Err(err) => {
+                keep_ranges.extend(self.mirror.ranges_of(fe.rev_nat.0).copied());
+                tracing::error!(frontend = ?fe.frontend, error = %err, "frontend not updated; it keeps its previous state");
+                keep.insert(fe.slot0.0);
+                if let Some(old) = self.mirror.contents.services.get(&fe.slot0.0) {
+                    for slot in 1..=old.count {
+                        keep.insert(ServiceKey { slot, ..fe.slot0.0 });
+                    }
+                }
+                report.failed.push((fe.frontend, err));
+            }
+        }
+    }
+
+    /// "This address is a Service VIP", for reject on unknown ports.
+    fn put_vip_marker(
+        &mut self,
+        writer: &mut impl MapWriter,
+        addr: [u8; 16],
+        report: &mut SyncReport,
+    ) {
+        let key = ServiceKey::vip_marker(addr);
+        let value = ServiceValue {
+            flags: SVC_FLAG_VIP_MARKER,
+            ..ServiceValue::default()
+        };
+        if let Err(err) = self.put_service(writer, &key, &value, report) {
+            tracing::error!(error = %err, "writing a VIP marker failed");
+        }
     }
 
     fn write_frontend(
@@ -446,9 +939,9 @@ impl Syncer {
             });
         }
         for (id, value) in &fe.backends {
-            if self.mirror.backends.get(id) != Some(value) {
+            if self.mirror.contents.backends.get(id) != Some(value) {
                 writer.put_backend(*id, value)?;
-                self.mirror.backends.insert(*id, *value);
+                self.mirror.set_backend(*id, *value);
                 report.writes += 1;
             }
         }
@@ -456,15 +949,15 @@ impl Syncer {
             self.put_service(writer, key, value, report)?;
         }
         let (id, value) = &fe.rev_nat;
-        if self.mirror.rev_nat.get(id) != Some(value) {
+        if self.mirror.contents.rev_nat.get(id) != Some(value) {
             writer.put_rev_nat(*id, value)?;
-            self.mirror.rev_nat.insert(*id, *value);
+            self.mirror.set_rev_nat(*id, *value);
             report.writes += 1;
         }
         for range in &fe.source_ranges {
-            if !self.mirror.source_ranges.contains(range) {
+            if !self.mirror.contents.source_ranges.contains(range) {
                 writer.put_source_range(range)?;
-                self.mirror.source_ranges.insert(*range);
+                self.mirror.insert_range(*range);
                 report.writes += 1;
             }
         }
@@ -487,8 +980,10 @@ impl Syncer {
         slot0_key: &ServiceKey,
         report: &mut SyncReport,
     ) -> Result<u16, WriteError> {
+        let maglev = &mut self.mirror.contents.maglev;
         let current = self
             .mirror
+            .contents
             .services
             .get(slot0_key)
             .filter(|v| v.maglev_size > 0 && v.rev_nat_id == id);
@@ -499,7 +994,7 @@ impl Syncer {
         {
             let gen = if flags != 0 { MAGLEV_GEN_BIT } else { 0 };
             let same = table.iter().enumerate().all(|(i, b)| {
-                self.mirror.maglev.get(&MaglevKey {
+                maglev.get(&MaglevKey {
                     rev_nat_id: id,
                     index: i as u32 | gen,
                 }) == Some(b)
@@ -519,9 +1014,9 @@ impl Syncer {
                 rev_nat_id: id,
                 index: i as u32 | gen,
             };
-            if self.mirror.maglev.get(&key) != Some(backend_id) {
+            if maglev.get(&key) != Some(backend_id) {
                 writer.put_maglev(&key, *backend_id)?;
-                self.mirror.maglev.insert(key, *backend_id);
+                maglev.insert(key, *backend_id);
                 report.writes += 1;
             }
         }
@@ -535,33 +1030,30 @@ impl Syncer {
         value: &ServiceValue,
         report: &mut SyncReport,
     ) -> Result<(), WriteError> {
-        if self.mirror.services.get(key) != Some(value) {
+        if self.mirror.contents.services.get(key) != Some(value) {
             writer.put_service(key, value)?;
-            self.mirror.services.insert(*key, *value);
+            self.mirror.set_service(*key, *value);
             report.writes += 1;
         }
         Ok(())
     }
 
-    /// Source ranges no frontend wants (after slot 0 dropped the flag or
-    /// the frontend went away).
-    fn delete_stale_ranges(
+    /// Deletes services-map entries, slot 0 first: once a frontend's slot 0
+    /// is gone, no packet reads its slots any more.
+    fn delete_services(
         &mut self,
         writer: &mut impl MapWriter,
-        keep: &HashSet<SourceRangeKey>,
+        mut stale: Vec<ServiceKey>,
         report: &mut SyncReport,
     ) {
-        let stale: Vec<SourceRangeKey> = self
-            .mirror
-            .source_ranges
-            .iter()
-            .filter(|k| !keep.contains(k))
-            .copied()
-            .collect();
+        stale.sort_by_key(|k| k.slot != 0);
         for key in stale {
-            match writer.delete_source_range(&key) {
+            if !self.mirror.contents.services.contains_key(&key) {
+                continue;
+            }
+            match writer.delete_service(&key) {
                 Ok(()) => {
-                    self.mirror.source_ranges.remove(&key);
+                    self.mirror.remove_service(&key);
                     report.deletes += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
@@ -569,65 +1061,63 @@ impl Syncer {
         }
     }
 
-    fn delete_stale(
+    /// Rev-NAT entries no slot 0 names, then backends no slot references
+    /// and no frontend planned in this apply wants.
+    fn delete_unreferenced(
         &mut self,
         writer: &mut impl MapWriter,
-        keep: &HashSet<ServiceKey>,
         wanted_backends: &HashSet<u32>,
         report: &mut SyncReport,
     ) {
-        // Slot 0 first: once a frontend's slot 0 is gone, no packet reads its
-        // slots any more.
-        let mut stale: Vec<ServiceKey> = self
-            .mirror
-            .services
-            .keys()
-            .filter(|k| !keep.contains(k))
-            .copied()
-            .collect();
-        stale.sort_by_key(|k| k.slot != 0);
-        for key in stale {
-            match writer.delete_service(&key) {
-                Ok(()) => {
-                    self.mirror.services.remove(&key);
-                    report.deletes += 1;
-                }
-                Err(err) => report.failed_deletes.push(err),
-            }
-        }
-
-        let live_rev_nat: HashSet<u32> = self
-            .mirror
-            .services
-            .iter()
-            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
-            .map(|(_, v)| v.rev_nat_id)
-            .collect();
-        let stale: Vec<u32> = self
-            .mirror
-            .rev_nat
-            .keys()
-            .filter(|id| !live_rev_nat.contains(id))
-            .copied()
-            .collect();
+        let stale: Vec<u32> = self.mirror.unreferenced_rev_nat.iter().copied().collect();
         for id in stale {
             match writer.delete_rev_nat(id) {
                 Ok(()) => {
-                    self.mirror.rev_nat.remove(&id);
+                    self.mirror.remove_rev_nat(id);
                     report.deletes += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
             }
         }
-
-        // Maglev entries of tables that are not live (old generations,
-        // frontends gone or no longer Maglev).
-        let live_tables: HashMap<u32, (u32, u32)> = self
+        let stale: Vec<u32> = self
             .mirror
-            .services
+            .unreferenced_backends
             .iter()
-            .filter(|(k, v)| k.slot == 0 && v.maglev_size > 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
-            .map(|(_, v)| {
+            .filter(|id| !wanted_backends.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            match writer.delete_backend(id) {
+                Ok(()) => {
+                    if let Some(b) = self.mirror.remove_backend(id) {
+                        let key = (b.addr, b.port, b.proto);
+                        if self.ids.backends.get(&key) == Some(&id) {
+                            self.ids.backends.remove(&key);
+                            self.ids.backend_alloc.release(id);
+                        }
+                    }
+                    report.deletes += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+    }
+
+    /// Maglev entries of frontends `ids` that are not in their live table
+    /// (old generation, frontend gone or no longer Maglev). `slot0s`: the
+    /// slot-0 keys that may name them.
+    fn delete_stale_maglev(
+        &mut self,
+        writer: &mut impl MapWriter,
+        ids: impl IntoIterator<Item = u32>,
+        slot0s: impl IntoIterator<Item = ServiceKey>,
+        report: &mut SyncReport,
+    ) {
+        let live: HashMap<u32, (u32, u32)> = slot0s
+            .into_iter()
+            .filter_map(|k| self.mirror.contents.services.get(&k))
+            .filter(|v| v.maglev_size > 0 && v.flags & SVC_FLAG_VIP_MARKER == 0)
+            .map(|v| {
                 let gen = if v.flags & SVC_FLAG_MAGLEV_GEN != 0 {
                     MAGLEV_GEN_BIT
                 } else {
@@ -636,46 +1126,52 @@ impl Syncer {
                 (v.rev_nat_id, (gen, v.maglev_size))
             })
             .collect();
-        let stale: Vec<MaglevKey> = self
-            .mirror
-            .maglev
-            .keys()
-            .filter(|k| match live_tables.get(&k.rev_nat_id) {
-                Some((gen, size)) => {
-                    k.index & MAGLEV_GEN_BIT != *gen || k.index & !MAGLEV_GEN_BIT >= *size
-                }
-                None => true,
-            })
-            .copied()
-            .collect();
+        let mut stale: Vec<MaglevKey> = Vec::new();
+        for id in ids {
+            let range = MaglevKey {
+                rev_nat_id: id,
+                index: 0,
+            }..=MaglevKey {
+                rev_nat_id: id,
+                index: u32::MAX,
+            };
+            stale.extend(
+                self.mirror
+                    .contents
+                    .maglev
+                    .range(range)
+                    .map(|(k, _)| *k)
+                    .filter(|k| match live.get(&id) {
+                        Some((gen, size)) => {
+                            k.index & MAGLEV_GEN_BIT != *gen || k.index & !MAGLEV_GEN_BIT >= *size
+                        }
+                        None => true,
+                    }),
+            );
+        }
         for key in stale {
             match writer.delete_maglev(&key) {
                 Ok(()) => {
-                    self.mirror.maglev.remove(&key);
+                    self.mirror.contents.maglev.remove(&key);
                     report.deletes += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
             }
         }
+    }
 
-        let referenced: HashSet<u32> = self
-            .mirror
-            .services
-            .iter()
-            .filter(|(k, _)| k.slot != 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
-        let stale: Vec<u32> = self
-            .mirror
-            .backends
-            .keys()
-            .filter(|id| !referenced.contains(id) && !wanted_backends.contains(id))
-            .copied()
-            .collect();
-        for id in stale {
-            match writer.delete_backend(id) {
+    /// Source ranges no frontend wants (after slot 0 dropped the flag or
+    /// the frontend went away).
+    fn delete_ranges(
+        &mut self,
+        writer: &mut impl MapWriter,
+        stale: Vec<SourceRangeKey>,
+        report: &mut SyncReport,
+    ) {
+        for key in stale {
+            match writer.delete_source_range(&key) {
                 Ok(()) => {
-                    self.mirror.backends.remove(&id);
+                    self.mirror.remove_range(&key);
                     report.deletes += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
@@ -1211,5 +1707,272 @@ mod tests {
         let report = syncer.apply(&mut maps, &desired);
         assert_eq!((report.writes, report.deletes), (1, 0));
         assert_eq!(maps.contents, wanted);
+    }
+
+    /// 1 000 ClusterIP frontends of three backends each.
+    fn thousand(changed: u8) -> DesiredState {
+        let frontends: Vec<(FrontendKey, Vec<Backend>)> = (0..1000u16)
+            .map(|i| {
+                let k = FrontendKey {
+                    ip: IpAddr::V4(Ipv4Addr::new(198, 19, (i / 256) as u8, (i % 256) as u8)),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                };
+                let backends = (0..3u16)
+                    .map(|j| Backend {
+                        ip: IpAddr::V4(Ipv4Addr::new(
+                            198,
+                            18,
+                            (i / 64) as u8,
+                            (i % 64 * 3 + j) as u8,
+                        )),
+                        ..backend(0)
+                    })
+                    .collect();
+                (k, backends)
+            })
+            .collect();
+        let mut desired = state(&frontends);
+        let fe = desired.frontends.values_mut().nth(500).unwrap();
+        fe.backends[0].ip = IpAddr::V4(Ipv4Addr::new(198, 18, 254, changed));
+        fe.backends.sort();
+        fe.cluster_backends = fe.backends.clone();
+        desired
+    }
+
+    #[test]
+    fn one_endpoint_change_plans_and_writes_only_that_frontend() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        let report = syncer.apply(&mut maps, &thousand(1));
+        assert_eq!((report.planned, report.frontends), (1000, 1000));
+
+        maps.ops.clear();
+        let report = syncer.apply(&mut maps, &thousand(2));
+        assert_eq!(report.planned, 1, "only the changed frontend is planned");
+        assert_eq!(report.frontends, 1000);
+        // The new backend, its slot, then the old backend's delete.
+        assert_eq!(maps.ops.len(), 3, "{:?}", maps.ops);
+        assert_eq!((report.writes, report.deletes), (2, 1));
+        assert_eq!(&maps.contents, syncer.mirror());
+
+        maps.ops.clear();
+        let report = syncer.apply(&mut maps, &thousand(2));
+        assert_eq!((report.planned, report.writes, report.deletes), (0, 0, 0));
+        assert!(maps.ops.is_empty());
+
+        // Removing one frontend deletes its entries and nothing else.
+        let mut smaller = thousand(2);
+        let gone = *smaller.frontends.keys().nth(7).unwrap();
+        smaller.frontends.remove(&gone);
+        maps.ops.clear();
+        let report = syncer.apply(&mut maps, &smaller);
+        assert_eq!(report.planned, 1);
+        // Slot 0, three slots, the VIP marker, rev-NAT, three backends.
+        assert_eq!(maps.ops.len(), 9, "{:?}", maps.ops);
+        assert!(slot0(&maps.contents, gone).is_none());
+        assert_eq!(&maps.contents, syncer.mirror());
+    }
+
+    #[test]
+    fn after_a_failure_the_next_apply_compares_against_everything() {
+        let mut maps = FakeMaps {
+            backends_capacity: Some(3),
+            ..FakeMaps::default()
+        };
+        let mut syncer = Syncer::new();
+        let desired = state(&[
+            (key(10, 80), vec![backend(2), backend(3)]),
+            (key(11, 80), vec![backend(5), backend(6)]),
+        ]);
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!(report.failed.len(), 1);
+        maps.backends_capacity = None;
+        let report = syncer.apply(&mut maps, &desired);
+        assert!(report.failed.is_empty());
+        assert_eq!(report.planned, 2, "the failed frontend is retried");
+        assert_eq!(
+            resolve(&maps.contents, key(11, 80)),
+            vec![backend(5).ip, backend(6).ip]
+        );
+        assert_eq!(syncer.changes(&desired), Changes::Frontends(Vec::new()));
+    }
+
+    /// What the datapath sees, without the ids: per frontend entry its
+    /// slot 0 (ids, generation bit cleared), its backends slot by slot,
+    /// its rev-NAT entry, its live Maglev table and source ranges, as
+    /// addresses; the VIP markers; which frontends share a port id; and
+    /// how many entries each map holds (nothing unreferenced may stay).
+    #[allow(clippy::type_complexity)]
+    fn semantic(
+        c: &MapContents,
+    ) -> (
+        BTreeMap<
+            ServiceKey,
+            (
+                ServiceValue,
+                Vec<BackendValue>,
+                RevNatValue,
+                Vec<BackendValue>,
+                Vec<(u32, [u8; 16])>,
+            ),
+        >,
+        BTreeSet<ServiceKey>,
+        BTreeSet<BTreeSet<ServiceKey>>,
+        [usize; 5],
+    ) {
+        let mut frontends = BTreeMap::new();
+        let mut markers = BTreeSet::new();
+        let mut by_port: BTreeMap<u32, BTreeSet<ServiceKey>> = BTreeMap::new();
+        for (k, v) in c.services.iter().filter(|(k, _)| k.slot == 0) {
+            if v.flags & SVC_FLAG_VIP_MARKER != 0 {
+                markers.insert(*k);
+                continue;
+            }
+            let backends = (1..=v.count)
+                .map(|slot| c.backends[&c.services[&ServiceKey { slot, ..*k }].backend_id])
+                .collect();
+            let gen = if v.flags & SVC_FLAG_MAGLEV_GEN != 0 {
+                MAGLEV_GEN_BIT
+            } else {
+                0
+            };
+            let table = (0..v.maglev_size)
+                .map(|i| {
+                    c.backends[&c.maglev[&MaglevKey {
+                        rev_nat_id: v.rev_nat_id,
+                        index: i | gen,
+                    }]]
+                })
+                .collect();
+            let ranges = c
+                .source_ranges
+                .iter()
+                .filter(|(_, r)| r.rev_nat_id == v.rev_nat_id.to_be_bytes())
+                .map(|(bits, r)| (*bits, r.addr))
+                .collect();
+            by_port.entry(v.backend_id).or_default().insert(*k);
+            let value = ServiceValue {
+                rev_nat_id: 0,
+                backend_id: 0,
+                flags: v.flags & !SVC_FLAG_MAGLEV_GEN,
+                ..*v
+            };
+            frontends.insert(
+                *k,
+                (value, backends, c.rev_nat[&v.rev_nat_id], table, ranges),
+            );
+        }
+        let slots = c.services.keys().filter(|k| k.slot != 0).count();
+        let referenced: BTreeSet<u32> = c
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        let counts = [
+            slots,
+            c.backends.len() - referenced.len(),
+            c.rev_nat.len(),
+            c.maglev.len(),
+            c.source_ranges.len(),
+        ];
+        (frontends, markers, by_port.into_values().collect(), counts)
+    }
+
+    /// A small desired state from proptest's choices: frontend i of 6
+    /// (two share an address) with its kind, algorithm, affinity, Service
+    /// name, source ranges and backends out of 8.
+    fn random_state(choices: &[(u8, u8, u8, u8, u8)]) -> DesiredState {
+        let mut desired = DesiredState::default();
+        for (i, &(present, kind, algorithm, service, backends)) in choices.iter().enumerate() {
+            if present % 4 == 0 {
+                continue;
+            }
+            let k = FrontendKey {
+                ip: IpAddr::V4(Ipv4Addr::new(198, 19, 0, (i / 2) as u8 + 10)),
+                port: 80 + (i % 2) as u16,
+                protocol: if i == 5 { Protocol::Udp } else { Protocol::Tcp },
+            };
+            let set: Vec<Backend> = (0..8u8)
+                .filter(|b| backends & (1 << b) != 0)
+                .map(|b| Backend {
+                    local: b % 3 == 0,
+                    terminating: b == 7,
+                    ..backend(b + 2)
+                })
+                .collect();
+            let kind = [
+                FrontendKind::ClusterIp,
+                FrontendKind::NodePort,
+                FrontendKind::LoadBalancer,
+            ][usize::from(kind % 3)];
+            let mut fe = Frontend::new(
+                ServicePortName {
+                    namespace: "ns".into(),
+                    name: format!("svc-{}", service % 3),
+                    port_name: String::new(),
+                },
+                kind,
+                set.clone(),
+            );
+            if kind.is_external() && algorithm & 4 != 0 {
+                fe.policy_local = true;
+                fe.backends = set.iter().copied().filter(|b| b.local).collect();
+                fe.drop_when_empty = !set.is_empty();
+            }
+            // Maglev tables are large: a few frontends only.
+            if algorithm == 1 && i % 3 == 0 {
+                fe.algorithm = crate::model::Algorithm::Maglev;
+            }
+            if algorithm & 2 != 0 {
+                fe.affinity_timeout = Some(30);
+            }
+            if kind == FrontendKind::LoadBalancer && present % 2 == 0 {
+                fe.source_ranges =
+                    vec![(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 0)), 24 + present % 3)];
+            }
+            desired.frontends.insert(k, fe);
+        }
+        desired
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+        /// Incremental applies (with the odd full resync) leave the maps as
+        /// a fresh apply of the last state would, ids aside.
+        #[test]
+        fn incremental_applies_end_where_a_fresh_apply_does(
+            steps in proptest::collection::vec(
+                (proptest::collection::vec(
+                    (0u8..8, 0u8..3, 0u8..8, 0u8..3, proptest::prelude::any::<u8>()),
+                    6,
+                ), 0u8..8),
+                1..8,
+            )
+        ) {
+            let mut maps = FakeMaps::default();
+            let mut syncer = Syncer::new();
+            for (choices, resync) in &steps {
+                if *resync == 0 {
+                    syncer.reload(&maps).unwrap();
+                }
+                let report = syncer.apply(&mut maps, &random_state(choices));
+                proptest::prop_assert!(report.failed.is_empty());
+                let (m, s) = (&maps.contents, syncer.mirror());
+                proptest::prop_assert_eq!(&m.services, &s.services);
+                proptest::prop_assert_eq!(&m.backends, &s.backends);
+                proptest::prop_assert_eq!(&m.rev_nat, &s.rev_nat);
+                proptest::prop_assert_eq!(&m.source_ranges, &s.source_ranges);
+                proptest::prop_assert!(m.maglev == s.maglev, "maglev differs");
+            }
+            let last = random_state(&steps.last().unwrap().0);
+            let mut fresh = FakeMaps::default();
+            Syncer::new().apply(&mut fresh, &last);
+            proptest::prop_assert_eq!(semantic(&maps.contents), semantic(&fresh.contents));
+            // And nothing left to do.
+            proptest::prop_assert_eq!(syncer.changes(&last), Changes::Frontends(Vec::new()));
+        }
     }
 }
