@@ -14,6 +14,14 @@
 //! which writes the 42 header bytes of the template back and tail-calls the
 //! program measured.
 //!
+//! The syscall's time includes the softirq work its frames cause on the
+//! injecting CPU, downstream included. Two measurements therefore:
+//! - wire (the main one): the bridge-side end of the node's wire runs a
+//!   tap, an XDP program that counts and drops every frame, so only the
+//!   node's own work (plus the wire's receive end) is timed; the pass
+//!   program is put back afterwards;
+//! - end to end: the lab as it is, frames counted at the pod.
+//!
 //! Topology: the two-node lab of `tests/cluster` (node-a, node-b and pod b1
 //! behind node-b, one kproxy per node), plus a node of this part's own,
 //! node-i, on the same bridge with no kproxy and kube-proxy-like iptables
@@ -41,6 +49,8 @@ const SERVICE_PORT: u16 = 80;
 const CLIENT_PORT: u16 = 40000;
 /// node-i: the same node as node-a, but iptables instead of kproxy.
 const IPTABLES_NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 13);
+/// node-i's wire end on the bridge (node-a's is called `NODE_A`).
+const NODE_I_PEER: &str = "node-i";
 const BACKEND_POD: &str = "b1";
 /// 60 bytes: a minimum-size Ethernet frame (64 on the wire with the FCS).
 const FRAME_LEN: usize = 60;
@@ -52,16 +62,30 @@ const MIN_DELIVERED: f64 = 0.9;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Floor,
+    Tx,
     Kproxy,
     Iptables,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Floor, Kind::Kproxy, Kind::Iptables];
+    /// The wire measurement; also the slots of the prog array.
+    const ALL: [Kind; 4] = [Kind::Floor, Kind::Tx, Kind::Kproxy, Kind::Iptables];
+    /// The end-to-end measurement: the two floors end on node-a either way.
+    const END_TO_END: [Kind; 2] = [Kind::Kproxy, Kind::Iptables];
+
+    fn slot(self) -> usize {
+        Kind::ALL.iter().position(|k| *k == self).unwrap()
+    }
+
+    /// The wire its frames leave on: 0 node-a's, 1 node-i's.
+    fn wire(self) -> usize {
+        usize::from(self == Kind::Iptables)
+    }
 
     fn label(self) -> &'static str {
         match self {
             Kind::Floor => "empty XDP_DROP (floor)",
+            Kind::Tx => "bare XDP_TX (no NAT, same frame back out)",
             Kind::Kproxy => "kproxy XDP (DNAT + SNAT, XDP_TX)",
             Kind::Iptables => "iptables DNAT + MASQUERADE (XDP_PASS)",
         }
@@ -70,6 +94,7 @@ impl Kind {
     fn short(self) -> &'static str {
         match self {
             Kind::Floor => "floor (XDP_DROP)",
+            Kind::Tx => "bare XDP_TX",
             Kind::Kproxy => "kproxy (XDP_TX)",
             Kind::Iptables => "iptables (stack)",
         }
@@ -81,7 +106,12 @@ struct Sample {
     frames: u32,
     wall: Duration,
     kernel_ns: u32,
+    /// Wire: frames the tap saw leave the node translated (from the node
+    /// to the pod; for the bare XDP_TX, the untouched frames too). End to
+    /// end: the pod's rx packets.
     delivered: u64,
+    /// Wire: any other frame the tap saw on that wire.
+    other: u64,
     /// kproxy's `xdp_forward` counter on node-a, rise during the run.
     xdp_forwarded: u64,
 }
@@ -95,9 +125,49 @@ impl Sample {
     }
 }
 
+/// One measurement: `samples[i]` are the runs of `kinds[i]`.
+struct Measured {
+    kinds: Vec<Kind>,
+    runs: usize,
+    repeat: u32,
+    warmup: Vec<Sample>,
+    samples: Vec<Vec<Sample>>,
+}
+
+impl Measured {
+    fn pos(&self, kind: Kind) -> Option<usize> {
+        self.kinds.iter().position(|k| *k == kind)
+    }
+    fn median(&self, kind: Kind, f: impl Fn(&Sample) -> f64) -> f64 {
+        let Some(i) = self.pos(kind) else {
+            return f64::NAN;
+        };
+        let mut v: Vec<f64> = self.samples[i].iter().map(f).collect();
+        median(&mut v)
+    }
+    fn pps(&self, kind: Kind) -> f64 {
+        self.median(kind, Sample::pps)
+    }
+    fn delivered(&self, kind: Kind) -> f64 {
+        self.median(kind, Sample::delivered_fraction)
+    }
+    fn forwarding(&self, kind: Kind) -> bool {
+        kind == Kind::Floor || self.delivered(kind) >= MIN_DELIVERED
+    }
+    fn sum(&self, kind: Kind, f: impl Fn(&Sample) -> u64) -> (u64, u64) {
+        self.pos(kind).map_or((0, 0), |i| {
+            let s = &self.samples[i];
+            (
+                s.iter().map(&f).sum(),
+                s.iter().map(|s| u64::from(s.frames)).sum(),
+            )
+        })
+    }
+}
+
 /// The lab: fields drop in order, so the programs go before the namespaces.
 struct Bed {
-    /// Slot `i` of `targets` holds the program of `Kind::ALL[i]`.
+    /// Wrapper `i` tail-calls slot `i` of `targets`: `Kind::ALL[i]`'s.
     wrappers: Vec<OwnedFd>,
     _targets: OwnedFd,
     _programs: Vec<OwnedFd>,
@@ -109,33 +179,29 @@ struct Bed {
 
 /// Part 4: measures, writes the plots into `docs`, renders the section.
 pub fn run(config: &Config, docs: &Path) -> Result<Section> {
-    // The whole chain runs at tens of thousands of frames per second here
-    // (see the section), so these counts keep part 4 near 1 / 2 minutes.
-    let (runs, repeat) = if config.quick {
-        (3, 100_000)
+    // Wire: around a million frames per second; end to end: the whole
+    // chain runs at tens of thousands (see the section). These counts keep
+    // part 4 under 1 / 3 minutes.
+    let (wire_runs, wire_repeat, e2e_runs, e2e_repeat) = if config.quick {
+        (5, 500_000, 3, 100_000)
     } else {
-        (5, 300_000)
+        (7, 2_000_000, 5, 300_000)
     };
-    eprintln!("bench: XDP forwarding ({runs} x {repeat} frames per configuration)");
+    eprintln!(
+        "bench: XDP forwarding (wire: {wire_runs} x {wire_repeat} frames per configuration, \
+         end to end: {e2e_runs} x {e2e_repeat})"
+    );
     let kproxy = kproxy_binary()?;
     let bed = Bed::new(&kproxy)?;
-
-    // Warm-up (not counted): fills conntrack (kproxy's and the node's) and
-    // checks every path once.
-    let mut warmup = Vec::new();
-    for kind in Kind::ALL {
-        warmup.push(bed.inject(kind, 10_000)?);
-    }
-    let mut samples: Vec<Vec<Sample>> = Kind::ALL.iter().map(|_| Vec::new()).collect();
-    for round in 0..runs {
-        // Interleaved, the order rotated each round.
-        for k in 0..Kind::ALL.len() {
-            let i = (k + round) % Kind::ALL.len();
-            samples[i].push(bed.inject(Kind::ALL[i], repeat)?);
-        }
-    }
+    let wire = {
+        // The tap puts the pass programs back when it drops (also on an
+        // error), so the end-to-end measurement finds the lab as it was.
+        let tap = WireTap::attach(&bed)?;
+        bed.measure(&Kind::ALL, wire_runs, wire_repeat, Some(&tap))?
+    };
+    let e2e = bed.measure(&Kind::END_TO_END, e2e_runs, e2e_repeat, None)?;
     drop(bed);
-    render(config, docs, runs, repeat, &warmup, &samples)
+    render(config, docs, &wire, &e2e)
 }
 
 impl Bed {
@@ -226,6 +292,12 @@ impl Bed {
                 &return_insns(raw::XDP_DROP),
                 "bench_xdp_drop",
             )?,
+            raw::load_program(
+                raw::BPF_PROG_TYPE_XDP,
+                raw::BPF_XDP,
+                &return_insns(raw::XDP_TX),
+                "bench_xdp_tx",
+            )?,
             raw::prog_fd_by_id(kproxy_id)
                 .with_context(|| format!("no program with id {kproxy_id} (node-a's ext0)"))?,
             raw::load_program(
@@ -270,17 +342,62 @@ impl Bed {
         })
     }
 
+    /// `runs` interleaved rounds of `repeat` frames of every kind (the order
+    /// rotated each round), after a warm-up (not counted) that fills
+    /// conntrack (kproxy's and the node's) and checks every path once.
+    fn measure(
+        &self,
+        kinds: &[Kind],
+        runs: usize,
+        repeat: u32,
+        tap: Option<&WireTap<'_>>,
+    ) -> Result<Measured> {
+        let mut warmup = Vec::new();
+        for kind in kinds {
+            warmup.push(self.inject(*kind, 10_000, tap)?);
+        }
+        let mut samples: Vec<Vec<Sample>> = kinds.iter().map(|_| Vec::new()).collect();
+        for round in 0..runs {
+            for k in 0..kinds.len() {
+                let i = (k + round) % kinds.len();
+                samples[i].push(self.inject(kinds[i], repeat, tap)?);
+            }
+        }
+        Ok(Measured {
+            kinds: kinds.to_vec(),
+            runs,
+            repeat,
+            warmup,
+            samples,
+        })
+    }
+
     /// Injects `frames` copies of `kind`'s frame at its node's `ext0` and
-    /// waits until the backend's counter settles.
-    fn inject(&self, kind: Kind, frames: u32) -> Result<Sample> {
+    /// waits until the counter where they end settles: the tap's at the
+    /// other end of the wire if there is one, else the pod's interface.
+    fn inject(&self, kind: Kind, frames: u32, tap: Option<&WireTap<'_>>) -> Result<Sample> {
         let (netns, frame) = match kind {
             Kind::Iptables => (&self.iptables_node, &self.iptables_frame),
             _ => (&self.cluster.node(NODE_A).netns, &self.kproxy_frame),
         };
-        let prog = self.wrappers[Kind::ALL.iter().position(|k| *k == kind).unwrap()].as_fd();
+        let prog = self.wrappers[kind.slot()].as_fd();
         let pod = &self.cluster.pod(BACKEND_POD).netns.name;
         let node_a = self.cluster.node(NODE_A);
-        let rx_before = rx_packets(pod, "lab0")?;
+        // (translated, other): the bare XDP_TX sends the frame untouched.
+        let counts = || -> Result<(u64, u64)> {
+            match tap {
+                Some(tap) => {
+                    let (translated, other) = tap.counts(kind.wire())?;
+                    Ok(if kind == Kind::Tx {
+                        (translated + other, 0)
+                    } else {
+                        (translated, other)
+                    })
+                }
+                None => Ok((rx_packets(pod, "lab0")?, 0)),
+            }
+        };
+        let before = counts()?;
         let forwarded_before = node_a.stat(stat::XDP_FORWARD);
         // The ingress ifindex is resolved in the caller's namespace: the run
         // happens on a thread inside the node's.
@@ -301,13 +418,13 @@ impl Bed {
         })?;
         let wall = Duration::from_secs_f64(run.wall_ns * f64::from(frames) / 1e9);
         // Frames still in queues when the syscall returns: wait until the
-        // pod's counter stops moving (bounded).
+        // counter stops moving (bounded).
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut last = rx_packets(pod, "lab0")?;
+        let mut last = counts()?;
         let mut still = 0;
         while still < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(30));
-            let now = rx_packets(pod, "lab0")?;
+            let now = counts()?;
             still = if now == last { still + 1 } else { 0 };
             last = now;
         }
@@ -315,17 +432,106 @@ impl Bed {
             frames,
             wall,
             kernel_ns: run.kernel_ns,
-            delivered: last.saturating_sub(rx_before),
+            delivered: last.0.saturating_sub(before.0),
+            other: last.1.saturating_sub(before.1),
             xdp_forwarded: node_a.stat(stat::XDP_FORWARD) - forwarded_before,
         })
     }
+}
+
+/// The wire taps: while one lives, the bridge-side ends of node-a's and
+/// node-i's `ext0` run a program that counts and drops every frame instead
+/// of the lab's pass program, so what leaves a node goes no further. Its
+/// drop puts pass programs back (also on an error). Everything stays in the
+/// lab's bridge namespace and bpffs.
+struct WireTap<'a> {
+    bridge: &'a str,
+    bpffs: PathBuf,
+    /// Slots `2w` and `2w + 1`: wire `w`'s translated and other frames.
+    counts: OwnedFd,
+    attached: Vec<&'static str>,
+}
+
+impl<'a> WireTap<'a> {
+    fn attach(bed: &'a Bed) -> Result<Self> {
+        let mut tap = Self {
+            bridge: &bed.cluster.bridge.name,
+            bpffs: bed.cluster.root.join("xdp-pass"),
+            counts: raw::create_u64_array(4).context("the wire tap's counters")?,
+            attached: Vec::new(),
+        };
+        let pod_ip = bed.cluster.pod(BACKEND_POD).ip;
+        for (wire, (peer, node_ip)) in [(NODE_A, NODE_A_IP), (NODE_I_PEER, IPTABLES_NODE_IP)]
+            .into_iter()
+            .enumerate()
+        {
+            let insns = tap_insns(tap.counts.as_raw_fd(), 2 * wire as i32, node_ip, pod_ip);
+            let prog = raw::load_program(
+                raw::BPF_PROG_TYPE_XDP,
+                raw::BPF_XDP,
+                &insns,
+                "bench_wire_tap",
+            )?;
+            // Listed first: a half-done attach is restored too.
+            tap.attached.push(peer);
+            attach_xdp(tap.bridge, peer, prog.as_fd(), &tap.bpffs, "tap")?;
+        }
+        Ok(tap)
+    }
+
+    /// (translated, other) frames the tap of wire `wire` has dropped.
+    fn counts(&self, wire: usize) -> Result<(u64, u64)> {
+        let get = |slot: usize| {
+            raw::u64_array_get(self.counts.as_fd(), slot as u32)
+                .context("reading the wire tap's counters")
+        };
+        Ok((get(2 * wire)?, get(2 * wire + 1)?))
+    }
+}
+
+impl Drop for WireTap<'_> {
+    fn drop(&mut self) {
+        for peer in &self.attached {
+            let restored = raw::load_xdp_return_program(raw::XDP_PASS, "lab_xdp_pass")
+                .map_err(anyhow::Error::from)
+                .and_then(|pass| attach_xdp(self.bridge, peer, pass.as_fd(), &self.bpffs, "pass"));
+            if let Err(err) = restored {
+                eprintln!("bench: putting the pass program back on {peer}: {err:#}");
+            }
+        }
+    }
+}
+
+/// Attaches `prog` in native mode to `ifname` in `netns` with iproute2,
+/// replacing what is there, through a pin on the lab's bpffs `bpffs` (the
+/// attachment keeps the program alive once the pin is gone).
+fn attach_xdp(
+    netns: &str,
+    ifname: &str,
+    prog: BorrowedFd<'_>,
+    bpffs: &Path,
+    tag: &str,
+) -> Result<()> {
+    let pin = bpffs.join(format!("{tag}-{ifname}"));
+    raw::obj_pin(prog, &pin).with_context(|| format!("pinning {}", pin.display()))?;
+    let attached = Command::new("ip")
+        .args(["-force", "-n", netns, "link", "set", "dev", ifname])
+        .args(["xdpdrv", "pinned"])
+        .arg(&pin)
+        .status();
+    let _ = std::fs::remove_file(&pin);
+    ensure!(
+        attached?.success(),
+        "attaching an XDP program to {ifname} in {netns}"
+    );
+    Ok(())
 }
 
 /// node-i: a node namespace like node-a (same sysctls, wire, offloads and
 /// pass-through program on its bridge-side peer), no kproxy, and the NAT a
 /// NodePort gets from iptables: DNAT to the backend, MASQUERADE towards it.
 fn plain_node(cluster: &Cluster, netns: &lab::Netns) -> Result<()> {
-    let peer = "node-i";
+    let peer = NODE_I_PEER;
     let bridge = &cluster.bridge.name;
     for (key, value) in [
         ("net.ipv4.ip_forward", "1"),
@@ -367,14 +573,13 @@ fn plain_node(cluster: &Cluster, netns: &lab::Netns) -> Result<()> {
     // As the cluster does for node-a: the bridge-side peer runs a pass
     // program, so both nodes' frames take the same (NAPI) way into it.
     let pass = raw::load_xdp_return_program(raw::XDP_PASS, "lab_xdp_pass")?;
-    let pin = cluster.root.join("xdp-pass").join(format!("pass-{peer}"));
-    raw::obj_pin(pass.as_fd(), &pin).context("pinning node-i's pass program")?;
-    let attached = Command::new("ip")
-        .args(["-n", bridge, "link", "set", "dev", peer, "xdpdrv", "pinned"])
-        .arg(&pin)
-        .status();
-    let _ = std::fs::remove_file(&pin);
-    ensure!(attached?.success(), "attaching the pass program to {peer}");
+    attach_xdp(
+        bridge,
+        peer,
+        pass.as_fd(),
+        &cluster.root.join("xdp-pass"),
+        "pass",
+    )?;
     let pod = cluster.pod(BACKEND_POD);
     let o = pod.ip.octets();
     lab::ip(&[
@@ -484,6 +689,62 @@ fn wrapper_insns(template: &[u8], prog_array: i32, index: i32) -> Vec<u64> {
     p
 }
 
+/// The wire tap: counts the frame in slot `base` of `counts` if it is an
+/// IPv4 packet from `node_ip` to `pod_ip` (a translated NodePort frame),
+/// else in slot `base + 1`, and drops it.
+fn tap_insns(counts: i32, base: i32, node_ip: Ipv4Addr, pod_ip: Ipv4Addr) -> Vec<u64> {
+    use raw::insn;
+    // IPv4 addresses and the EtherType as the little-endian loads see them.
+    let le = |ip: Ipv4Addr| u32::from_le_bytes(ip.octets()) as i32;
+    let ipv4 = i32::from(u16::from_le_bytes([0x08, 0x00]));
+    let mut p = vec![
+        insn(0xbf, 6, 1, 0, 0),        // r6 = r1 (ctx)
+        insn(0x61, 2, 6, 0, 0),        // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0),        // r3 = ctx->data_end
+        insn(0xb7, 1, 0, 0, base + 1), // r1 = base + 1 (other)
+        insn(0xbf, 4, 2, 0, 0),        // r4 = r2
+        insn(0x07, 4, 0, 0, 34),       // r4 += 34 (Ethernet + IPv4)
+    ];
+    // Each of these jumps to `count` (patched below).
+    let mut to_count = vec![p.len()];
+    p.push(insn(0x2d, 4, 3, 0, 0)); // if r4 > r3 goto count
+    for (code, off, value) in [
+        (0x69, 12, ipv4),        // r5 = *(u16 *)(r2 + 12): EtherType
+        (0x61, 26, le(node_ip)), // r5 = *(u32 *)(r2 + 26): source
+        (0x61, 30, le(pod_ip)),  // r5 = *(u32 *)(r2 + 30): destination
+    ] {
+        p.push(insn(code, 5, 2, off, 0));
+        to_count.push(p.len());
+        p.push(insn(0x56, 5, 0, 0, value)); // if w5 != value goto count
+    }
+    p.push(insn(0xb7, 1, 0, 0, base)); // r1 = base (translated)
+    let count = p.len();
+    p.extend([
+        insn(0x63, 10, 1, -4, 0),                           // *(u32 *)(r10 - 4) = r1
+        insn(0xbf, 2, 10, 0, 0),                            // r2 = r10
+        insn(0x07, 2, 0, 0, -4),                            // r2 += -4
+        insn(0x18, 1, raw::BPF_PSEUDO_MAP_FD, 0, counts),   // r1 = counts
+        insn(0, 0, 0, 0, 0),                                // (second half)
+        insn(0x85, 0, 0, 0, raw::BPF_FUNC_MAP_LOOKUP_ELEM), // r0 = lookup(r1, r2)
+    ]);
+    let null_check = p.len();
+    p.extend([
+        0,                      // if r0 == 0 goto out (patched below)
+        insn(0xb7, 1, 0, 0, 1), // r1 = 1
+        insn(0xdb, 0, 1, 0, 0), // lock *(u64 *)(r0 + 0) += r1
+    ]);
+    let out = p.len();
+    p.extend([
+        insn(0xb7, 0, 0, 0, raw::XDP_DROP as i32), // out: r0 = XDP_DROP
+        insn(0x95, 0, 0, 0, 0),                    // exit
+    ]);
+    for at in to_count {
+        p[at] = (p[at] & !(0xffff << 16)) | (u64::from((count - at - 1) as u16) << 16);
+    }
+    p[null_check] = insn(0x15, 0, 0, (out - null_check - 1) as i16, 0);
+    p
+}
+
 fn link_json(netns: &str, ifname: &str, stats: bool) -> Result<serde_json::Value> {
     let mut cmd = Command::new("ip");
     cmd.args(["-n", netns, "-j", "-d"]);
@@ -535,29 +796,22 @@ fn rx_packets(netns: &str, ifname: &str) -> Result<u64> {
         .with_context(|| format!("no rx counter on {ifname} in {netns}"))
 }
 
-fn render(
-    _config: &Config,
-    docs: &Path,
-    runs: usize,
-    repeat: u32,
-    warmup: &[Sample],
-    samples: &[Vec<Sample>],
-) -> Result<Section> {
-    let med = |i: usize, f: &dyn Fn(&Sample) -> f64| {
-        let mut v: Vec<f64> = samples[i].iter().map(f).collect();
-        median(&mut v)
+fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Result<Section> {
+    let floor_pps = wire.pps(Kind::Floor);
+    let kernel_ns = |m: &Measured, k: Kind| m.median(k, |s| f64::from(s.kernel_ns));
+    let (xdp_forwarded, kproxy_frames) = wire.sum(Kind::Kproxy, |s| s.xdp_forwarded);
+    let (e2e_forwarded, e2e_frames) = e2e.sum(Kind::Kproxy, |s| s.xdp_forwarded);
+    let other: u64 = wire.samples.iter().flatten().map(|s| s.other).sum();
+    let ns = |m: &Measured, k: Kind| 1e9 / m.pps(k);
+    let warmups = |m: &Measured| {
+        m.kinds
+            .iter()
+            .zip(&m.warmup)
+            .filter(|(k, _)| **k != Kind::Floor)
+            .map(|(k, s)| format!("{} {:.1} %", k.short(), s.delivered_fraction() * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    let pps: Vec<f64> = (0..3).map(|i| med(i, &Sample::pps)).collect();
-    let delivered: Vec<f64> = (0..3)
-        .map(|i| med(i, &Sample::delivered_fraction))
-        .collect();
-    let kernel_ns: Vec<f64> = (0..3)
-        .map(|i| med(i, &|s| f64::from(s.kernel_ns)))
-        .collect();
-    let (floor, kproxy, iptables) = (0, 1, 2);
-    let forwarding = |i: usize| i == floor || delivered[i] >= MIN_DELIVERED;
-    let xdp_forwarded: u64 = samples[kproxy].iter().map(|s| s.xdp_forwarded).sum();
-    let kproxy_frames: u64 = samples[kproxy].iter().map(|s| u64::from(s.frames)).sum();
 
     let mut md = String::new();
     let _ = writeln!(
@@ -570,113 +824,207 @@ fn render(
          frames, i.e. 64 bytes on the wire) whose only endpoint is pod {BACKEND_POD} on the \
          other node, injected by the kernel itself at the node's `ext0` (BPF_PROG_TEST_RUN, \
          `BPF_F_TEST_XDP_LIVE_FRAMES`, batches of 64): the verdict is acted on for real. \
-         {runs} interleaved runs of {repeat} frames per configuration (rotating order), \
-         medians. Rate = frames / wall time of the injecting syscall.\n"
+         Rate = frames / wall time of the injecting syscall; medians of interleaved runs \
+         (rotating order). The syscall's time includes the softirq work its frames cause on \
+         the injecting CPU, wherever it happens, hence two measurements.\n"
     );
     let _ = writeln!(
         md,
-        "| configuration | frames/s | ns per frame | kernel ns per frame | of the floor's rate \
-         | vs iptables | delivered to the pod | delivered frames/s |\n|---|---|---|---|---|---|---|---|"
+        "### At the wire: the node's own work\n\n\
+         The other end of the node's wire (the bridge-side end of its `ext0` veth) runs a \
+         tap for this measurement: an XDP program that counts each frame and drops it, in \
+         place of the lab's pass program (put back afterwards). So a frame's time is the \
+         node's work only: injection, the program measured, and for kproxy and iptables the \
+         forwarding out of `ext0`, plus the wire's receive end (the veth peer's NAPI poll and \
+         the tap: for frames sent by XDP_TX an XDP frame, for the stack's an skb turned into \
+         one). Nothing reaches the bridge, node-b or the pod. Arrived = frames the tap counted \
+         as translated (IPv4 from the node's address to the pod's), per frame injected; for \
+         the bare XDP_TX, every frame the tap counted. {} runs of {} frames per \
+         configuration.\n",
+        wire.runs, wire.repeat
     );
-    for (i, kind) in Kind::ALL.iter().enumerate() {
-        let rate = if forwarding(i) {
-            format!("{:.2} M", pps[i] / 1e6)
+    let _ = writeln!(
+        md,
+        "| configuration | frames/s | ns per frame | kernel ns per frame | ns over the floor \
+         | of the floor's rate | vs iptables | arrived at the wire's end |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    for kind in Kind::ALL {
+        let ok = wire.forwarding(kind);
+        let dash = || "–".to_owned();
+        let rate = if ok {
+            format!("{:.2} M", wire.pps(kind) / 1e6)
         } else {
-            format!("not forwarding ({:.0} % delivered)", delivered[i] * 100.0)
-        };
-        let ns = if forwarding(i) {
-            format!("{:.0}", 1e9 / pps[i])
-        } else {
-            "–".into()
-        };
-        let of_floor = if forwarding(i) {
-            format!("{:.2}", pps[i] / pps[floor])
-        } else {
-            "–".into()
-        };
-        let vs_iptables = if i != floor && forwarding(i) && forwarding(iptables) {
-            format!("{:.2}x", pps[i] / pps[iptables])
-        } else {
-            "–".into()
-        };
-        let (fraction, delivered_pps) = if i == floor {
-            ("– (dropped)".to_owned(), "–".to_owned())
-        } else {
-            (
-                format!("{:.1} %", delivered[i] * 100.0),
-                format!("{:.2} M", pps[i] * delivered[i] / 1e6),
+            format!(
+                "not forwarding ({:.0} % arrived)",
+                wire.delivered(kind) * 100.0
             )
+        };
+        let per_frame = if ok {
+            format!("{:.0}", ns(wire, kind))
+        } else {
+            dash()
+        };
+        let over_floor = if ok && kind != Kind::Floor {
+            format!("{:.0}", ns(wire, kind) - ns(wire, Kind::Floor))
+        } else {
+            dash()
+        };
+        let of_floor = if ok {
+            format!("{:.2}", wire.pps(kind) / floor_pps)
+        } else {
+            dash()
+        };
+        let vs_iptables = if kind == Kind::Kproxy && ok && wire.forwarding(Kind::Iptables) {
+            format!("{:.2}x", wire.pps(kind) / wire.pps(Kind::Iptables))
+        } else {
+            dash()
+        };
+        let arrived = if kind == Kind::Floor {
+            let (arrived, frames) = wire.sum(kind, |s| s.delivered);
+            format!("{arrived} of {frames} (dropped on the node)")
+        } else {
+            format!("{:.1} %", wire.delivered(kind) * 100.0)
         };
         let _ = writeln!(
             md,
-            "| {} | {rate} | {ns} | {:.0} | {of_floor} | {vs_iptables} | {fraction} | {delivered_pps} |",
+            "| {} | {rate} | {per_frame} | {:.0} | {over_floor} | {of_floor} | {vs_iptables} \
+             | {arrived} |",
             kind.label(),
-            kernel_ns[i],
+            kernel_ns(wire, kind),
+        );
+    }
+    let fwd_ok = wire.forwarding(Kind::Kproxy)
+        && wire.forwarding(Kind::Tx)
+        && wire.forwarding(Kind::Iptables);
+    if fwd_ok {
+        let _ = writeln!(
+            md,
+            "\nkproxy's program (parse, conntrack lookup, DNAT + SNAT, FIB lookup) costs \
+             {:.0} ns per frame over a bare XDP_TX of the same frame; iptables' path costs \
+             {:.0} ns per frame over kproxy's.",
+            ns(wire, Kind::Kproxy) - ns(wire, Kind::Tx),
+            ns(wire, Kind::Iptables) - ns(wire, Kind::Kproxy),
         );
     }
     let _ = writeln!(
         md,
-        "\nkproxy's `xdp_forward` counter on node-a rose by {xdp_forwarded} for {kproxy_frames} \
-         frames injected (every frame sent back out by XDP itself, none left to tc or the \
-         stack, when the two are equal). Warm-up (10 000 frames each, not in the table): \
-         delivered {}.\n",
-        Kind::ALL
-            .iter()
-            .zip(warmup)
-            .filter(|(k, _)| **k != Kind::Floor)
-            .map(|(k, s)| format!("{} {:.1} %", k.short(), s.delivered_fraction() * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "\nkproxy's `xdp_forward` counter on node-a rose by {xdp_forwarded} for \
+         {kproxy_frames} frames injected (every frame sent back out by XDP itself, none left \
+         to tc or the stack, when the two are equal). Frames the taps counted besides \
+         (neither translated nor a bare XDP_TX run's): {other}. Warm-up (10 000 frames each, not in the table): arrived {}.\n",
+        warmups(wire)
     );
+
+    let _ = writeln!(
+        md,
+        "### End to end: to the pod\n\n\
+         The lab as it is: the frame crosses the bridge, node-b routes it to the pod's \
+         interface; all of that runs on the injecting CPU too, so the rate is the chain's, \
+         not node-a's. The floor is the one above (it ends on node-a either way). Delivered = \
+         the pod's `lab0` rx packets (after the counter settles) per frame injected. {} runs \
+         of {} frames per configuration.\n",
+        e2e.runs, e2e.repeat
+    );
+    let _ = writeln!(
+        md,
+        "| configuration | frames/s | ns per frame | kernel ns per frame | of the floor's rate \
+         | vs iptables | delivered to the pod | delivered frames/s |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    for kind in Kind::END_TO_END {
+        let ok = e2e.forwarding(kind);
+        let dash = || "–".to_owned();
+        let rate = if ok {
+            format!("{:.3} M", e2e.pps(kind) / 1e6)
+        } else {
+            format!(
+                "not forwarding ({:.0} % delivered)",
+                e2e.delivered(kind) * 100.0
+            )
+        };
+        let per_frame = if ok {
+            format!("{:.0}", ns(e2e, kind))
+        } else {
+            dash()
+        };
+        let of_floor = if ok {
+            format!("{:.3}", e2e.pps(kind) / floor_pps)
+        } else {
+            dash()
+        };
+        let vs_iptables = if kind == Kind::Kproxy && ok && e2e.forwarding(Kind::Iptables) {
+            format!("{:.2}x", e2e.pps(kind) / e2e.pps(Kind::Iptables))
+        } else {
+            dash()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {rate} | {per_frame} | {:.0} | {of_floor} | {vs_iptables} | {:.1} % | {:.3} M |",
+            kind.label(),
+            kernel_ns(e2e, kind),
+            e2e.delivered(kind) * 100.0,
+            e2e.pps(kind) * e2e.delivered(kind) / 1e6,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nkproxy's `xdp_forward` counter rose by {e2e_forwarded} for {e2e_frames} frames. \
+         Warm-up: delivered {}.\n",
+        warmups(e2e)
+    );
+
     let _ = writeln!(
         md,
         "How: the two-node lab of the end-to-end tests (node-a, node-b with pod {BACKEND_POD}, \
          a bridge between the nodes' `ext0`, one kproxy per node started with \
          `--interfaces ext0`). **kproxy**: the XDP program kproxy attached to node-a's `ext0` \
          (the same program, found by the id on the interface) DNATs to the pod, SNATs to \
-         node-a and sends the frame back out `ext0` (XDP_TX) towards node-b, which routes it \
-         to the pod. **floor**: `r0 = XDP_DROP`, injected the same way: what injection alone \
-         costs. **iptables**: `r0 = XDP_PASS` on node-i, a namespace wired like node-a \
-         (same bridge, sysctls, offloads) without kproxy, where `iptables -t nat` DNATs the \
-         NodePort to the same pod and MASQUERADEs it (one rule each, fewer than kube-proxy's \
-         chains) and the kernel forwards it to node-b. All three run behind the same wrapper \
-         program, which writes the template's 42 header bytes back into the frame (live mode \
-         recycles pages without copying the frame again, so the NAT of the previous round \
-         would otherwise still be in it) and tail-calls the program measured. Neighbours are \
-         static; the pod has no socket on the port, so frames are counted at its interface \
-         (`lab0` rx packets, after the counter settles).\n"
+         node-a and sends the frame back out `ext0` (XDP_TX) towards node-b. **floor**: \
+         `r0 = XDP_DROP`, injected the same way: what injection alone costs. **bare \
+         XDP_TX**: `r0 = XDP_TX` on node-a: injection plus sending the frame out and the \
+         wire's receive end, without kproxy's work. **iptables**: `r0 = XDP_PASS` on node-i, \
+         a namespace wired like node-a (same bridge, sysctls, offloads, pass program on its \
+         wire's end) without kproxy, where `iptables -t nat` DNATs the NodePort to the same \
+         pod and MASQUERADEs it (one rule each, fewer than kube-proxy's chains) and the \
+         kernel forwards it to node-b. All run behind the same wrapper program, which writes \
+         the template's 42 header bytes back into the frame (live mode recycles pages \
+         without copying the frame again, so the NAT of the previous round would otherwise \
+         still be in it) and tail-calls the program measured. Neighbours are static; the pod \
+         has no socket on the port.\n"
     );
     let _ = writeln!(
         md,
         "What this shows: the cost of forwarding one established flow on this 2-vCPU VM, \
          kproxy's XDP path against the node's own stack with iptables, both against the \
-         cost of injection. The syscall's time includes the softirq work its frames cause \
-         on the injecting CPU (the bridge, node-b's routing and the pod's interface run \
-         when each batch re-enables bottom halves), the same work for kproxy and iptables. \
-         What it does not show: a NIC (veth here: XDP_TX is a redirect into the peer's \
-         ring), many flows or new-flow setup (one flow, in both conntracks after the \
-         warm-up), multi-queue scaling, or kube-proxy's full iptables chains.\n"
+         cost of injection; at the wire, the node's own work, end to end, the whole chain \
+         (the same downstream work for kproxy and iptables). What it does not show: a NIC \
+         (veth here: XDP_TX is a redirect into the peer's ring, and the wire's receive end \
+         is the same CPU's work), many flows or new-flow setup (one flow, in both conntracks \
+         after the warm-up), multi-queue scaling, or kube-proxy's full iptables chains.\n"
     );
     let _ = writeln!(md, "![XDP forwarding](bench-xdp-forward.svg)\n");
 
     let groups: Vec<String> = Kind::ALL.iter().map(|k| k.short().to_owned()).collect();
-    let injected: Vec<f64> = pps.iter().map(|p| p / 1e6).collect();
-    let delivered_series: Vec<f64> = (0..3)
-        .map(|i| {
-            if i == floor {
-                f64::NAN
-            } else {
-                pps[i] * delivered[i] / 1e6
-            }
-        })
-        .collect();
+    let series = |m: &Measured| -> Vec<f64> {
+        Kind::ALL
+            .iter()
+            .map(|k| {
+                if m.pos(*k).is_some() && m.forwarding(*k) {
+                    m.pps(*k) / 1e6
+                } else {
+                    f64::NAN
+                }
+            })
+            .collect()
+    };
     let svg = bar_chart(
         "XDP forwarding, one UDP flow, 64-byte frames (higher is better)",
         "million frames per second",
         &groups,
         &[
-            ("injected (syscall rate)".into(), injected),
-            ("delivered to the pod".into(), delivered_series),
+            ("at the wire (node's own work)".into(), series(wire)),
+            ("end to end (to the pod)".into(), series(e2e)),
         ],
     );
     let svg_path = docs.join("bench-xdp-forward.svg");
@@ -692,16 +1040,24 @@ fn render(
         ],
         ..Section::default()
     };
-    if !forwarding(kproxy) {
-        section.misses.push(format!(
-            "XDP forwarding: kproxy delivered {:.0} %",
-            delivered[kproxy] * 100.0
-        ));
+    let misses: Vec<(&str, f64)> = [("at the wire", wire), ("end to end", e2e)]
+        .into_iter()
+        .filter(|(_, m)| !m.forwarding(Kind::Kproxy))
+        .map(|(what, m)| (what, m.delivered(Kind::Kproxy)))
+        .collect();
+    if !misses.is_empty() {
+        let list = misses
+            .iter()
+            .map(|(what, d)| format!("{:.1} % {what}", d * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        section
+            .misses
+            .push(format!("XDP forwarding: kproxy delivered {list}"));
         section.why = format!(
-            "### XDP forwarding\n\nkproxy delivered {:.1} % of the frames injected at node-a \
-             to the pod; its `xdp_forward` counter rose by {xdp_forwarded} for {kproxy_frames} \
-             frames.\n",
-            delivered[kproxy] * 100.0
+            "### XDP forwarding\n\nkproxy delivered {list} of the frames injected at node-a; \
+             its `xdp_forward` counter rose by {xdp_forwarded} for {kproxy_frames} frames at \
+             the wire, by {e2e_forwarded} for {e2e_frames} end to end.\n"
         );
     }
     Ok(section)

@@ -383,3 +383,38 @@ pub fn xdp_md_for(ingress_ifindex: u32, data_len: usize) -> [u8; 24] {
     ctx[4..8].copy_from_slice(&(data_len as u32).to_ne_bytes());
     ctx
 }
+
+// ---------------------------------------------------------------------------
+// Array maps of u64 counters: the bench's wire tap counts what it drops.
+// ---------------------------------------------------------------------------
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+
+/// A `BPF_MAP_TYPE_ARRAY` of `max_entries` u64 values (all zero).
+pub fn create_u64_array(max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Slot `index` of an array of u64 values.
+pub fn u64_array_get(map: BorrowedFd<'_>, index: u32) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &index as *const u32 as u64,
+        value: &mut value as *mut u64 as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(value)
+}
