@@ -44,7 +44,7 @@ pub struct FragmentId {
 }
 
 /// The parts of an IPv4 TCP/UDP packet the datapath reads.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct Flow {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
@@ -101,10 +101,14 @@ pub fn read<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
     ptr_at::<T, P>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
-/// Fills `flow` in place. Its own BPF function: the header copies live in
-/// its frame, not in the entry point's, which every other path adds to.
+/// Fills `*flow` in place, all of it on `Ok`. The caller's slot may be
+/// uninitialised (a `MaybeUninit`): zeroing it first is a byte-wise
+/// `memset` call in BPF. A raw pointer, not `&mut MaybeUninit<Flow>`:
+/// BTF refuses the union's name. Its own BPF function: the header copies
+/// live in its frame, not in the entry point's, which every other path
+/// adds to.
 #[inline(never)]
-pub fn parse<P: Packet>(ctx: &P, flow: &mut Flow) -> Result<(), Skip> {
+pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     // Make the headers linear when the skb carries them in fragments.
     ctx.make_linear(MAX_HEADERS);
     let ether_type: [u8; 2] = read(ctx, 12).ok_or(Skip::NotService)?;
@@ -161,17 +165,20 @@ pub fn parse<P: Packet>(ctx: &P, flow: &mut Flow) -> Result<(), Skip> {
         }
         ([udp[0], udp[1], udp[2], udp[3]], 0)
     };
-    *flow = Flow {
-        saddr,
-        daddr,
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
-        proto,
-        l4_off,
-        ip_hdr_len,
-        tcp_flags,
-        first_fragment: more_fragments,
-        ip_id,
+    // SAFETY: the caller's slot, valid for writes.
+    unsafe {
+        flow.write(Flow {
+            saddr,
+            daddr,
+            sport: u16::from_be_bytes([ports[0], ports[1]]),
+            dport: u16::from_be_bytes([ports[2], ports[3]]),
+            proto,
+            l4_off,
+            ip_hdr_len,
+            tcp_flags,
+            first_fragment: more_fragments,
+            ip_id,
+        })
     };
     Ok(())
 }

@@ -14,13 +14,15 @@
 //! back out; a local backend is only DNATed and handed to the stack (its
 //! reply passes this node's pod hook anyway).
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use core::mem::MaybeUninit;
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey, SourceRange,
-    BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY,
-    SVC_FLAG_SOURCE_RANGES,
+    addr_eq, ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
+    SourceRange, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT,
+    CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX,
+    PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -51,8 +53,8 @@ struct Nat {
 
 #[inline(always)]
 pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
-    let mut flow = Flow::default();
-    match parse(ctx, &mut flow) {
+    let mut flow = MaybeUninit::<Flow>::uninit();
+    match parse(ctx, flow.as_mut_ptr()) {
         Ok(()) => {}
         Err(Skip::NotService) => return P::PASS,
         Err(Skip::Malformed) => {
@@ -62,12 +64,17 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         Err(Skip::Fragment(id)) => return ctx.later_fragment(&id, EXTERNAL),
         Err(Skip::Icmp { l4_off }) => return ctx.icmp_error(l4_off),
     };
+    // SAFETY: `parse` wrote all of it.
+    let flow = unsafe { flow.assume_init_ref() };
     // The first fragment of a datagram leaves a record for the later ones,
     // which only tc keeps: the whole datagram goes that way.
     if P::IS_XDP && flow.first_fragment {
         return P::PASS;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // CLOCK_MONOTONIC at tick resolution: timeouts are seconds, and the
+    // coarse clock skips the clocksource read that the precise one costs
+    // every packet.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut nat = Nat {
         saddr: flow.saddr,
         sport: flow.sport,
@@ -76,17 +83,17 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         route_out: false,
         to_host: false,
     };
-    let tracked = tracked::<EXTERNAL>(&flow, now, &mut nat);
+    let tracked = tracked::<EXTERNAL>(flow, now, &mut nat);
     if tracked == NOT_TRACKED {
         let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
-        let verdict = open_new::<P, EXTERNAL>(ctx, &flow, now, from_host, &mut nat);
+        let verdict = open_new::<P, EXTERNAL>(ctx, flow, now, from_host, &mut nat);
         if verdict != TRANSLATE {
             return verdict as i32;
         }
     } else if tracked != TRANSLATE {
         return if tracked == DROP { P::DROP } else { P::PASS };
     }
-    finish(ctx, &flow, &nat)
+    finish(ctx, flow, &nat)
 }
 
 /// A packet no tracked flow knows: decide (`new_flow`), take the SNAT
@@ -102,16 +109,17 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
     from_host: bool,
     nat: &mut Nat,
 ) -> i64 {
-    let mut pending = Pending {
-        from_host,
-        ..Pending::default()
-    };
-    match new_flow::<EXTERNAL>(flow, now, &mut pending) {
+    // Uninitialised until `new_flow` opens the flow: zeroing it first is a
+    // byte-wise `memset` call in BPF, paid by every untracked packet.
+    let mut pending = MaybeUninit::<Pending>::uninit();
+    match new_flow::<EXTERNAL>(flow, now, from_host, pending.as_mut_ptr()) {
         NewFlow::Verdict(Verdict::Pass) => return P::PASS as i64,
         NewFlow::Verdict(Verdict::Drop) => return P::DROP as i64,
         NewFlow::Reject => return ctx.reject(flow) as i64,
         NewFlow::Open => {}
     }
+    // SAFETY: `new_flow` wrote all of it when it returned `Open`.
+    let pending = unsafe { pending.assume_init_ref() };
     let snat_addr = match pending.snat {
         Snat::None => [0; 4],
         // Hairpin: the pod sees its own connection come from the Service,
@@ -123,7 +131,7 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
             None => return no_route::<P>() as i64,
         },
     };
-    if !open_flow(flow, &pending, snat_addr, now, nat) {
+    if !open_flow(flow, pending, snat_addr, now, nat) {
         return P::DROP as i64;
     }
     // A flow of this node's own process leaves by its route: a packet that
@@ -280,9 +288,8 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
     NOT_TRACKED
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Snat {
-    #[default]
     None,
     /// External traffic with policy Cluster to a backend on another node.
     Node,
@@ -291,7 +298,7 @@ enum Snat {
 }
 
 /// A new flow's decision, before it is recorded.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Pending {
     backend_addr: [u8; 16],
     backend_port: u16,
@@ -319,7 +326,12 @@ enum NewFlow {
 /// and policy, pick a backend. A separate BPF function so that its keys
 /// and values do not add to the established-flow path's stack frame.
 #[inline(never)]
-fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) -> NewFlow {
+fn new_flow<const EXTERNAL: bool>(
+    flow: &Flow,
+    now: u64,
+    from_host: bool,
+    pending: *mut Pending,
+) -> NewFlow {
     let saddr = ipv4_mapped(flow.saddr);
     let daddr = ipv4_mapped(flow.daddr);
     let scope = if EXTERNAL {
@@ -376,8 +388,8 @@ fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) 
         count(stat::MISSING_BACKEND);
         return NewFlow::Verdict(Verdict::Drop);
     };
-    *pending = Pending {
-        from_host: pending.from_host,
+    let decided = Pending {
+        from_host,
         backend_addr: backend.addr,
         backend_port: backend.port,
         backend_id,
@@ -388,12 +400,14 @@ fn new_flow<const EXTERNAL: bool>(flow: &Flow, now: u64, pending: &mut Pending) 
             } else {
                 Snat::Node
             }
-        } else if backend.addr == saddr {
+        } else if addr_eq(&backend.addr, &saddr) {
             Snat::Hairpin
         } else {
             Snat::None
         },
     };
+    // SAFETY: the caller's slot, valid for writes.
+    unsafe { pending.write(decided) };
     NewFlow::Open
 }
 
@@ -609,7 +623,7 @@ fn flow_expired(
 #[inline(always)]
 fn backend_matches(entry: &ConntrackValue) -> bool {
     match unsafe { BACKENDS.get(entry.backend_id) } {
-        Some(b) => b.addr == entry.nat_addr && b.port == entry.nat_port,
+        Some(b) => addr_eq(&b.addr, &entry.nat_addr) && b.port == entry.nat_port,
         None => false,
     }
 }
