@@ -393,7 +393,8 @@ pub struct ConntrackValue {
     pub _pad: [u8; 2],
     pub rev_nat_id: u32,
     pub backend_id: u32,
-    /// `bpf_ktime_get_ns()` of the last packet.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution) of
+    /// the last packet.
     pub last_seen_ns: u64,
 }
 
@@ -478,9 +479,7 @@ mod pod {
 /// which every packet paid several times.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    let low = u64::from_ne_bytes([
-        0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]);
+    let low = u64::from_ne_bytes([0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]);
     // SAFETY: [u64; 2] and [u8; 16] have the same size and any bit pattern
     // is valid for both.
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, low]) }

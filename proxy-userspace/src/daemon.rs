@@ -429,7 +429,8 @@ fn warn_if_api_via_cluster_ip(snapshot: &Snapshot) {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the datapath's `bpf_ktime_get_ns` clock.
+/// CLOCK_MONOTONIC in nanoseconds: the datapath's clock (`bpf_ktime_get_coarse_ns`,
+/// the same clock at tick resolution, so at most one tick behind).
 fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)

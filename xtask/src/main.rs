@@ -21,7 +21,12 @@ const DEBIAN_PACKAGES: [(&str, &str); 4] = [
 ];
 /// What only the bench needs: it compares against kube-proxy's iptables and
 /// nftables modes (installed by `cargo xtask bench`, not by every test run).
-const BENCH_PACKAGES: [(&str, &str); 2] = [("iptables", "iptables"), ("nft", "nftables")];
+/// perf: the bench profiles each per-packet path with `perf record -e cpu-clock`.
+const BENCH_PACKAGES: [(&str, &str); 3] = [
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
+    ("perf", "linux-perf"),
+];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
