@@ -378,7 +378,13 @@ fn measure_count(
     // established frame, which they do not look at.
     let reference = &frames[&Hook::Tc].established;
     let mut cases: Vec<Case<'_>> = vec![
-        (None, "XDP floor", floors.xdp.as_fd(), reference, raw::XDP_PASS),
+        (
+            None,
+            "XDP floor",
+            floors.xdp.as_fd(),
+            reference,
+            raw::XDP_PASS,
+        ),
         (None, "tc floor", floors.tc.as_fd(), reference, TC_ACT_OK),
     ];
     for &(hook, fd) in programs {
@@ -569,7 +575,11 @@ fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result
 /// Samples this thread (kernel side included: BPF_PROG_TEST_RUN runs the
 /// program in our syscall) with the software cpu-clock event, since this VM
 /// has no PMU, while it runs `frame` through `prog` for `time`.
-fn profile_one(prog: BorrowedFd<'_>, frame: &[u8], time: Duration) -> Result<(u64, Vec<(String, f64)>)> {
+fn profile_one(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    time: Duration,
+) -> Result<(u64, Vec<(String, f64)>)> {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     let data = tempfile_path("perf.data");
@@ -598,7 +608,15 @@ fn profile_one(prog: BorrowedFd<'_>, frame: &[u8], time: Duration) -> Result<(u6
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
     perf.wait()?;
     let report = Command::new("perf")
-        .args(["report", "--stdio", "--sort", "sym", "--percent-limit", "1", "-i"])
+        .args([
+            "report",
+            "--stdio",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "1",
+            "-i",
+        ])
         .arg(&data)
         .output()
         .context("perf report")?;
@@ -740,7 +758,11 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         }
     }
     let _ = writeln!(md);
-    let _ = writeln!(md, "|---|---|---|---|{}", "---|".repeat(2 * REPEAT_PATHS.len()));
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|{}",
+        "---|".repeat(2 * REPEAT_PATHS.len())
+    );
     let cell = |s: Stat| format!(" {:.0} ({:.1}) |", s.kernel_ns, s.wall_ns);
     for c in &pp.counts {
         let _ = write!(
@@ -759,7 +781,10 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         }
         let _ = writeln!(md);
     }
-    let _ = writeln!(md, "\n### ns per call, repeat = 1 (kernel-measured; wall-clock in parentheses)\n");
+    let _ = writeln!(
+        md,
+        "\n### ns per call, repeat = 1 (kernel-measured; wall-clock in parentheses)\n"
+    );
     let _ = write!(md, "| Services | XDP floor |");
     for hook in HOOKS {
         for p in SINGLE_PATHS {
@@ -849,7 +874,11 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
                     verdict(pass)
                 );
                 if !pass {
-                    misses.push(format!("{} {path} at {} Services", hook.short(), last.services));
+                    misses.push(format!(
+                        "{} {path} at {} Services",
+                        hook.short(),
+                        last.services
+                    ));
                 }
             }
         }
@@ -931,11 +960,20 @@ fn why_text(pp: &PerPacket) -> String {
             .iter()
             .find(|p| p.hook == hook && p.path == path)
             .map_or(f64::NAN, |p| {
-                p.symbols.iter().filter(|(s, _)| pred(s)).map(|(_, v)| v).sum()
+                p.symbols
+                    .iter()
+                    .filter(|(s, _)| pred(s))
+                    .map(|(_, v)| v)
+                    .sum()
             })
     };
     let bpf = |s: &str| s.starts_with("BPF ");
-    let maps = |s: &str| s.contains("htab") || s.contains("lookup_nulls") || s.contains("jhash") || s.contains("memcmp");
+    let maps = |s: &str| {
+        s.contains("htab")
+            || s.contains("lookup_nulls")
+            || s.contains("jhash")
+            || s.contains("memcmp")
+    };
     format!(
         "Per packet: against a floor of about {floor:.0} ns that is nearly all test-run loop \
          overhead (the empty program is two instructions), a ratio counts helper calls and \
