@@ -19,7 +19,7 @@ use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 
 use crate::{
     csum, frag, icmp,
-    parse::{Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    parse::{read, Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
     reject,
 };
 
@@ -134,7 +134,7 @@ impl Packet for TcContext {
             && (self
                 .l4_csum_replace(check_off, from_port, to_port, mangled | 2)
                 .is_err()
-                || !tc_write(self, port_off, &port.to_be_bytes()))
+                || !write_at(self, port_off, &port.to_be_bytes()))
         {
             return false;
         }
@@ -208,15 +208,19 @@ impl Packet for TcContext {
     }
 }
 
-/// Writes `bytes` at `offset` of the skb's linear data (direct packet
-/// access; the verifier unclones a cloned skb before the program runs).
+/// Writes `bytes` at `offset` by direct packet access, bounds-checked: at
+/// XDP the frame is one linear buffer, and the byte helpers
+/// (`bpf_xdp_store_bytes`, `bpf_skb_store_bytes`) cost a call, a page walk
+/// and a memcpy each. At tc the headers were pulled into the linear data
+/// (`make_linear`), and the verifier unclones a cloned skb before a
+/// program that writes directly runs.
 #[inline(always)]
-fn tc_write<const N: usize>(ctx: &TcContext, offset: usize, bytes: &[u8; N]) -> bool {
-    let start = TcContext::data(ctx);
-    if start + offset + N > TcContext::data_end(ctx) {
+fn write_at<P: Packet, const N: usize>(ctx: &P, offset: usize, bytes: &[u8; N]) -> bool {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
         return false;
     }
-    // SAFETY: inside the linear data, checked just above.
+    // SAFETY: inside the packet's linear data, checked just above.
     unsafe { core::ptr::write_unaligned((start + offset) as *mut [u8; N], *bytes) };
     true
 }
@@ -225,11 +229,11 @@ fn tc_write<const N: usize>(ctx: &TcContext, offset: usize, bytes: &[u8; N]) -> 
 /// checksum (RFC 1624).
 #[inline(always)]
 fn tc_rewrite_ip(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> bool {
-    let Some(check) = crate::parse::read::<[u8; 2], _>(ctx, IP_CHECK_OFF) else {
+    let Some(check) = read::<[u8; 2], _>(ctx, IP_CHECK_OFF) else {
         return false;
     };
     let check = csum::update4(u16::from_be_bytes(check), old, new);
-    tc_write(ctx, IP_CHECK_OFF, &check.to_be_bytes()) && tc_write(ctx, addr_off, &new)
+    write_at(ctx, IP_CHECK_OFF, &check.to_be_bytes()) && write_at(ctx, addr_off, &new)
 }
 
 #[inline(always)]
@@ -269,9 +273,10 @@ impl Packet for XdpContext {
     fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool {
         let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
         let l4_check_off = flow.l4_check_off();
-        let (Some(ip_check), Some(l4_check)) =
-            (xdp_load2(self, IP_CHECK_OFF), xdp_load2(self, l4_check_off))
-        else {
+        let (Some(ip_check), Some(l4_check)) = (
+            read::<[u8; 2], _>(self, IP_CHECK_OFF),
+            read::<[u8; 2], _>(self, l4_check_off),
+        ) else {
             return false;
         };
         let new_port = port.to_be_bytes();
@@ -285,10 +290,10 @@ impl Packet for XdpContext {
                 l4 = 0xffff;
             }
         }
-        xdp_store(self, IP_CHECK_OFF, &ip_check.to_be_bytes())
-            && xdp_store(self, l4_check_off, &l4.to_be_bytes())
-            && xdp_store(self, addr_off, &addr)
-            && xdp_store(self, port_off, &new_port)
+        write_at(self, IP_CHECK_OFF, &ip_check.to_be_bytes())
+            && write_at(self, l4_check_off, &l4.to_be_bytes())
+            && write_at(self, addr_off, &addr)
+            && write_at(self, port_off, &new_port)
     }
 
     /// Only a route back out of the interface the frame came in on
@@ -316,8 +321,10 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn decrement_ttl(&self) -> bool {
-        let (Some(old), Some(check)) = (xdp_load2(self, IP_TTL_OFF), xdp_load2(self, IP_CHECK_OFF))
-        else {
+        let (Some(old), Some(check)) = (
+            read::<[u8; 2], _>(self, IP_TTL_OFF),
+            read::<[u8; 2], _>(self, IP_CHECK_OFF),
+        ) else {
             return false;
         };
         if old[0] <= 1 {
@@ -325,12 +332,12 @@ impl Packet for XdpContext {
         }
         let new = [old[0] - 1, old[1]];
         let check = csum::update2(u16::from_be_bytes(check), old, new);
-        xdp_store(self, IP_TTL_OFF, &new) && xdp_store(self, IP_CHECK_OFF, &check.to_be_bytes())
+        write_at(self, IP_TTL_OFF, &new) && write_at(self, IP_CHECK_OFF, &check.to_be_bytes())
     }
 
     #[inline(always)]
     fn forward(&self, route: &Route) -> i32 {
-        if !xdp_store(self, 0, &route.dmac) || !xdp_store(self, 6, &route.smac) {
+        if !write_at(self, 0, &route.dmac) || !write_at(self, 6, &route.smac) {
             return Self::DROP;
         }
         // `route` leaves by the ingress interface (see `route`).
@@ -360,25 +367,6 @@ fn locate(flow: &Flow, side: Side) -> (usize, [u8; 4], usize, u16) {
         Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_off, flow.sport),
         Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_off + 2, flow.dport),
     }
-}
-
-/// Direct packet access: at XDP the frame is one linear buffer, and the
-/// byte helpers (`bpf_xdp_load_bytes` / `bpf_xdp_store_bytes`) cost a call,
-/// a page walk and a memcpy each, about a third of an established packet.
-#[inline(always)]
-fn xdp_load2(ctx: &XdpContext, offset: usize) -> Option<[u8; 2]> {
-    crate::parse::read::<[u8; 2], _>(ctx, offset)
-}
-
-#[inline(always)]
-fn xdp_store<const N: usize>(ctx: &XdpContext, offset: usize, bytes: &[u8; N]) -> bool {
-    let start = Packet::data(ctx);
-    if start + offset + N > Packet::data_end(ctx) {
-        return false;
-    }
-    // SAFETY: inside the frame, checked just above.
-    unsafe { core::ptr::write_unaligned((start + offset) as *mut [u8; N], *bytes) };
-    true
 }
 
 /// A FIB lookup as the kernel's forwarding path would do it for a packet
