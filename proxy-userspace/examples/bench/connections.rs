@@ -5,7 +5,7 @@
 //! Topology, one per mode (all alike, all up at the same time so rounds can
 //! interleave): a node namespace; a client pod and three backend pods, each
 //! a namespace joined to the node by a veth pair (`pod-c` / `pod-bK` on the
-//! node, `eth0` in the pod), pod k on 198.18.k.0/24 (node .1, pod .2). The
+//! node, `lab0` in the pod), pod k on 198.18.k.0/24 (node .1, pod .2). The
 //! lab has no link to the root namespace; everything is deleted by guards
 //! on drop, also on error or panic.
 
@@ -471,7 +471,7 @@ fn setup(
 }
 
 impl Topology {
-    /// A veth pair `pod-c` / `pod-bK` (node) <-> `eth0` (pod) and addresses.
+    /// A veth pair `pod-c` / `pod-bK` (node) <-> `lab0` (pod) and addresses.
     fn attach_pod(&self, backend: Option<usize>, pod_ip: [u8; 4]) -> Result<()> {
         let (pod, ifname) = match backend {
             None => (&self.client, "pod-c".to_owned()),
@@ -489,7 +489,7 @@ impl Topology {
             "veth",
             "peer",
             "name",
-            "eth0",
+            "lab0",
             "netns",
             pod.name(),
         ])?;
@@ -514,9 +514,9 @@ impl Topology {
             "add",
             &format!("{}/24", dotted(pod_ip)),
             "dev",
-            "eth0",
+            "lab0",
         ])?;
-        ip(&["-n", p, "link", "set", "eth0", "up"])?;
+        ip(&["-n", p, "link", "set", "lab0", "up"])?;
         ip(&["-n", p, "link", "set", "lo", "up"])?;
         ip(&["-n", p, "route", "add", "default", "via", &node_ip])?;
         Ok(())
