@@ -1191,6 +1191,22 @@ pub struct FakeMaps {
     pub backends_capacity: Option<usize>,
 }
 
+/// Where the first (last) operation matching `pred` is in the log of
+/// `FakeMaps` writes; panics with the whole log when there is none.
+#[cfg(test)]
+fn first_op(ops: &[String], pred: impl Fn(&str) -> bool) -> usize {
+    ops.iter()
+        .position(|o| pred(o))
+        .unwrap_or_else(|| panic!("no such operation in {ops:?}"))
+}
+
+#[cfg(test)]
+fn last_op(ops: &[String], pred: impl Fn(&str) -> bool) -> usize {
+    ops.iter()
+        .rposition(|o| pred(o))
+        .unwrap_or_else(|| panic!("no such operation in {ops:?}"))
+}
+
 #[cfg(test)]
 impl FakeMaps {
     fn full(map: &'static str) -> WriteError {
@@ -1386,16 +1402,8 @@ mod tests {
             0,
             "pods are not filtered"
         );
-        let range_put = maps
-            .ops
-            .iter()
-            .position(|o| o.starts_with("put source range"))
-            .unwrap();
-        let slot0_put = maps
-            .ops
-            .iter()
-            .rposition(|o| o == "put service slot=0")
-            .unwrap();
+        let range_put = first_op(&maps.ops, |o| o.starts_with("put source range"));
+        let slot0_put = last_op(&maps.ops, |o| o == "put service slot=0");
         assert!(range_put < slot0_put, "{:?}", maps.ops);
         // Only the local endpoint carries the local flag.
         let flags: BTreeSet<(IpAddr, u8)> = maps
@@ -1415,16 +1423,8 @@ mod tests {
             0
         );
         assert!(maps.contents.source_ranges.is_empty());
-        let slot0_put = maps
-            .ops
-            .iter()
-            .position(|o| o == "put service slot=0")
-            .unwrap();
-        let range_delete = maps
-            .ops
-            .iter()
-            .position(|o| o.starts_with("delete source range"))
-            .unwrap();
+        let slot0_put = first_op(&maps.ops, |o| o == "put service slot=0");
+        let range_delete = first_op(&maps.ops, |o| o.starts_with("delete source range"));
         assert!(slot0_put < range_delete, "{:?}", maps.ops);
         assert_eq!(&maps.contents, syncer.mirror());
     }
@@ -1468,19 +1468,12 @@ mod tests {
             &state(&[(key(10, 80), vec![backend(2), backend(3)])]),
         );
         let ops = &maps.ops;
-        let first_slot0 = ops.iter().position(|o| o == "put service slot=0").unwrap();
-        let last_slot = ops
-            .iter()
-            .rposition(|o| o.starts_with("put service slot=") && o != "put service slot=0")
-            .unwrap();
-        let last_backend = ops
-            .iter()
-            .rposition(|o| o.starts_with("put backend"))
-            .unwrap();
-        let rev_nat = ops
-            .iter()
-            .position(|o| o.starts_with("put rev_nat"))
-            .unwrap();
+        let first_slot0 = first_op(ops, |o| o == "put service slot=0");
+        let last_slot = last_op(ops, |o| {
+            o.starts_with("put service slot=") && o != "put service slot=0"
+        });
+        let last_backend = last_op(ops, |o| o.starts_with("put backend"));
+        let rev_nat = first_op(ops, |o| o.starts_with("put rev_nat"));
         assert!(
             last_backend < first_slot0 && last_slot < first_slot0 && rev_nat < first_slot0,
             "{ops:?}"
@@ -1490,14 +1483,8 @@ mod tests {
         syncer.apply(&mut maps, &state(&[]));
         let ops = &maps.ops;
         assert_eq!(ops[0], "delete service slot=0", "{ops:?}");
-        let last_service = ops
-            .iter()
-            .rposition(|o| o.starts_with("delete service"))
-            .unwrap();
-        let first_backend = ops
-            .iter()
-            .position(|o| o.starts_with("delete backend"))
-            .unwrap();
+        let last_service = last_op(ops, |o| o.starts_with("delete service"));
+        let first_backend = first_op(ops, |o| o.starts_with("delete backend"));
         assert!(last_service < first_backend, "{ops:?}");
         assert!(maps.contents.services.is_empty());
         assert!(maps.contents.backends.is_empty());
@@ -1644,21 +1631,9 @@ mod tests {
             maps.contents.maglev.len(),
             "old generation removed"
         );
-        let commit = maps
-            .ops
-            .iter()
-            .position(|o| o == "put service slot=0")
-            .unwrap();
-        let first_delete = maps
-            .ops
-            .iter()
-            .position(|o| o.starts_with("delete maglev"))
-            .unwrap();
-        let last_put = maps
-            .ops
-            .iter()
-            .rposition(|o| o.starts_with("put maglev"))
-            .unwrap();
+        let commit = first_op(&maps.ops, |o| o == "put service slot=0");
+        let first_delete = first_op(&maps.ops, |o| o.starts_with("delete maglev"));
+        let last_put = last_op(&maps.ops, |o| o.starts_with("put maglev"));
         assert!(last_put < commit && commit < first_delete, "{:?}", maps.ops);
         let live_gen = if fe.flags & SVC_FLAG_MAGLEV_GEN != 0 {
             MAGLEV_GEN_BIT
