@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -57,7 +57,8 @@ pub struct DaemonConfig {
 
 /// A running source, asked for a snapshot at each sync.
 enum Source {
-    Dir(PathBuf),
+    /// With what the watcher saw since the last load.
+    Dir(dir::DirSource, Arc<Mutex<dir::DirChanges>>),
     Kube(kube_source::KubeSource),
 }
 
@@ -70,12 +71,19 @@ enum Loaded {
 }
 
 impl Source {
-    fn load(&self) -> Loaded {
+    /// What the source holds now; `full` reads a directory source whole.
+    fn load(&mut self, full: bool) -> Loaded {
         match self {
-            Source::Dir(path) => match dir::load_dir(path) {
-                Ok(s) => Loaded::Ready(s),
-                Err(e) => Loaded::Failed(e.to_string()),
-            },
+            Source::Dir(dir, changes) => {
+                let mut changes = std::mem::take(&mut *changes.lock().expect("watcher panicked"));
+                if full {
+                    changes.add_everything();
+                }
+                match dir.load_changes(changes) {
+                    Ok(s) => Loaded::Ready(s),
+                    Err(e) => Loaded::Failed(e.to_string()),
+                }
+            }
             Source::Kube(k) => match k.snapshot() {
                 Some(s) => Loaded::Ready(s),
                 None => Loaded::NotReady,
@@ -109,10 +117,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut _watcher = None;
-    let source = match &config.source {
+    let mut source = match &config.source {
         SourceSpec::Dir(path) => {
-            _watcher = Some(watch_dir(path, tx.clone())?);
-            Source::Dir(path.clone())
+            let changes = Arc::new(Mutex::new(dir::DirChanges::everything()));
+            _watcher = Some(watch_dir(path, changes.clone(), tx.clone())?);
+            Source::Dir(dir::DirSource::new(path), changes)
         }
         SourceSpec::Kube { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
@@ -165,7 +174,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 pending = false;
                 let resync = std::mem::take(&mut full_resync);
                 state.sync(
-                    &source,
+                    &mut source,
                     &mut datapath,
                     &mut syncer,
                     &config,
@@ -224,10 +233,14 @@ struct SyncState {
     last_sync: Option<Instant>,
     /// EndpointSlice (namespace, name) -> last-change-trigger-time seen, to
     /// measure network programming latency once per change.
-    trigger_times: HashMap<(String, String), String>,
+    /// Keyed by `namespace/name`, with the sync that last saw it.
+    trigger_times: HashMap<String, (String, u64)>,
+    syncs: u64,
     synced_once: bool,
     /// healthCheckNodePort servers the last sync asked for.
     health_checks: Vec<HealthCheckSpec>,
+    /// The desired state, updated by what each sync's snapshot changed.
+    model: model::Model,
 }
 
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -236,7 +249,7 @@ impl SyncState {
     #[allow(clippy::too_many_arguments)]
     fn sync(
         &mut self,
-        source: &Source,
+        source: &mut Source,
         datapath: &mut Datapath,
         syncer: &mut Syncer,
         config: &DaemonConfig,
@@ -245,7 +258,7 @@ impl SyncState {
         full_resync: bool,
     ) -> anyhow::Result<()> {
         self.last_sync = Some(Instant::now());
-        let snapshot = match source.load() {
+        let snapshot = match source.load(full_resync) {
             Loaded::Ready(s) => s,
             Loaded::NotReady => {
                 tracing::info!("waiting for the initial lists before programming anything");
@@ -269,7 +282,7 @@ impl SyncState {
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(config.model.node_name.as_str()));
-        health.set_node_eligible(kube_source::node_eligible(node));
+        health.set_node_eligible(kube_source::node_eligible(node.map(|n| &**n)));
 
         let started = Instant::now();
         let mut model_config = config.model.clone();
@@ -278,7 +291,13 @@ impl SyncState {
             &config.model.node_name,
             &config.nodeport_addresses,
         );
-        let desired = model::desired_state(&snapshot, &model_config);
+        if full_resync {
+            // The periodic full sync recomputes every Service too, as
+            // kube-proxy's does; between them only changed ones are.
+            self.model = model::Model::default();
+        }
+        let update = self.model.update(&snapshot, &model_config);
+        let desired = self.model.state();
         self.health_checks = desired
             .health_checks
             .iter()
@@ -296,9 +315,9 @@ impl SyncState {
         }
         // Which frontends lost backends is judged on the frontends the
         // apply touches only, so a change costs what it changes.
-        let changes = syncer.changes(&desired);
+        let changes = syncer.changes(desired);
         let (udp_before, affinity_before) = members(syncer.mirror(), &changes);
-        let report = syncer.apply_changes(&mut datapath.maps()?, &desired, &changes);
+        let report = syncer.apply_changes(&mut datapath.maps()?, desired, &changes);
         let (udp_after, affinity_after) = members(syncer.mirror(), &changes);
         if conntrack::udp_lost_backends(&udp_before, &udp_after) {
             let all = conntrack::udp_members(syncer.mirror());
@@ -316,6 +335,8 @@ impl SyncState {
         metrics.sync_duration.observe(elapsed.as_secs_f64());
         self.record(&report, syncer, config, metrics);
         tracing::info!(
+            services_recomputed = update.recomputed,
+            services_removed = update.removed,
             frontends = report.frontends,
             backends = report.backends,
             writes = report.writes,
@@ -379,7 +400,8 @@ impl SyncState {
         now: SystemTime,
         metrics: &Metrics,
     ) {
-        let mut seen = HashMap::with_capacity(snapshot.endpoint_slices.len());
+        self.syncs += 1;
+        let mut key = String::new();
         for slice in &snapshot.endpoint_slices {
             let Some(trigger) = slice
                 .metadata
@@ -389,21 +411,30 @@ impl SyncState {
             else {
                 continue;
             };
-            let key = (
-                namespace_of(&slice.metadata).to_owned(),
-                slice.metadata.name.clone().unwrap_or_default(),
-            );
-            let changed = self.trigger_times.get(&key) != Some(trigger);
-            if changed && self.synced_once {
+            // Allocation-free for an unchanged slice: the daemon runs this
+            // on every sync, over every slice.
+            key.clear();
+            key.push_str(namespace_of(&slice.metadata));
+            key.push('/');
+            key.push_str(slice.metadata.name.as_deref().unwrap_or(""));
+            if let Some((seen, sync)) = self.trigger_times.get_mut(key.as_str()) {
+                if seen == trigger {
+                    *sync = self.syncs;
+                    continue;
+                }
+            }
+            if self.synced_once {
                 if let Ok(at) = humantime::parse_rfc3339_weak(trigger) {
                     if let Ok(latency) = now.duration_since(at) {
                         metrics.network_programming.observe(latency.as_secs_f64());
                     }
                 }
             }
-            seen.insert(key, trigger.clone());
+            self.trigger_times
+                .insert(key.clone(), (trigger.clone(), self.syncs));
         }
-        self.trigger_times = seen;
+        let syncs = self.syncs;
+        self.trigger_times.retain(|_, (_, sync)| *sync == syncs);
         self.synced_once = true;
     }
 }
@@ -565,14 +596,35 @@ fn purge_stale_udp(
     }
 }
 
-fn watch_dir(path: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+/// Watches the directory; notes which files changed in `changes` (all of
+/// them when the watcher lost track) and wakes the loop.
+fn watch_dir(
+    path: &Path,
+    changes: Arc<Mutex<dir::DirChanges>>,
+    tx: mpsc::Sender<()>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
-            if !event.kind.is_access() {
-                // A full channel already holds a wake-up.
-                let _ = tx.try_send(());
+        match res {
+            Ok(event) if event.kind.is_access() => return,
+            Ok(event) => {
+                let mut changes = changes.lock().expect("daemon loop panicked");
+                if event.need_rescan() || event.paths.is_empty() {
+                    changes.add_everything();
+                }
+                for path in event.paths {
+                    changes.add(path);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "directory watch error; reading the whole directory");
+                changes
+                    .lock()
+                    .expect("daemon loop panicked")
+                    .add_everything();
             }
         }
+        // A full channel already holds a wake-up.
+        let _ = tx.try_send(());
     })?;
     watcher
         .watch(path, notify::RecursiveMode::NonRecursive)

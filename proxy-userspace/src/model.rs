@@ -6,23 +6,27 @@
 //! section 4 (traffic policies, `loadBalancerSourceRanges`,
 //! `healthCheckNodePort`) and section 8 (topology hints).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Everything the model reads, as a source (dir or kube) last saw it.
+/// Objects are shared: a source hands out the same `Arc` again for an
+/// object that did not change, which is how [`Model`] tells what to
+/// recompute.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
 }
 
 /// Configuration the model needs (from flags / config file).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelConfig {
     /// This node's name (`--hostname-override`); decides which endpoints are local.
     pub node_name: String,
@@ -372,131 +376,304 @@ impl Endpoint {
     }
 }
 
-/// Computes the desired state. Pure: same input, same output, whatever the
-/// order of the objects in the snapshot.
+/// Computes the desired state from nothing. Pure: same input, same output,
+/// whatever the order of the objects in the snapshot. The daemon keeps a
+/// [`Model`] instead, which recomputes only the Services that changed.
 pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState {
-    let slices = SliceIndex::new(&snapshot.endpoint_slices);
-    let node = ThisNode {
-        name: &config.node_name,
-        zone: node_zone(&snapshot.nodes, &config.node_name),
-    };
-    let mut claims: BTreeMap<FrontendKey, Vec<Frontend>> = BTreeMap::new();
-    let mut health_checks = Vec::new();
+    let mut model = Model::default();
+    model.update(snapshot, config);
+    model.state
+}
 
-    for service in &snapshot.services {
-        if !service_is_proxied(service, config) {
-            continue;
+/// The desired state, kept up to date one Service at a time.
+///
+/// A Service's frontends depend on the Service, its EndpointSlices, this
+/// node's zone and the config, nothing else. `update` recomputes a Service
+/// only when one of its objects is not the same `Arc` as last time (the
+/// sources hand the same `Arc` again for an object that did not change),
+/// and re-resolves only the frontend keys those Services claim. A change of
+/// the node's zone or of the config recomputes everything. The cost of an
+/// update is a pointer comparison per object plus the work of what changed.
+#[derive(Default)]
+pub struct Model {
+    /// The zone and config every Service was computed with.
+    inputs: Option<(ModelConfig, Option<String>)>,
+    /// By `namespace/name`; more than one entry only for copies of one
+    /// Service in a snapshot (each computed, the claims resolve them).
+    services: HashMap<String, Vec<ServiceEntry>>,
+    /// Every Service port's claim on each frontend key.
+    claims: BTreeMap<FrontendKey, Vec<Frontend>>,
+    state: DesiredState,
+    /// Bumped by every `update`, to find the entries it did not see.
+    generation: u64,
+}
+
+/// What one `Model::update` recomputed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelUpdate {
+    /// Services computed again (new, changed, or all after a config change).
+    pub recomputed: usize,
+    /// Services no longer in the snapshot.
+    pub removed: usize,
+}
+
+/// One Service, the objects it was computed from, and what it claims.
+struct ServiceEntry {
+    service: Arc<Service>,
+    /// Its EndpointSlices, sorted by address (identity, not content).
+    slices: Vec<Arc<EndpointSlice>>,
+    frontends: Vec<(FrontendKey, Frontend)>,
+    health_check: Option<HealthCheck>,
+    seen: u64,
+}
+
+impl Model {
+    /// The desired state as of the last `update`.
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    /// Brings the desired state up to `snapshot`.
+    pub fn update(&mut self, snapshot: &Snapshot, config: &ModelConfig) -> ModelUpdate {
+        let zone = node_zone(&snapshot.nodes, &config.node_name).map(str::to_owned);
+        if self
+            .inputs
+            .as_ref()
+            .is_none_or(|(c, z)| c != config || *z != zone)
+        {
+            *self = Model {
+                inputs: Some((config.clone(), zone.clone())),
+                ..Model::default()
+            };
         }
-        let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), &service.spec) else {
-            continue;
+        let node = ThisNode {
+            name: &config.node_name,
+            zone: zone.as_deref(),
         };
-        let namespace = namespace_of(&service.metadata);
-        let addresses = ServiceAddresses::of(service, config);
-        let source_ranges = source_ranges(service);
-        let algorithm = algorithm_of(service, namespace, name, config);
-        let affinity_timeout = affinity_of(spec);
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let takes_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        let mut local_ready_ips = BTreeSet::new();
-        for service_port in spec.ports.iter().flatten() {
-            let port_name = service_port.name.as_deref().unwrap_or("");
-            let Some(protocol) = Protocol::from_k8s(service_port.protocol.as_deref()) else {
-                tracing::warn!(
-                    service = %format_args!("{namespace}/{name}"),
-                    port = port_name,
-                    protocol = service_port.protocol.as_deref(),
-                    "skipping Service port with an unknown protocol"
-                );
-                continue;
+        self.generation += 1;
+        let generation = self.generation;
+        let slices = slices_by_service(&snapshot.endpoint_slices);
+        let mut update = ModelUpdate::default();
+        let mut touched = BTreeSet::new();
+        let mut health_changed = false;
+        let mut key = String::new();
+        for service in &snapshot.services {
+            let namespace = namespace_of(&service.metadata);
+            let name = service.metadata.name.as_deref().unwrap_or("");
+            key.clear();
+            key.push_str(namespace);
+            key.push('/');
+            key.push_str(name);
+            let mut own_slices: Vec<Arc<EndpointSlice>> = slices
+                .get(&(namespace, name))
+                .map(|list| list.iter().map(|slice| Arc::clone(slice)).collect())
+                .unwrap_or_default();
+            own_slices.sort_by_key(Arc::as_ptr);
+            let copies = match self.services.get_mut(key.as_str()) {
+                Some(copies) => copies,
+                None => self.services.entry(key.clone()).or_default(),
             };
-            let Some(port) = port_number(service_port.port) else {
-                tracing::warn!(
-                    service = %format_args!("{namespace}/{name}"),
-                    port = service_port.port,
-                    "skipping Service port out of range 1-65535"
-                );
-                continue;
-            };
-            // nodePort 0 or unset: none (`allocateLoadBalancerNodePorts: false`).
-            let node_port = service_port
-                .node_port
-                .and_then(port_number)
-                .filter(|_| takes_node_ports);
-            for family in [Family::V4, Family::V6] {
-                let targets = addresses.targets(family, port, node_port);
-                if targets.is_empty() {
-                    continue;
-                }
-                let endpoints =
-                    slices.endpoints(namespace, name, port_name, protocol, family, &node);
-                local_ready_ips.extend(
-                    endpoints
+            let unchanged = copies.iter_mut().find(|entry| {
+                entry.seen != generation
+                    && Arc::ptr_eq(&entry.service, service)
+                    && entry.slices.len() == own_slices.len()
+                    && entry
+                        .slices
                         .iter()
-                        .filter(|endpoint| endpoint.local && endpoint.ready)
-                        .map(|endpoint| endpoint.ip),
-                );
-                let cluster = cluster_endpoints(&endpoints);
-                let local = local_endpoints(&endpoints);
-                for (kind, ip, port) in targets {
-                    let external = kind.is_external();
-                    let policy_local = if external {
-                        external_local
-                    } else {
-                        internal_local
-                    };
-                    let backends = if policy_local { &local } else { &cluster };
-                    let frontend = Frontend {
-                        service: ServicePortName {
-                            namespace: namespace.to_owned(),
-                            name: name.to_owned(),
-                            port_name: port_name.to_owned(),
-                        },
-                        kind,
-                        algorithm,
-                        affinity_timeout,
-                        policy_local,
-                        // The cluster set is empty only when no endpoint is
-                        // usable anywhere: then reject, as for policy Cluster.
-                        drop_when_empty: policy_local && !cluster.is_empty(),
-                        snat: external && !policy_local,
-                        backends: backends.clone(),
-                        cluster_backends: if external { &cluster } else { backends }.clone(),
-                        source_ranges: if kind == FrontendKind::LoadBalancer {
-                            source_ranges
-                                .iter()
-                                .copied()
-                                .filter(|(ip, _)| Family::of(*ip) == family)
-                                .collect()
-                        } else {
-                            Vec::new()
-                        },
-                    };
-                    claims
-                        .entry(FrontendKey { ip, port, protocol })
-                        .or_default()
-                        .push(frontend);
+                        .zip(&own_slices)
+                        .all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+            if let Some(entry) = unchanged {
+                entry.seen = generation;
+                continue;
+            }
+            update.recomputed += 1;
+            let (frontends, health_check) = service_state(service, &own_slices, &node, config);
+            let fresh = ServiceEntry {
+                service: Arc::clone(service),
+                slices: own_slices,
+                frontends,
+                health_check,
+                seen: generation,
+            };
+            for (key, frontend) in &fresh.frontends {
+                self.claims.entry(*key).or_default().push(frontend.clone());
+                touched.insert(*key);
+            }
+            health_changed |= fresh.health_check.is_some();
+            // The copy this one replaces: any not yet seen in this update.
+            let stale = copies.iter().position(|entry| entry.seen != generation);
+            let old = match stale {
+                Some(index) => Some(std::mem::replace(&mut copies[index], fresh)),
+                None => {
+                    copies.push(fresh);
+                    None
+                }
+            };
+            if let Some(old) = old {
+                health_changed |= self.withdraw(old, &mut touched);
+            }
+        }
+        // Services gone from the snapshot.
+        let mut gone = Vec::new();
+        self.services.retain(|_, copies| {
+            let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(copies)
+                .into_iter()
+                .partition(|entry| entry.seen == generation);
+            gone.extend(dropped);
+            *copies = kept;
+            !copies.is_empty()
+        });
+        update.removed = gone.len();
+        for old in gone {
+            health_changed |= self.withdraw(old, &mut touched);
+        }
+        for key in touched {
+            match self.claims.get(&key) {
+                Some(claimants) if !claimants.is_empty() => {
+                    let winner = resolve_claims(key, claimants.clone());
+                    self.state.frontends.insert(key, winner);
+                }
+                _ => {
+                    self.claims.remove(&key);
+                    self.state.frontends.remove(&key);
                 }
             }
         }
-        if let Some(port) = health_check_port(spec, namespace, name) {
-            health_checks.push(HealthCheck {
-                port,
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                local_endpoints: local_ready_ips.len(),
-            });
+        if health_changed {
+            let checks = self
+                .services
+                .values()
+                .flatten()
+                .filter_map(|entry| entry.health_check.clone())
+                .collect();
+            self.state.health_checks = resolve_health_checks(checks);
         }
+        update
     }
 
-    let frontends = claims
-        .into_iter()
-        .map(|(key, claimants)| (key, resolve_claims(key, claimants)))
-        .collect();
-    DesiredState {
-        frontends,
-        health_checks: resolve_health_checks(health_checks),
+    /// Takes back the claims of a Service's old result. Returns whether it
+    /// had a health check.
+    fn withdraw(&mut self, old: ServiceEntry, touched: &mut BTreeSet<FrontendKey>) -> bool {
+        for (key, frontend) in &old.frontends {
+            if let Some(claimants) = self.claims.get_mut(key) {
+                if let Some(index) = claimants.iter().position(|c| c == frontend) {
+                    claimants.swap_remove(index);
+                }
+            }
+            touched.insert(*key);
+        }
+        old.health_check.is_some()
     }
+}
+
+/// One Service's frontends (SPEC 2, 4) and its health check, from the
+/// Service and its own EndpointSlices.
+fn service_state(
+    service: &Service,
+    slices: &[Arc<EndpointSlice>],
+    node: &ThisNode,
+    config: &ModelConfig,
+) -> (Vec<(FrontendKey, Frontend)>, Option<HealthCheck>) {
+    let mut frontends = Vec::new();
+    if !service_is_proxied(service, config) {
+        return (frontends, None);
+    }
+    let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), &service.spec) else {
+        return (frontends, None);
+    };
+    let namespace = namespace_of(&service.metadata);
+    let addresses = ServiceAddresses::of(service, config);
+    let source_ranges = source_ranges(service);
+    let algorithm = algorithm_of(service, namespace, name, config);
+    let affinity_timeout = affinity_of(spec);
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let takes_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let mut local_ready_ips = BTreeSet::new();
+    for service_port in spec.ports.iter().flatten() {
+        let port_name = service_port.name.as_deref().unwrap_or("");
+        let Some(protocol) = Protocol::from_k8s(service_port.protocol.as_deref()) else {
+            tracing::warn!(
+                service = %format_args!("{namespace}/{name}"),
+                port = port_name,
+                protocol = service_port.protocol.as_deref(),
+                "skipping Service port with an unknown protocol"
+            );
+            continue;
+        };
+        let Some(port) = port_number(service_port.port) else {
+            tracing::warn!(
+                service = %format_args!("{namespace}/{name}"),
+                port = service_port.port,
+                "skipping Service port out of range 1-65535"
+            );
+            continue;
+        };
+        // nodePort 0 or unset: none (`allocateLoadBalancerNodePorts: false`).
+        let node_port = service_port
+            .node_port
+            .and_then(port_number)
+            .filter(|_| takes_node_ports);
+        for family in [Family::V4, Family::V6] {
+            let targets = addresses.targets(family, port, node_port);
+            if targets.is_empty() {
+                continue;
+            }
+            let endpoints = merged_endpoints(slices, port_name, protocol, family, node);
+            local_ready_ips.extend(
+                endpoints
+                    .iter()
+                    .filter(|endpoint| endpoint.local && endpoint.ready)
+                    .map(|endpoint| endpoint.ip),
+            );
+            let cluster = cluster_endpoints(&endpoints);
+            let local = local_endpoints(&endpoints);
+            for (kind, ip, port) in targets {
+                let external = kind.is_external();
+                let policy_local = if external {
+                    external_local
+                } else {
+                    internal_local
+                };
+                let backends = if policy_local { &local } else { &cluster };
+                let frontend = Frontend {
+                    service: ServicePortName {
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                        port_name: port_name.to_owned(),
+                    },
+                    kind,
+                    algorithm,
+                    affinity_timeout,
+                    policy_local,
+                    // The cluster set is empty only when no endpoint is
+                    // usable anywhere: then reject, as for policy Cluster.
+                    drop_when_empty: policy_local && !cluster.is_empty(),
+                    snat: external && !policy_local,
+                    backends: backends.clone(),
+                    cluster_backends: if external { &cluster } else { backends }.clone(),
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        source_ranges
+                            .iter()
+                            .copied()
+                            .filter(|(ip, _)| Family::of(*ip) == family)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                frontends.push((FrontendKey { ip, port, protocol }, frontend));
+            }
+        }
+    }
+    let health_check = health_check_port(spec, namespace, name).map(|port| HealthCheck {
+        port,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        local_endpoints: local_ready_ips.len(),
+    });
+    (frontends, health_check)
 }
 
 /// This node, as endpoint locality and topology hints see it.
@@ -509,7 +686,7 @@ struct ThisNode<'a> {
 
 /// The zone of the Node named `node_name` (SPEC 8). No such Node, or no
 /// label: no zone, so zone hints never match.
-pub fn node_zone<'a>(nodes: &'a [Node], node_name: &str) -> Option<&'a str> {
+pub fn node_zone<'a>(nodes: &'a [Arc<Node>], node_name: &str) -> Option<&'a str> {
     if node_name.is_empty() {
         return None;
     }
@@ -697,7 +874,7 @@ fn source_ranges(service: &Service) -> Vec<(IpAddr, u8)> {
 /// ExternalIP addresses from `status.addresses`; with `--nodeport-addresses`
 /// only those inside the given CIDRs, or with `primary` the first InternalIP
 /// of each family. Never loopback (**ours**).
-pub fn nodeport_addresses(nodes: &[Node], node_name: &str, filter: &[String]) -> Vec<IpAddr> {
+pub fn nodeport_addresses(nodes: &[Arc<Node>], node_name: &str, filter: &[String]) -> Vec<IpAddr> {
     let Some(node) = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node_name))
@@ -1012,74 +1189,69 @@ impl Family {
     }
 }
 
-/// EndpointSlices grouped by the Service they belong to (SPEC 1.2).
-struct SliceIndex<'a> {
-    by_service: BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+/// EndpointSlices grouped by the Service they belong to (SPEC 1.2), by
+/// (namespace, Service name).
+fn slices_by_service(
+    slices: &[Arc<EndpointSlice>],
+) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+    let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
+    for slice in slices {
+        let labels = slice.metadata.labels.as_ref();
+        if labels.is_some_and(|labels| labels.contains_key(LABEL_HEADLESS)) {
+            continue;
+        }
+        let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
+            continue;
+        };
+        let namespace = namespace_of(&slice.metadata);
+        by_service
+            .entry((namespace, service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    by_service
 }
 
-impl<'a> SliceIndex<'a> {
-    fn new(slices: &'a [EndpointSlice]) -> Self {
-        let mut by_service: BTreeMap<_, Vec<_>> = BTreeMap::new();
-        for slice in slices {
-            let labels = slice.metadata.labels.as_ref();
-            if labels.is_some_and(|labels| labels.contains_key(LABEL_HEADLESS)) {
-                continue;
-            }
-            let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
-                continue;
-            };
-            let namespace = namespace_of(&slice.metadata);
-            by_service
-                .entry((namespace, service.as_str()))
-                .or_default()
-                .push(slice);
+/// The merged endpoints of one Service port in one address family, from
+/// the Service's slices, sorted by ip:port, one per ip:port (SPEC 1.2 to
+/// 1.4).
+fn merged_endpoints(
+    slices: &[Arc<EndpointSlice>],
+    port_name: &str,
+    protocol: Protocol,
+    family: Family,
+    node: &ThisNode,
+) -> Vec<Endpoint> {
+    let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    for slice in slices {
+        if Family::of_address_type(&slice.address_type) != Some(family) {
+            continue;
         }
-        SliceIndex { by_service }
-    }
-
-    /// The merged endpoints of one Service port in one address family,
-    /// sorted by ip:port, one per ip:port (SPEC 1.2 to 1.4).
-    fn endpoints(
-        &self,
-        namespace: &str,
-        service: &str,
-        port_name: &str,
-        protocol: Protocol,
-        family: Family,
-        node: &ThisNode,
-    ) -> Vec<Endpoint> {
-        let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
-        let slices = self.by_service.get(&(namespace, service));
-        for slice in slices.into_iter().flatten() {
-            if Family::of_address_type(&slice.address_type) != Some(family) {
-                continue;
+        // Joined by (name, protocol), never by number: the slice says
+        // which number the endpoints listen on.
+        let numbers = slice.ports.iter().flatten().filter_map(|slice_port| {
+            let same_name = slice_port.name.as_deref().unwrap_or("") == port_name;
+            let same_protocol =
+                Protocol::from_k8s(slice_port.protocol.as_deref()) == Some(protocol);
+            if same_name && same_protocol {
+                slice_port.port.and_then(port_number)
+            } else {
+                None
             }
-            // Joined by (name, protocol), never by number: the slice says
-            // which number the endpoints listen on.
-            let numbers = slice.ports.iter().flatten().filter_map(|slice_port| {
-                let same_name = slice_port.name.as_deref().unwrap_or("") == port_name;
-                let same_protocol =
-                    Protocol::from_k8s(slice_port.protocol.as_deref()) == Some(protocol);
-                if same_name && same_protocol {
-                    slice_port.port.and_then(port_number)
-                } else {
-                    None
-                }
-            });
-            for port in numbers {
-                for endpoint in &slice.endpoints {
-                    let Some(endpoint) = read_endpoint(slice, endpoint, port, family, node) else {
-                        continue;
-                    };
-                    merged
-                        .entry((endpoint.ip, endpoint.port))
-                        .and_modify(|kept| *kept = kept.preferred(endpoint))
-                        .or_insert(endpoint);
-                }
+        });
+        for port in numbers {
+            for endpoint in &slice.endpoints {
+                let Some(endpoint) = read_endpoint(slice, endpoint, port, family, node) else {
+                    continue;
+                };
+                merged
+                    .entry((endpoint.ip, endpoint.port))
+                    .and_modify(|kept| *kept = kept.preferred(endpoint))
+                    .or_insert(endpoint);
             }
         }
-        merged.into_values().collect()
     }
+    merged.into_values().collect()
 }
 
 fn read_endpoint(

@@ -3,8 +3,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use proxy_userspace::source::dir::{load_dir, parse_documents, DirError, Object};
+use proxy_userspace::source::dir::{
+    load_dir, parse_documents, DirChanges, DirError, DirSource, Object,
+};
 
 /// A scratch directory removed on drop (also when the test panics).
 struct ScratchDir(PathBuf);
@@ -534,4 +537,101 @@ fn missing_dir_is_an_error() {
     let error = load_dir(&missing).expect_err("missing");
     assert!(matches!(error, DirError::ListDir { .. }));
     assert!(error.to_string().contains("nope"), "{error}");
+}
+
+/// The `Arc` of each Service in a snapshot, by name.
+fn services_by_name(
+    snapshot: &proxy_userspace::model::Snapshot,
+) -> std::collections::BTreeMap<String, Arc<k8s_openapi::api::core::v1::Service>> {
+    snapshot
+        .services
+        .iter()
+        .map(|s| (s.metadata.name.clone().unwrap_or_default(), Arc::clone(s)))
+        .collect()
+}
+
+#[test]
+fn a_dir_source_parses_only_changed_files() {
+    let dir = ScratchDir::new();
+    dir.write("a.yaml", &SERVICE_WEB.replace("web", "a"));
+    dir.write("b.yaml", &SERVICE_WEB.replace("web", "b"));
+    let mut source = DirSource::new(&dir.0);
+    let first = services_by_name(&source.load().expect("loads"));
+
+    // Nothing changed: the very same objects (the model skips them).
+    let again = services_by_name(&source.load().expect("loads"));
+    assert!(Arc::ptr_eq(&first["a"], &again["a"]));
+    assert!(Arc::ptr_eq(&first["b"], &again["b"]));
+
+    // b changes: a is still the same object, b is read again.
+    dir.write(
+        "b.yaml",
+        &SERVICE_WEB.replace("web", "b").replace("80", "81"),
+    );
+    let changed = services_by_name(&source.load().expect("loads"));
+    assert!(Arc::ptr_eq(&first["a"], &changed["a"]));
+    assert!(!Arc::ptr_eq(&first["b"], &changed["b"]));
+    let port = |s: &k8s_openapi::api::core::v1::Service| {
+        s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
+    };
+    assert_eq!(port(&changed["b"]), 81);
+
+    // A broken file fails the load; once fixed, the rest is still shared.
+    dir.write("b.yaml", "kind: Service\nmetadata: [\n");
+    assert!(source.load().is_err());
+    dir.write("b.yaml", &SERVICE_WEB.replace("web", "b"));
+    let fixed = services_by_name(&source.load().expect("loads"));
+    assert!(Arc::ptr_eq(&first["a"], &fixed["a"]));
+    assert_eq!(port(&fixed["b"]), 80);
+
+    // A copy in a new file is still a duplicate; a removed file's objects go.
+    dir.write("c.yaml", &SERVICE_WEB.replace("web", "a"));
+    assert!(matches!(source.load(), Err(DirError::Duplicate { .. })));
+    fs::remove_file(dir.0.join("c.yaml")).expect("remove");
+    fs::remove_file(dir.0.join("a.yaml")).expect("remove");
+    let left = services_by_name(&source.load().expect("loads"));
+    assert_eq!(left.keys().collect::<Vec<_>>(), ["b"]);
+}
+
+#[test]
+fn load_changes_reads_only_the_files_the_watcher_named() {
+    let dir = ScratchDir::new();
+    let a = dir.write("a.yaml", &SERVICE_WEB.replace("web", "a"));
+    dir.write("b.yaml", &SERVICE_WEB.replace("web", "b"));
+    let mut source = DirSource::new(&dir.0);
+    // The first load reads everything, whatever it is told.
+    let names = |source: &mut DirSource, changes| {
+        services_by_name(&source.load_changes(changes).expect("loads"))
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&mut source, DirChanges::default()), ["a", "b"]);
+
+    // c.yaml appears but the watcher has not named it yet: not read.
+    let c = dir.write("c.yaml", &SERVICE_WEB.replace("web", "c"));
+    assert_eq!(names(&mut source, DirChanges::default()), ["a", "b"]);
+    let mut changes = DirChanges::default();
+    changes.add(c);
+    assert_eq!(names(&mut source, changes), ["a", "b", "c"]);
+
+    // A named file that is gone takes its objects with it.
+    fs::remove_file(&a).expect("remove");
+    let mut changes = DirChanges::default();
+    changes.add(a);
+    assert_eq!(names(&mut source, changes), ["b", "c"]);
+
+    // A ConfigMap mount swaps its `..data` link: every file is read again.
+    fs::remove_file(dir.0.join("b.yaml")).expect("remove");
+    let mut changes = DirChanges::default();
+    changes.add(dir.0.join("..data"));
+    assert_eq!(names(&mut source, changes), ["c"]);
+
+    // After an error the next load reads everything, named or not.
+    let broken = dir.write("d.yaml", "kind: Service\nmetadata: [\n");
+    let mut changes = DirChanges::default();
+    changes.add(broken.clone());
+    assert!(source.load_changes(changes).is_err());
+    dir.write("d.yaml", &SERVICE_WEB.replace("web", "d"));
+    dir.write("e.yaml", &SERVICE_WEB.replace("web", "e"));
+    assert_eq!(names(&mut source, DirChanges::default()), ["c", "d", "e"]);
 }

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
     LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort, ServiceSpec, ServiceStatus,
@@ -26,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proptest::prelude::*;
 use proxy_userspace::model::{
     cluster_endpoints, desired_state, local_endpoints, Backend, DesiredState, Endpoint, Frontend,
-    FrontendKind, Hint, ModelConfig, ServicePortName, Snapshot,
+    FrontendKind, Hint, Model, ModelConfig, ModelUpdate, ServicePortName, Snapshot,
 };
 use serde::Deserialize;
 
@@ -1609,10 +1610,15 @@ proptest! {
             },
             ..Node::default()
         }).collect();
-        let snapshot = Snapshot { services, endpoint_slices: slices, nodes: nodes.clone() };
+        let nodes = shared(nodes);
+        let snapshot = Snapshot {
+            services: shared(services),
+            endpoint_slices: shared(slices),
+            nodes: nodes.clone(),
+        };
         let shuffled = Snapshot {
-            services: shuffled_services,
-            endpoint_slices: shuffled_slices,
+            services: shared(shuffled_services),
+            endpoint_slices: shared(shuffled_slices),
             nodes,
         };
         let state = desired_state(&snapshot, &config);
@@ -1656,6 +1662,167 @@ proptest! {
         prop_assert!(ports.windows(2).all(|pair| pair[0] < pair[1]));
         prop_assert!(!ports.contains(&0));
     }
+}
+
+fn shared<T>(items: Vec<T>) -> Vec<Arc<T>> {
+    items.into_iter().map(Arc::new).collect()
+}
+
+/// What one object of the pool is in the next step of an incremental run.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Absent,
+    /// The same `Arc` as in the step before (a new one if it was absent).
+    Kept,
+    /// Equal content, a new `Arc` (a relist, a rewritten file).
+    Reread,
+    /// The pool's other version of the object.
+    Changed,
+}
+
+fn arb_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        Just(Step::Absent),
+        Just(Step::Kept),
+        Just(Step::Reread),
+        Just(Step::Changed)
+    ]
+}
+
+/// Applies one step to each object of a pool of (version 1, version 2).
+fn advance<T: Clone>(
+    current: &mut [Option<Arc<T>>],
+    pool: &[(T, T)],
+    steps: &[Step],
+) -> Vec<Arc<T>> {
+    for (i, (slot, (first, second))) in current.iter_mut().zip(pool).enumerate() {
+        *slot = match steps[i % steps.len()] {
+            Step::Absent => None,
+            Step::Kept => slot.take().or_else(|| Some(Arc::new(first.clone()))),
+            Step::Reread => Some(Arc::new(slot.as_deref().unwrap_or(first).clone())),
+            Step::Changed => Some(Arc::new(second.clone())),
+        };
+    }
+    current.iter().flatten().cloned().collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// A `Model` taken through a run of snapshots, where objects stay (the
+    /// same `Arc`), go, come back, are re-read or change, holds after every
+    /// step exactly what `desired_state` computes from nothing; and it
+    /// recomputes no Service whose objects all stayed.
+    #[test]
+    fn incremental_model_matches_a_fresh_computation(
+        services in prop::collection::vec((arb_service(), arb_service()), 0..6),
+        slices in prop::collection::vec((arb_slice(), arb_slice()), 0..8),
+        steps in prop::collection::vec(
+            (
+                prop::collection::vec(arb_step(), 1..6),
+                prop::collection::vec(arb_step(), 1..8),
+                prop_oneof![Just(""), Just("node-a")],
+            ),
+            1..6,
+        ),
+    ) {
+        let mut model = Model::default();
+        let mut current_services = vec![None; services.len()];
+        let mut current_slices = vec![None; slices.len()];
+        for (service_steps, slice_steps, node_name) in steps {
+            let config = ModelConfig {
+                node_name: node_name.to_owned(),
+                node_addresses: vec!["192.0.2.10".parse().unwrap()],
+                ..ModelConfig::default()
+            };
+            let snapshot = Snapshot {
+                services: advance(&mut current_services, &services, &service_steps),
+                endpoint_slices: advance(&mut current_slices, &slices, &slice_steps),
+                nodes: Vec::new(),
+            };
+            model.update(&snapshot, &config);
+            prop_assert_eq!(model.state(), &desired_state(&snapshot, &config));
+            // Nothing changed: nothing is recomputed.
+            let again = model.update(&snapshot, &config);
+            prop_assert_eq!(again, ModelUpdate::default());
+        }
+    }
+}
+
+/// `count` ClusterIP Services `svc-N` with one slice each.
+fn many_services(count: usize) -> Snapshot {
+    let mut documents = Vec::new();
+    for i in 0..count {
+        documents.push(format!(
+            r#"
+kind: Service
+metadata: {{name: svc-{i}}}
+spec: {{clusterIP: 198.18.{}.{}, ports: [{{port: 80}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: svc-{i}-1, labels: {{kubernetes.io/service-name: svc-{i}}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: [{{addresses: [198.19.{}.{}]}}]
+"#,
+            100 + i / 250,
+            i % 250 + 1,
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    snapshot_from_yaml(&documents.join("---\n"))
+}
+
+#[test]
+fn a_model_update_recomputes_only_the_changed_service() {
+    let config = ModelConfig::default();
+    let mut snapshot = many_services(300);
+    let mut model = Model::default();
+    assert_eq!(model.update(&snapshot, &config).recomputed, 300);
+    assert_eq!(model.state().frontends.len(), 300);
+
+    // One endpoint of svc-7 moves: only svc-7 is computed again.
+    let index = snapshot
+        .endpoint_slices
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("svc-7-1"))
+        .unwrap();
+    let mut slice = (*snapshot.endpoint_slices[index]).clone();
+    slice.endpoints[0].addresses = vec!["198.19.9.9".into()];
+    snapshot.endpoint_slices[index] = Arc::new(slice);
+    let update = model.update(&snapshot, &config);
+    assert_eq!(
+        update,
+        ModelUpdate {
+            recomputed: 1,
+            removed: 0
+        }
+    );
+    let rendered = render(model.state());
+    assert!(rendered.contains(&"198.18.100.8:80/TCP default/svc-7: -> 198.19.9.9:8080".to_owned()));
+
+    // svc-3 is deleted: nothing is computed, its frontend goes.
+    snapshot
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("svc-3"));
+    let update = model.update(&snapshot, &config);
+    assert_eq!(
+        update,
+        ModelUpdate {
+            recomputed: 0,
+            removed: 1
+        }
+    );
+    assert_eq!(model.state().frontends.len(), 299);
+
+    // A config change recomputes everything.
+    let other = ModelConfig {
+        node_name: "node-a".into(),
+        ..ModelConfig::default()
+    };
+    assert_eq!(model.update(&snapshot, &other).recomputed, 299);
+    assert_eq!(model.state(), &desired_state(&snapshot, &other));
 }
 
 fn shuffled<T: Clone + std::fmt::Debug>(
@@ -1941,13 +2108,13 @@ fn snapshot_from_yaml(text: &str) -> Snapshot {
         match value.get("kind").and_then(|kind| kind.as_str()) {
             Some("Service") => snapshot
                 .services
-                .push(serde_yaml::from_value(value).expect("a Service")),
-            Some("EndpointSlice") => snapshot
-                .endpoint_slices
-                .push(serde_yaml::from_value(value).expect("an EndpointSlice")),
+                .push(Arc::new(serde_yaml::from_value(value).expect("a Service"))),
+            Some("EndpointSlice") => snapshot.endpoint_slices.push(Arc::new(
+                serde_yaml::from_value(value).expect("an EndpointSlice"),
+            )),
             Some("Node") => snapshot
                 .nodes
-                .push(serde_yaml::from_value(value).expect("a Node")),
+                .push(Arc::new(serde_yaml::from_value(value).expect("a Node"))),
             other => panic!("unexpected kind {other:?} in test YAML"),
         }
     }

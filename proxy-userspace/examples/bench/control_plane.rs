@@ -88,7 +88,7 @@ fn cp_snapshot(services: usize, endpoints: usize) -> proxy_userspace::model::Sna
     for i in 0..services {
         let (vip, port) = service_vip(i);
         let name = format!("svc-{i}");
-        snapshot.services.push(Service {
+        snapshot.services.push(std::sync::Arc::new(Service {
             metadata: meta(name.clone(), None),
             spec: Some(ServiceSpec {
                 type_: Some("ClusterIP".into()),
@@ -103,33 +103,35 @@ fn cp_snapshot(services: usize, endpoints: usize) -> proxy_userspace::model::Sna
                 ..ServiceSpec::default()
             }),
             ..Service::default()
-        });
+        }));
         let labels = BTreeMap::from([(
             proxy_userspace::model::LABEL_SERVICE_NAME.to_owned(),
             name.clone(),
         )]);
-        snapshot.endpoint_slices.push(EndpointSlice {
-            metadata: meta(format!("{name}-abcde"), Some(labels)),
-            address_type: "IPv4".into(),
-            endpoints: (0..endpoints)
-                .map(|k| SliceEndpoint {
-                    addresses: vec![ipv4(endpoint_ip(i * endpoints + k)).to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        serving: Some(true),
-                        terminating: Some(false),
-                    }),
-                    node_name: Some("other-node".into()),
-                    ..SliceEndpoint::default()
-                })
-                .collect(),
-            ports: Some(vec![EndpointPort {
-                name: Some("http".into()),
-                port: Some(8080),
-                protocol: Some("TCP".into()),
-                ..EndpointPort::default()
-            }]),
-        });
+        snapshot
+            .endpoint_slices
+            .push(std::sync::Arc::new(EndpointSlice {
+                metadata: meta(format!("{name}-abcde"), Some(labels)),
+                address_type: "IPv4".into(),
+                endpoints: (0..endpoints)
+                    .map(|k| SliceEndpoint {
+                        addresses: vec![ipv4(endpoint_ip(i * endpoints + k)).to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            serving: Some(true),
+                            terminating: Some(false),
+                        }),
+                        node_name: Some("other-node".into()),
+                        ..SliceEndpoint::default()
+                    })
+                    .collect(),
+                ports: Some(vec![EndpointPort {
+                    name: Some("http".into()),
+                    port: Some(8080),
+                    protocol: Some("TCP".into()),
+                    ..EndpointPort::default()
+                }]),
+            }));
     }
     snapshot
 }

@@ -14,13 +14,14 @@
 //! Every pass reads the text itself, so every error carries its position.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs;
 use std::io;
 use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -134,34 +135,190 @@ impl DirError {
 /// in subdirectories), in name order. Hidden files (editor swap files, the
 /// `..data` links of a mounted ConfigMap) and backups ending in `~` are skipped.
 pub fn load_dir(path: &Path) -> Result<Snapshot, DirError> {
-    let mut snapshot = Snapshot::default();
-    let mut defined: BTreeMap<(Kind, String), (PathBuf, usize)> = BTreeMap::new();
-    for file in manifest_files(path)? {
+    DirSource::new(path).load()
+}
+
+/// A directory source that remembers what it parsed. It parses a file
+/// again only when its text changed, and hands out the same `Arc` for every
+/// object of an unchanged file, so the model recomputes only what a change
+/// touched. Told which files changed (`load_changes`, from the watcher), it
+/// reads only those; one object per file then makes a change cost one
+/// object, whatever the size of the directory.
+pub struct DirSource {
+    path: PathBuf,
+    /// By file (in name order), what its text parsed to when it last
+    /// parsed cleanly.
+    files: BTreeMap<PathBuf, ParsedFile>,
+    /// False until a load read the whole directory, and again after an
+    /// error: the next load then reads every file.
+    complete: bool,
+}
+
+/// What changed in the directory since the last load, as a watcher reports it.
+#[derive(Clone, Debug, Default)]
+pub struct DirChanges {
+    everything: bool,
+    files: BTreeSet<PathBuf>,
+}
+
+impl DirChanges {
+    /// Read the whole directory again (a full resync, a lost event).
+    pub fn everything() -> Self {
+        DirChanges {
+            everything: true,
+            files: BTreeSet::new(),
+        }
+    }
+
+    /// A path the watcher named. A path that is not a manifest file directly
+    /// in the directory (the directory itself, a ConfigMap mount's `..data`
+    /// link swap, which changes every file at once) stands for everything.
+    pub fn add(&mut self, path: PathBuf) {
+        self.files.insert(path);
+    }
+
+    pub fn add_everything(&mut self) {
+        self.everything = true;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.everything && self.files.is_empty()
+    }
+}
+
+struct ParsedFile {
+    text: String,
+    objects: Vec<SharedObject>,
+}
+
+/// One object of a file, shared with the snapshots that hold it.
+struct SharedObject {
+    kind: Kind,
+    qualified_name: String,
+    line: usize,
+    object: Shared,
+}
+
+enum Shared {
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
+}
+
+impl DirSource {
+    pub fn new(path: &Path) -> Self {
+        DirSource {
+            path: path.to_owned(),
+            files: BTreeMap::new(),
+            complete: false,
+        }
+    }
+
+    /// The directory's objects now, every file read (see [`load_dir`] for
+    /// which files count).
+    pub fn load(&mut self) -> Result<Snapshot, DirError> {
+        self.load_changes(DirChanges::everything())
+    }
+
+    /// The directory's objects now, reading only the files in `changes`
+    /// (everything on the first load, after an error, or when `changes`
+    /// names something other than a manifest file of the directory). On an
+    /// error nothing is returned, and the next load reads everything.
+    pub fn load_changes(&mut self, changes: DirChanges) -> Result<Snapshot, DirError> {
+        let result = self.refresh(changes).and_then(|()| self.snapshot());
+        self.complete = result.is_ok();
+        result
+    }
+
+    fn refresh(&mut self, changes: DirChanges) -> Result<(), DirError> {
+        let is_manifest = |file: &Path| {
+            file.parent() == Some(self.path.as_path())
+                && file
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(is_manifest_name)
+        };
+        if self.complete && !changes.everything && changes.files.iter().all(|f| is_manifest(f)) {
+            for file in changes.files {
+                // metadata() follows symlinks, as the listing does.
+                if fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+                    self.read(file)?;
+                } else {
+                    self.files.remove(&file);
+                }
+            }
+            return Ok(());
+        }
+        let files = manifest_files(&self.path)?;
+        self.files
+            .retain(|path, _| files.binary_search(path).is_ok());
+        for file in files {
+            self.read(file)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one file; parses it only when its text changed.
+    fn read(&mut self, file: PathBuf) -> Result<(), DirError> {
         let text = fs::read_to_string(&file).map_err(|source| DirError::ReadFile {
             path: file.clone(),
             source,
         })?;
-        for (object, line) in parse_located(&file, &text)? {
-            let identity = (object.object_kind(), object.qualified_name());
-            if let Some((first_file, first_line)) = defined.get(&identity) {
-                return Err(DirError::Duplicate {
-                    kind: identity.0.name(),
-                    name: identity.1,
-                    file,
-                    line,
-                    first_file: first_file.clone(),
-                    first_line: *first_line,
-                });
-            }
-            defined.insert(identity, (file.clone(), line));
-            match object {
-                Object::Service(service) => snapshot.services.push(service),
-                Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(slice),
-                Object::Node(node) => snapshot.nodes.push(node),
+        if self
+            .files
+            .get(&file)
+            .is_some_and(|parsed| parsed.text == text)
+        {
+            return Ok(());
+        }
+        self.files.remove(&file);
+        let objects = parse_located(&file, &text)?
+            .into_iter()
+            .map(|(object, line)| SharedObject {
+                kind: object.object_kind(),
+                qualified_name: object.qualified_name(),
+                line,
+                object: match object {
+                    Object::Service(service) => Shared::Service(Arc::new(service)),
+                    Object::EndpointSlice(slice) => Shared::EndpointSlice(Arc::new(slice)),
+                    Object::Node(node) => Shared::Node(Arc::new(node)),
+                },
+            })
+            .collect();
+        self.files.insert(file, ParsedFile { text, objects });
+        Ok(())
+    }
+
+    /// Every remembered object, in file name order; an object defined twice
+    /// is an error.
+    fn snapshot(&self) -> Result<Snapshot, DirError> {
+        let mut snapshot = Snapshot::default();
+        let mut defined: HashMap<(Kind, &str), (&Path, usize)> = HashMap::new();
+        for (file, parsed) in &self.files {
+            for object in &parsed.objects {
+                let identity = (object.kind, object.qualified_name.as_str());
+                if let Some((first_file, first_line)) = defined.get(&identity) {
+                    return Err(DirError::Duplicate {
+                        kind: object.kind.name(),
+                        name: object.qualified_name.clone(),
+                        file: file.clone(),
+                        line: object.line,
+                        first_file: first_file.to_path_buf(),
+                        first_line: *first_line,
+                    });
+                }
+                defined.insert(identity, (file, object.line));
+                match &object.object {
+                    Shared::Service(service) => snapshot.services.push(Arc::clone(service)),
+                    Shared::EndpointSlice(slice) => {
+                        snapshot.endpoint_slices.push(Arc::clone(slice))
+                    }
+                    Shared::Node(node) => snapshot.nodes.push(Arc::clone(node)),
+                }
             }
         }
+        Ok(snapshot)
     }
-    Ok(snapshot)
 }
 
 /// Parses one file's text: YAML documents separated by `---` lines (JSON when
@@ -500,7 +657,7 @@ fn check_addresses(object: &Object) -> Result<(), String> {
 }
 
 /// The kinds kproxy reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Service,
     EndpointSlice,

@@ -125,14 +125,11 @@ impl KubeSource {
             return None;
         }
         Some(Snapshot {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            endpoint_slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
-            nodes: self.nodes.state().iter().map(|n| (**n).clone()).collect(),
+            // The stores' own `Arc`s: an object that did not change is the
+            // same `Arc` as in the last snapshot, so the model skips it.
+            services: self.services.state(),
+            endpoint_slices: self.slices.state(),
+            nodes: self.nodes.state(),
         })
     }
 }
