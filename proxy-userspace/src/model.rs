@@ -6,7 +6,7 @@
 //! section 4 (traffic policies, `loadBalancerSourceRanges`,
 //! `healthCheckNodePort`) and section 8 (topology hints).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -388,24 +388,27 @@ pub fn desired_state(snapshot: &Snapshot, config: &ModelConfig) -> DesiredState 
 /// The desired state, kept up to date one Service at a time.
 ///
 /// A Service's frontends depend on the Service, its EndpointSlices, this
-/// node's zone and the config, nothing else. `update` recomputes a Service
-/// only when one of its objects is not the same `Arc` as last time (the
-/// sources hand the same `Arc` again for an object that did not change),
+/// node's zone and the config, nothing else. `update` compares the
+/// snapshot's objects with the last snapshot's by identity (the sources
+/// hand out the same `Arc` again for an object that did not change),
+/// recomputes only the Services whose own objects came, went or changed,
 /// and re-resolves only the frontend keys those Services claim. A change of
-/// the node's zone or of the config recomputes everything. The cost of an
-/// update is a pointer comparison per object plus the work of what changed.
+/// the node's zone or of the config recomputes everything. An update costs
+/// a pointer comparison per object plus the work of what changed.
 #[derive(Default)]
 pub struct Model {
     /// The zone and config every Service was computed with.
     inputs: Option<(ModelConfig, Option<String>)>,
-    /// By `namespace/name`; more than one entry only for copies of one
-    /// Service in a snapshot (each computed, the claims resolve them).
-    services: HashMap<String, Vec<ServiceEntry>>,
+    /// The last snapshot's objects, in its order.
+    last_services: Vec<Arc<Service>>,
+    last_slices: Vec<Arc<EndpointSlice>>,
+    /// By `namespace/name`: the Service objects of that name (more than
+    /// one only for copies in a snapshot; each is computed, the claims
+    /// resolve them), its EndpointSlices, and what they make.
+    by_name: HashMap<String, Named>,
     /// Every Service port's claim on each frontend key.
     claims: BTreeMap<FrontendKey, Vec<Frontend>>,
     state: DesiredState,
-    /// Bumped by every `update`, to find the entries it did not see.
-    generation: u64,
 }
 
 /// What one `Model::update` recomputed.
@@ -417,14 +420,13 @@ pub struct ModelUpdate {
     pub removed: usize,
 }
 
-/// One Service, the objects it was computed from, and what it claims.
-struct ServiceEntry {
-    service: Arc<Service>,
-    /// Its EndpointSlices, sorted by address (identity, not content).
+/// The objects of one `namespace/name` and the result they give.
+#[derive(Default)]
+struct Named {
+    services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
     frontends: Vec<(FrontendKey, Frontend)>,
-    health_check: Option<HealthCheck>,
-    seen: u64,
+    health_checks: Vec<HealthCheck>,
 }
 
 impl Model {
@@ -446,87 +448,90 @@ impl Model {
                 ..Model::default()
             };
         }
+        let mut dirty = BTreeSet::new();
+        let (gone, came) = changed_objects(&self.last_services, &snapshot.services);
+        for service in gone {
+            let key = service_key(&service.metadata);
+            if let Some(named) = self.by_name.get_mut(&key) {
+                named.services.retain(|s| !Arc::ptr_eq(s, &service));
+            }
+            dirty.insert(key);
+        }
+        for service in came {
+            let key = service_key(&service.metadata);
+            self.by_name
+                .entry(key.clone())
+                .or_default()
+                .services
+                .push(service);
+            dirty.insert(key);
+        }
+        let (gone, came) = changed_objects(&self.last_slices, &snapshot.endpoint_slices);
+        for slice in gone {
+            if let Some(key) = slice_owner(&slice) {
+                if let Some(named) = self.by_name.get_mut(&key) {
+                    named.slices.retain(|s| !Arc::ptr_eq(s, &slice));
+                }
+                dirty.insert(key);
+            }
+        }
+        for slice in came {
+            if let Some(key) = slice_owner(&slice) {
+                self.by_name
+                    .entry(key.clone())
+                    .or_default()
+                    .slices
+                    .push(slice);
+                dirty.insert(key);
+            }
+        }
+        self.last_services.clone_from(&snapshot.services);
+        self.last_slices.clone_from(&snapshot.endpoint_slices);
+        if dirty.is_empty() {
+            return ModelUpdate::default();
+        }
+
         let node = ThisNode {
             name: &config.node_name,
             zone: zone.as_deref(),
         };
-        self.generation += 1;
-        let generation = self.generation;
-        let slices = slices_by_service(&snapshot.endpoint_slices);
         let mut update = ModelUpdate::default();
         let mut touched = BTreeSet::new();
         let mut health_changed = false;
-        let mut key = String::new();
-        for service in &snapshot.services {
-            let namespace = namespace_of(&service.metadata);
-            let name = service.metadata.name.as_deref().unwrap_or("");
-            key.clear();
-            key.push_str(namespace);
-            key.push('/');
-            key.push_str(name);
-            let mut own_slices: Vec<Arc<EndpointSlice>> = slices
-                .get(&(namespace, name))
-                .map(|list| list.iter().map(|slice| Arc::clone(slice)).collect())
-                .unwrap_or_default();
-            own_slices.sort_by_key(Arc::as_ptr);
-            let copies = match self.services.get_mut(key.as_str()) {
-                Some(copies) => copies,
-                None => self.services.entry(key.clone()).or_default(),
-            };
-            let unchanged = copies.iter_mut().find(|entry| {
-                entry.seen != generation
-                    && Arc::ptr_eq(&entry.service, service)
-                    && entry.slices.len() == own_slices.len()
-                    && entry
-                        .slices
-                        .iter()
-                        .zip(&own_slices)
-                        .all(|(a, b)| Arc::ptr_eq(a, b))
-            });
-            if let Some(entry) = unchanged {
-                entry.seen = generation;
+        for key in dirty {
+            let Some(named) = self.by_name.get_mut(&key) else {
                 continue;
-            }
-            update.recomputed += 1;
-            let (frontends, health_check) = service_state(service, &own_slices, &node, config);
-            let fresh = ServiceEntry {
-                service: Arc::clone(service),
-                slices: own_slices,
-                frontends,
-                health_check,
-                seen: generation,
             };
-            for (key, frontend) in &fresh.frontends {
+            let mut frontends = Vec::new();
+            let mut health_checks = Vec::new();
+            for service in &named.services {
+                let (f, h) = service_state(service, &named.slices, &node, config);
+                frontends.extend(f);
+                health_checks.extend(h);
+            }
+            match (named.services.is_empty(), named.frontends.is_empty()) {
+                (false, _) => update.recomputed += 1,
+                (true, false) => update.removed += 1,
+                (true, true) => {}
+            }
+            for (key, frontend) in &named.frontends {
+                if let Some(claimants) = self.claims.get_mut(key) {
+                    if let Some(index) = claimants.iter().position(|c| c == frontend) {
+                        claimants.swap_remove(index);
+                    }
+                }
+                touched.insert(*key);
+            }
+            for (key, frontend) in &frontends {
                 self.claims.entry(*key).or_default().push(frontend.clone());
                 touched.insert(*key);
             }
-            health_changed |= fresh.health_check.is_some();
-            // The copy this one replaces: any not yet seen in this update.
-            let stale = copies.iter().position(|entry| entry.seen != generation);
-            let old = match stale {
-                Some(index) => Some(std::mem::replace(&mut copies[index], fresh)),
-                None => {
-                    copies.push(fresh);
-                    None
-                }
-            };
-            if let Some(old) = old {
-                health_changed |= self.withdraw(old, &mut touched);
+            health_changed |= !named.health_checks.is_empty() || !health_checks.is_empty();
+            named.frontends = frontends;
+            named.health_checks = health_checks;
+            if named.services.is_empty() && named.slices.is_empty() {
+                self.by_name.remove(&key);
             }
-        }
-        // Services gone from the snapshot.
-        let mut gone = Vec::new();
-        self.services.retain(|_, copies| {
-            let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(copies)
-                .into_iter()
-                .partition(|entry| entry.seen == generation);
-            gone.extend(dropped);
-            *copies = kept;
-            !copies.is_empty()
-        });
-        update.removed = gone.len();
-        for old in gone {
-            health_changed |= self.withdraw(old, &mut touched);
         }
         for key in touched {
             match self.claims.get(&key) {
@@ -542,29 +547,63 @@ impl Model {
         }
         if health_changed {
             let checks = self
-                .services
+                .by_name
                 .values()
-                .flatten()
-                .filter_map(|entry| entry.health_check.clone())
+                .flat_map(|named| named.health_checks.iter().cloned())
                 .collect();
             self.state.health_checks = resolve_health_checks(checks);
         }
         update
     }
+}
 
-    /// Takes back the claims of a Service's old result. Returns whether it
-    /// had a health check.
-    fn withdraw(&mut self, old: ServiceEntry, touched: &mut BTreeSet<FrontendKey>) -> bool {
-        for (key, frontend) in &old.frontends {
-            if let Some(claimants) = self.claims.get_mut(key) {
-                if let Some(index) = claimants.iter().position(|c| c == frontend) {
-                    claimants.swap_remove(index);
-                }
+/// The objects that left `last` and those that joined it in `now`, by
+/// identity. Sources keep their order, so a change is usually the same list
+/// with a few entries replaced in place: compared position by position,
+/// with no hashing at all when nothing changed.
+fn changed_objects<T>(last: &[Arc<T>], now: &[Arc<T>]) -> (Vec<Arc<T>>, Vec<Arc<T>>) {
+    let (mut gone, mut came) = (Vec::new(), Vec::new());
+    if last.len() == now.len() {
+        for (old, new) in last.iter().zip(now) {
+            if !Arc::ptr_eq(old, new) {
+                gone.push(Arc::clone(old));
+                came.push(Arc::clone(new));
             }
-            touched.insert(*key);
         }
-        old.health_check.is_some()
+    } else {
+        gone.extend(last.iter().cloned());
+        came.extend(now.iter().cloned());
     }
+    if gone.is_empty() || came.is_empty() {
+        return (gone, came);
+    }
+    // An object in both only moved: it neither left nor joined.
+    let addresses =
+        |list: &[Arc<T>]| -> HashSet<*const T> { list.iter().map(Arc::as_ptr).collect() };
+    let (was, is) = (addresses(&gone), addresses(&came));
+    gone.retain(|object| !is.contains(&Arc::as_ptr(object)));
+    came.retain(|object| !was.contains(&Arc::as_ptr(object)));
+    (gone, came)
+}
+
+/// `namespace/name` of a Service.
+fn service_key(metadata: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        namespace_of(metadata),
+        metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// `namespace/name` of the Service an EndpointSlice belongs to (SPEC 1.2);
+/// `None` for a headless slice or one without the label.
+fn slice_owner(slice: &EndpointSlice) -> Option<String> {
+    let labels = slice.metadata.labels.as_ref()?;
+    if labels.contains_key(LABEL_HEADLESS) {
+        return None;
+    }
+    let service = labels.get(LABEL_SERVICE_NAME)?;
+    Some(format!("{}/{service}", namespace_of(&slice.metadata)))
 }
 
 /// One Service's frontends (SPEC 2, 4) and its health check, from the
@@ -1187,29 +1226,6 @@ impl Family {
             _ => None,
         }
     }
-}
-
-/// EndpointSlices grouped by the Service they belong to (SPEC 1.2), by
-/// (namespace, Service name).
-fn slices_by_service(
-    slices: &[Arc<EndpointSlice>],
-) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
-    let mut by_service: HashMap<_, Vec<_>> = HashMap::new();
-    for slice in slices {
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|labels| labels.contains_key(LABEL_HEADLESS)) {
-            continue;
-        }
-        let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
-            continue;
-        };
-        let namespace = namespace_of(&slice.metadata);
-        by_service
-            .entry((namespace, service.as_str()))
-            .or_default()
-            .push(slice);
-    }
-    by_service
 }
 
 /// The merged endpoints of one Service port in one address family, from

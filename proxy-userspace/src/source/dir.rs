@@ -149,6 +149,12 @@ pub struct DirSource {
     /// By file (in name order), what its text parsed to when it last
     /// parsed cleanly.
     files: BTreeMap<PathBuf, ParsedFile>,
+    /// How many times each (kind, namespace/name) is defined across
+    /// `files`, and how many are defined more than once (an error).
+    defined: HashMap<(Kind, String), usize>,
+    duplicates: usize,
+    /// The snapshot of `files`, until one of them changes.
+    snapshot: Option<Snapshot>,
     /// False until a load read the whole directory, and again after an
     /// error: the next load then reads every file.
     complete: bool,
@@ -210,6 +216,9 @@ impl DirSource {
         DirSource {
             path: path.to_owned(),
             files: BTreeMap::new(),
+            defined: HashMap::new(),
+            duplicates: 0,
+            snapshot: None,
             complete: false,
         }
     }
@@ -244,14 +253,21 @@ impl DirSource {
                 if fs::metadata(&file).is_ok_and(|m| m.is_file()) {
                     self.read(file)?;
                 } else {
-                    self.files.remove(&file);
+                    self.forget(&file);
                 }
             }
             return Ok(());
         }
         let files = manifest_files(&self.path)?;
-        self.files
-            .retain(|path, _| files.binary_search(path).is_ok());
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| files.binary_search(path).is_err())
+            .cloned()
+            .collect();
+        for file in gone {
+            self.forget(&file);
+        }
         for file in files {
             self.read(file)?;
         }
@@ -271,8 +287,8 @@ impl DirSource {
         {
             return Ok(());
         }
-        self.files.remove(&file);
-        let objects = parse_located(&file, &text)?
+        self.forget(&file);
+        let objects: Vec<SharedObject> = parse_located(&file, &text)?
             .into_iter()
             .map(|(object, line)| SharedObject {
                 kind: object.object_kind(),
@@ -285,20 +301,77 @@ impl DirSource {
                 },
             })
             .collect();
+        for object in &objects {
+            let count = self
+                .defined
+                .entry((object.kind, object.qualified_name.clone()))
+                .or_default();
+            *count += 1;
+            if *count == 2 {
+                self.duplicates += 1;
+            }
+        }
         self.files.insert(file, ParsedFile { text, objects });
+        self.snapshot = None;
         Ok(())
     }
 
+    /// Drops what a file held.
+    fn forget(&mut self, file: &Path) {
+        let Some(parsed) = self.files.remove(file) else {
+            return;
+        };
+        self.snapshot = None;
+        for object in parsed.objects {
+            let identity = (object.kind, object.qualified_name);
+            if let Some(count) = self.defined.get_mut(&identity) {
+                *count -= 1;
+                match *count {
+                    0 => {
+                        self.defined.remove(&identity);
+                    }
+                    1 => self.duplicates -= 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// Every remembered object, in file name order; an object defined twice
-    /// is an error.
-    fn snapshot(&self) -> Result<Snapshot, DirError> {
-        let mut snapshot = Snapshot::default();
+    /// is an error. Assembled again only after a file changed.
+    fn snapshot(&mut self) -> Result<Snapshot, DirError> {
+        // Counted as files change, so only a directory with a duplicate
+        // pays for finding it.
+        if self.duplicates > 0 {
+            if let Some(error) = self.first_duplicate() {
+                return Err(error);
+            }
+        }
+        let files = &self.files;
+        let snapshot = self.snapshot.get_or_insert_with(|| {
+            let mut snapshot = Snapshot::default();
+            for object in files.values().flat_map(|parsed| &parsed.objects) {
+                match &object.object {
+                    Shared::Service(service) => snapshot.services.push(Arc::clone(service)),
+                    Shared::EndpointSlice(slice) => {
+                        snapshot.endpoint_slices.push(Arc::clone(slice))
+                    }
+                    Shared::Node(node) => snapshot.nodes.push(Arc::clone(node)),
+                }
+            }
+            snapshot
+        });
+        Ok(snapshot.clone())
+    }
+
+    /// The first object, in file name order, defined a second time.
+    fn first_duplicate(&self) -> Option<DirError> {
         let mut defined: HashMap<(Kind, &str), (&Path, usize)> = HashMap::new();
         for (file, parsed) in &self.files {
             for object in &parsed.objects {
                 let identity = (object.kind, object.qualified_name.as_str());
                 if let Some((first_file, first_line)) = defined.get(&identity) {
-                    return Err(DirError::Duplicate {
+                    return Some(DirError::Duplicate {
                         kind: object.kind.name(),
                         name: object.qualified_name.clone(),
                         file: file.clone(),
@@ -308,16 +381,9 @@ impl DirSource {
                     });
                 }
                 defined.insert(identity, (file, object.line));
-                match &object.object {
-                    Shared::Service(service) => snapshot.services.push(Arc::clone(service)),
-                    Shared::EndpointSlice(slice) => {
-                        snapshot.endpoint_slices.push(Arc::clone(slice))
-                    }
-                    Shared::Node(node) => snapshot.nodes.push(Arc::clone(node)),
-                }
             }
         }
-        Ok(snapshot)
+        None
     }
 }
 
