@@ -257,7 +257,9 @@ impl SyncState {
         metrics: &Metrics,
         full_resync: bool,
     ) -> anyhow::Result<()> {
-        self.last_sync = Some(Instant::now());
+        // The whole sync is timed, reading the source included.
+        let started = Instant::now();
+        self.last_sync = Some(started);
         let snapshot = match source.load(full_resync) {
             Loaded::Ready(s) => s,
             Loaded::NotReady => {
@@ -284,7 +286,6 @@ impl SyncState {
             .find(|n| n.metadata.name.as_deref() == Some(config.model.node_name.as_str()));
         health.set_node_eligible(kube_source::node_eligible(node.map(|n| &**n)));
 
-        let started = Instant::now();
         let mut model_config = config.model.clone();
         model_config.node_addresses = model::nodeport_addresses(
             &snapshot.nodes,

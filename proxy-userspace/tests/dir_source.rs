@@ -610,6 +610,10 @@ fn load_changes_reads_only_the_files_the_watcher_named() {
     // c.yaml appears but the watcher has not named it yet: not read.
     let c = dir.write("c.yaml", &SERVICE_WEB.replace("web", "c"));
     assert_eq!(names(&mut source, DirChanges::default()), ["a", "b"]);
+    // Nor when only a temporary file is named (`sed -i` writes one).
+    let mut changes = DirChanges::default();
+    changes.add(dir.write("sedX1b2c3", "scratch"));
+    assert_eq!(names(&mut source, changes), ["a", "b"]);
     let mut changes = DirChanges::default();
     changes.add(c);
     assert_eq!(names(&mut source, changes), ["a", "b", "c"]);

@@ -176,9 +176,10 @@ impl DirChanges {
         }
     }
 
-    /// A path the watcher named. A path that is not a manifest file directly
-    /// in the directory (the directory itself, a ConfigMap mount's `..data`
-    /// link swap, which changes every file at once) stands for everything.
+    /// A path the watcher named. The directory itself or a `..` entry (a
+    /// ConfigMap mount's `..data` link swap, which changes every file at
+    /// once) stands for everything; a file that is not a manifest (an
+    /// editor's temporary file) for nothing.
     pub fn add(&mut self, path: PathBuf) {
         self.files.insert(path);
     }
@@ -240,15 +241,24 @@ impl DirSource {
     }
 
     fn refresh(&mut self, changes: DirChanges) -> Result<(), DirError> {
-        let is_manifest = |file: &Path| {
-            file.parent() == Some(self.path.as_path())
-                && file
-                    .file_name()
-                    .and_then(|name| name.to_str())
-                    .is_some_and(is_manifest_name)
-        };
-        if self.complete && !changes.everything && changes.files.iter().all(|f| is_manifest(f)) {
-            for file in changes.files {
+        let mut named = Vec::new();
+        let mut everything = changes.everything || !self.complete;
+        for file in changes.files {
+            let name = file.file_name().and_then(|name| name.to_str());
+            if file.parent() != Some(self.path.as_path())
+                || name.is_none_or(|n| n.starts_with(".."))
+            {
+                // The directory itself, or a ConfigMap mount swapping its
+                // `..data` link (every file changes at once).
+                everything = true;
+            } else if name.is_some_and(is_manifest_name) {
+                named.push(file);
+            }
+            // Anything else (an editor's or `sed -i`'s temporary file) is
+            // never read, so its changes change nothing.
+        }
+        if !everything {
+            for file in named {
                 // metadata() follows symlinks, as the listing does.
                 if fs::metadata(&file).is_ok_and(|m| m.is_file()) {
                     self.read(file)?;
