@@ -228,45 +228,71 @@ pub fn child(services: usize, endpoints: usize) -> Result<()> {
         node_name: "bench-node".into(),
         ..Default::default()
     };
-    let snapshots = [
-        cp_snapshot(services, endpoints, 0),
-        cp_snapshot(services, endpoints, 1),
-    ];
+    let nanos = |d: Duration| d.as_nanos().to_string();
+    // The manifests first, so that no copy of the objects outlives writing
+    // them: the child's peak memory is what a daemon holds.
+    let dir = std::env::temp_dir().join(format!("kproxy-bench-manifests-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let changed_file = write_manifests(&dir, &cp_snapshot(services, endpoints, 0))?;
+    // Service 0's objects in the two states one change toggles between.
+    let variants = [cp_snapshot(1, endpoints, 0), cp_snapshot(1, endpoints, 1)];
     let mut daemon = Daemon {
         lab: Lab::load("cp", MapSizes::default())?,
         model: Model::default(),
         syncer: Syncer::new(),
         config: config.clone(),
     };
+
+    // The objects in memory, as the kube source's reflectors hold them.
+    let mut snapshot = cp_snapshot(services, endpoints, 0);
     let start = Instant::now();
-    daemon.sync(&snapshots[0])?;
+    daemon.sync(&snapshot)?;
     let full = start.elapsed();
-    check_endpoint_0(&daemon, services, endpoints, 0)?;
+    ensure!(
+        daemon.model.state().frontends == cp_state(services, endpoints, 0).frontends,
+        "the model's frontends differ from the state the rules are made from"
+    );
     let entries = {
         let m = daemon.syncer.mirror();
         m.services.len() + m.backends.len() + m.rev_nat.len()
     };
+    // A change as the kube source sees it: the reflector holds the new
+    // slice, every other object is the same `Arc`.
+    let mut changes_objects = Vec::new();
+    for i in 0..20 {
+        let variant = (i + 1) % 2;
+        snapshot.endpoint_slices[0] = Arc::new((*variants[variant].endpoint_slices[0]).clone());
+        let start = Instant::now();
+        daemon.sync(&snapshot)?;
+        changes_objects.push(nanos(start.elapsed()));
+    }
+    check_endpoint_0(&daemon, endpoints, 0)?;
+    let mut desired_state = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let state = proxy_userspace::model::desired_state(&snapshot, &config);
+        desired_state.push(nanos(start.elapsed()));
+        ensure!(state.frontends.len() == services);
+    }
+    drop(snapshot);
+    daemon.model = Model::default();
 
-    let dir = std::env::temp_dir().join(format!("kproxy-bench-manifests-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let changed_file = write_manifests(&dir, &snapshots[0])?;
+    // The directory, as the daemon reads it with `--source dir:`.
     let mut source = DirSource::new(&dir);
     let start = Instant::now();
     let loaded = source.load()?;
     let dir_load = start.elapsed();
-    // The directory holds what the objects hold: syncing it writes nothing.
-    daemon.model = Model::default();
+    // The directory holds what the objects held: this sync writes nothing.
     daemon.sync(&loaded)?;
-
+    drop(loaded);
     let mut changes_dir = Vec::new();
     let mut noop = Vec::new();
-    let nanos = |d: Duration| d.as_nanos().to_string();
     for i in 0..20 {
         let variant = (i + 1) % 2;
         write_manifest(
             &dir,
-            &snapshots[variant].services[0],
-            &snapshots[variant].endpoint_slices[0],
+            &variants[variant].services[0],
+            &variants[variant].endpoint_slices[0],
         )?;
         let mut changes = DirChanges::default();
         changes.add(changed_file.clone());
@@ -280,33 +306,8 @@ pub fn child(services: usize, endpoints: usize) -> Result<()> {
         noop.push(nanos(start.elapsed()));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    check_endpoint_0(&daemon, services, endpoints, 0)?;
-
-    // As the kube source sees a change: the reflector holds the new slice,
-    // every other object is the same `Arc`.
-    let mut snapshot = snapshots[0].clone();
-    // These objects are not the ones read from the directory: the first
-    // sync with them recomputes everything, as after a relist.
-    daemon.sync(&snapshot)?;
-    let mut changes_objects = Vec::new();
-    for i in 0..20 {
-        let variant = (i + 1) % 2;
-        snapshot.endpoint_slices[0] = Arc::new((*snapshots[variant].endpoint_slices[0]).clone());
-        let start = Instant::now();
-        daemon.sync(&snapshot)?;
-        changes_objects.push(nanos(start.elapsed()));
-    }
-    check_endpoint_0(&daemon, services, endpoints, 0)?;
+    check_endpoint_0(&daemon, endpoints, 0)?;
     let map_kib = bpf_map_memlock_kib();
-    drop(daemon);
-
-    let mut desired_state = Vec::new();
-    for _ in 0..5 {
-        let start = Instant::now();
-        let state = proxy_userspace::model::desired_state(&snapshots[0], &config);
-        desired_state.push(nanos(start.elapsed()));
-        ensure!(state.frontends.len() == services);
-    }
     println!(
         "{} {} {} {} {} {} {} {}",
         full.as_nanos(),
@@ -321,18 +322,15 @@ pub fn child(services: usize, endpoints: usize) -> Result<()> {
     Ok(())
 }
 
-/// The model holds the state the iptables and nftables rules are generated
-/// from, and the change reached the maps: a backend is
+/// The change reached the model and the maps: Service 0's frontend is the
+/// one the rules for `variant` are made from, and a backend is
 /// `CHANGED_ENDPOINTS[variant]`.
-fn check_endpoint_0(
-    daemon: &Daemon,
-    services: usize,
-    endpoints: usize,
-    variant: usize,
-) -> Result<()> {
+fn check_endpoint_0(daemon: &Daemon, endpoints: usize, variant: usize) -> Result<()> {
+    let expected = cp_state(1, endpoints, variant);
+    let (key, frontend) = expected.frontends.iter().next().expect("Service 0");
     ensure!(
-        daemon.model.state().frontends == cp_state(services, endpoints, variant).frontends,
-        "the model's frontends differ from the state the rules are made from"
+        daemon.model.state().frontends.get(key) == Some(frontend),
+        "the model's Service 0 differs from the state the rules are made from"
     );
     let want = CHANGED_ENDPOINTS[variant];
     let has = daemon
