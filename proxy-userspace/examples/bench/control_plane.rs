@@ -566,8 +566,9 @@ fn render(config: &Config, cp: &ControlPlane) -> Section {
          sizes) and runs the daemon's sync path (`Model::update`, then `Syncer` into the real \
          maps). Full programming: from the Services and EndpointSlices in memory (as the kube \
          source's reflectors hold them) to filled maps. Peak memory is that child's max RSS \
-         (wait4 rusage, the whole process: binary, embedded eBPF object, objects, model, the \
-         syncer's mirror). The kernel memory of the maps is preallocated at load time \
+         (wait4 rusage, the whole process: binary, embedded eBPF object, one set of objects \
+         (then, for the directory runs, the directory source's files and objects instead), \
+         model, the syncer's mirror). The kernel memory of the maps is preallocated at load time \
          whatever they hold ({} KiB memlock for all maps) and is not in the RSS. One change: \
          endpoint 0 of one Service replaced, 20 times, median, through the whole sync as the \
          daemon runs it with `--source dir:` on a directory of one file per Service: the \
