@@ -12,7 +12,7 @@
 pub const SERVICES_MAP: &str = "SERVICES_V1";
 pub const BACKENDS_MAP: &str = "BACKENDS_V1";
 pub const REV_NAT_MAP: &str = "REV_NAT_V1";
-pub const CONNTRACK_MAP: &str = "CONNTRACK_V2";
+pub const CONNTRACK_MAP: &str = "CONNTRACK_V3";
 pub const STATS_MAP: &str = "STATS_V2";
 pub const CONFIG_MAP: &str = "CONFIG_V1";
 pub const AFFINITY_MAP: &str = "AFFINITY_V1";
@@ -23,8 +23,47 @@ pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V2";
 pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 
 /// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
-/// and an upgraded daemon remove them (their flows cannot be carried over).
-pub const LEGACY_MAPS: [&str; 3] = ["CONNTRACK_V1", "STATS_V1", "FRAGMENTS_V1"];
+/// and an upgraded daemon remove them. An upgraded daemon first carries the
+/// flows of `CONNTRACK_V2` over into the current map (see
+/// `ConntrackKeyV2`); those of `CONNTRACK_V1` cannot be.
+pub const LEGACY_MAPS: [&str; 4] = ["CONNTRACK_V1", "CONNTRACK_V2", "STATS_V1", "FRAGMENTS_V1"];
+
+/// `CONNTRACK_V2`'s key: the direction was in the key. Its value had the
+/// layout of [`ConntrackValue`] with `direction` and `_pad` unused.
+pub const CONNTRACK_V2_MAP: &str = "CONNTRACK_V2";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConntrackKeyV2 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+impl ConntrackKeyV2 {
+    /// The current key and value of a `CONNTRACK_V2` entry.
+    pub fn upgrade(&self, value: &ConntrackValue) -> (ConntrackKey, ConntrackValue) {
+        let key = ConntrackKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        };
+        let value = ConntrackValue {
+            direction: self.direction,
+            _pad: 0,
+            ..*value
+        };
+        (key, value)
+    }
+}
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
 pub const ALL_MAPS: [&str; 12] = [
@@ -359,7 +398,12 @@ pub struct RevNatValue {
 
 /// Key of the conntrack map: the packet's own tuple as seen at the hook.
 /// A forward entry is keyed by (client, VIP); a reply entry by
-/// (backend, client).
+/// (backend, client or SNAT address). The direction is in the value, not
+/// the key, so one lookup finds a packet's entry whichever way it goes.
+/// The two kinds of tuple cannot meet: a forward key's destination is a
+/// Service address and port, a reply key's destination is a client, and
+/// where that client is a Service address too (hairpin and node SNAT),
+/// its port comes from the SNAT range, inserted only where no entry is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -369,8 +413,7 @@ pub struct ConntrackKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub direction: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 /// Value of the conntrack map. The translated address is stored in the
@@ -390,7 +433,10 @@ pub struct ConntrackValue {
     pub other_port: u16,
     pub state: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// `CT_DIR_FORWARD` (client -> VIP) or `CT_DIR_REPLY` (backend ->
+    /// client).
+    pub direction: u8,
+    pub _pad: u8,
     pub rev_nat_id: u32,
     pub backend_id: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution) of
@@ -451,6 +497,7 @@ const _: () = assert!(core::mem::size_of::<FragmentValue>() == 32);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
+const _: () = assert!(core::mem::size_of::<ConntrackKeyV2>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 56);
 const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);
 
@@ -464,6 +511,7 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackKeyV2 {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for AffinityKey {}

@@ -8,9 +8,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{
-    ipv4_mapped, stat, ConntrackKey, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP,
-};
+use proxy_common::{ipv4_mapped, stat, ConntrackKey, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
 
 use crate::maps::{count, CONNTRACK};
 use crate::parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF};
@@ -63,24 +61,21 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     // VIP -> client (a reply already translated back): its forward entry
     // (keyed client -> VIP) holds the backend; the quoted source and the
     // outer destination become the backend.
-    let mut key = ConntrackKey {
+    let key = ConntrackKey {
         saddr: ipv4_mapped(inner_dst),
         daddr: ipv4_mapped(inner_src),
         sport: inner_dport,
         dport: inner_sport,
         proto: ip[9],
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
-    let (entry, quoted, outer) = match unsafe { CONNTRACK.get(&key) } {
-        Some(entry) => (entry, QUOTED_DESTINATION, IP_SRC_OFF),
-        None => {
-            key.direction = CT_DIR_FORWARD;
-            match unsafe { CONNTRACK.get(&key) } {
-                Some(entry) => (entry, QUOTED_SOURCE, IP_DST_OFF),
-                None => return Ok(OK),
-            }
-        }
+    let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
+        return Ok(OK);
+    };
+    let (quoted, outer) = if entry.direction == CT_DIR_REPLY {
+        (QUOTED_DESTINATION, IP_SRC_OFF)
+    } else {
+        (QUOTED_SOURCE, IP_DST_OFF)
     };
     let new = [
         entry.nat_addr[12],

@@ -23,7 +23,7 @@ pub static BACKENDS: HashMap<u32, BackendValue, { BACKENDS_MAX_ENTRIES as usize 
 #[btf_map(name = "REV_NAT_V1")]
 pub static REV_NAT: HashMap<u32, RevNatValue, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::new();
 
-#[btf_map(name = "CONNTRACK_V2")]
+#[btf_map(name = "CONNTRACK_V3")]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CONNTRACK_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 

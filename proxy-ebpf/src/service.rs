@@ -219,11 +219,16 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
 
     let config = config();
 
+    // One lookup finds the packet's entry whichever way it goes: the
+    // direction is in the value.
+    let Some(entry) = CONNTRACK.get_ptr_mut(&ct_key(flow, saddr, daddr)) else {
+        return NOT_TRACKED;
+    };
+    // SAFETY: a valid map value pointer for the duration of the program.
+    let entry = unsafe { &mut *entry };
+
     // A reply from a backend of a tracked flow: restore the service address.
-    let reply_key = ct_key(flow, saddr, daddr, CT_DIR_REPLY);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
-        // SAFETY: a valid map value pointer for the duration of the program.
-        let entry = unsafe { &mut *entry };
+    if entry.direction == CT_DIR_REPLY {
         if flow_expired(entry, flow, CT_DIR_FORWARD, config, now) {
             // Un-NATing it would leak the backend's address to the client,
             // which answers with a RST: drop, as kube-proxy drops INVALID.
@@ -251,38 +256,34 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
     // datagram re-check that the backend is still programmed, so a reused
     // source port never lands on a removed endpoint and UDP clients with a
     // fixed source port move on when their backend goes away.
-    let fwd_key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&fwd_key) {
-        let entry = unsafe { &mut *entry };
-        let usable = if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
-            count(stat::CT_EXPIRED);
-            false
-        } else if flow.proto == PROTO_TCP {
-            // A SYN on a closing or closed flow is a new connection reusing
-            // the port: pick again. Otherwise (a retransmission, a late
-            // duplicate) it stays with its backend while that still exists.
-            !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
-        } else {
-            backend_matches(entry)
-        };
-        if usable {
-            entry.last_seen_ns = now;
-            if flow.proto == PROTO_TCP {
-                track_forward(entry, flow);
-            }
-            nat.daddr = v4(&entry.nat_addr);
-            nat.dport = entry.nat_port;
-            if entry.flags & CT_FLAG_SNAT != 0 {
-                nat.saddr = v4(&entry.other_addr);
-                nat.sport = entry.other_port;
-                nat.route_out = EXTERNAL;
-            }
-            if entry.flags & CT_FLAG_HOST != 0 {
-                nat.route_out = true;
-            }
-            count(stat::DNAT);
-            return TRANSLATE;
+    let usable = if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
+        count(stat::CT_EXPIRED);
+        false
+    } else if flow.proto == PROTO_TCP {
+        // A SYN on a closing or closed flow is a new connection reusing
+        // the port: pick again. Otherwise (a retransmission, a late
+        // duplicate) it stays with its backend while that still exists.
+        !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
+    } else {
+        backend_matches(entry)
+    };
+    if usable {
+        entry.last_seen_ns = now;
+        if flow.proto == PROTO_TCP {
+            track_forward(entry, flow);
         }
+        nat.daddr = v4(&entry.nat_addr);
+        nat.dport = entry.nat_port;
+        if entry.flags & CT_FLAG_SNAT != 0 {
+            nat.saddr = v4(&entry.other_addr);
+            nat.sport = entry.other_port;
+            nat.route_out = EXTERNAL;
+        }
+        if entry.flags & CT_FLAG_HOST != 0 {
+            nat.route_out = true;
+        }
+        count(stat::DNAT);
+        return TRANSLATE;
     }
 
     NOT_TRACKED
@@ -442,8 +443,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
         sport: pending.backend_port,
         dport: flow.sport,
         proto: flow.proto,
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let mut value = ConntrackValue {
         nat_addr: daddr,
@@ -453,6 +453,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
         backend_id: pending.backend_id,
         last_seen_ns: now,
         flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
+        direction: CT_DIR_REPLY,
         ..ConntrackValue::default()
     };
     let mut inserted = false;
@@ -483,7 +484,8 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
     } else {
         inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
     }
-    key = ct_key(flow, saddr, daddr, CT_DIR_FORWARD);
+    key = ct_key(flow, saddr, daddr);
+    value.direction = CT_DIR_FORWARD;
     value.nat_addr = pending.backend_addr;
     value.nat_port = pending.backend_port;
     inserted = CONNTRACK.insert(&key, &value, 0).is_ok() && inserted;
@@ -592,8 +594,7 @@ fn peer_entry(
         sport,
         dport,
         proto: flow.proto,
-        direction: peer_direction,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     CONNTRACK.get_ptr_mut(&key)
 }
@@ -629,15 +630,14 @@ fn backend_matches(entry: &ConntrackValue) -> bool {
 }
 
 #[inline(always)]
-fn ct_key(flow: &Flow, saddr: [u8; 16], daddr: [u8; 16], direction: u8) -> ConntrackKey {
+fn ct_key(flow: &Flow, saddr: [u8; 16], daddr: [u8; 16]) -> ConntrackKey {
     ConntrackKey {
         saddr,
         daddr,
         sport: flow.sport,
         dport: flow.dport,
         proto: flow.proto,
-        direction,
-        _pad: [0; 2],
+        _pad: [0; 3],
     }
 }
 

@@ -6,8 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
     AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_FLAG_VIP_MARKER,
+    CT_DIR_FORWARD, CT_FLAG_SNAT, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_VIP_MARKER,
 };
 
 use crate::model::FrontendKey;
@@ -22,7 +21,7 @@ pub type Endpoint = ([u8; 16], u16);
 /// and the reply entry names the client there.
 pub fn peer_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
     let snat = value.flags & CT_FLAG_SNAT != 0;
-    if key.direction == CT_DIR_FORWARD {
+    if value.direction == CT_DIR_FORWARD {
         // (client -> VIP) -> reply keyed (backend -> client or SNAT address).
         let (client, client_port) = if snat {
             (value.other_addr, value.other_port)
@@ -34,7 +33,6 @@ pub fn peer_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
             daddr: client,
             sport: value.nat_port,
             dport: client_port,
-            direction: CT_DIR_REPLY,
             ..*key
         }
     } else {
@@ -49,7 +47,6 @@ pub fn peer_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
             daddr: value.nat_addr,
             sport: client_port,
             dport: value.nat_port,
-            direction: CT_DIR_FORWARD,
             ..*key
         }
     }
@@ -207,7 +204,7 @@ pub fn stale_udp_keys(
             if key.proto != PROTO_UDP {
                 return false;
             }
-            let (frontend, backend) = if key.direction == CT_DIR_FORWARD {
+            let (frontend, backend) = if value.direction == CT_DIR_FORWARD {
                 ((key.daddr, key.dport), (value.nat_addr, value.nat_port))
             } else {
                 ((value.nat_addr, value.nat_port), (key.saddr, key.sport))
@@ -228,9 +225,8 @@ pub fn open_flow_backends(
 ) -> Vec<u32> {
     deleted
         .iter()
-        .filter(|k| k.direction == CT_DIR_FORWARD)
         .filter_map(|k| entries.get(k))
-        .filter(|v| v.state < proxy_common::CT_STATE_CLOSING)
+        .filter(|v| v.direction == CT_DIR_FORWARD && v.state < proxy_common::CT_STATE_CLOSING)
         .map(|v| v.backend_id)
         .collect()
 }
@@ -286,8 +282,8 @@ pub fn stale_affinity_keys(
 #[cfg(test)]
 mod tests {
     use proxy_common::{
-        ipv4_mapped, BackendValue, ServiceKey, ServiceValue, CT_STATE_ESTABLISHED, NS_PER_SEC,
-        PROTO_TCP, SCOPE_INTERNAL,
+        ipv4_mapped, BackendValue, ServiceKey, ServiceValue, CT_DIR_REPLY, CT_STATE_ESTABLISHED,
+        NS_PER_SEC, PROTO_TCP, SCOPE_INTERNAL,
     };
 
     use super::*;
@@ -310,12 +306,12 @@ mod tests {
             sport: 40000,
             dport: 53,
             proto,
-            direction: CT_DIR_FORWARD,
-            _pad: [0; 2],
+            _pad: [0; 3],
         };
         let fwd_value = ConntrackValue {
             nat_addr: backend,
             nat_port: 8080,
+            direction: CT_DIR_FORWARD,
             last_seen_ns: fwd_seen,
             ..ConntrackValue::default()
         };
@@ -323,6 +319,7 @@ mod tests {
         let reply_value = ConntrackValue {
             nat_addr: VIP,
             nat_port: 53,
+            direction: CT_DIR_REPLY,
             last_seen_ns: reply_seen,
             ..ConntrackValue::default()
         };
@@ -348,8 +345,7 @@ mod tests {
             sport: 40000,
             dport: 30080,
             proto: PROTO_UDP,
-            direction: CT_DIR_FORWARD,
-            _pad: [0; 2],
+            _pad: [0; 3],
         };
         let fv = ConntrackValue {
             nat_addr: B1,
@@ -368,6 +364,7 @@ mod tests {
             other_addr: CLIENT,
             other_port: 40000,
             flags: CT_FLAG_SNAT,
+            direction: CT_DIR_REPLY,
             ..ConntrackValue::default()
         };
         assert_eq!(peer_key(&reply, &rv), fwd);
@@ -453,7 +450,7 @@ mod tests {
         let mut entries: HashMap<_, _> = flow(PROTO_UDP, B1, 0, 0).into_iter().collect();
         // A second client port, to backend 2.
         entries.extend(flow(PROTO_UDP, B2, 0, 0).into_iter().map(|(mut k, v)| {
-            if k.direction == CT_DIR_FORWARD {
+            if v.direction == CT_DIR_FORWARD {
                 k.sport = 40001;
             } else {
                 k.dport = 40001;
@@ -511,15 +508,16 @@ mod tests {
         let second = NS_PER_SEC;
         assert!(orphan_keys(&entries, 10 * second, second).is_empty());
         let reply = *entries
-            .keys()
-            .find(|k| k.direction == CT_DIR_REPLY)
-            .unwrap();
+            .iter()
+            .find(|(_, v)| v.direction == CT_DIR_REPLY)
+            .unwrap()
+            .0;
         entries.remove(&reply);
         // Just created (or still being created): kept.
         assert!(orphan_keys(&entries, second / 2, second).is_empty());
         let orphans = orphan_keys(&entries, 10 * second, second);
         assert_eq!(orphans.len(), 1);
-        assert_eq!(orphans[0].direction, CT_DIR_FORWARD);
+        assert_eq!(entries[&orphans[0]].direction, CT_DIR_FORWARD);
     }
 
     #[test]

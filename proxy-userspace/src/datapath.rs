@@ -15,11 +15,11 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
-    MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAP, ALL_MAPS,
-    BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, LEGACY_MAPS, MAGLEV_MAP,
-    REV_NAT_MAP, RR_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM,
-    TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
+    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKeyV2, ConntrackValue,
+    DatapathConfig, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAP,
+    ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, CONNTRACK_V2_MAP,
+    LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP,
+    TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
 };
 use thiserror::Error;
 
@@ -192,6 +192,11 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })?;
         xdp.load()
             .map_err(|source| DatapathError::Program { name, source })?;
+        let mut datapath = Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        };
+        datapath.upgrade_conntrack_v2();
         // Maps of an older layout cannot be used by this datapath.
         for legacy in LEGACY_MAPS {
             let path = pin_dir.join(legacy);
@@ -203,10 +208,51 @@ impl Datapath {
                 let _ = std::fs::remove_file(path);
             }
         }
-        Ok(Self {
-            ebpf,
-            pin_dir: pin_dir.to_owned(),
-        })
+        Ok(datapath)
+    }
+
+    /// Carries the flows of a `CONNTRACK_V2` map an older kproxy pinned over
+    /// into the current map (the direction moved from the key into the
+    /// value), so an upgrade does not break established connections. Best
+    /// effort: what cannot be read or written is logged, and the old map is
+    /// removed either way.
+    fn upgrade_conntrack_v2(&mut self) {
+        let path = self.pin_dir.join(CONNTRACK_V2_MAP);
+        if !path.exists() {
+            return;
+        }
+        let old: Result<Vec<(ConntrackKey, ConntrackValue)>, MapError> = (|| {
+            let data = MapData::from_pin(&path)?;
+            let map: BpfHashMap<MapData, ConntrackKeyV2, ConntrackValue> =
+                BpfHashMap::try_from(Map::LruHashMap(data))?;
+            Ok(map
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(key, value)| key.upgrade(&value))
+                .collect())
+        })();
+        let old = match old {
+            Ok(old) => old,
+            Err(error) => {
+                tracing::warn!(map = CONNTRACK_V2_MAP, %error, "cannot read the older conntrack map; its flows are forgotten");
+                return;
+            }
+        };
+        let Ok(mut map) = self.conntrack_map() else {
+            return;
+        };
+        // Entries the current datapath already has stay: they are newer.
+        const BPF_NOEXIST: u64 = 1;
+        let copied = old
+            .iter()
+            .filter(|(key, value)| map.insert(key, value, BPF_NOEXIST).is_ok())
+            .count();
+        tracing::info!(
+            map = CONNTRACK_V2_MAP,
+            copied,
+            of = old.len(),
+            "carried the flows of an older kproxy's conntrack map over"
+        );
     }
 
     pub fn pin_dir(&self) -> &Path {

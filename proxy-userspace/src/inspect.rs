@@ -141,7 +141,7 @@ pub fn conntrack(
     entries
         .iter()
         .map(|(k, v)| ConntrackListing {
-            direction: if k.direction == CT_DIR_FORWARD {
+            direction: if v.direction == CT_DIR_FORWARD {
                 "forward"
             } else {
                 "reply"

@@ -3082,3 +3082,81 @@ fn hairpin_connection_is_source_nated() {
         addr(VIP_HAIRPIN)
     );
 }
+
+/// An upgrade from a kproxy whose conntrack map was `CONNTRACK_V2` (the
+/// direction in the key) keeps its flows: loading the datapath carries them
+/// into the current map, direction in the value, and removes the old map.
+#[test]
+fn an_upgrade_carries_conntrack_v2_flows_over() {
+    use proxy_common::{ConntrackKeyV2, ConntrackValue, CONNTRACK_V2_MAP, CT_DIR_REPLY};
+    let pins = PinDir::new();
+    datapath::ensure_bpffs(&pins.path).expect("bpffs at the pin dir");
+    // The older kproxy's map, made as it made it.
+    let old = pins.path.join(CONNTRACK_V2_MAP);
+    let bpftool = |args: &[&str]| {
+        let out = Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool runs (cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let old_path = old.to_str().unwrap();
+    bpftool(&[
+        "map",
+        "create",
+        old_path,
+        "type",
+        "lru_hash",
+        "key",
+        "40",
+        "value",
+        "56",
+        "entries",
+        "1024",
+        "name",
+        CONNTRACK_V2_MAP,
+    ]);
+    // A reply entry: backend 198.18.2.2:8080 -> client 198.18.1.2:40000,
+    // restoring the VIP 198.19.0.10:80.
+    let key = ConntrackKeyV2 {
+        saddr: proxy_common::ipv4_mapped([198, 18, 2, 2]),
+        daddr: proxy_common::ipv4_mapped([198, 18, 1, 2]),
+        sport: 8080,
+        dport: 40000,
+        proto: proxy_common::PROTO_TCP,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let value = ConntrackValue {
+        nat_addr: proxy_common::ipv4_mapped([198, 19, 0, 10]),
+        nat_port: 80,
+        state: proxy_common::CT_STATE_ESTABLISHED,
+        backend_id: 3,
+        rev_nat_id: 1,
+        last_seen_ns: 12_345,
+        ..ConntrackValue::default()
+    };
+    let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+    let (key_hex, value_hex) = (
+        hex(bytemuck::bytes_of(&key)),
+        hex(bytemuck::bytes_of(&value)),
+    );
+    let mut args = vec!["map", "update", "pinned", old_path, "key", "hex"];
+    args.extend(key_hex.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(value_hex.iter().map(String::as_str));
+    bpftool(&args);
+
+    let mut datapath = Datapath::load(&pins.path, MapSizes::default())
+        .unwrap_or_else(|e| panic!("loading the datapath at {}: {e}", pins.path.display()));
+    let entries = datapath.conntrack_entries().expect("conntrack entries");
+    let (new_key, new_value) = key.upgrade(&value);
+    assert_eq!(new_value.direction, CT_DIR_REPLY);
+    assert_eq!(entries.get(&new_key), Some(&new_value), "{entries:?}");
+    assert_eq!(entries.len(), 1);
+    assert!(!old.exists(), "the older map is removed once carried over");
+}

@@ -988,11 +988,10 @@ fn why_text(pp: &PerPacket) -> String {
          splits the established path's samples: kproxy's own BPF code {:.0}% at tc / {:.0}% \
          at XDP (header parsing with bounds checks, TCP state, the conntrack key and rewrite \
          arithmetic), hash-map work {:.0}% / {:.0}% (`htab_map_hash` is jhash over the 40-byte \
-         conntrack key: a reply-direction lookup that misses, then the forward lookup that \
-         hits), the rest the tc rewrite's `bpf_l4_csum_replace` (two per translated packet: \
+         conntrack key, one lookup per tracked packet), the rest the tc rewrite's `bpf_l4_csum_replace` (two per translated packet: \
          it knows the skb's checksum state) and the test-run loop. New flows add the Service and backend \
          lookups, `bpf_get_prandom_u32` and two LRU conntrack inserts, the dominant cost.\n\n\
-         What got this far (this session's profile-driven fixes): the eBPF object called a \
+         What got this far (profile-driven fixes): the eBPF object called a \
          byte-at-a-time `memset` to build every IPv4-mapped conntrack key and to zero the \
          parsed-header struct, and a byte-at-a-time `bcmp` to compare addresses (LLVM emits \
          calls for them in BPF); those are now word stores and compares, the clock read \
@@ -1002,12 +1001,15 @@ fn why_text(pp: &PerPacket) -> String {
          `bpf_xdp_store_bytes` (a call, a page walk and a memcpy each: a third of an \
          established XDP packet), and the tc rewrite writes the IPv4 header, the addresses \
          and the ports in place, keeping only `bpf_l4_csum_replace` (5 helper calls per \
-         rewrite down to 2). Before these, the established path cost 12x the floor at tc; \
-         the XDP program was first measured at 13x. What would take the remaining steps: \
-         one conntrack lookup instead of two for a client's packet (a direction-free key, \
-         so the forward and reply entries are found by one lookup, Cilium style), a 16-byte \
-         IPv4-only key (jhash cost grows with key length), and no clock read for packets of \
-         established flows (a per-CPU cached time). Each is a map-layout or datapath change \
+         rewrite down to 2); and a client's packet of a tracked flow takes one conntrack \
+         lookup instead of two (`CONNTRACK_V3`: the direction moved from the key into the \
+         value, so the forward and reply entries are found by the same lookup; an upgrade \
+         carries `CONNTRACK_V2`'s flows over), which also takes one miss off every \
+         non-service packet. Before these, the established path cost 12x the floor at tc; \
+         the XDP program was first measured at 13x. What would take the remaining steps: a \
+         16-byte IPv4-only key (jhash cost grows with key length; a second map per family), \
+         no clock read for packets of established flows (a per-CPU cached time), and fewer \
+         bounds-checked header reads in the parser. Each is a map-layout or datapath change \
          with its own migration, not a bench fix.\n",
         share(Hook::Tc, "established", &bpf),
         share(Hook::Xdp, "established", &bpf),
