@@ -71,7 +71,8 @@ impl Mode {
 struct Plan {
     counts: Vec<usize>,
     rounds: usize,
-    /// Sequential connections per round and mode (pooled for p50/p99).
+    /// Sequential connections per round and mode (each round its own
+    /// p50/p99; the figure is the median over the rounds).
     latency_conns: usize,
     /// Per round and mode, for each of the two throughput runs.
     run_for: Duration,
