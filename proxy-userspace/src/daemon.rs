@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
@@ -233,9 +234,7 @@ struct SyncState {
     last_sync: Option<Instant>,
     /// EndpointSlice (namespace, name) -> last-change-trigger-time seen, to
     /// measure network programming latency once per change.
-    /// Keyed by `namespace/name`, with the sync that last saw it.
-    trigger_times: HashMap<String, (String, u64)>,
-    syncs: u64,
+    trigger_times: TriggerTimes,
     synced_once: bool,
     /// healthCheckNodePort servers the last sync asked for.
     health_checks: Vec<HealthCheckSpec>,
@@ -401,42 +400,71 @@ impl SyncState {
         now: SystemTime,
         metrics: &Metrics,
     ) {
-        self.syncs += 1;
-        let mut key = String::new();
-        for slice in &snapshot.endpoint_slices {
-            let Some(trigger) = slice
+        for trigger in self.trigger_times.new_triggers(&snapshot.endpoint_slices) {
+            if !self.synced_once {
+                continue;
+            }
+            if let Ok(at) = humantime::parse_rfc3339_weak(&trigger) {
+                if let Ok(latency) = now.duration_since(at) {
+                    metrics.network_programming.observe(latency.as_secs_f64());
+                }
+            }
+        }
+        self.synced_once = true;
+    }
+}
+
+/// The EndpointSlice controller's trigger times seen so far, to measure
+/// each change's programming latency once. Only the slices that changed
+/// since the last sync (by identity, as the model finds them) are read.
+#[derive(Default)]
+struct TriggerTimes {
+    last_slices: Vec<Arc<EndpointSlice>>,
+    /// By `namespace/name`.
+    seen: HashMap<String, String>,
+}
+
+impl TriggerTimes {
+    /// The trigger times in `slices` not seen before.
+    fn new_triggers(&mut self, slices: &[Arc<EndpointSlice>]) -> Vec<String> {
+        let key = |slice: &EndpointSlice| {
+            format!(
+                "{}/{}",
+                namespace_of(&slice.metadata),
+                slice.metadata.name.as_deref().unwrap_or("")
+            )
+        };
+        let (gone, came) = model::changed_objects(&self.last_slices, slices);
+        self.last_slices = slices.to_vec();
+        let mut new = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for slice in &came {
+            let name = key(slice);
+            let trigger = slice
                 .metadata
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            else {
-                continue;
-            };
-            // Allocation-free for an unchanged slice: the daemon runs this
-            // on every sync, over every slice.
-            key.clear();
-            key.push_str(namespace_of(&slice.metadata));
-            key.push('/');
-            key.push_str(slice.metadata.name.as_deref().unwrap_or(""));
-            if let Some((seen, sync)) = self.trigger_times.get_mut(key.as_str()) {
-                if seen == trigger {
-                    *sync = self.syncs;
-                    continue;
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION));
+            match trigger {
+                Some(trigger) if self.seen.get(&name) != Some(trigger) => {
+                    new.push(trigger.clone());
+                    self.seen.insert(name.clone(), trigger.clone());
+                }
+                Some(_) => {}
+                None => {
+                    self.seen.remove(&name);
                 }
             }
-            if self.synced_once {
-                if let Ok(at) = humantime::parse_rfc3339_weak(trigger) {
-                    if let Ok(latency) = now.duration_since(at) {
-                        metrics.network_programming.observe(latency.as_secs_f64());
-                    }
-                }
-            }
-            self.trigger_times
-                .insert(key.clone(), (trigger.clone(), self.syncs));
+            present.insert(name);
         }
-        let syncs = self.syncs;
-        self.trigger_times.retain(|_, (_, sync)| *sync == syncs);
-        self.synced_once = true;
+        // A slice that changed is both gone and come: keep what it came as.
+        for slice in &gone {
+            let name = key(slice);
+            if !present.contains(&name) {
+                self.seen.remove(&name);
+            }
+        }
+        new
     }
 }
 
@@ -701,4 +729,50 @@ fn attach_interfaces(
         }
     }
     datapath.forget_missing_interfaces(attached);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn slice(name: &str, trigger: Option<&str>) -> Arc<EndpointSlice> {
+        Arc::new(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: trigger
+                    .map(|t| BTreeMap::from([(TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())])),
+                ..ObjectMeta::default()
+            },
+            ..EndpointSlice::default()
+        })
+    }
+
+    #[test]
+    fn each_trigger_time_counts_once() {
+        let mut times = TriggerTimes::default();
+        let a = slice("a", Some("2026-11-28T10:00:00Z"));
+        let b = slice("b", None);
+        assert_eq!(
+            times.new_triggers(&[a.clone(), b.clone()]),
+            ["2026-11-28T10:00:00Z"]
+        );
+        // Nothing changed.
+        assert!(times.new_triggers(&[a.clone(), b.clone()]).is_empty());
+        // Read again (a relist: new objects, same content): nothing new.
+        let a2 = slice("a", Some("2026-11-28T10:00:00Z"));
+        assert!(times.new_triggers(&[a2.clone(), b.clone()]).is_empty());
+        // A change of a with a new trigger time, and b gets one.
+        let a3 = slice("a", Some("2026-11-28T10:00:05Z"));
+        let b2 = slice("b", Some("2026-11-28T10:00:06Z"));
+        let mut new = times.new_triggers(&[a3.clone(), b2.clone()]);
+        new.sort();
+        assert_eq!(new, ["2026-11-28T10:00:05Z", "2026-11-28T10:00:06Z"]);
+        // b goes and comes back with the same time: a new slice, counted.
+        assert!(times.new_triggers(std::slice::from_ref(&a3)).is_empty());
+        assert_eq!(times.new_triggers(&[a3, b2]), ["2026-11-28T10:00:06Z"]);
+    }
 }

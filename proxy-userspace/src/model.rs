@@ -561,7 +561,7 @@ impl Model {
 /// identity. Sources keep their order, so a change is usually the same list
 /// with a few entries replaced in place: compared position by position,
 /// with no hashing at all when nothing changed.
-fn changed_objects<T>(last: &[Arc<T>], now: &[Arc<T>]) -> (Vec<Arc<T>>, Vec<Arc<T>>) {
+pub fn changed_objects<T>(last: &[Arc<T>], now: &[Arc<T>]) -> (Vec<Arc<T>>, Vec<Arc<T>>) {
     let (mut gone, mut came) = (Vec::new(), Vec::new());
     if last.len() == now.len() {
         for (old, new) in last.iter().zip(now) {
