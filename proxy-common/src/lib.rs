@@ -14,7 +14,7 @@ pub const BACKENDS_MAP: &str = "BACKENDS_V1";
 pub const REV_NAT_MAP: &str = "REV_NAT_V1";
 pub const CONNTRACK_MAP: &str = "CONNTRACK_V3";
 pub const STATS_MAP: &str = "STATS_V2";
-pub const CONFIG_MAP: &str = "CONFIG_V1";
+pub const CONFIG_MAP: &str = "CONFIG_V2";
 pub const AFFINITY_MAP: &str = "AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "MAGLEV_V1";
 pub const RR_MAP: &str = "RR_V1";
@@ -26,7 +26,13 @@ pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 /// and an upgraded daemon remove them. An upgraded daemon first carries the
 /// flows of `CONNTRACK_V2` over into the current map (see
 /// `ConntrackKeyV2`); those of `CONNTRACK_V1` cannot be.
-pub const LEGACY_MAPS: [&str; 4] = ["CONNTRACK_V1", "CONNTRACK_V2", "STATS_V1", "FRAGMENTS_V1"];
+pub const LEGACY_MAPS: [&str; 5] = [
+    "CONNTRACK_V1",
+    "CONNTRACK_V2",
+    "STATS_V1",
+    "FRAGMENTS_V1",
+    "CONFIG_V1",
+];
 
 /// `CONNTRACK_V2`'s key: the direction was in the key. Its value had the
 /// layout of [`ConntrackValue`] with `direction` and `_pad` unused.
@@ -444,7 +450,7 @@ pub struct ConntrackValue {
     pub last_seen_ns: u64,
 }
 
-/// The datapath's tunables, in `CONFIG_V1` (one entry). Zero means "use
+/// The datapath's tunables, in `CONFIG_V2` (one entry). Zero means "use
 /// the compiled-in default", so a datapath loaded without userspace (packet
 /// fixtures) still behaves.
 #[repr(C)]
@@ -456,7 +462,16 @@ pub struct DatapathConfig {
     pub tcp_close_wait_timeout_ns: u64,
     pub tcp_closed_timeout_ns: u64,
     pub udp_timeout_ns: u64,
+    /// `CONFIG_FLAG_*`.
+    pub flags: u64,
 }
+
+/// Every frontend address has its address marker in the services map (the
+/// daemon sets this once a sync wrote them all): a packet to an address
+/// without one is no Service's, and one lookup says so. Until then (a
+/// datapath loaded over an older kproxy's maps) the frontend is looked up
+/// first, as before.
+pub const CONFIG_FLAG_ADDRESS_MARKERS: u64 = 1 << 0;
 
 impl DatapathConfig {
     /// The idle timeout of a flow in `state` for `proto`.
@@ -486,7 +501,7 @@ impl DatapathConfig {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 48);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
@@ -563,5 +578,13 @@ impl ServiceKey {
     #[inline(always)]
     pub const fn vip_marker(addr: [u8; 16]) -> Self {
         Self::new(addr, 0, 0, SCOPE_INTERNAL, 0)
+    }
+
+    /// "Some frontend has this address" (any kind, NodePort node addresses
+    /// included), value flagged `SVC_FLAG_VIP_MARKER`. A key of its own,
+    /// not the VIP marker's, so an older datapath never takes a node
+    /// address for a ClusterIP.
+    pub const fn address_marker(addr: [u8; 16]) -> Self {
+        Self::new(addr, 0, 0, SCOPE_EXTERNAL, 0)
     }
 }

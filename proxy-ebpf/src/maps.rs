@@ -55,7 +55,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { FRAGMENTS_MAX_ENT
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> =
     LpmTrie::new();
 
-#[btf_map(name = "CONFIG_V1")]
+#[btf_map(name = "CONFIG_V2")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 /// All zero: every field falls back to its compiled-in default.
@@ -65,6 +65,7 @@ static DEFAULT_CONFIG: DatapathConfig = DatapathConfig {
     tcp_close_wait_timeout_ns: 0,
     tcp_closed_timeout_ns: 0,
     udp_timeout_ns: 0,
+    flags: 0,
 };
 
 /// The tunables userspace wrote (all defaults when it wrote none). A

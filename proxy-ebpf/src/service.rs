@@ -19,10 +19,10 @@ use core::mem::MaybeUninit;
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
     addr_eq, ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
-    SourceRange, BACKEND_FLAG_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT,
-    CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX,
-    PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
+    SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -340,6 +340,15 @@ fn new_flow<const EXTERNAL: bool>(
     } else {
         SCOPE_INTERNAL
     };
+    // Every frontend address has a marker: without one the packet is no
+    // Service's, whatever its port, and one lookup says so (most of what a
+    // node carries). Until userspace says every marker is written (a
+    // datapath loaded over an older kproxy's maps), the frontend comes first.
+    if config().flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
+        && unsafe { SERVICES.get(ServiceKey::address_marker(daddr)) }.is_none()
+    {
+        return NewFlow::Verdict(Verdict::Pass);
+    }
     let mut frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
     // A ClusterIP reached from outside the cluster (a router sends the
     // Service range to this node): served, and source-NATed so the reply

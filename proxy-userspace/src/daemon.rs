@@ -240,6 +240,8 @@ struct SyncState {
     health_checks: Vec<HealthCheckSpec>,
     /// The desired state, updated by what each sync's snapshot changed.
     model: model::Model,
+    /// `CONFIG_FLAG_ADDRESS_MARKERS` as last written.
+    address_markers_announced: bool,
 }
 
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -329,6 +331,22 @@ impl SyncState {
             let all = conntrack::affinity_members(syncer.mirror());
             if conntrack::affinity_lost_backends(&affinity_before, &all) {
                 purge_stale_affinity(datapath, &all);
+            }
+        }
+        // Once every frontend address has its marker, the datapath may
+        // pass a packet to any other address with one lookup; while one is
+        // missing (a failed write), it looks frontends up first.
+        let markers = syncer.address_markers_complete();
+        if markers != self.address_markers_announced {
+            let mut datapath_config = config.datapath_config;
+            if markers {
+                datapath_config.flags |= proxy_common::CONFIG_FLAG_ADDRESS_MARKERS;
+            }
+            match datapath.write_config(&datapath_config) {
+                Ok(()) => self.address_markers_announced = markers,
+                Err(err) => {
+                    tracing::error!(error = %err, "writing the datapath config failed; retrying on the next sync")
+                }
             }
         }
         let elapsed = started.elapsed();

@@ -374,6 +374,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     file.conntrack_udp_timeout,
                     proxy_common::DEFAULT_UDP_TIMEOUT_NS,
                 ),
+                // Set by the daemon once a sync wrote every address marker.
+                flags: 0,
             }
         },
         conntrack_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),

@@ -589,6 +589,13 @@ pub struct Syncer {
     applied: Option<BTreeMap<FrontendKey, crate::model::Frontend>>,
     /// ClusterIP frontends per address (one VIP marker while > 0).
     vip_users: HashMap<[u8; 16], usize>,
+    /// Frontends of any kind per address (one address marker while > 0).
+    address_users: HashMap<[u8; 16], usize>,
+    /// Addresses whose address marker could not be written: until it is,
+    /// the datapath must not trust a missing marker.
+    missing_address_markers: BTreeSet<[u8; 16]>,
+    /// A full apply has written (or tried) every address marker.
+    markers_planned: bool,
     /// Frontend entries (one per scope) of the applied frontends.
     entries: usize,
 }
@@ -703,6 +710,13 @@ impl Syncer {
             keep.insert(ServiceKey::vip_marker(addr));
             self.put_vip_marker(writer, addr, &mut report);
         }
+        let addresses: BTreeSet<[u8; 16]> = entries.iter().map(|e| e.slot0.0.addr).collect();
+        self.missing_address_markers.clear();
+        for addr in addresses {
+            keep.insert(ServiceKey::address_marker(addr));
+            self.put_address_marker(writer, addr, &mut report);
+        }
+        self.markers_planned = true;
 
         let stale: Vec<ServiceKey> = self
             .mirror
@@ -745,11 +759,14 @@ impl Syncer {
         // Start the incremental state from what the maps hold now.
         self.ids = Ids::from_maps(&self.mirror.contents, desired);
         self.vip_users.clear();
+        self.address_users.clear();
         for (key, frontend) in &desired.frontends {
             self.ids.port_id(&frontend.service);
+            let addr = addr_bytes(key.ip);
             if frontend.kind == crate::model::FrontendKind::ClusterIp {
-                *self.vip_users.entry(addr_bytes(key.ip)).or_default() += 1;
+                *self.vip_users.entry(addr).or_default() += 1;
             }
+            *self.address_users.entry(addr).or_default() += 1;
         }
         self.entries = entries.len();
         self.applied = Some(desired.frontends.clone());
@@ -770,6 +787,7 @@ impl Syncer {
         let mut report = SyncReport::default();
         let mut entries = Vec::new();
         let mut markers: BTreeSet<[u8; 16]> = BTreeSet::new();
+        let mut addresses: BTreeSet<[u8; 16]> = BTreeSet::new();
         for key in keys {
             let addr = addr_bytes(key.ip);
             if let Some(old) = applied.remove(key) {
@@ -781,6 +799,10 @@ impl Syncer {
                     }
                     markers.insert(addr);
                 }
+                if let Some(n) = self.address_users.get_mut(&addr) {
+                    *n -= 1;
+                }
+                addresses.insert(addr);
             }
             if let Some(new) = desired.frontends.get(key) {
                 let before = entries.len();
@@ -790,6 +812,8 @@ impl Syncer {
                     *self.vip_users.entry(addr).or_default() += 1;
                     markers.insert(addr);
                 }
+                *self.address_users.entry(addr).or_default() += 1;
+                addresses.insert(addr);
                 applied.insert(*key, new.clone());
             }
         }
@@ -809,6 +833,15 @@ impl Syncer {
             } else {
                 self.vip_users.remove(&addr);
                 stale.push(marker);
+            }
+        }
+        for addr in addresses {
+            if self.address_users.get(&addr).is_some_and(|n| *n > 0) {
+                self.put_address_marker(writer, addr, &mut report);
+            } else {
+                self.address_users.remove(&addr);
+                self.missing_address_markers.remove(&addr);
+                stale.push(ServiceKey::address_marker(addr));
             }
         }
 
@@ -901,6 +934,37 @@ impl Syncer {
                     }
                 }
                 report.failed.push((fe.frontend, err));
+            }
+        }
+    }
+
+    /// Whether every frontend address has its address marker in the maps
+    /// (then the datapath may pass a packet to an unmarked address at once:
+    /// `CONFIG_FLAG_ADDRESS_MARKERS`).
+    pub fn address_markers_complete(&self) -> bool {
+        self.markers_planned && self.missing_address_markers.is_empty()
+    }
+
+    /// "Some frontend has this address", for passing everything else with
+    /// one lookup.
+    fn put_address_marker(
+        &mut self,
+        writer: &mut impl MapWriter,
+        addr: [u8; 16],
+        report: &mut SyncReport,
+    ) {
+        let key = ServiceKey::address_marker(addr);
+        let value = ServiceValue {
+            flags: SVC_FLAG_VIP_MARKER,
+            ..ServiceValue::default()
+        };
+        match self.put_service(writer, &key, &value, report) {
+            Ok(()) => {
+                self.missing_address_markers.remove(&addr);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "writing an address marker failed; retrying on the next sync");
+                self.missing_address_markers.insert(addr);
             }
         }
     }
@@ -1442,6 +1506,68 @@ mod tests {
     }
 
     #[test]
+    fn every_frontend_address_gets_an_address_marker_and_only_clusterips_a_vip_marker() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        assert!(!syncer.address_markers_complete(), "nothing written yet");
+        let mut desired = state(&[(key(10, 80), vec![backend(2)])]);
+        let node_port = key(20, 30080);
+        desired.frontends.insert(
+            node_port,
+            Frontend::new(
+                ServicePortName {
+                    namespace: "ns".into(),
+                    name: "np".into(),
+                    port_name: String::new(),
+                },
+                FrontendKind::NodePort,
+                vec![backend(3)],
+            ),
+        );
+        syncer.apply(&mut maps, &desired);
+        let marked = |maps: &FakeMaps, key: ServiceKey| maps.contents.services.contains_key(&key);
+        let (vip, node) = (addr_bytes(key(10, 80).ip), addr_bytes(node_port.ip));
+        assert!(marked(&maps, ServiceKey::address_marker(vip)));
+        assert!(marked(&maps, ServiceKey::address_marker(node)));
+        assert!(marked(&maps, ServiceKey::vip_marker(vip)));
+        assert!(
+            !marked(&maps, ServiceKey::vip_marker(node)),
+            "a node address must never reject unknown ports"
+        );
+        assert!(syncer.address_markers_complete());
+
+        // The NodePort goes (incrementally): its address marker goes too.
+        desired.frontends.remove(&node_port);
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!(report.planned, 1);
+        assert!(!marked(&maps, ServiceKey::address_marker(node)));
+        assert!(marked(&maps, ServiceKey::address_marker(vip)));
+
+        // It comes back into a full map: its marker cannot be written, so
+        // the datapath must not trust a missing marker until it is.
+        desired.frontends.insert(
+            node_port,
+            Frontend::new(
+                ServicePortName {
+                    namespace: "ns".into(),
+                    name: "np".into(),
+                    port_name: String::new(),
+                },
+                FrontendKind::NodePort,
+                vec![backend(3)],
+            ),
+        );
+        maps.services_capacity = Some(maps.contents.services.len());
+        syncer.apply(&mut maps, &desired);
+        assert!(!syncer.address_markers_complete());
+        maps.services_capacity = None;
+        syncer.apply(&mut maps, &desired);
+        assert!(marked(&maps, ServiceKey::address_marker(node)));
+        assert!(syncer.address_markers_complete());
+        assert_eq!(&maps.contents, syncer.mirror());
+    }
+
+    #[test]
     fn programs_every_entry_and_the_vip_marker() {
         let mut maps = FakeMaps::default();
         let mut syncer = Syncer::new();
@@ -1526,8 +1652,9 @@ mod tests {
             vec![backend(2).ip, backend(4).ip]
         );
         assert_eq!(maps.contents.backends.len(), 2);
-        // No slot beyond the count survives.
-        assert_eq!(maps.contents.services.len(), 1 + 2 + 1);
+        // No slot beyond the count survives: slot 0, two slots, the VIP
+        // marker and the address marker.
+        assert_eq!(maps.contents.services.len(), 1 + 2 + 1 + 1);
     }
 
     #[test]
@@ -1743,8 +1870,9 @@ mod tests {
         maps.ops.clear();
         let report = syncer.apply(&mut maps, &smaller);
         assert_eq!(report.planned, 1);
-        // Slot 0, three slots, the VIP marker, rev-NAT, three backends.
-        assert_eq!(maps.ops.len(), 9, "{:?}", maps.ops);
+        // Slot 0, three slots, the VIP and address markers, rev-NAT, three
+        // backends.
+        assert_eq!(maps.ops.len(), 10, "{:?}", maps.ops);
         assert!(slot0(&maps.contents, gone).is_none());
         assert_eq!(&maps.contents, syncer.mirror());
     }

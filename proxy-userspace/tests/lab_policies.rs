@@ -158,11 +158,15 @@ fn pods_reaching_a_nodeport_get_cluster_behaviour_even_with_external_policy_loca
         .collect();
     assert_eq!(external.len(), 1, "{external:?}");
     assert_eq!(external[0].backends.len(), 1);
-    // Node addresses never get a VIP marker: other ports of the node stay reachable.
+    // Node addresses never get a VIP marker (other ports of the node stay
+    // reachable), only the address marker every frontend address has.
+    let node_addr = proxy_common::ipv4_mapped(node_ip.octets());
     assert!(!maps
         .services
-        .keys()
-        .any(|k| k.port == 0 && k.addr[12..] == node_ip.octets()));
+        .contains_key(&proxy_common::ServiceKey::vip_marker(node_addr)));
+    assert!(maps
+        .services
+        .contains_key(&proxy_common::ServiceKey::address_marker(node_addr)));
 }
 
 #[test]

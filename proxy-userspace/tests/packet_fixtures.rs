@@ -220,14 +220,19 @@ impl Lab {
             let mut maps = datapath
                 .maps()
                 .unwrap_or_else(|e| panic!("opening the datapath maps: {e}"));
-            let report = Syncer::new().apply(&mut maps, services);
+            let mut syncer = Syncer::new();
+            let report = syncer.apply(&mut maps, services);
             assert!(
                 report.failed.is_empty() && report.failed_deletes.is_empty(),
                 "programming the lab Services failed: {:?} {:?}",
                 report.failed,
                 report.failed_deletes
             );
+            assert!(syncer.address_markers_complete());
         }
+        // As the daemon does after a clean sync: every fixture runs the
+        // datapath that trusts a missing address marker.
+        set_address_markers(&mut datapath, true);
         Self {
             datapath,
             _pins: pins,
@@ -236,6 +241,13 @@ impl Lab {
 
     fn program(&mut self) -> &SchedClassifier {
         self.datapath.pod_program()
+    }
+
+    fn delete_service_entry(&mut self, key: &proxy_common::ServiceKey) {
+        use proxy_userspace::sync::MapWriter as _;
+        let mut maps = self.datapath.maps().expect("the datapath maps");
+        maps.delete_service(key)
+            .expect("deleting a services-map entry");
     }
 
     fn run(&mut self, frame: &[u8]) -> Outcome {
@@ -261,6 +273,21 @@ enum Run {
 }
 
 /// Whether the kernel refuses this frame as test-run input (see [`Run`]).
+/// `CONFIG_FLAG_ADDRESS_MARKERS` on or off.
+fn set_address_markers(datapath: &mut Datapath, on: bool) {
+    let config = proxy_common::DatapathConfig {
+        flags: if on {
+            proxy_common::CONFIG_FLAG_ADDRESS_MARKERS
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    datapath
+        .write_config(&config)
+        .unwrap_or_else(|e| panic!("writing the datapath config: {e}"));
+}
+
 fn kernel_refuses(frame: &[u8]) -> bool {
     match frame[12..14] {
         [0x08, 0x00] => frame.len() < ETH_LEN + 20,
@@ -1350,6 +1377,43 @@ fn non_service_traffic_passes_byte_identical() {
                 Expect::Untouched,
             ),
         ],
+    );
+}
+
+/// With `CONFIG_FLAG_ADDRESS_MARKERS` a packet to an address without an
+/// address marker passes at once, without a frontend lookup; without the
+/// flag (a datapath loaded over an older kproxy's maps, before the first
+/// sync wrote the markers) the frontend is looked up first, as before.
+#[test]
+fn an_address_without_its_marker_is_no_service_once_markers_are_announced() {
+    let mut lab = Lab::new();
+    let syn = tcp(client(41100), (VIP, 80), Tcp::Syn, &[]);
+    ok(
+        check(
+            &fixture("SYN to a VIP", syn.clone(), Expect::Dnat(WEB_BACKEND)),
+            &lab.run(&syn),
+        ),
+        "served with its address marker",
+    );
+    lab.delete_service_entry(&proxy_common::ServiceKey::address_marker(
+        proxy_common::ipv4_mapped(VIP),
+    ));
+    let syn = tcp(client(41101), (VIP, 80), Tcp::Syn, &[]);
+    ok(
+        check(
+            &fixture("SYN to a VIP", syn.clone(), Expect::Untouched),
+            &lab.run(&syn),
+        ),
+        "without its address marker, the VIP is taken for no Service's",
+    );
+    set_address_markers(&mut lab.datapath, false);
+    let syn = tcp(client(41102), (VIP, 80), Tcp::Syn, &[]);
+    ok(
+        check(
+            &fixture("SYN to a VIP", syn.clone(), Expect::Dnat(WEB_BACKEND)),
+            &lab.run(&syn),
+        ),
+        "markers not announced: the frontend is looked up first",
     );
 }
 

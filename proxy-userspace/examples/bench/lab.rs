@@ -30,6 +30,16 @@ impl Lab {
             report.failed.len(),
             report.failed_deletes.len()
         );
+        // As the daemon does after a clean sync.
+        if syncer.address_markers_complete() {
+            let config = proxy_common::DatapathConfig {
+                flags: proxy_common::CONFIG_FLAG_ADDRESS_MARKERS,
+                ..Default::default()
+            };
+            self.datapath
+                .write_config(&config)
+                .context("writing the datapath config")?;
+        }
         Ok(())
     }
 }

@@ -1005,7 +1005,8 @@ fn why_text(pp: &PerPacket) -> String {
          lookup instead of two (`CONNTRACK_V3`: the direction moved from the key into the \
          value, so the forward and reply entries are found by the same lookup; an upgrade \
          carries `CONNTRACK_V2`'s flows over), which also takes one miss off every \
-         non-service packet. Before these, the established path cost 12x the floor at tc; \
+         non-service packet; and a packet to an address no frontend has passes after one \
+         address-marker lookup instead of the frontend lookups (`CONFIG_FLAG_ADDRESS_MARKERS`). Before these, the established path cost 12x the floor at tc; \
          the XDP program was first measured at 13x. What would take the remaining steps: a \
          16-byte IPv4-only key (jhash cost grows with key length; a second map per family), \
          no clock read for packets of established flows (a per-CPU cached time), and fewer \
