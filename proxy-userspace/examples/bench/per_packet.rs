@@ -712,8 +712,8 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
          flows. The bench checks that one run yields the other flow's packet and two runs the \
          original.\n\
          - **reply**: the backend's ACK of the same flows (reverse NAT), same alternation.\n\
-         - **non-service**: a TCP ACK to {ns}, which is no Service (conntrack misses, Service \
-         misses, verdict pass, packet unchanged).\n\
+         - **non-service**: a TCP ACK to {ns}, which is no Service (conntrack misses, no address \
+         marker for that address, verdict pass, packet unchanged).\n\
          - **new flow**: cannot use repeat (the second repeat would find the flow the first \
          created). Instead {nf} SYNs per program from distinct clients to a Service with 10 \
          backends (random selection), one `BPF_PROG_TEST_RUN` call each with repeat = 1, \
