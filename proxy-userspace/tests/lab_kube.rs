@@ -248,7 +248,8 @@ fn ten_thousand_services_with_ten_endpoints_each_are_programmed() {
     let started = Instant::now();
     lab.start_kproxy();
     let pid = lab.kproxy_pid().unwrap();
-    let expected_entries = SERVICES * (1 + ENDPOINTS) + SERVICES; // slots + VIP markers
+    // Slot 0 and slots, a VIP marker and an address marker per Service.
+    let expected_entries = SERVICES * (1 + ENDPOINTS) + 2 * SERVICES;
     let deadline = Instant::now() + Duration::from_secs(120);
     let programmed = loop {
         let log = lab.kproxy_log_since_start();
