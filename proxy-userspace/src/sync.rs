@@ -953,19 +953,10 @@ impl Syncer {
         addr: [u8; 16],
         report: &mut SyncReport,
     ) {
-        let key = ServiceKey::address_marker(addr);
-        let value = ServiceValue {
-            flags: SVC_FLAG_VIP_MARKER,
-            ..ServiceValue::default()
-        };
-        match self.put_service(writer, &key, &value, report) {
-            Ok(()) => {
-                self.missing_address_markers.remove(&addr);
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "writing an address marker failed; retrying on the next sync");
-                self.missing_address_markers.insert(addr);
-            }
+        if self.put_marker(writer, ServiceKey::address_marker(addr), report) {
+            self.missing_address_markers.remove(&addr);
+        } else {
+            self.missing_address_markers.insert(addr);
         }
     }
 
@@ -976,13 +967,27 @@ impl Syncer {
         addr: [u8; 16],
         report: &mut SyncReport,
     ) {
-        let key = ServiceKey::vip_marker(addr);
+        self.put_marker(writer, ServiceKey::vip_marker(addr), report);
+    }
+
+    /// Writes a marker entry (VIP or address); false when it failed (logged,
+    /// retried on the next sync).
+    fn put_marker(
+        &mut self,
+        writer: &mut impl MapWriter,
+        key: ServiceKey,
+        report: &mut SyncReport,
+    ) -> bool {
         let value = ServiceValue {
             flags: SVC_FLAG_VIP_MARKER,
             ..ServiceValue::default()
         };
-        if let Err(err) = self.put_service(writer, &key, &value, report) {
-            tracing::error!(error = %err, "writing a VIP marker failed");
+        match self.put_service(writer, &key, &value, report) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(error = %err, ?key, "writing a marker entry failed; retrying on the next sync");
+                false
+            }
         }
     }
 
@@ -1512,18 +1517,18 @@ mod tests {
         assert!(!syncer.address_markers_complete(), "nothing written yet");
         let mut desired = state(&[(key(10, 80), vec![backend(2)])]);
         let node_port = key(20, 30080);
-        desired.frontends.insert(
-            node_port,
-            Frontend::new(
-                ServicePortName {
-                    namespace: "ns".into(),
-                    name: "np".into(),
-                    port_name: String::new(),
-                },
-                FrontendKind::NodePort,
-                vec![backend(3)],
-            ),
+        let node_port_frontend = Frontend::new(
+            ServicePortName {
+                namespace: "ns".into(),
+                name: "np".into(),
+                port_name: String::new(),
+            },
+            FrontendKind::NodePort,
+            vec![backend(3)],
         );
+        desired
+            .frontends
+            .insert(node_port, node_port_frontend.clone());
         syncer.apply(&mut maps, &desired);
         let marked = |maps: &FakeMaps, key: ServiceKey| maps.contents.services.contains_key(&key);
         let (vip, node) = (addr_bytes(key(10, 80).ip), addr_bytes(node_port.ip));
@@ -1545,18 +1550,7 @@ mod tests {
 
         // It comes back into a full map: its marker cannot be written, so
         // the datapath must not trust a missing marker until it is.
-        desired.frontends.insert(
-            node_port,
-            Frontend::new(
-                ServicePortName {
-                    namespace: "ns".into(),
-                    name: "np".into(),
-                    port_name: String::new(),
-                },
-                FrontendKind::NodePort,
-                vec![backend(3)],
-            ),
-        );
+        desired.frontends.insert(node_port, node_port_frontend);
         maps.services_capacity = Some(maps.contents.services.len());
         syncer.apply(&mut maps, &desired);
         assert!(!syncer.address_markers_complete());

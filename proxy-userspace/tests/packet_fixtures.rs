@@ -1387,32 +1387,31 @@ fn non_service_traffic_passes_byte_identical() {
 #[test]
 fn an_address_without_its_marker_is_no_service_once_markers_are_announced() {
     let mut lab = Lab::new();
-    let syn = tcp(client(41100), (VIP, 80), Tcp::Syn, &[]);
-    ok(
-        check(
-            &fixture("SYN to a VIP", syn.clone(), Expect::Dnat(WEB_BACKEND)),
-            &lab.run(&syn),
-        ),
+    let syn_to_vip = |lab: &mut Lab, client_port: u16, expect: Expect, what: &str| {
+        let syn = tcp(client(client_port), (VIP, 80), Tcp::Syn, &[]);
+        let out = lab.run(&syn);
+        ok(check(&fixture("SYN to a VIP", syn, expect), &out), what);
+    };
+    syn_to_vip(
+        &mut lab,
+        41100,
+        Expect::Dnat(WEB_BACKEND),
         "served with its address marker",
     );
     lab.delete_service_entry(&proxy_common::ServiceKey::address_marker(
         proxy_common::ipv4_mapped(VIP),
     ));
-    let syn = tcp(client(41101), (VIP, 80), Tcp::Syn, &[]);
-    ok(
-        check(
-            &fixture("SYN to a VIP", syn.clone(), Expect::Untouched),
-            &lab.run(&syn),
-        ),
+    syn_to_vip(
+        &mut lab,
+        41101,
+        Expect::Untouched,
         "without its address marker, the VIP is taken for no Service's",
     );
     set_address_markers(&mut lab.datapath, false);
-    let syn = tcp(client(41102), (VIP, 80), Tcp::Syn, &[]);
-    ok(
-        check(
-            &fixture("SYN to a VIP", syn.clone(), Expect::Dnat(WEB_BACKEND)),
-            &lab.run(&syn),
-        ),
+    syn_to_vip(
+        &mut lab,
+        41102,
+        Expect::Dnat(WEB_BACKEND),
         "markers not announced: the frontend is looked up first",
     );
 }
