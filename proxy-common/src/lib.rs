@@ -406,10 +406,12 @@ pub struct RevNatValue {
 /// A forward entry is keyed by (client, VIP); a reply entry by
 /// (backend, client or SNAT address). The direction is in the value, not
 /// the key, so one lookup finds a packet's entry whichever way it goes.
-/// The two kinds of tuple cannot meet: a forward key's destination is a
-/// Service address and port, a reply key's destination is a client, and
-/// where that client is a Service address too (hairpin and node SNAT),
-/// its port comes from the SNAT range, inserted only where no entry is.
+/// The two kinds of tuple do not meet in practice: a forward key's
+/// destination is a Service address and port, a reply key's destination is
+/// a client, and where that client is a Service address too (hairpin and
+/// node SNAT), its port comes from the SNAT range, inserted only where no
+/// entry is. A clash needs a client whose own address is a Service address
+/// with exactly matching ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
