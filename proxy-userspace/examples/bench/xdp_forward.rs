@@ -540,21 +540,7 @@ fn plain_node(cluster: &Cluster, netns: &lab::Netns) -> Result<()> {
     ] {
         netns.sysctl(key, value);
     }
-    lab::ip(&[
-        "link",
-        "add",
-        "name",
-        EXT_IF,
-        "netns",
-        &netns.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        peer,
-        "netns",
-        bridge,
-    ]);
+    lab::veth_pair(EXT_IF, &netns.name, peer, bridge);
     lab::ip(&["-n", bridge, "link", "set", peer, "master", "br0"]);
     lab::ip(&["-n", bridge, "link", "set", peer, "up"]);
     lab::ip(&[

@@ -45,7 +45,9 @@ use proxy_userspace::datapath::PinnedMaps;
 use proxy_userspace::inspect::ServiceListing;
 use proxy_userspace::sync::{addr_bytes, MapContents};
 
-use super::lab::{self, ip, parse_hello, require_lab, Hello, Netns, Server, BACKEND_PORT};
+use super::lab::{
+    self, ip, parse_hello, require_lab, veth_pair, Hello, Netns, Server, BACKEND_PORT,
+};
 
 pub const NODE_A: &str = "node-a";
 pub const NODE_B: &str = "node-b";
@@ -244,21 +246,7 @@ impl Cluster {
     /// enslaved to br0), TX checksum offload off on `ext0`.
     fn wire(&self, netns: &Netns, peer: &str, addr: Ipv4Addr) {
         assert!(peer.len() <= 15, "interface name {peer} too long");
-        ip(&[
-            "link",
-            "add",
-            "name",
-            EXT_IF,
-            "netns",
-            &netns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            peer,
-            "netns",
-            &self.bridge.name,
-        ]);
+        veth_pair(EXT_IF, &netns.name, peer, &self.bridge.name);
         ip(&[
             "-n",
             &self.bridge.name,
@@ -338,21 +326,7 @@ impl Cluster {
         node.pods.push(name.to_owned());
         let node = self.node(node_name);
         let pod = self.pods.last().unwrap();
-        ip(&[
-            "link",
-            "add",
-            "name",
-            &ifname,
-            "netns",
-            &node.netns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "lab0",
-            "netns",
-            &pod.netns.name,
-        ]);
+        veth_pair(&ifname, &node.netns.name, "lab0", &pod.netns.name);
         ip(&[
             "-n",
             &node.netns.name,

@@ -59,6 +59,14 @@ pub fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
+/// A veth pair: `name` in namespace `netns`, `peer` in `peer_netns`.
+pub fn veth_pair(name: &str, netns: &str, peer: &str, peer_netns: &str) {
+    ip(&[
+        "link", "add", "name", name, "netns", netns, "type", "veth", "peer", "name", peer, "netns",
+        peer_netns,
+    ]);
+}
+
 /// A named network namespace (`ip netns add`), deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -277,21 +285,7 @@ impl Lab {
         );
         let node_ip = format!("198.18.{index}.1");
         let pod_ip = Ipv4Addr::new(198, 18, index as u8, 2);
-        ip(&[
-            "link",
-            "add",
-            "name",
-            &ifname,
-            "netns",
-            &self.node.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "lab0",
-            "netns",
-            &netns.name,
-        ]);
+        veth_pair(&ifname, &self.node.name, "lab0", &netns.name);
         ip(&[
             "-n",
             &self.node.name,

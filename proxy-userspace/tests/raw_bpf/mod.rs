@@ -21,22 +21,6 @@ const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 #[repr(C)]
 #[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    tail: [u64; 16],
-}
-
-#[repr(C)]
-#[derive(Default)]
 struct TestRunAttr {
     prog_fd: u32,
     retval: u32,
@@ -82,21 +66,7 @@ pub fn load_return_program(prog_type: u32, verdict: u32, name: &str) -> io::Resu
         0xb7 | (u64::from(verdict) << 32), // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm verdict
         0x95,                              // BPF_JMP | BPF_EXIT
     ];
-    let license = c"GPL";
-    let mut prog_name = [0u8; 16];
-    let len = name.len().min(15);
-    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
-    let mut attr = ProgLoadAttr {
-        prog_type,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
-    // SAFETY: BPF_PROG_LOAD returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    load_program(prog_type, 0, &insns, name)
 }
 
 /// The bench's tc floor: `r0 = 0 (TC_ACT_OK); exit` as a tc program.
@@ -247,7 +217,7 @@ pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 
 #[repr(C)]
 #[derive(Default)]
-struct ProgLoadAttrTyped {
+struct ProgLoadAttr {
     prog_type: u32,
     insn_cnt: u32,
     insns: u64,
@@ -276,7 +246,7 @@ pub fn load_program(
     let len = name.len().min(15);
     prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
     let mut log = vec![0u8; 64 * 1024];
-    let mut attr = ProgLoadAttrTyped {
+    let mut attr = ProgLoadAttr {
         prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
