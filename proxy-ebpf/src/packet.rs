@@ -19,7 +19,10 @@ use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 
 use crate::{
     csum, frag, icmp,
-    parse::{read, Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    parse::{
+        bytes_at, field, set_field, store, Flow, FragmentId, ETH_LEN, IP_CHECK_OFF, IP_DST_OFF,
+        IP_SRC_OFF, IP_TTL_OFF,
+    },
     reject,
 };
 
@@ -134,7 +137,7 @@ impl Packet for TcContext {
             && (self
                 .l4_csum_replace(check_off, from_port, to_port, mangled | 2)
                 .is_err()
-                || !write_at(self, port_off, &port.to_be_bytes()))
+                || !store(self, port_off, port.to_be()))
         {
             return false;
         }
@@ -208,32 +211,24 @@ impl Packet for TcContext {
     }
 }
 
-/// Writes `bytes` at `offset` by direct packet access, bounds-checked: at
-/// XDP the frame is one linear buffer, and the byte helpers
-/// (`bpf_xdp_store_bytes`, `bpf_skb_store_bytes`) cost a call, a page walk
-/// and a memcpy each. At tc the headers were pulled into the linear data
-/// (`make_linear`), and the verifier unclones a cloned skb before a
-/// program that writes directly runs.
-#[inline(always)]
-fn write_at<P: Packet, const N: usize>(ctx: &P, offset: usize, bytes: &[u8; N]) -> bool {
-    let start = ctx.data();
-    if start + offset + N > ctx.data_end() {
-        return false;
-    }
-    // SAFETY: inside the packet's linear data, checked just above.
-    unsafe { core::ptr::write_unaligned((start + offset) as *mut [u8; N], *bytes) };
-    true
-}
-
 /// Replaces the IPv4 address at `addr_off` and updates the header
-/// checksum (RFC 1624).
+/// checksum (RFC 1624), by direct packet access: the headers were pulled
+/// into the linear data (`make_linear`), and the verifier unclones a cloned
+/// skb before a program that writes directly runs. The byte helpers
+/// (`bpf_skb_store_bytes`) cost a call and a memcpy each.
 #[inline(always)]
 fn tc_rewrite_ip(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> bool {
-    let Some(check) = read::<[u8; 2], _>(ctx, IP_CHECK_OFF) else {
+    let Some(ip) = bytes_at(ctx, 0, ETH_LEN + 20) else {
         return false;
     };
-    let check = csum::update4(u16::from_be_bytes(check), old, new);
-    write_at(ctx, IP_CHECK_OFF, &check.to_be_bytes()) && write_at(ctx, addr_off, &new)
+    let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+    // SAFETY: both fields are inside the checked IPv4 header.
+    unsafe {
+        let check = csum::update4(field(ip, IP_CHECK_OFF), old, new);
+        set_field(ip, IP_CHECK_OFF, check);
+        set_field(ip, addr_off, new);
+    }
+    true
 }
 
 #[inline(always)]
@@ -266,34 +261,42 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn make_linear(&self, _len: usize) {}
 
-    /// RFC 1624 incremental checksums, written straight into the frame.
-    /// Frames at XDP come from the wire with full checksums (no
-    /// CHECKSUM_PARTIAL here).
+    /// RFC 1624 incremental checksums, written straight into the frame
+    /// (the byte helpers `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes` cost
+    /// a call, a page walk and a memcpy each). Frames at XDP come from the
+    /// wire with full checksums (no CHECKSUM_PARTIAL here). Two bounds
+    /// checks: the IPv4 header, and the L4 header up to its checksum.
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool {
         let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
-        let l4_check_off = flow.l4_check_off();
-        let (Some(ip_check), Some(l4_check)) = (
-            read::<[u8; 2], _>(self, IP_CHECK_OFF),
-            read::<[u8; 2], _>(self, l4_check_off),
+        let check_off = flow.l4_check_off() - flow.l4_start();
+        let (Some(ip), Some(l4)) = (
+            bytes_at(self, 0, ETH_LEN + 20),
+            bytes_at(self, flow.l4_start(), check_off + 2),
         ) else {
             return false;
         };
-        let new_port = port.to_be_bytes();
-        let ip_check = csum::update4(u16::from_be_bytes(ip_check), old_addr, addr);
-        let mut l4 = u16::from_be_bytes(l4_check);
-        // A zero UDP checksum means "none": leave it zero.
-        if !(flow.proto == PROTO_UDP && l4 == 0) {
-            l4 = csum::update4(l4, old_addr, addr);
-            l4 = csum::update2(l4, old_port.to_be_bytes(), new_port);
-            if flow.proto == PROTO_UDP && l4 == 0 {
-                l4 = 0xffff;
+        let (old_addr, new_addr) = (u32::from_ne_bytes(old_addr), u32::from_ne_bytes(addr));
+        let (old_port, new_port) = (old_port.to_be(), port.to_be());
+        let port_off = port_off - flow.l4_start();
+        // SAFETY: every field is inside one of the two checked spans.
+        unsafe {
+            let ip_check = csum::update4(field(ip, IP_CHECK_OFF), old_addr, new_addr);
+            let mut l4_check: u16 = field(l4, check_off);
+            // A zero UDP checksum means "none": leave it zero.
+            if !(flow.proto == PROTO_UDP && l4_check == 0) {
+                l4_check = csum::update4(l4_check, old_addr, new_addr);
+                l4_check = csum::update2(l4_check, old_port, new_port);
+                if flow.proto == PROTO_UDP && l4_check == 0 {
+                    l4_check = 0xffff;
+                }
             }
+            set_field(ip, IP_CHECK_OFF, ip_check);
+            set_field(ip, addr_off, new_addr);
+            set_field(l4, check_off, l4_check);
+            set_field(l4, port_off, new_port);
         }
-        write_at(self, IP_CHECK_OFF, &ip_check.to_be_bytes())
-            && write_at(self, l4_check_off, &l4.to_be_bytes())
-            && write_at(self, addr_off, &addr)
-            && write_at(self, port_off, &new_port)
+        true
     }
 
     /// Only a route back out of the interface the frame came in on
@@ -321,24 +324,34 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn decrement_ttl(&self) -> bool {
-        let (Some(old), Some(check)) = (
-            read::<[u8; 2], _>(self, IP_TTL_OFF),
-            read::<[u8; 2], _>(self, IP_CHECK_OFF),
-        ) else {
+        let Some(ip) = bytes_at(self, 0, ETH_LEN + 20) else {
             return false;
         };
-        if old[0] <= 1 {
-            return false;
+        // SAFETY: both fields are inside the checked IPv4 header.
+        unsafe {
+            // TTL and protocol, one raw 16-bit word of the checksum.
+            let old: u16 = field(ip, IP_TTL_OFF);
+            let [ttl, proto] = old.to_ne_bytes();
+            if ttl <= 1 {
+                return false;
+            }
+            let new = u16::from_ne_bytes([ttl - 1, proto]);
+            let check = csum::update2(field(ip, IP_CHECK_OFF), old, new);
+            set_field(ip, IP_TTL_OFF, new);
+            set_field(ip, IP_CHECK_OFF, check);
         }
-        let new = [old[0] - 1, old[1]];
-        let check = csum::update2(u16::from_be_bytes(check), old, new);
-        write_at(self, IP_TTL_OFF, &new) && write_at(self, IP_CHECK_OFF, &check.to_be_bytes())
+        true
     }
 
     #[inline(always)]
     fn forward(&self, route: &Route) -> i32 {
-        if !write_at(self, 0, &route.dmac) || !write_at(self, 6, &route.smac) {
+        let Some(eth) = bytes_at(self, 0, ETH_LEN) else {
             return Self::DROP;
+        };
+        // SAFETY: inside the checked Ethernet header.
+        unsafe {
+            set_field(eth, 0, route.dmac);
+            set_field(eth, 6, route.smac);
         }
         // `route` leaves by the ingress interface (see `route`).
         xdp_action::XDP_TX as i32
@@ -364,8 +377,8 @@ impl Packet for XdpContext {
 #[inline(always)]
 fn locate(flow: &Flow, side: Side) -> (usize, [u8; 4], usize, u16) {
     match side {
-        Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_off, flow.sport),
-        Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_off + 2, flow.dport),
+        Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_start(), flow.sport),
+        Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_start() + 2, flow.dport),
     }
 }
 

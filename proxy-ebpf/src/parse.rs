@@ -69,13 +69,22 @@ pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 impl Flow {
+    /// Offset of the L4 header, visibly bounded: the verifier may lose
+    /// track of a value that went through a struct in another stack frame,
+    /// and refuses packet pointer arithmetic with an unbounded offset.
+    #[inline(always)]
+    pub fn l4_start(&self) -> usize {
+        // At most 14 + 60; the mask changes no valid value.
+        self.l4_off & 0x7f
+    }
+
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
         if self.proto == PROTO_TCP {
-            self.l4_off + 16
+            self.l4_start() + 16
         } else {
-            self.l4_off + 6
+            self.l4_start() + 6
         }
     }
 
@@ -85,20 +94,64 @@ impl Flow {
     }
 }
 
+/// The address of `len` bytes at `offset` when the packet's linear data
+/// holds them: one bounds check for a whole header, whose fields are then
+/// read with `field` and written with `set_field`.
 #[inline(always)]
-fn ptr_at<T, P: Packet>(ctx: &P, offset: usize) -> Option<*const T> {
+pub fn bytes_at<P: Packet>(ctx: &P, offset: usize, len: usize) -> Option<usize> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
+    if start + offset + len > ctx.data_end() {
         return None;
     }
-    Some((start + offset) as *const T)
+    Some(start + offset)
 }
 
+/// One field at `at + off`, read with a single load of its size (a `u16`
+/// or `u32` keeps network byte order: a raw value, as C's `__be16`).
+///
+/// # Safety
+/// `at` came from `bytes_at` with a length that covers `off + size_of::<T>()`.
 #[inline(always)]
-pub fn read<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
-    // SAFETY: ptr_at checked the bounds; read_unaligned copes with any offset.
-    ptr_at::<T, P>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+pub unsafe fn field<T: Copy>(at: usize, off: usize) -> T {
+    // The field need not be aligned for `T`: the BPF ISA has no alignment
+    // rule for packet access and the verifier allows misaligned packet
+    // loads where the CPU does them (x86-64, arm64). `read_unaligned` would
+    // be split into byte loads by LLVM's BPF backend (several instructions
+    // per byte); a volatile load stays one instruction.
+    unsafe { core::ptr::read_volatile((at + off) as *const T) }
+}
+
+/// Writes one field, the counterpart of `field`.
+///
+/// # Safety
+/// As for `field`, and the packet is writable (XDP, or tc after the
+/// verifier's unclone prologue).
+#[inline(always)]
+pub unsafe fn set_field<T: Copy>(at: usize, off: usize, value: T) {
+    // SAFETY: as in `field`.
+    unsafe { core::ptr::write_volatile((at + off) as *mut T, value) }
+}
+
+/// One field at `offset`, bounds-checked on its own.
+#[inline(always)]
+pub fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
+    let at = bytes_at(ctx, offset, core::mem::size_of::<T>())?;
+    // SAFETY: `bytes_at` checked exactly this field.
+    Some(unsafe { field(at, 0) })
+}
+
+/// Writes one field at `offset`, bounds-checked on its own; false when
+/// the packet is shorter.
+#[inline(always)]
+pub fn store<T: Copy, P: Packet>(ctx: &P, offset: usize, value: T) -> bool {
+    match bytes_at(ctx, offset, core::mem::size_of::<T>()) {
+        // SAFETY: `bytes_at` checked exactly this field.
+        Some(at) => {
+            unsafe { set_field(at, 0, value) };
+            true
+        }
+        None => false,
+    }
 }
 
 /// Fills `*flow` in place, all of it on `Ok`. The caller's slot may be
@@ -111,25 +164,33 @@ pub fn read<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
 pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     // Make the headers linear when the skb carries them in fragments.
     ctx.make_linear(MAX_HEADERS);
-    let ether_type: [u8; 2] = read(ctx, 12).ok_or(Skip::NotService)?;
-    if u16::from_be_bytes(ether_type) != ETH_P_IP {
+    // One bounds check for Ethernet and the fixed IPv4 header; each field
+    // is then one load (see `field`).
+    let Some(ip) = bytes_at(ctx, 0, ETH_LEN + IPV4_MIN_LEN) else {
+        return Err(match load::<u16, P>(ctx, 12) {
+            Some(ether_type) if u16::from_be(ether_type) == ETH_P_IP => Skip::Malformed,
+            _ => Skip::NotService,
+        });
+    };
+    // SAFETY (every `field` below): inside the checked span.
+    if u16::from_be(unsafe { field::<u16>(ip, 12) }) != ETH_P_IP {
         return Err(Skip::NotService);
     }
-    let ip: [u8; IPV4_MIN_LEN] = read(ctx, ETH_LEN).ok_or(Skip::Malformed)?;
-    let version = ip[0] >> 4;
-    let ip_hdr_len = ((ip[0] & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let version_ihl: u8 = unsafe { field(ip, ETH_LEN) };
+    let version = version_ihl >> 4;
+    let ip_hdr_len = ((version_ihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be(unsafe { field(ip, ETH_LEN + 2) }) as usize;
     if version != 4 || ip_hdr_len < IPV4_MIN_LEN || total_len < ip_hdr_len {
         return Err(Skip::Malformed);
     }
     if ETH_LEN + total_len > ctx.len() {
         return Err(Skip::Malformed);
     }
-    let proto = ip[9];
-    let saddr = [ip[12], ip[13], ip[14], ip[15]];
-    let daddr = [ip[16], ip[17], ip[18], ip[19]];
-    let ip_id = u16::from_be_bytes([ip[4], ip[5]]);
-    let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
+    let proto: u8 = unsafe { field(ip, ETH_LEN + 9) };
+    let saddr = unsafe { field::<u32>(ip, IP_SRC_OFF) }.to_ne_bytes();
+    let daddr = unsafe { field::<u32>(ip, IP_DST_OFF) }.to_ne_bytes();
+    let ip_id = u16::from_be(unsafe { field(ip, ETH_LEN + 4) });
+    let frag_field = u16::from_be(unsafe { field(ip, ETH_LEN + 6) });
     let frag_offset = frag_field & 0x1fff;
     let more_fragments = frag_field & 0x2000 != 0;
     // Bounded for the verifier: IHL is at most 15 words.
@@ -150,21 +211,32 @@ pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     }
     let l4_len = total_len - ip_hdr_len;
     let (ports, tcp_flags) = if proto == PROTO_TCP {
-        let tcp: [u8; TCP_MIN_LEN] = read(ctx, l4_off).ok_or(Skip::Malformed)?;
-        let tcp_hdr_len = ((tcp[12] >> 4) as usize) * 4;
+        let tcp = bytes_at(ctx, l4_off, TCP_MIN_LEN).ok_or(Skip::Malformed)?;
+        // SAFETY: inside the checked TCP header.
+        let (ports, data_offset, flags) = unsafe {
+            (
+                field::<u32>(tcp, 0),
+                field::<u8>(tcp, 12),
+                field::<u8>(tcp, 13),
+            )
+        };
+        let tcp_hdr_len = ((data_offset >> 4) as usize) * 4;
         if l4_len < TCP_MIN_LEN || tcp_hdr_len < TCP_MIN_LEN || tcp_hdr_len > l4_len {
             return Err(Skip::Malformed);
         }
-        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
+        (ports, flags)
     } else {
-        let udp: [u8; UDP_LEN] = read(ctx, l4_off).ok_or(Skip::Malformed)?;
-        let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+        let udp = bytes_at(ctx, l4_off, UDP_LEN).ok_or(Skip::Malformed)?;
+        // SAFETY: inside the checked UDP header.
+        let (ports, udp_len) = unsafe { (field::<u32>(udp, 0), field::<u16>(udp, 4)) };
+        let udp_len = u16::from_be(udp_len) as usize;
         // A first fragment carries only part of the datagram.
         if udp_len < UDP_LEN || (udp_len > l4_len && !more_fragments) {
             return Err(Skip::Malformed);
         }
-        ([udp[0], udp[1], udp[2], udp[3]], 0)
+        (ports, 0)
     };
+    let ports = ports.to_ne_bytes();
     // SAFETY: the caller's slot, valid for writes.
     unsafe {
         flow.write(Flow {

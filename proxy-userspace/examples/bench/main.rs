@@ -2,7 +2,11 @@
 //! kube-proxy's iptables and nftables rule sets, and writes
 //! docs/BENCHMARKS.md plus SVG plots (DESIGN.md section 6).
 //!
-//! Usage: bench [--quick] --out docs/BENCHMARKS.md   (as root)
+//! Usage: bench [--quick] [--parts 1,2,3,4] --out docs/BENCHMARKS.md   (as root)
+//!
+//! `--parts` runs only some of the four parts (a quicker loop while working
+//! on one of them); such a report says which parts it leaves out, so write
+//! it somewhere other than docs/.
 //!
 //! Every comparison is a ratio of numbers measured in this one run on this
 //! one machine. Nothing here asserts a time; targets are reported as
@@ -29,6 +33,8 @@ use proxy_userspace::sync::Syncer;
 
 struct Config {
     quick: bool,
+    /// Which of the four parts run (1-based); all by default.
+    parts: Vec<usize>,
     out: PathBuf,
     service_counts: Vec<usize>,
     repeat: u32,
@@ -41,12 +47,23 @@ struct Config {
 
 fn parse_args() -> Result<Config> {
     let mut quick = false;
+    let mut parts = vec![1, 2, 3, 4];
     let mut out = PathBuf::from("docs/BENCHMARKS.md");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--out" => out = PathBuf::from(args.next().context("--out needs a path")?),
+            "--parts" => {
+                let list = args.next().context("--parts needs a list such as 1,3")?;
+                parts = list
+                    .split(',')
+                    .map(|p| match p.trim().parse() {
+                        Ok(n @ 1..=4) => Ok(n),
+                        _ => bail!("--parts takes numbers 1 to 4, not {p:?}"),
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "--kproxy-control-plane" => {
                 let mut number = || -> Result<usize> {
                     Ok(args.next().context("--kproxy-control-plane S E")?.parse()?)
@@ -55,12 +72,15 @@ fn parse_args() -> Result<Config> {
                 control_plane::child(services, endpoints)?;
                 std::process::exit(0);
             }
-            other => bail!("unknown argument {other:?}; usage: bench [--quick] --out FILE"),
+            other => {
+                bail!("unknown argument {other:?}; usage: bench [--quick] [--parts 1,2,3,4] --out FILE")
+            }
         }
     }
     Ok(if quick {
         Config {
             quick,
+            parts,
             out,
             service_counts: vec![per_packet::MEASURED_SERVICES, 10_000],
             repeat: 1_000_000,
@@ -73,6 +93,7 @@ fn parse_args() -> Result<Config> {
     } else {
         Config {
             quick,
+            parts,
             out,
             service_counts: vec![per_packet::MEASURED_SERVICES, 1_000, 10_000, 100_000],
             repeat: 1_000_000,
@@ -115,12 +136,20 @@ fn main() -> Result<()> {
         .map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&docs)?;
-    let sections = [
-        per_packet::run(&config, &docs)?,
-        connections::run(&config, &docs)?,
-        control_plane::run(&config, &docs)?,
-        xdp_forward::run(&config, &docs)?,
-    ];
+    let part = |n: usize| config.parts.contains(&n);
+    let mut sections = Vec::new();
+    if part(1) {
+        sections.push(per_packet::run(&config, &docs)?);
+    }
+    if part(2) {
+        sections.push(connections::run(&config, &docs)?);
+    }
+    if part(3) {
+        sections.push(control_plane::run(&config, &docs)?);
+    }
+    if part(4) {
+        sections.push(xdp_forward::run(&config, &docs)?);
+    }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let report = render(&config, &machine, &sections, started.elapsed(), &load_after);
     std::fs::write(&config.out, report)
@@ -274,8 +303,13 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "| mode | {} |",
-        if config.quick { "--quick" } else { "full" }
+        "| mode | {}{} |",
+        if config.quick { "--quick" } else { "full" },
+        if config.parts.len() < 4 {
+            format!(", only parts {:?} (not a complete report)", config.parts)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(md, "| bench wall time | {:.0} s |", elapsed.as_secs_f64());
     let _ = writeln!(
