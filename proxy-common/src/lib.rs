@@ -563,6 +563,34 @@ pub fn addr_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
     }
 }
 
+impl ConntrackKey {
+    /// Built as whole words: spelled field by field, the three pad bytes
+    /// become a call to a byte-at-a-time `memset` in the eBPF object, paid
+    /// by every packet.
+    #[inline(always)]
+    pub const fn new(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8) -> Self {
+        #[repr(C)]
+        struct Words {
+            saddr: [u8; 16],
+            daddr: [u8; 16],
+            sport: u16,
+            dport: u16,
+            proto_and_pad: u32,
+        }
+        // SAFETY: both are repr(C), 40 bytes, every field at the same offset
+        // (checked by the size asserts), and any bit pattern is valid.
+        unsafe {
+            core::mem::transmute::<Words, ConntrackKey>(Words {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto_and_pad: u32::from_ne_bytes([proto, 0, 0, 0]),
+            })
+        }
+    }
+}
+
 impl ServiceKey {
     #[inline(always)]
     pub const fn new(addr: [u8; 16], port: u16, proto: u8, scope: u8, slot: u16) -> Self {

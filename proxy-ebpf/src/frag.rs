@@ -4,20 +4,22 @@
 //! same address. The receiving host reassembles an intact datagram.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext, EbpfContext as _};
-use proxy_common::{ipv4_mapped, stat, FragmentKey, FragmentValue};
+use proxy_common::{stat, FragmentKey, FragmentValue};
 
 use crate::maps::{count, FRAGMENTS};
 use crate::packet::{fib_lookup, Packet as _};
-use crate::parse::{Flow, FragmentId, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::parse::{
+    mapped, unmapped, Flow, FragmentId, Ipv4, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF,
+};
 
 const OK: i32 = TC_ACT_OK as i32;
 
 /// A datagram's identity, as every one of its fragments carries it.
 #[inline(always)]
-fn fragment_key(saddr: [u8; 4], daddr: [u8; 4], id: u16, proto: u8) -> FragmentKey {
+fn fragment_key(saddr: Ipv4, daddr: Ipv4, id: u16, proto: u8) -> FragmentKey {
     FragmentKey {
-        saddr: ipv4_mapped(saddr),
-        daddr: ipv4_mapped(daddr),
+        saddr: mapped(saddr),
+        daddr: mapped(daddr),
         id,
         proto,
         _pad: [0; 5],
@@ -29,18 +31,17 @@ fn fragment_key(saddr: [u8; 4], daddr: [u8; 4], id: u16, proto: u8) -> FragmentK
 /// sides are recorded: a source-NATed flow rewrites both.
 #[inline(never)]
 pub fn remember(ctx: &TcContext, flow: &Flow) {
-    let Ok(addrs) = ctx.load::<[u8; 8]>(IP_SRC_OFF) else {
+    let (Ok(saddr), Ok(daddr)) = (ctx.load::<Ipv4>(IP_SRC_OFF), ctx.load::<Ipv4>(IP_DST_OFF))
+    else {
         return;
     };
-    let saddr = [addrs[0], addrs[1], addrs[2], addrs[3]];
-    let daddr = [addrs[4], addrs[5], addrs[6], addrs[7]];
     if saddr == flow.saddr && daddr == flow.daddr {
         return;
     }
     let key = fragment_key(flow.saddr, flow.daddr, flow.ip_id, flow.proto);
     let value = FragmentValue {
-        saddr: ipv4_mapped(saddr),
-        daddr: ipv4_mapped(daddr),
+        saddr: mapped(saddr),
+        daddr: mapped(daddr),
     };
     let _ = FRAGMENTS.insert(&key, &value, 0);
 }
@@ -55,8 +56,8 @@ pub fn later_fragment(ctx: &TcContext, id: &FragmentId, route_out: bool) -> i32 
         count(stat::FRAGMENT);
         return OK;
     };
-    let new_saddr = v4(&record.saddr);
-    let new_daddr = v4(&record.daddr);
+    let new_saddr = unmapped(&record.saddr);
+    let new_daddr = unmapped(&record.daddr);
     if !rewrite_address(ctx, IP_SRC_OFF, id.saddr, new_saddr)
         || !rewrite_address(ctx, IP_DST_OFF, id.daddr, new_daddr)
     {
@@ -82,18 +83,12 @@ pub fn later_fragment(ctx: &TcContext, id: &FragmentId, route_out: bool) -> i32 
     OK
 }
 
-#[inline(always)]
-fn v4(addr: &[u8; 16]) -> [u8; 4] {
-    [addr[12], addr[13], addr[14], addr[15]]
-}
-
 /// One IPv4 address (a later fragment has no L4 header to fix).
 #[inline(always)]
-fn rewrite_address(ctx: &TcContext, offset: usize, old: [u8; 4], new: [u8; 4]) -> bool {
+fn rewrite_address(ctx: &TcContext, offset: usize, old: Ipv4, new: Ipv4) -> bool {
     if old == new {
         return true;
     }
-    let from = u32::from_ne_bytes(old) as u64;
-    let to = u32::from_ne_bytes(new) as u64;
-    ctx.l3_csum_replace(IP_CHECK_OFF, from, to, 4).is_ok() && ctx.store(offset, &new, 0).is_ok()
+    ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 4).is_ok()
+        && ctx.store(offset, &new, 0).is_ok()
 }

@@ -61,14 +61,13 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     // VIP -> client (a reply already translated back): its forward entry
     // (keyed client -> VIP) holds the backend; the quoted source and the
     // outer destination become the backend.
-    let key = ConntrackKey {
-        saddr: ipv4_mapped(inner_dst),
-        daddr: ipv4_mapped(inner_src),
-        sport: inner_dport,
-        dport: inner_sport,
-        proto: ip[9],
-        _pad: [0; 3],
-    };
+    let key = ConntrackKey::new(
+        ipv4_mapped(inner_dst),
+        ipv4_mapped(inner_src),
+        inner_dport,
+        inner_sport,
+        ip[9],
+    );
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
         return Ok(OK);
     };

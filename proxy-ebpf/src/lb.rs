@@ -56,8 +56,8 @@ fn by_algorithm(flow: &Flow, key: &ServiceKey, frontend: &ServiceValue) -> Optio
     let index = match frontend.algorithm {
         ALG_MAGLEV => return maglev(flow, frontend),
         ALG_RR => round_robin(frontend.rev_nat_id) % count,
-        ALG_SH => mix(&flow.saddr) % count,
-        ALG_DH => mix(&flow.daddr) % count,
+        ALG_SH => mix(u32::from_be(flow.saddr)) % count,
+        ALG_DH => mix(u32::from_be(flow.daddr)) % count,
         ALG_LC | ALG_SED | ALG_NQ => return least_loaded(key, count, frontend.algorithm),
         _ => (unsafe { bpf_get_prandom_u32() }) % count,
     };
@@ -70,10 +70,10 @@ fn slot_backend(key: &ServiceKey, slot: u16) -> Option<u32> {
     unsafe { SERVICES.get(&slot_key) }.map(|s| s.backend_id)
 }
 
-/// A stable 32-bit mix of an IPv4 address (murmur3's finalizer).
+/// A stable 32-bit mix of a number (murmur3's finalizer); addresses as
+/// numbers (host order), so every node and version hashes alike.
 #[inline(always)]
-fn mix(addr: &[u8; 4]) -> u32 {
-    let mut h = u32::from_be_bytes(*addr);
+fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -86,9 +86,9 @@ fn mix(addr: &[u8; 4]) -> u32 {
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
     let ports = ((flow.sport as u32) << 16) | flow.dport as u32;
-    let mut h = mix(&flow.saddr);
-    h = h.wrapping_mul(31).wrapping_add(mix(&flow.daddr));
-    h = h.wrapping_mul(31).wrapping_add(mix(&ports.to_be_bytes()));
+    let mut h = mix(u32::from_be(flow.saddr));
+    h = h.wrapping_mul(31).wrapping_add(mix(u32::from_be(flow.daddr)));
+    h = h.wrapping_mul(31).wrapping_add(mix(ports));
     h.wrapping_mul(31).wrapping_add(flow.proto as u32)
 }
 

@@ -20,7 +20,7 @@ use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 use crate::{
     csum, frag, icmp,
     parse::{
-        bytes_at, field, set_field, store, Flow, FragmentId, ETH_LEN, IP_CHECK_OFF, IP_DST_OFF,
+        bytes_at, field, set_field, store, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF, IP_DST_OFF,
         IP_SRC_OFF, IP_TTL_OFF,
     },
     reject,
@@ -40,7 +40,7 @@ pub struct Route {
     pub ifindex: u32,
     /// The address the kernel would pick as source towards the next hop
     /// (what MASQUERADE uses).
-    pub src: [u8; 4],
+    pub src: Ipv4,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }
@@ -58,9 +58,9 @@ pub trait Packet {
     /// Makes the first `len` bytes directly readable (tc: pull them in).
     fn make_linear(&self, len: usize);
     /// Rewrites one side's address and port, keeping the checksums right.
-    fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool;
+    fn rewrite(&self, flow: &Flow, side: Side, addr: Ipv4, port: u16) -> bool;
     /// The route to `dst` (XDP: only a complete one, neighbour included).
-    fn route(&self, dst: [u8; 4]) -> Option<Route>;
+    fn route(&self, dst: Ipv4) -> Option<Route>;
     /// Sends the (rewritten) packet out along `route`; returns the verdict.
     fn forward(&self, route: &Route) -> i32;
     /// The interface the packet arrived on.
@@ -110,7 +110,7 @@ impl Packet for TcContext {
     /// offloaded), the address and the port written in place, which saves
     /// three helper calls per rewrite.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool {
+    fn rewrite(&self, flow: &Flow, side: Side, addr: Ipv4, port: u16) -> bool {
         let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
         let check_off = flow.l4_check_off();
         // A zero UDP checksum means "none": leave it zero.
@@ -119,8 +119,8 @@ impl Packet for TcContext {
         } else {
             0
         };
-        let from_addr = u32::from_ne_bytes(old_addr) as u64;
-        let to_addr = u32::from_ne_bytes(addr) as u64;
+        let from_addr = old_addr as u64;
+        let to_addr = addr as u64;
         if from_addr != to_addr {
             let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
             if self
@@ -147,7 +147,7 @@ impl Packet for TcContext {
     /// The egress interface only: `bpf_redirect_neigh` resolves the next
     /// hop itself (and asks for it when it is not known yet).
     #[inline(always)]
-    fn route(&self, dst: [u8; 4]) -> Option<Route> {
+    fn route(&self, dst: Ipv4) -> Option<Route> {
         fib_lookup(self.as_ptr(), dst, ingress_ifindex_tc(self), true)
     }
 
@@ -217,11 +217,10 @@ impl Packet for TcContext {
 /// skb before a program that writes directly runs. The byte helpers
 /// (`bpf_skb_store_bytes`) cost a call and a memcpy each.
 #[inline(always)]
-fn tc_rewrite_ip(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> bool {
+fn tc_rewrite_ip(ctx: &TcContext, addr_off: usize, old: Ipv4, new: Ipv4) -> bool {
     let Some(ip) = bytes_at(ctx, 0, ETH_LEN + 20) else {
         return false;
     };
-    let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
     // SAFETY: both fields are inside the checked IPv4 header.
     unsafe {
         let check = csum::update4(field(ip, IP_CHECK_OFF), old, new);
@@ -267,7 +266,7 @@ impl Packet for XdpContext {
     /// wire with full checksums (no CHECKSUM_PARTIAL here). Two bounds
     /// checks: the IPv4 header, and the L4 header up to its checksum.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, addr: [u8; 4], port: u16) -> bool {
+    fn rewrite(&self, flow: &Flow, side: Side, new_addr: Ipv4, port: u16) -> bool {
         let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
         let check_off = flow.l4_check_off() - flow.l4_start();
         let (Some(ip), Some(l4)) = (
@@ -276,7 +275,6 @@ impl Packet for XdpContext {
         ) else {
             return false;
         };
-        let (old_addr, new_addr) = (u32::from_ne_bytes(old_addr), u32::from_ne_bytes(addr));
         let (old_port, new_port) = (old_port.to_be(), port.to_be());
         let port_off = port_off - flow.l4_start();
         // SAFETY: every field is inside one of the two checked spans.
@@ -304,7 +302,7 @@ impl Packet for XdpContext {
     /// XDP needs the target to take XDP frames (a pod's veth, whose peer
     /// runs no XDP, would hold them until something else wakes it).
     #[inline(always)]
-    fn route(&self, dst: [u8; 4]) -> Option<Route> {
+    fn route(&self, dst: Ipv4) -> Option<Route> {
         // SAFETY: the context pointer is valid for the program's run.
         let ingress = unsafe { (*self.ctx).ingress_ifindex };
         fib_lookup(self.as_ptr(), dst, ingress, false).filter(|r| r.ifindex == ingress)
@@ -375,7 +373,7 @@ impl Packet for XdpContext {
 
 /// Offsets and old values of one side's address and port.
 #[inline(always)]
-fn locate(flow: &Flow, side: Side) -> (usize, [u8; 4], usize, u16) {
+fn locate(flow: &Flow, side: Side) -> (usize, Ipv4, usize, u16) {
     match side {
         Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_start(), flow.sport),
         Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_start() + 2, flow.dport),
@@ -389,7 +387,7 @@ fn locate(flow: &Flow, side: Side) -> (usize, [u8; 4], usize, u16) {
 #[inline(never)]
 pub fn fib_lookup(
     ctx: *mut core::ffi::c_void,
-    dst: [u8; 4],
+    dst: Ipv4,
     ingress: u32,
     skip_neigh: bool,
 ) -> Option<Route> {
@@ -397,7 +395,7 @@ pub fn fib_lookup(
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.ifindex = ingress;
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    params.__bindgen_anon_4.ipv4_dst = dst;
     let mut flags = BPF_FIB_LOOKUP_SRC;
     if skip_neigh {
         flags |= BPF_FIB_LOOKUP_SKIP_NEIGH;
@@ -415,7 +413,7 @@ pub fn fib_lookup(
     }
     Some(Route {
         ifindex: params.ifindex,
-        src: unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes(),
+        src: unsafe { params.__bindgen_anon_3.ipv4_src },
         smac: params.smac,
         dmac: params.dmac,
     })

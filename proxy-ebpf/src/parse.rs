@@ -1,7 +1,7 @@
 //! Header parsing with bounds-checked direct packet access. The parser only
 //! reads; it returns a copy of what the service path needs.
 
-use proxy_common::{PROTO_TCP, PROTO_UDP};
+use proxy_common::{ipv4_mapped, PROTO_TCP, PROTO_UDP};
 
 use crate::packet::Packet;
 
@@ -37,17 +37,34 @@ pub enum Skip {
 /// What identifies the fragments of one datagram (RFC 791).
 #[derive(Clone, Copy)]
 pub struct FragmentId {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: Ipv4,
+    pub daddr: Ipv4,
     pub id: u16,
     pub proto: u8,
+}
+
+/// An IPv4 address as the datapath handles it: its four bytes loaded as
+/// one native `u32`, in network byte order like C's `__be32`. One
+/// register, where `[u8; 4]` is taken apart byte by byte by LLVM.
+pub type Ipv4 = u32;
+
+/// `addr` in the maps' 16-byte form (IPv4-mapped IPv6).
+#[inline(always)]
+pub fn mapped(addr: Ipv4) -> [u8; 16] {
+    ipv4_mapped(addr.to_ne_bytes())
+}
+
+/// The IPv4 address in a map's 16-byte (IPv4-mapped) address.
+#[inline(always)]
+pub fn unmapped(addr: &[u8; 16]) -> Ipv4 {
+    u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]])
 }
 
 /// The parts of an IPv4 TCP/UDP packet the datapath reads.
 #[derive(Clone, Copy)]
 pub struct Flow {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: Ipv4,
+    pub daddr: Ipv4,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -187,8 +204,8 @@ pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
         return Err(Skip::Malformed);
     }
     let proto: u8 = unsafe { field(ip, ETH_LEN + 9) };
-    let saddr = unsafe { field::<u32>(ip, IP_SRC_OFF) }.to_ne_bytes();
-    let daddr = unsafe { field::<u32>(ip, IP_DST_OFF) }.to_ne_bytes();
+    let saddr: Ipv4 = unsafe { field(ip, IP_SRC_OFF) };
+    let daddr: Ipv4 = unsafe { field(ip, IP_DST_OFF) };
     let ip_id = u16::from_be(unsafe { field(ip, ETH_LEN + 4) });
     let frag_field = u16::from_be(unsafe { field(ip, ETH_LEN + 6) });
     let frag_offset = frag_field & 0x1fff;

@@ -82,8 +82,8 @@ fn build<const QUOTE: usize, const ORIG: usize, const ICMP_MSG: usize, const OUT
     out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
     out[ip + 8] = 64;
     out[ip + 9] = IPPROTO_ICMP;
-    out[ip + 12..ip + 16].copy_from_slice(&flow.daddr);
-    out[ip + 16..ip + 20].copy_from_slice(&flow.saddr);
+    out[ip + 12..ip + 16].copy_from_slice(&flow.daddr.to_ne_bytes());
+    out[ip + 16..ip + 20].copy_from_slice(&flow.saddr.to_ne_bytes());
     let ip_check = checksum(&out[ip..icmp]);
     out[ip + 10..ip + 12].copy_from_slice(&ip_check.to_be_bytes());
     // ICMP destination unreachable / port unreachable + the quote.

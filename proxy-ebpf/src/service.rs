@@ -18,7 +18,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    addr_eq, ipv4_mapped, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
+    addr_eq, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
     SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
     CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
@@ -29,7 +29,7 @@ use crate::{
     lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
     packet::{Packet, Side},
-    parse::{parse, Flow, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    parse::{mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
 };
 
 /// How many random SNAT ports a new flow tries before giving up.
@@ -39,9 +39,9 @@ const SNAT_TRIES: u32 = 8;
 /// the packet's own where that side is not translated).
 #[derive(Clone, Copy, Default)]
 struct Nat {
-    saddr: [u8; 4],
+    saddr: Ipv4,
     sport: u16,
-    daddr: [u8; 4],
+    daddr: Ipv4,
     dport: u16,
     /// Leaves by its route (FIB lookup, then out): a source-NATed flow at
     /// the external hook, or a flow of this node's own processes at `lo`.
@@ -121,12 +121,12 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
     // SAFETY: `new_flow` wrote all of it when it returned `Open`.
     let pending = unsafe { pending.assume_init_ref() };
     let snat_addr = match pending.snat {
-        Snat::None => [0; 4],
+        Snat::None => 0,
         // Hairpin: the pod sees its own connection come from the Service,
         // and answers through us.
         Snat::Hairpin => flow.daddr,
         // To the node: masquerade to the address the route picks.
-        Snat::Node => match ctx.route(v4(&pending.backend_addr)) {
+        Snat::Node => match ctx.route(unmapped(&pending.backend_addr)) {
             Some(route) => route.src,
             None => return no_route::<P>() as i64,
         },
@@ -214,14 +214,11 @@ const DROP: i64 = -3;
 /// frame.
 #[inline(never)]
 fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
-    let saddr = ipv4_mapped(flow.saddr);
-    let daddr = ipv4_mapped(flow.daddr);
-
     let config = config();
 
     // One lookup finds the packet's entry whichever way it goes: the
     // direction is in the value.
-    let Some(entry) = CONNTRACK.get_ptr_mut(&ct_key(flow, saddr, daddr)) else {
+    let Some(entry) = CONNTRACK.get_ptr_mut(&ct_key(flow)) else {
         return NOT_TRACKED;
     };
     // SAFETY: a valid map value pointer for the duration of the program.
@@ -239,10 +236,10 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
         if flow.proto == PROTO_TCP {
             track_reply(entry, flow);
         }
-        nat.saddr = v4(&entry.nat_addr);
+        nat.saddr = unmapped(&entry.nat_addr);
         nat.sport = entry.nat_port;
         if entry.flags & CT_FLAG_SNAT != 0 {
-            nat.daddr = v4(&entry.other_addr);
+            nat.daddr = unmapped(&entry.other_addr);
             nat.dport = entry.other_port;
             nat.route_out = EXTERNAL;
         }
@@ -272,10 +269,10 @@ fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
         if flow.proto == PROTO_TCP {
             track_forward(entry, flow);
         }
-        nat.daddr = v4(&entry.nat_addr);
+        nat.daddr = unmapped(&entry.nat_addr);
         nat.dport = entry.nat_port;
         if entry.flags & CT_FLAG_SNAT != 0 {
-            nat.saddr = v4(&entry.other_addr);
+            nat.saddr = unmapped(&entry.other_addr);
             nat.sport = entry.other_port;
             nat.route_out = EXTERNAL;
         }
@@ -333,8 +330,8 @@ fn new_flow<const EXTERNAL: bool>(
     from_host: bool,
     pending: *mut Pending,
 ) -> NewFlow {
-    let saddr = ipv4_mapped(flow.saddr);
-    let daddr = ipv4_mapped(flow.daddr);
+    let saddr = mapped(flow.saddr);
+    let daddr = mapped(flow.daddr);
     let scope = if EXTERNAL {
         SCOPE_EXTERNAL
     } else {
@@ -440,20 +437,19 @@ fn source_allowed(rev_nat_id: u32, client: [u8; 16]) -> bool {
 /// of `snat_addr`: the reply entry is inserted only if no flow holds that
 /// (backend, address, port) yet. Returns false when no port was free.
 #[inline(never)]
-fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: &mut Nat) -> bool {
-    let saddr = ipv4_mapped(flow.saddr);
-    let daddr = ipv4_mapped(flow.daddr);
+fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mut Nat) -> bool {
+    let saddr = mapped(flow.saddr);
+    let daddr = mapped(flow.daddr);
     let snat = pending.snat != Snat::None;
     // One key and one value, rewritten in place for the forward direction:
     // this function's stack frame stays small.
-    let mut key = ConntrackKey {
-        saddr: pending.backend_addr,
-        daddr: saddr,
-        sport: pending.backend_port,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let mut key = ConntrackKey::new(
+        pending.backend_addr,
+        saddr,
+        pending.backend_port,
+        flow.sport,
+        flow.proto,
+    );
     let mut value = ConntrackValue {
         nat_addr: daddr,
         nat_port: flow.dport,
@@ -470,7 +466,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
         value.flags |= CT_FLAG_SNAT;
         value.other_addr = saddr;
         value.other_port = flow.sport;
-        key.daddr = ipv4_mapped(snat_addr);
+        key.daddr = mapped(snat_addr);
         let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
         let mut i = 0;
         while i < SNAT_TRIES {
@@ -493,7 +489,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
     } else {
         inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
     }
-    key = ct_key(flow, saddr, daddr);
+    key = ct_key(flow);
     value.direction = CT_DIR_FORWARD;
     value.nat_addr = pending.backend_addr;
     value.nat_port = pending.backend_port;
@@ -507,7 +503,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: [u8; 4], now: u64, nat: 
         stat::CT_INSERT_FAILED
     });
     count(stat::DNAT);
-    nat.daddr = v4(&pending.backend_addr);
+    nat.daddr = unmapped(&pending.backend_addr);
     nat.dport = pending.backend_port;
     true
 }
@@ -586,25 +582,18 @@ fn peer_entry(
         let (client, client_port) = if snat {
             (entry.other_addr, entry.other_port)
         } else {
-            (ipv4_mapped(flow.saddr), flow.sport)
+            (mapped(flow.saddr), flow.sport)
         };
         (entry.nat_addr, client, entry.nat_port, client_port)
     } else {
         let (client, client_port) = if snat {
             (entry.other_addr, entry.other_port)
         } else {
-            (ipv4_mapped(flow.daddr), flow.dport)
+            (mapped(flow.daddr), flow.dport)
         };
         (client, entry.nat_addr, client_port, entry.nat_port)
     };
-    let key = ConntrackKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let key = ConntrackKey::new(saddr, daddr, sport, dport, flow.proto);
     CONNTRACK.get_ptr_mut(&key)
 }
 
@@ -638,19 +627,15 @@ fn backend_matches(entry: &ConntrackValue) -> bool {
     }
 }
 
+/// The packet's own tuple: the key of its forward entry, or of its reply
+/// entry when it comes from a backend.
 #[inline(always)]
-fn ct_key(flow: &Flow, saddr: [u8; 16], daddr: [u8; 16]) -> ConntrackKey {
-    ConntrackKey {
-        saddr,
-        daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
-}
-
-#[inline(always)]
-fn v4(addr: &[u8; 16]) -> [u8; 4] {
-    [addr[12], addr[13], addr[14], addr[15]]
+fn ct_key(flow: &Flow) -> ConntrackKey {
+    ConntrackKey::new(
+        mapped(flow.saddr),
+        mapped(flow.daddr),
+        flow.sport,
+        flow.dport,
+        flow.proto,
+    )
 }
