@@ -89,6 +89,7 @@ fn rewrite_address(ctx: &TcContext, offset: usize, old: Ipv4, new: Ipv4) -> bool
     if old == new {
         return true;
     }
-    ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 4).is_ok()
+    ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 4)
+        .is_ok()
         && ctx.store(offset, &new, 0).is_ok()
 }

@@ -87,7 +87,9 @@ fn mix(mut h: u32) -> u32 {
 fn flow_hash(flow: &Flow) -> u32 {
     let ports = ((flow.sport as u32) << 16) | flow.dport as u32;
     let mut h = mix(u32::from_be(flow.saddr));
-    h = h.wrapping_mul(31).wrapping_add(mix(u32::from_be(flow.daddr)));
+    h = h
+        .wrapping_mul(31)
+        .wrapping_add(mix(u32::from_be(flow.daddr)));
     h = h.wrapping_mul(31).wrapping_add(mix(ports));
     h.wrapping_mul(31).wrapping_add(flow.proto as u32)
 }

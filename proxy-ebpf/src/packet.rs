@@ -20,8 +20,8 @@ use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 use crate::{
     csum, frag, icmp,
     parse::{
-        bytes_at, field, set_field, store, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF, IP_DST_OFF,
-        IP_SRC_OFF, IP_TTL_OFF,
+        bytes_at, field, set_field, store, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF,
+        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
     },
     reject,
 };
@@ -263,24 +263,23 @@ impl Packet for XdpContext {
     /// RFC 1624 incremental checksums, written straight into the frame
     /// (the byte helpers `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes` cost
     /// a call, a page walk and a memcpy each). Frames at XDP come from the
-    /// wire with full checksums (no CHECKSUM_PARTIAL here). Two bounds
-    /// checks: the IPv4 header, and the L4 header up to its checksum.
+    /// wire with full checksums (no CHECKSUM_PARTIAL here).
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, side: Side, new_addr: Ipv4, port: u16) -> bool {
         let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
-        let check_off = flow.l4_check_off() - flow.l4_start();
-        let (Some(ip), Some(l4)) = (
+        // Each span checked where it is used: the verifier bounds a packet
+        // pointer only by a check on that very pointer.
+        let (Some(ip), Some(check)) = (
             bytes_at(self, 0, ETH_LEN + 20),
-            bytes_at(self, flow.l4_start(), check_off + 2),
+            bytes_at(self, flow.l4_check_off(), 2),
         ) else {
             return false;
         };
         let (old_port, new_port) = (old_port.to_be(), port.to_be());
-        let port_off = port_off - flow.l4_start();
         // SAFETY: every field is inside one of the two checked spans.
         unsafe {
             let ip_check = csum::update4(field(ip, IP_CHECK_OFF), old_addr, new_addr);
-            let mut l4_check: u16 = field(l4, check_off);
+            let mut l4_check: u16 = field(check, 0);
             // A zero UDP checksum means "none": leave it zero.
             if !(flow.proto == PROTO_UDP && l4_check == 0) {
                 l4_check = csum::update4(l4_check, old_addr, new_addr);
@@ -291,10 +290,9 @@ impl Packet for XdpContext {
             }
             set_field(ip, IP_CHECK_OFF, ip_check);
             set_field(ip, addr_off, new_addr);
-            set_field(l4, check_off, l4_check);
-            set_field(l4, port_off, new_port);
+            set_field(check, 0, l4_check);
         }
-        true
+        store(self, port_off, new_port)
     }
 
     /// Only a route back out of the interface the frame came in on

@@ -69,9 +69,9 @@ pub struct Flow {
     pub dport: u16,
     pub proto: u8,
     /// Offset of the L4 header from the start of the frame.
-    pub l4_off: usize,
+    pub l4_off: u8,
     /// IPv4 header length in bytes (20 without options).
-    pub ip_hdr_len: usize,
+    pub ip_hdr_len: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     /// The first fragment of a fragmented datagram (MF set, offset 0):
@@ -92,7 +92,7 @@ impl Flow {
     #[inline(always)]
     pub fn l4_start(&self) -> usize {
         // At most 14 + 60; the mask changes no valid value.
-        self.l4_off & 0x7f
+        (self.l4_off & 0x7f) as usize
     }
 
     /// Offset of the L4 checksum field.
@@ -177,7 +177,7 @@ pub fn store<T: Copy, P: Packet>(ctx: &P, offset: usize, value: T) -> bool {
 /// BTF refuses the union's name. Its own BPF function: the header copies
 /// live in its frame, not in the entry point's, which every other path
 /// adds to.
-#[inline(never)]
+#[inline(always)]
 pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     // Make the headers linear when the skb carries them in fragments.
     ctx.make_linear(MAX_HEADERS);
@@ -262,8 +262,9 @@ pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
             sport: u16::from_be_bytes([ports[0], ports[1]]),
             dport: u16::from_be_bytes([ports[2], ports[3]]),
             proto,
-            l4_off,
-            ip_hdr_len,
+            // Both below 80 (IHL is at most 15 words).
+            l4_off: l4_off as u8,
+            ip_hdr_len: ip_hdr_len as u8,
             tcp_flags,
             first_fragment: more_fragments,
             ip_id,

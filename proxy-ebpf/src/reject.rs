@@ -58,7 +58,7 @@ fn build<const QUOTE: usize, const ORIG: usize, const ICMP_MSG: usize, const OUT
     flow: &Flow,
 ) -> Result<i32, ()> {
     // Quoting IP options is not worth the complexity: drop those instead.
-    if flow.ip_hdr_len != IPV4_LEN {
+    if flow.ip_hdr_len as usize != IPV4_LEN {
         return Err(());
     }
     // Everything is built in `out`; checksums are summed over its parts,

@@ -18,7 +18,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    addr_eq, stat, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
+    addr_eq, stat, zero_addr, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
     SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
     CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
@@ -29,7 +29,10 @@ use crate::{
     lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
     packet::{Packet, Side},
-    parse::{mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    parse::{
+        mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
+        TCP_FLAG_SYN,
+    },
 };
 
 /// How many random SNAT ports a new flow tries before giving up.
@@ -141,10 +144,36 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
     TRANSLATE
 }
 
-/// Applies `nat`; a flow with `route_out` leaves through the interface its
-/// route names, a reply with `to_host` goes to `lo`.
-#[inline(never)]
+/// Applies `nat`. The common case, a packet the stack takes on (no route
+/// of its own, not for `lo`, no fragments to follow), is inlined into the
+/// entry point: a BPF-to-BPF call and its return cost more than the
+/// rewrite itself. The rest goes to `finish_routed`.
+#[inline(always)]
 fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
+    if nat.route_out || nat.to_host || flow.first_fragment {
+        return finish_routed(ctx, flow, nat);
+    }
+    if rewrite(ctx, flow, nat) {
+        P::PASS
+    } else {
+        P::DROP
+    }
+}
+
+/// Rewrites each side whose address or port `nat` changes.
+#[inline(always)]
+fn rewrite<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> bool {
+    ((nat.saddr, nat.sport) == (flow.saddr, flow.sport)
+        || ctx.rewrite(flow, Side::Source, nat.saddr, nat.sport))
+        && ((nat.daddr, nat.dport) == (flow.daddr, flow.dport)
+            || ctx.rewrite(flow, Side::Destination, nat.daddr, nat.dport))
+}
+
+/// A flow with `route_out` leaves through the interface its route names, a
+/// reply with `to_host` goes to `lo`, a first fragment leaves a record for
+/// the later ones. Its own BPF function: the route lives in its frame.
+#[inline(never)]
+fn finish_routed<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     if nat.to_host && P::IS_XDP {
         count(stat::XDP_TO_TC);
         return P::PASS;
@@ -157,14 +186,7 @@ fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     } else {
         None
     };
-    if (nat.saddr, nat.sport) != (flow.saddr, flow.sport)
-        && !ctx.rewrite(flow, Side::Source, nat.saddr, nat.sport)
-    {
-        return P::DROP;
-    }
-    if (nat.daddr, nat.dport) != (flow.daddr, flow.dport)
-        && !ctx.rewrite(flow, Side::Destination, nat.daddr, nat.dport)
-    {
+    if !rewrite(ctx, flow, nat) {
         return P::DROP;
     }
     if flow.first_fragment {
@@ -212,7 +234,7 @@ const DROP: i64 = -3;
 /// `TRANSLATE`, or returns `DROP` or `NOT_TRACKED`. A separate BPF
 /// function, like `new_flow`, so each path's keys live in its own stack
 /// frame.
-#[inline(never)]
+#[inline(always)]
 fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
     let config = config();
 
@@ -459,7 +481,9 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
         last_seen_ns: now,
         flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
         direction: CT_DIR_REPLY,
-        ..ConntrackValue::default()
+        other_addr: zero_addr(),
+        other_port: 0,
+        _pad: 0,
     };
     let mut inserted = false;
     if snat {
