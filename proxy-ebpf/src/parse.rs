@@ -174,9 +174,9 @@ pub fn store<T: Copy, P: Packet>(ctx: &P, offset: usize, value: T) -> bool {
 /// Fills `*flow` in place, all of it on `Ok`. The caller's slot may be
 /// uninitialised (a `MaybeUninit`): zeroing it first is a byte-wise
 /// `memset` call in BPF. A raw pointer, not `&mut MaybeUninit<Flow>`:
-/// BTF refuses the union's name. Its own BPF function: the header copies
-/// live in its frame, not in the entry point's, which every other path
-/// adds to.
+/// BTF refuses the union's name. Inlined into the entry point: every
+/// packet parses, and a BPF-to-BPF call and its return (a return thunk on
+/// CPUs with return-stack mitigations) cost more than the parsing.
 #[inline(always)]
 pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     // Make the headers linear when the skb carries them in fragments.

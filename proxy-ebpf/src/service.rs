@@ -88,6 +88,9 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
     };
     let tracked = tracked::<EXTERNAL>(flow, now, &mut nat);
     if tracked == NOT_TRACKED {
+        if no_service_at(flow.daddr) {
+            return P::PASS;
+        }
         let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
         let verdict = open_new::<P, EXTERNAL>(ctx, flow, now, from_host, &mut nat);
         if verdict != TRANSLATE {
@@ -97,6 +100,17 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         return if tracked == DROP { P::DROP } else { P::PASS };
     }
     finish(ctx, flow, &nat)
+}
+
+/// Every frontend address has a marker: without one a packet is no
+/// Service's, whatever its port, and one lookup says so (most of what a
+/// node carries), here in the entry point, before any call. Until
+/// userspace says every marker is written (a datapath loaded over an older
+/// kproxy's maps), `new_flow` looks the frontend up first.
+#[inline(always)]
+fn no_service_at(daddr: Ipv4) -> bool {
+    config().flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
+        && unsafe { SERVICES.get(ServiceKey::address_marker(mapped(daddr))) }.is_none()
 }
 
 /// A packet no tracked flow knows: decide (`new_flow`), take the SNAT
@@ -231,9 +245,10 @@ const DROP: i64 = -3;
 
 /// A packet of a tracked flow: reverse NAT for replies, DNAT (and SNAT) to
 /// the recorded backend for the client's side. Fills `nat` and returns
-/// `TRANSLATE`, or returns `DROP` or `NOT_TRACKED`. A separate BPF
-/// function, like `new_flow`, so each path's keys live in its own stack
-/// frame.
+/// `TRANSLATE`, or returns `DROP` or `NOT_TRACKED`. Inlined into the entry
+/// point, like `parse`: most packets belong to a tracked flow. The new-flow
+/// path (`open_new`) stays a call of its own; the stack frames along one
+/// chain of calls must fit in 512 bytes together.
 #[inline(always)]
 fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
     let config = config();
@@ -359,15 +374,6 @@ fn new_flow<const EXTERNAL: bool>(
     } else {
         SCOPE_INTERNAL
     };
-    // Every frontend address has a marker: without one the packet is no
-    // Service's, whatever its port, and one lookup says so (most of what a
-    // node carries). Until userspace says every marker is written (a
-    // datapath loaded over an older kproxy's maps), the frontend comes first.
-    if config().flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
-        && unsafe { SERVICES.get(ServiceKey::address_marker(daddr)) }.is_none()
-    {
-        return NewFlow::Verdict(Verdict::Pass);
-    }
     let mut frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
     // A ClusterIP reached from outside the cluster (a router sends the
     // Service range to this node): served, and source-NATed so the reply
