@@ -2,9 +2,11 @@
 //!
 //! Every type is `#[repr(C)]` with fixed-width fields and explicit padding so
 //! that the kernel and userspace agree byte for byte, and so that
-//! `bpftool map dump` can print named fields from BTF. Addresses are always
+//! `bpftool map dump` can print named fields from BTF. Addresses are
 //! 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one layout
-//! serves both families. Ports are in host byte order (readable in dumps).
+//! serves both families. The one exception is the IPv4 conntrack key
+//! (`ConntrackKey4`), which every tracked packet hashes: four-byte
+//! addresses. Ports are in host byte order (readable in dumps).
 #![no_std]
 
 /// Map names carry a layout version, so a new layout never reuses an
@@ -12,7 +14,8 @@
 pub const SERVICES_MAP: &str = "SERVICES_V1";
 pub const BACKENDS_MAP: &str = "BACKENDS_V1";
 pub const REV_NAT_MAP: &str = "REV_NAT_V1";
-pub const CONNTRACK_MAP: &str = "CONNTRACK_V3";
+/// IPv4 flows (`ConntrackKey4`).
+pub const CONNTRACK_MAP: &str = "CONNTRACK4_V1";
 pub const STATS_MAP: &str = "STATS_V2";
 pub const CONFIG_MAP: &str = "CONFIG_V2";
 pub const AFFINITY_MAP: &str = "AFFINITY_V1";
@@ -24,15 +27,21 @@ pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 
 /// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
 /// and an upgraded daemon remove them. An upgraded daemon first carries the
-/// flows of `CONNTRACK_V2` over into the current map (see
-/// `ConntrackKeyV2`); those of `CONNTRACK_V1` cannot be.
-pub const LEGACY_MAPS: [&str; 5] = [
+/// flows of `CONNTRACK_V3` and `CONNTRACK_V2` over into the current map
+/// (see `ConntrackKey4::from_mapped`, `ConntrackKeyV2`); those of
+/// `CONNTRACK_V1` cannot be.
+pub const LEGACY_MAPS: [&str; 6] = [
     "CONNTRACK_V1",
     "CONNTRACK_V2",
+    CONNTRACK_V3_MAP,
     "STATS_V1",
     "FRAGMENTS_V1",
     "CONFIG_V1",
 ];
+
+/// `CONNTRACK_V3`: the conntrack map before it was split by address family,
+/// keyed by [`ConntrackKey`] (16-byte addresses), the value as now.
+pub const CONNTRACK_V3_MAP: &str = "CONNTRACK_V3";
 
 /// `CONNTRACK_V2`'s key: the direction was in the key. Its value had the
 /// layout of [`ConntrackValue`] with `direction` and `_pad` unused.
@@ -402,7 +411,10 @@ pub struct RevNatValue {
     pub _pad: u8,
 }
 
-/// Key of the conntrack map: the packet's own tuple as seen at the hook.
+/// A conntrack key in the family-neutral form (16-byte addresses): what
+/// userspace works with, and the key of the older `CONNTRACK_V3`. The IPv4
+/// map holds the same tuple as [`ConntrackKey4`]. The tuple is the packet's
+/// own, as seen at the hook.
 /// A forward entry is keyed by (client, VIP); a reply entry by
 /// (backend, client or SNAT address). The direction is in the value, not
 /// the key, so one lookup finds a packet's entry whichever way it goes.
@@ -422,6 +434,78 @@ pub struct ConntrackKey {
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+/// Key of the IPv4 conntrack map (`CONNTRACK4_V1`): [`ConntrackKey`] with
+/// four-byte addresses, 16 bytes in all. Every tracked packet hashes its
+/// key (jhash, whose cost grows with the key's length) and compares it:
+/// this is less than half of the 40-byte form. Userspace works with the
+/// family-neutral [`ConntrackKey`] and converts at the map
+/// (`ConntrackKey4::mapped`, `ConntrackKey4::from_mapped`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConntrackKey4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ConntrackKey4 {
+    /// Built as whole words (see `ConntrackKey::new`); the addresses are
+    /// the packet's own four bytes.
+    #[inline(always)]
+    pub const fn new(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        #[repr(C)]
+        struct Words {
+            saddr: u32,
+            daddr: u32,
+            sport: u16,
+            dport: u16,
+            proto_and_pad: u32,
+        }
+        // SAFETY: both are repr(C), 16 bytes, every field at the same offset
+        // (checked by the size asserts), and any bit pattern is valid.
+        unsafe {
+            core::mem::transmute::<Words, ConntrackKey4>(Words {
+                saddr: u32::from_ne_bytes(saddr),
+                daddr: u32::from_ne_bytes(daddr),
+                sport,
+                dport,
+                proto_and_pad: u32::from_ne_bytes([proto, 0, 0, 0]),
+            })
+        }
+    }
+
+    /// The same tuple with IPv4-mapped addresses.
+    pub const fn mapped(&self) -> ConntrackKey {
+        ConntrackKey::new(
+            ipv4_mapped(self.saddr),
+            ipv4_mapped(self.daddr),
+            self.sport,
+            self.dport,
+            self.proto,
+        )
+    }
+
+    /// The IPv4 key of `key`; `None` when either address is not
+    /// IPv4-mapped (an IPv6 flow, which this map does not hold).
+    pub fn from_mapped(key: &ConntrackKey) -> Option<Self> {
+        let v4 = |a: &[u8; 16]| -> Option<[u8; 4]> {
+            (a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
+                .then(|| [a[12], a[13], a[14], a[15]])
+        };
+        Some(Self::new(
+            v4(&key.saddr)?,
+            v4(&key.daddr)?,
+            key.sport,
+            key.dport,
+            key.proto,
+        ))
+    }
 }
 
 /// Value of the conntrack map. The translated address is stored in the
@@ -514,6 +598,7 @@ const _: () = assert!(core::mem::size_of::<FragmentValue>() == 32);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
+const _: () = assert!(core::mem::size_of::<ConntrackKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<ConntrackKeyV2>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 56);
 const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);
@@ -528,6 +613,7 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackKey4 {}
     unsafe impl aya::Pod for ConntrackKeyV2 {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for DatapathConfig {}

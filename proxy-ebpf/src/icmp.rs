@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{ipv4_mapped, stat, ConntrackKey, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
+use proxy_common::{stat, ConntrackKey4, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
 
 use crate::maps::{count, CONNTRACK};
 use crate::parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF};
@@ -61,13 +61,7 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     // VIP -> client (a reply already translated back): its forward entry
     // (keyed client -> VIP) holds the backend; the quoted source and the
     // outer destination become the backend.
-    let key = ConntrackKey::new(
-        ipv4_mapped(inner_dst),
-        ipv4_mapped(inner_src),
-        inner_dport,
-        inner_sport,
-        ip[9],
-    );
+    let key = ConntrackKey4::new(inner_dst, inner_src, inner_dport, inner_sport, ip[9]);
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
         return Ok(OK);
     };

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig,
+    AffinityKey, AffinityValue, BackendValue, ConntrackKey4, ConntrackValue, DatapathConfig,
     FragmentKey, FragmentValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
     AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
     MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
@@ -23,9 +23,13 @@ pub static BACKENDS: HashMap<u32, BackendValue, { BACKENDS_MAX_ENTRIES as usize 
 #[btf_map(name = "REV_NAT_V1")]
 pub static REV_NAT: HashMap<u32, RevNatValue, { REV_NAT_MAX_ENTRIES as usize }> = HashMap::new();
 
-#[btf_map(name = "CONNTRACK_V3")]
-pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CONNTRACK_MAX_ENTRIES as usize }> =
-    LruHashMap::new();
+/// IPv4 flows; `CONNTRACK_MAP` in proxy-common.
+#[btf_map(name = "CONNTRACK4_V1")]
+pub static CONNTRACK: LruHashMap<
+    ConntrackKey4,
+    ConntrackValue,
+    { CONNTRACK_MAX_ENTRIES as usize },
+> = LruHashMap::new();
 
 #[btf_map(name = "STATS_V2")]
 pub static STATS: PerCpuArray<u64, { proxy_common::stat::COUNT as usize }> = PerCpuArray::new();

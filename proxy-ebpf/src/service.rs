@@ -18,7 +18,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
-    addr_eq, stat, zero_addr, ConntrackKey, ConntrackValue, DatapathConfig, ServiceKey,
+    addr_eq, stat, zero_addr, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey,
     SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
     CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
@@ -471,9 +471,9 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
     let snat = pending.snat != Snat::None;
     // One key and one value, rewritten in place for the forward direction:
     // this function's stack frame stays small.
-    let mut key = ConntrackKey::new(
-        pending.backend_addr,
-        saddr,
+    let mut key = ct4(
+        unmapped(&pending.backend_addr),
+        flow.saddr,
         pending.backend_port,
         flow.sport,
         flow.proto,
@@ -496,7 +496,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
         value.flags |= CT_FLAG_SNAT;
         value.other_addr = saddr;
         value.other_port = flow.sport;
-        key.daddr = mapped(snat_addr);
+        key.daddr = snat_addr.to_ne_bytes();
         let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
         let mut i = 0;
         while i < SNAT_TRIES {
@@ -514,7 +514,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
         count(stat::SNAT);
         nat.saddr = snat_addr;
         nat.sport = key.dport;
-        value.other_addr = key.daddr;
+        value.other_addr = mapped(snat_addr);
         value.other_port = key.dport;
     } else {
         inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
@@ -610,21 +610,30 @@ fn peer_entry(
     let snat = entry.flags & CT_FLAG_SNAT != 0;
     let (saddr, daddr, sport, dport) = if peer_direction == CT_DIR_REPLY {
         let (client, client_port) = if snat {
-            (entry.other_addr, entry.other_port)
+            (unmapped(&entry.other_addr), entry.other_port)
         } else {
-            (mapped(flow.saddr), flow.sport)
+            (flow.saddr, flow.sport)
         };
-        (entry.nat_addr, client, entry.nat_port, client_port)
+        (
+            unmapped(&entry.nat_addr),
+            client,
+            entry.nat_port,
+            client_port,
+        )
     } else {
         let (client, client_port) = if snat {
-            (entry.other_addr, entry.other_port)
+            (unmapped(&entry.other_addr), entry.other_port)
         } else {
-            (mapped(flow.daddr), flow.dport)
+            (flow.daddr, flow.dport)
         };
-        (client, entry.nat_addr, client_port, entry.nat_port)
+        (
+            client,
+            unmapped(&entry.nat_addr),
+            client_port,
+            entry.nat_port,
+        )
     };
-    let key = ConntrackKey::new(saddr, daddr, sport, dport, flow.proto);
-    CONNTRACK.get_ptr_mut(&key)
+    CONNTRACK.get_ptr_mut(&ct4(saddr, daddr, sport, dport, flow.proto))
 }
 
 /// A flow is idle only when both directions are: a one-way stream (say,
@@ -660,12 +669,17 @@ fn backend_matches(entry: &ConntrackValue) -> bool {
 /// The packet's own tuple: the key of its forward entry, or of its reply
 /// entry when it comes from a backend.
 #[inline(always)]
-fn ct_key(flow: &Flow) -> ConntrackKey {
-    ConntrackKey::new(
-        mapped(flow.saddr),
-        mapped(flow.daddr),
-        flow.sport,
-        flow.dport,
-        flow.proto,
+fn ct_key(flow: &Flow) -> ConntrackKey4 {
+    ct4(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
+}
+
+#[inline(always)]
+fn ct4(saddr: Ipv4, daddr: Ipv4, sport: u16, dport: u16, proto: u8) -> ConntrackKey4 {
+    ConntrackKey4::new(
+        saddr.to_ne_bytes(),
+        daddr.to_ne_bytes(),
+        sport,
+        dport,
+        proto,
     )
 }

@@ -15,11 +15,11 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKeyV2, ConntrackValue,
-    DatapathConfig, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAP,
-    ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP, CONNTRACK_V2_MAP,
-    LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP,
-    TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
+    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKey4, ConntrackKeyV2,
+    ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
+    AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP,
+    CONNTRACK_V2_MAP, CONNTRACK_V3_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP,
+    SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
 };
 use thiserror::Error;
 
@@ -196,7 +196,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
         };
-        datapath.upgrade_conntrack_v2();
+        datapath.upgrade_conntrack();
         // Maps of an older layout cannot be used by this datapath.
         for legacy in LEGACY_MAPS {
             let path = pin_dir.join(legacy);
@@ -211,18 +211,18 @@ impl Datapath {
         Ok(datapath)
     }
 
-    /// Carries the flows of a `CONNTRACK_V2` map an older kproxy pinned over
-    /// into the current map (the direction moved from the key into the
-    /// value), so an upgrade does not break established connections. Best
-    /// effort: what cannot be read or written is logged, and the old map is
-    /// removed either way.
-    fn upgrade_conntrack_v2(&mut self) {
-        let path = self.pin_dir.join(CONNTRACK_V2_MAP);
-        if !path.exists() {
-            return;
-        }
-        let old: Result<Vec<(ConntrackKey, ConntrackValue)>, MapError> = (|| {
-            let data = MapData::from_pin(&path)?;
+    /// Carries the flows of the conntrack maps an older kproxy pinned
+    /// (`CONNTRACK_V3`, keyed by 16-byte addresses; `CONNTRACK_V2`, whose key
+    /// held the direction) over into the current IPv4 map, so an upgrade
+    /// does not break established connections. Best effort: what cannot be
+    /// read or written is logged, and the old maps are removed either way.
+    fn upgrade_conntrack(&mut self) {
+        self.carry_conntrack(CONNTRACK_V3_MAP, |data| {
+            let map: BpfHashMap<MapData, ConntrackKey, ConntrackValue> =
+                BpfHashMap::try_from(Map::LruHashMap(data))?;
+            Ok(map.iter().filter_map(Result::ok).collect())
+        });
+        self.carry_conntrack(CONNTRACK_V2_MAP, |data| {
             let map: BpfHashMap<MapData, ConntrackKeyV2, ConntrackValue> =
                 BpfHashMap::try_from(Map::LruHashMap(data))?;
             Ok(map
@@ -230,11 +230,24 @@ impl Datapath {
                 .filter_map(Result::ok)
                 .map(|(key, value)| key.upgrade(&value))
                 .collect())
-        })();
-        let old = match old {
+        });
+    }
+
+    /// Copies the entries `read` finds in the pinned map `name` into the
+    /// current conntrack map.
+    fn carry_conntrack(
+        &mut self,
+        name: &'static str,
+        read: impl FnOnce(MapData) -> Result<Vec<(ConntrackKey, ConntrackValue)>, MapError>,
+    ) {
+        let path = self.pin_dir.join(name);
+        if !path.exists() {
+            return;
+        }
+        let old = match MapData::from_pin(&path).and_then(read) {
             Ok(old) => old,
             Err(error) => {
-                tracing::warn!(map = CONNTRACK_V2_MAP, %error, "cannot read the older conntrack map; its flows are forgotten");
+                tracing::warn!(map = name, %error, "cannot read the older conntrack map; its flows are forgotten");
                 return;
             }
         };
@@ -242,13 +255,15 @@ impl Datapath {
             return;
         };
         // Entries the current datapath already has stay: they are newer.
+        // The IPv4 map holds IPv4 flows only (there are no others yet).
         const BPF_NOEXIST: u64 = 1;
         let copied = old
             .iter()
-            .filter(|(key, value)| map.insert(key, value, BPF_NOEXIST).is_ok())
+            .filter_map(|(key, value)| Some((ConntrackKey4::from_mapped(key)?, value)))
+            .filter(|(key, value)| map.insert(key, *value, BPF_NOEXIST).is_ok())
             .count();
         tracing::info!(
-            map = CONNTRACK_V2_MAP,
+            map = name,
             copied,
             of = old.len(),
             "carried the flows of an older kproxy's conntrack map over"
@@ -450,9 +465,11 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { name, source })
     }
 
+    /// The IPv4 conntrack map. Callers outside this module see
+    /// [`ConntrackKey`]: keys are converted here.
     fn conntrack_map(
         &mut self,
-    ) -> Result<BpfHashMap<&mut MapData, ConntrackKey, ConntrackValue>, DatapathError> {
+    ) -> Result<BpfHashMap<&mut MapData, ConntrackKey4, ConntrackValue>, DatapathError> {
         self.typed_map(CONNTRACK_MAP)
     }
 
@@ -466,7 +483,7 @@ impl Datapath {
         for item in map.iter() {
             match item {
                 Ok((k, v)) => {
-                    out.insert(k, v);
+                    out.insert(k.mapped(), v);
                 }
                 // An entry evicted or deleted while iterating: skip it.
                 Err(MapError::KeyNotFound) => {}
@@ -485,8 +502,9 @@ impl Datapath {
     pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
         let mut map = self.conntrack_map()?;
         let mut deleted = 0;
-        for key in keys {
-            match map.remove(key) {
+        // A key that is not IPv4 has no entry in the IPv4 map.
+        for key in keys.iter().filter_map(ConntrackKey4::from_mapped) {
+            match map.remove(&key) {
                 Ok(()) => deleted += 1,
                 // Evicted or deleted by the datapath meanwhile: fine.
                 Err(e) => ignore_missing(Err(e)).map_err(|source| DatapathError::Map {
@@ -857,7 +875,7 @@ impl PinnedMaps {
         Ok(self
             .dump::<CtOrd, ConntrackValue>(CONNTRACK_MAP)?
             .into_iter()
-            .map(|(k, v)| (k.0, v))
+            .map(|(k, v)| (k.0.mapped(), v))
             .collect())
     }
 
@@ -882,7 +900,7 @@ impl PinnedMaps {
 /// Conntrack keys ordered for stable listings.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(transparent)]
-struct CtOrd(ConntrackKey);
+struct CtOrd(ConntrackKey4);
 // SAFETY: transparent wrapper of a Pod type.
 unsafe impl aya::Pod for CtOrd {}
 impl PartialOrd for CtOrd {

@@ -3151,11 +3151,80 @@ fn hairpin_connection_is_source_nated() {
 /// into the current map, direction in the value, and removes the old map.
 #[test]
 fn an_upgrade_carries_conntrack_v2_flows_over() {
-    use proxy_common::{ConntrackKeyV2, ConntrackValue, CONNTRACK_V2_MAP, CT_DIR_REPLY};
+    use proxy_common::{ConntrackKeyV2, CONNTRACK_V2_MAP, CT_DIR_REPLY};
+    let (key, value) = older_reply_entry();
+    let old_key = ConntrackKeyV2 {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        sport: key.sport,
+        dport: key.dport,
+        proto: key.proto,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    // V2 values had no direction: the key said it.
+    let old_value = proxy_common::ConntrackValue {
+        direction: 0,
+        ..value
+    };
+    assert_eq!(old_key.upgrade(&old_value), (key, value));
+    carries_an_older_conntrack_map_over(
+        CONNTRACK_V2_MAP,
+        bytemuck::bytes_of(&old_key),
+        bytemuck::bytes_of(&old_value),
+        (key, value),
+    );
+}
+
+/// The same from `CONNTRACK_V3` (16-byte addresses in the key) into the
+/// IPv4 map with its 16-byte key.
+#[test]
+fn an_upgrade_carries_conntrack_v3_flows_over() {
+    let (key, value) = older_reply_entry();
+    carries_an_older_conntrack_map_over(
+        proxy_common::CONNTRACK_V3_MAP,
+        bytemuck::bytes_of(&key),
+        bytemuck::bytes_of(&value),
+        (key, value),
+    );
+}
+
+/// A reply entry: backend 198.18.2.2:8080 -> client 198.18.1.2:40000,
+/// restoring the VIP 198.19.0.10:80.
+fn older_reply_entry() -> (proxy_common::ConntrackKey, proxy_common::ConntrackValue) {
+    use proxy_common::{ipv4_mapped, ConntrackKey, ConntrackValue, CT_DIR_REPLY};
+    let key = ConntrackKey::new(
+        ipv4_mapped([198, 18, 2, 2]),
+        ipv4_mapped([198, 18, 1, 2]),
+        8080,
+        40000,
+        proxy_common::PROTO_TCP,
+    );
+    let value = ConntrackValue {
+        nat_addr: ipv4_mapped([198, 19, 0, 10]),
+        nat_port: 80,
+        state: proxy_common::CT_STATE_ESTABLISHED,
+        backend_id: 3,
+        rev_nat_id: 1,
+        last_seen_ns: 12_345,
+        direction: CT_DIR_REPLY,
+        ..ConntrackValue::default()
+    };
+    (key, value)
+}
+
+/// Pins an older kproxy's conntrack map `name` with bpftool, as that kproxy
+/// made it, holding one entry; loads the datapath and expects the entry in
+/// the current map as `expected`, and the older map gone.
+fn carries_an_older_conntrack_map_over(
+    name: &str,
+    key: &[u8],
+    value: &[u8],
+    expected: (proxy_common::ConntrackKey, proxy_common::ConntrackValue),
+) {
     let pins = PinDir::new();
     datapath::ensure_bpffs(&pins.path).expect("bpffs at the pin dir");
-    // The older kproxy's map, made as it made it.
-    let old = pins.path.join(CONNTRACK_V2_MAP);
+    let old = pins.path.join(name);
     let bpftool = |args: &[&str]| {
         let out = Command::new("bpftool")
             .args(args)
@@ -3168,6 +3237,7 @@ fn an_upgrade_carries_conntrack_v2_flows_over() {
         );
     };
     let old_path = old.to_str().unwrap();
+    let (key_size, value_size) = (key.len().to_string(), value.len().to_string());
     bpftool(&[
         "map",
         "create",
@@ -3175,39 +3245,16 @@ fn an_upgrade_carries_conntrack_v2_flows_over() {
         "type",
         "lru_hash",
         "key",
-        "40",
+        &key_size,
         "value",
-        "56",
+        &value_size,
         "entries",
         "1024",
         "name",
-        CONNTRACK_V2_MAP,
+        name,
     ]);
-    // A reply entry: backend 198.18.2.2:8080 -> client 198.18.1.2:40000,
-    // restoring the VIP 198.19.0.10:80.
-    let key = ConntrackKeyV2 {
-        saddr: proxy_common::ipv4_mapped([198, 18, 2, 2]),
-        daddr: proxy_common::ipv4_mapped([198, 18, 1, 2]),
-        sport: 8080,
-        dport: 40000,
-        proto: proxy_common::PROTO_TCP,
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let value = ConntrackValue {
-        nat_addr: proxy_common::ipv4_mapped([198, 19, 0, 10]),
-        nat_port: 80,
-        state: proxy_common::CT_STATE_ESTABLISHED,
-        backend_id: 3,
-        rev_nat_id: 1,
-        last_seen_ns: 12_345,
-        ..ConntrackValue::default()
-    };
     let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:02x}")).collect() };
-    let (key_hex, value_hex) = (
-        hex(bytemuck::bytes_of(&key)),
-        hex(bytemuck::bytes_of(&value)),
-    );
+    let (key_hex, value_hex) = (hex(key), hex(value));
     let mut args = vec!["map", "update", "pinned", old_path, "key", "hex"];
     args.extend(key_hex.iter().map(String::as_str));
     args.extend(["value", "hex"]);
@@ -3217,9 +3264,7 @@ fn an_upgrade_carries_conntrack_v2_flows_over() {
     let mut datapath = Datapath::load(&pins.path, MapSizes::default())
         .unwrap_or_else(|e| panic!("loading the datapath at {}: {e}", pins.path.display()));
     let entries = datapath.conntrack_entries().expect("conntrack entries");
-    let (new_key, new_value) = key.upgrade(&value);
-    assert_eq!(new_value.direction, CT_DIR_REPLY);
-    assert_eq!(entries.get(&new_key), Some(&new_value), "{entries:?}");
+    assert_eq!(entries.get(&expected.0), Some(&expected.1), "{entries:?}");
     assert_eq!(entries.len(), 1);
     assert!(!old.exists(), "the older map is removed once carried over");
 }

@@ -216,6 +216,9 @@ struct Machine {
     date: String,
     load_before: String,
     mem_total: String,
+    /// The kernel's Spectre v2 and SRSO mitigations: they set what an
+    /// indirect call and a return cost, so what a BPF call costs.
+    call_mitigations: String,
     iptables_version: String,
     nft_version: String,
 }
@@ -248,6 +251,16 @@ impl Machine {
                 .unwrap_or("")
                 .trim()
                 .to_owned(),
+            call_mitigations: ["spectre_v2", "spec_rstack_overflow"]
+                .iter()
+                .map(|name| {
+                    let path = format!("/sys/devices/system/cpu/vulnerabilities/{name}");
+                    let state = std::fs::read_to_string(path)
+                        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
+                    format!("{name}: {state}")
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
             iptables_version: out("iptables-restore", &["--version"]),
             nft_version: out("nft", &["--version"]),
         }
@@ -294,6 +307,11 @@ fn render(
     let _ = writeln!(md, "| nproc | {} |", machine.nproc);
     let _ = writeln!(md, "| memory | {} |", machine.mem_total);
     let _ = writeln!(md, "| kernel | {} |", machine.kernel);
+    let _ = writeln!(
+        md,
+        "| call and return mitigations | {} |",
+        machine.call_mitigations
+    );
     let _ = writeln!(md, "| date | {} |", machine.date);
     let _ = writeln!(
         md,

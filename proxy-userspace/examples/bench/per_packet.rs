@@ -983,35 +983,45 @@ fn why_text(pp: &PerPacket) -> String {
     };
     format!(
         "Per packet: against a floor of about {floor:.0} ns that is nearly all test-run loop \
-         overhead (the empty program is two instructions), a ratio counts helper calls and \
-         hash lookups, each of which costs about as much as the whole floor. The profile above \
-         splits the established path's samples: kproxy's own BPF code {:.0}% at tc / {:.0}% \
-         at XDP (header parsing with bounds checks, TCP state, the conntrack key and rewrite \
-         arithmetic), hash-map work {:.0}% / {:.0}% (`htab_map_hash` is jhash over the 40-byte \
-         conntrack key, one lookup per tracked packet), the rest the tc rewrite's `bpf_l4_csum_replace` (two per translated packet: \
-         it knows the skb's checksum state) and the test-run loop. New flows add the Service and backend \
-         lookups, `bpf_get_prandom_u32` and two LRU conntrack inserts, the dominant cost.\n\n\
-         What got this far (profile-driven fixes): the eBPF object called a \
-         byte-at-a-time `memset` to build every IPv4-mapped conntrack key and to zero the \
-         parsed-header struct, and a byte-at-a-time `bcmp` to compare addresses (LLVM emits \
-         calls for them in BPF); those are now word stores and compares, the clock read \
-         per packet is `bpf_ktime_get_coarse_ns` (timeouts are seconds) instead of \
-         `bpf_ktime_get_ns`, which read the TSC clocksource every packet; the XDP rewrite \
-         writes the frame directly instead of through `bpf_xdp_load_bytes` / \
-         `bpf_xdp_store_bytes` (a call, a page walk and a memcpy each: a third of an \
-         established XDP packet), and the tc rewrite writes the IPv4 header, the addresses \
-         and the ports in place, keeping only `bpf_l4_csum_replace` (5 helper calls per \
-         rewrite down to 2); and a client's packet of a tracked flow takes one conntrack \
-         lookup instead of two (`CONNTRACK_V3`: the direction moved from the key into the \
-         value, so the forward and reply entries are found by the same lookup; an upgrade \
-         carries `CONNTRACK_V2`'s flows over), which also takes one miss off every \
-         non-service packet; and a packet to an address no frontend has passes after one \
-         address-marker lookup instead of the frontend lookups (`CONFIG_FLAG_ADDRESS_MARKERS`). Before these, the established path cost 12x the floor at tc; \
-         the XDP program was first measured at 13x. What would take the remaining steps: a \
-         16-byte IPv4-only key (jhash cost grows with key length; a second map per family), \
-         no clock read for packets of established flows (a per-CPU cached time), and fewer \
-         bounds-checked header reads in the parser. Each is a map-layout or datapath change \
-         with its own migration, not a bench fix.\n",
+         overhead (the empty program is two instructions), a ratio counts helper calls, \
+         BPF-to-BPF calls and hash lookups, each of which costs a fair part of the whole floor \
+         (on this machine every return goes through a return thunk: see the mitigations row \
+         above). The profile above splits the established path's samples: kproxy's own BPF \
+         code {:.0}% at tc / {:.0}% at XDP (header parsing with bounds checks, TCP state, the \
+         conntrack key and rewrite arithmetic), hash-map work {:.0}% / {:.0}% (`htab_map_hash` \
+         is jhash over the 40-byte conntrack key, one lookup per tracked packet), the rest the \
+         clock read (`bpf_ktime_get_coarse_ns`, a helper call), the tc rewrite's \
+         `bpf_l4_csum_replace` (two per translated packet: only the kernel knows the skb's \
+         checksum state, and a locally sent packet's CHECKSUM_PARTIAL takes the address \
+         change but not the port change) and the test-run loop. New flows add the Service \
+         and backend lookups, `bpf_get_prandom_u32` and two LRU conntrack inserts; with 20 000 \
+         distinct clients each insert takes a conntrack element that is cold in the cache, \
+         the dominant cost.\n\n\
+         What got this far (profile-driven fixes, each checked with the packet fixtures and \
+         the lab tests): the eBPF object called a byte-at-a-time `memset` to build every \
+         IPv4-mapped conntrack key and to zero the parsed-header struct, and a byte-at-a-time \
+         `bcmp` to compare addresses (LLVM emits calls for them in BPF); those are now word \
+         stores and compares. The clock read per packet is `bpf_ktime_get_coarse_ns` \
+         (timeouts are seconds) instead of `bpf_ktime_get_ns`. The XDP rewrite writes the \
+         frame directly instead of through `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes`, and \
+         the tc rewrite keeps only `bpf_l4_csum_replace` (5 helper calls per rewrite down to \
+         2). A client's packet of a tracked flow takes one conntrack lookup instead of two \
+         (`CONNTRACK_V3`), which also takes one miss off every non-service packet, and a \
+         packet to an address no frontend has passes after one address-marker lookup \
+         (`CONFIG_FLAG_ADDRESS_MARKERS`), done in the entry point before any call. Header \
+         fields are read and written with one load or store each: LLVM's BPF backend split \
+         every unaligned read into byte loads, shifts and spills (the parser went from about \
+         240 instructions to 60), addresses travel as one 32-bit word instead of four bytes, \
+         and checksums are updated in network byte order with no swaps. The parser, the \
+         conntrack lookup and the common rewrite are inlined into the entry points: a \
+         BPF-to-BPF call and its return cost more than their work (only new flows, routed \
+         packets and rare paths still call out, to keep each call chain's stack within 512 \
+         bytes). Before these, the established path cost 12x the floor at tc; the XDP program \
+         was first measured at 13x. What would take the remaining steps: a 16-byte IPv4-only \
+         conntrack key (jhash cost grows with key length; a second map per family, with its \
+         own migration), a clock read the verifier inlines (`bpf_jiffies64`; the stored time \
+         would then be in jiffies, which userspace must convert with the kernel's HZ), and for \
+         new flows fewer or cheaper conntrack inserts (for example a per-CPU LRU).\n",
         share(Hook::Tc, "established", &bpf),
         share(Hook::Xdp, "established", &bpf),
         share(Hook::Tc, "established", &maps),
