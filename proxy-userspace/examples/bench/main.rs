@@ -377,7 +377,9 @@ fn render(
         "```sh\n# as root; installs iptables and nftables if missing (cargo xtask setup)\n\
          cargo xtask bench --quick   # under 5 minutes: {{3, 10 000}} Services, 2 000 x 10 control plane\n\
          cargo xtask bench           # {{3, 1 000, 10 000, 100 000}} Services, 10 000 x 10 control plane\n\
-         # both run: cargo run --release -p proxy-userspace --example bench -- [--quick] --out docs/BENCHMARKS.md\n```"
+         # both run: cargo run --release -p proxy-userspace --example bench -- [--quick] --out docs/BENCHMARKS.md\n\
+         # while working on one part, run only it (a partial report, so not into docs/):\n\
+         cargo run --release -p proxy-userspace --example bench -- --quick --parts 1 --out /tmp/bench/BENCHMARKS.md\n```"
     );
     md
 }
