@@ -455,8 +455,9 @@ pub struct ConntrackKey4 {
 }
 
 impl ConntrackKey4 {
-    /// Built as whole words (see `ConntrackKey::new`); the addresses are
-    /// the packet's own four bytes.
+    /// Built as whole words: spelled field by field, the three pad bytes
+    /// become a call to a byte-at-a-time `memset` in the eBPF object, paid
+    /// by every packet. The addresses are the packet's own four bytes.
     #[inline(always)]
     pub const fn new(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> Self {
         #[repr(C)]
@@ -657,29 +658,15 @@ pub fn addr_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
 }
 
 impl ConntrackKey {
-    /// Built as whole words: spelled field by field, the three pad bytes
-    /// become a call to a byte-at-a-time `memset` in the eBPF object, paid
-    /// by every packet.
-    #[inline(always)]
+    /// The key of a tuple, padding zeroed.
     pub const fn new(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8) -> Self {
-        #[repr(C)]
-        struct Words {
-            saddr: [u8; 16],
-            daddr: [u8; 16],
-            sport: u16,
-            dport: u16,
-            proto_and_pad: u32,
-        }
-        // SAFETY: both are repr(C), 40 bytes, every field at the same offset
-        // (checked by the size asserts), and any bit pattern is valid.
-        unsafe {
-            core::mem::transmute::<Words, ConntrackKey>(Words {
-                saddr,
-                daddr,
-                sport,
-                dport,
-                proto_and_pad: u32::from_ne_bytes([proto, 0, 0, 0]),
-            })
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
         }
     }
 }

@@ -20,8 +20,8 @@ use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 use crate::{
     csum, frag, icmp,
     parse::{
-        bytes_at, field, set_field, store, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF,
-        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
+        bytes_at, field, ipv4_header, set_field, store, Flow, FragmentId, Ipv4, ETH_LEN,
+        IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
     },
     reject,
 };
@@ -218,7 +218,7 @@ impl Packet for TcContext {
 /// (`bpf_skb_store_bytes`) cost a call and a memcpy each.
 #[inline(always)]
 fn tc_rewrite_ip(ctx: &TcContext, addr_off: usize, old: Ipv4, new: Ipv4) -> bool {
-    let Some(ip) = bytes_at(ctx, 0, ETH_LEN + 20) else {
+    let Some(ip) = ipv4_header(ctx) else {
         return false;
     };
     // SAFETY: both fields are inside the checked IPv4 header.
@@ -269,10 +269,8 @@ impl Packet for XdpContext {
         let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
         // Each span checked where it is used: the verifier bounds a packet
         // pointer only by a check on that very pointer.
-        let (Some(ip), Some(check)) = (
-            bytes_at(self, 0, ETH_LEN + 20),
-            bytes_at(self, flow.l4_check_off(), 2),
-        ) else {
+        let (Some(ip), Some(check)) = (ipv4_header(self), bytes_at(self, flow.l4_check_off(), 2))
+        else {
             return false;
         };
         let (old_port, new_port) = (old_port.to_be(), port.to_be());
@@ -320,7 +318,7 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn decrement_ttl(&self) -> bool {
-        let Some(ip) = bytes_at(self, 0, ETH_LEN + 20) else {
+        let Some(ip) = ipv4_header(self) else {
             return false;
         };
         // SAFETY: both fields are inside the checked IPv4 header.

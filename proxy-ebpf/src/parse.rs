@@ -123,6 +123,13 @@ pub fn bytes_at<P: Packet>(ctx: &P, offset: usize, len: usize) -> Option<usize> 
     Some(start + offset)
 }
 
+/// The frame's Ethernet and fixed IPv4 headers: the span whose fields sit
+/// at the `IP_*_OFF` offsets, read with `field` from the address returned.
+#[inline(always)]
+pub fn ipv4_header<P: Packet>(ctx: &P) -> Option<usize> {
+    bytes_at(ctx, 0, ETH_LEN + IPV4_MIN_LEN)
+}
+
 /// One field at `at + off`, read with a single load of its size (a `u16`
 /// or `u32` keeps network byte order: a raw value, as C's `__be16`).
 ///
@@ -183,7 +190,7 @@ pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     ctx.make_linear(MAX_HEADERS);
     // One bounds check for Ethernet and the fixed IPv4 header; each field
     // is then one load (see `field`).
-    let Some(ip) = bytes_at(ctx, 0, ETH_LEN + IPV4_MIN_LEN) else {
+    let Some(ip) = ipv4_header(ctx) else {
         return Err(match load::<u16, P>(ctx, 12) {
             Some(ether_type) if u16::from_be(ether_type) == ETH_P_IP => Skip::Malformed,
             _ => Skip::NotService,
