@@ -15,9 +15,15 @@ pub struct Lab {
 impl Lab {
     pub fn load(tag: &str, sizes: MapSizes) -> Result<Self> {
         let pins = PathBuf::from(format!("/run/kproxy-bench-{}-{tag}", std::process::id()));
-        let datapath = Datapath::load(&pins, sizes)
-            .with_context(|| format!("loading the datapath at {}", pins.display()))?;
-        Ok(Self { datapath, pins })
+        match Datapath::load(&pins, sizes) {
+            Ok(datapath) => Ok(Self { datapath, pins }),
+            // A load that failed half way (say, a program the verifier
+            // refuses) may have pinned maps and mounted the pin dir already.
+            Err(error) => {
+                remove_pins(&pins);
+                Err(error).with_context(|| format!("loading the datapath at {}", pins.display()))
+            }
+        }
     }
 
     pub fn apply(&mut self, syncer: &mut Syncer, state: &DesiredState) -> Result<()> {
@@ -46,8 +52,13 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = datapath::cleanup(&self.pins);
-        let _ = umount2(&self.pins, MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir(&self.pins);
+        remove_pins(&self.pins);
     }
+}
+
+/// Unpins what a datapath pinned under `pins` and removes the directory.
+fn remove_pins(pins: &Path) {
+    let _ = datapath::cleanup(pins);
+    let _ = umount2(pins, MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir(pins);
 }
