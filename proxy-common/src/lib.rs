@@ -495,10 +495,7 @@ impl ConntrackKey4 {
     /// The IPv4 key of `key`; `None` when either address is not
     /// IPv4-mapped (an IPv6 flow, which this map does not hold).
     pub fn from_mapped(key: &ConntrackKey) -> Option<Self> {
-        let v4 = |a: &[u8; 16]| -> Option<[u8; 4]> {
-            (a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
-                .then(|| [a[12], a[13], a[14], a[15]])
-        };
+        let v4 = |a: &[u8; 16]| Some(core::net::Ipv6Addr::from(*a).to_ipv4_mapped()?.octets());
         Some(Self::new(
             v4(&key.saddr)?,
             v4(&key.daddr)?,
