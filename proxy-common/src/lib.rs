@@ -17,7 +17,7 @@ pub const REV_NAT_MAP: &str = "REV_NAT_V1";
 /// IPv4 flows (`ConntrackKey4`).
 pub const CONNTRACK_MAP: &str = "CONNTRACK4_V1";
 pub const STATS_MAP: &str = "STATS_V2";
-pub const CONFIG_MAP: &str = "CONFIG_V2";
+pub const CONFIG_MAP: &str = "CONFIG_V3";
 pub const AFFINITY_MAP: &str = "AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "MAGLEV_V1";
 pub const RR_MAP: &str = "RR_V1";
@@ -30,13 +30,14 @@ pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 /// flows of `CONNTRACK_V3` and `CONNTRACK_V2` over into the current map
 /// (see `ConntrackKey4::from_mapped`, `ConntrackKeyV2`); those of
 /// `CONNTRACK_V1` cannot be.
-pub const LEGACY_MAPS: [&str; 6] = [
+pub const LEGACY_MAPS: [&str; 7] = [
     "CONNTRACK_V1",
     "CONNTRACK_V2",
     CONNTRACK_V3_MAP,
     "STATS_V1",
     "FRAGMENTS_V1",
     "CONFIG_V1",
+    "CONFIG_V2",
 ];
 
 /// `CONNTRACK_V3`: the conntrack map before it was split by address family,
@@ -112,6 +113,9 @@ pub const LC_SCAN_MAX: u32 = 32;
 pub const TC_POD_PROGRAM: &str = "kproxy_tc_pod";
 /// The XDP program on the external interfaces (`--interfaces`).
 pub const XDP_EXTERNAL_PROGRAM: &str = "kproxy_xdp_external";
+/// Attached nowhere: test-run once at load to scale jiffies to
+/// CLOCK_MONOTONIC (`DatapathConfig::clock_tick_ns`), then unloaded.
+pub const CLOCK_PROGRAM: &str = "kproxy_clock";
 /// The tc program behind it on the same interfaces: what XDP passes on
 /// (rejects, fragments, ICMP errors, flows whose next hop has no neighbour
 /// entry yet), and the whole external path with `--xdp-mode off`.
@@ -529,12 +533,12 @@ pub struct ConntrackValue {
     pub _pad: u8,
     pub rev_nat_id: u32,
     pub backend_id: u32,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at tick resolution) of
-    /// the last packet.
+    /// CLOCK_MONOTONIC at tick resolution (see
+    /// [`DatapathConfig::clock_tick_ns`]) of the last packet.
     pub last_seen_ns: u64,
 }
 
-/// The datapath's tunables, in `CONFIG_V2` (one entry). Zero means "use
+/// The datapath's tunables, in `CONFIG_V3` (one entry). Zero means "use
 /// the compiled-in default", so a datapath loaded without userspace (packet
 /// fixtures) still behaves.
 #[repr(C)]
@@ -548,6 +552,14 @@ pub struct DatapathConfig {
     pub udp_timeout_ns: u64,
     /// `CONFIG_FLAG_*`.
     pub flags: u64,
+    /// The datapath's clock, CLOCK_MONOTONIC at tick resolution, read as
+    /// `jiffies * clock_tick_ns + clock_offset_ns` (`bpf_jiffies64`, which
+    /// the verifier inlines into one load, unlike a clock helper's call).
+    /// Userspace measures both when it loads the datapath (`JiffyClock`);
+    /// zero: not measured, read `bpf_ktime_get_coarse_ns` instead.
+    pub clock_tick_ns: u64,
+    /// See `clock_tick_ns` (wrapping arithmetic).
+    pub clock_offset_ns: u64,
 }
 
 /// Every frontend address has its address marker in the services map (the
@@ -585,7 +597,7 @@ impl DatapathConfig {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 64);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod csum;
 mod frag;
 mod icmp;
@@ -39,6 +40,13 @@ pub fn kproxy_xdp_external(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn kproxy_tc_external(ctx: TcContext) -> i32 {
     service::handle::<_, true>(&ctx)
+}
+
+/// Attached nowhere: userspace test-runs it once at load to learn how
+/// jiffies map to CLOCK_MONOTONIC (`DatapathConfig::clock_tick_ns`).
+#[xdp]
+pub fn kproxy_clock(ctx: XdpContext) -> u32 {
+    clock::sample(&ctx)
 }
 
 #[cfg(not(test))]

@@ -59,7 +59,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { FRAGMENTS_MAX_ENT
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> =
     LpmTrie::new();
 
-#[btf_map(name = "CONFIG_V2")]
+#[btf_map(name = "CONFIG_V3")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 /// All zero: every field falls back to its compiled-in default.
@@ -70,6 +70,8 @@ static DEFAULT_CONFIG: DatapathConfig = DatapathConfig {
     tcp_closed_timeout_ns: 0,
     udp_timeout_ns: 0,
     flags: 0,
+    clock_tick_ns: 0,
+    clock_offset_ns: 0,
 };
 
 /// The tunables userspace wrote (all defaults when it wrote none). A

@@ -16,7 +16,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     addr_eq, stat, zero_addr, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey,
     SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY,
@@ -26,6 +26,7 @@ use proxy_common::{
 };
 
 use crate::{
+    clock::now_ns,
     lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
     packet::{Packet, Side},
@@ -74,10 +75,8 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
     if P::IS_XDP && flow.first_fragment {
         return P::PASS;
     }
-    // CLOCK_MONOTONIC at tick resolution: timeouts are seconds, and the
-    // coarse clock skips the clocksource read that the precise one costs
-    // every packet.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let config = config();
+    let now = now_ns(config);
     let mut nat = Nat {
         saddr: flow.saddr,
         sport: flow.sport,
@@ -86,9 +85,9 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         route_out: false,
         to_host: false,
     };
-    let tracked = tracked::<EXTERNAL>(flow, now, &mut nat);
+    let tracked = tracked::<EXTERNAL>(flow, config, now, &mut nat);
     if tracked == NOT_TRACKED {
-        if no_service_at(flow.daddr) {
+        if no_service_at(config, flow.daddr) {
             return P::PASS;
         }
         let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
@@ -108,8 +107,8 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
 /// userspace says every marker is written (a datapath loaded over an older
 /// kproxy's maps), `new_flow` looks the frontend up first.
 #[inline(always)]
-fn no_service_at(daddr: Ipv4) -> bool {
-    config().flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
+fn no_service_at(config: &DatapathConfig, daddr: Ipv4) -> bool {
+    config.flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
         && unsafe { SERVICES.get(ServiceKey::address_marker(mapped(daddr))) }.is_none()
 }
 
@@ -250,9 +249,12 @@ const DROP: i64 = -3;
 /// path (`open_new`) stays a call of its own; the stack frames along one
 /// chain of calls must fit in 512 bytes together.
 #[inline(always)]
-fn tracked<const EXTERNAL: bool>(flow: &Flow, now: u64, nat: &mut Nat) -> i64 {
-    let config = config();
-
+fn tracked<const EXTERNAL: bool>(
+    flow: &Flow,
+    config: &DatapathConfig,
+    now: u64,
+    nat: &mut Nat,
+) -> i64 {
     // One lookup finds the packet's entry whichever way it goes: the
     // direction is in the value.
     let Some(entry) = CONNTRACK.get_ptr_mut(&ct_key(flow)) else {

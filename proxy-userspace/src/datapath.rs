@@ -12,14 +12,17 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArra
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::xdp::XdpLink;
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp};
+use aya::programs::{
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp,
+};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKey4, ConntrackKeyV2,
     ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
-    AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CONFIG_MAP, CONNTRACK_MAP,
-    CONNTRACK_V2_MAP, CONNTRACK_V3_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP,
-    SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
+    AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CLOCK_PROGRAM, CONFIG_MAP,
+    CONNTRACK_MAP, CONNTRACK_V2_MAP, CONNTRACK_V3_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP,
+    RR_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM,
+    XDP_EXTERNAL_PROGRAM,
 };
 use thiserror::Error;
 
@@ -143,6 +146,131 @@ const XDP_LINK_PREFIX: &str = "xdp-external-";
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// How the datapath reads the time; `None`: `bpf_ktime_get_coarse_ns`.
+    clock: Option<JiffyClock>,
+}
+
+/// The datapath's clock: CLOCK_MONOTONIC at tick resolution as
+/// `jiffies * tick_ns + offset_ns`. Jiffies are one load for a BPF program
+/// (the verifier inlines `bpf_jiffies64`); a clock helper is a call and a
+/// return, a fair share of an established packet's cost. Jiffies advance
+/// with CLOCK_MONOTONIC (the tick derives them from it), so one
+/// measurement at load holds for as long as the datapath runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JiffyClock {
+    /// Nanoseconds per jiffy (the kernel's TICK_NSEC, 1e9 / HZ).
+    pub tick_ns: u64,
+    /// CLOCK_MONOTONIC at jiffy zero (wrapping).
+    pub offset_ns: u64,
+}
+
+/// Why the jiffies clock could not be measured (the datapath then reads
+/// `bpf_ktime_get_coarse_ns`: correct, a few ns slower per packet).
+#[derive(Debug, Error)]
+pub enum ClockError {
+    #[error("clock_getres(CLOCK_MONOTONIC_COARSE): {0}")]
+    Resolution(io::Error),
+    #[error("the coarse clock's resolution {0} ns is no kernel tick (HZ between 24 and 10000)")]
+    OddTick(u64),
+    #[error("test-running {CLOCK_PROGRAM}: {0}")]
+    Run(ProgramError),
+    #[error("jiffies did not advance twice within {0:?}")]
+    NoTicks(std::time::Duration),
+    #[error(
+        "jiffies advanced {jiffies} ticks in {elapsed_ns} ns, which does not fit a tick of {tick_ns} ns"
+    )]
+    Mismatch {
+        jiffies: u64,
+        elapsed_ns: u64,
+        tick_ns: u64,
+    },
+}
+
+impl JiffyClock {
+    /// From the kernel tick and two samples `(jiffies, monotonic ns)`, each
+    /// taken right after jiffies changed. Checks that the ticks between
+    /// them took as long as `tick_ns` says (within a quarter tick each
+    /// way: the samples trail their tick by the time between two test
+    /// runs, and the tick interrupt by its latency).
+    pub fn from_edges(
+        tick_ns: u64,
+        first: (u64, u64),
+        second: (u64, u64),
+    ) -> Result<Self, ClockError> {
+        let jiffies = second.0.wrapping_sub(first.0);
+        let elapsed_ns = second.1.wrapping_sub(first.1);
+        let expected = jiffies.saturating_mul(tick_ns);
+        if jiffies == 0 || jiffies > 1000 || elapsed_ns.abs_diff(expected) > tick_ns / 4 {
+            return Err(ClockError::Mismatch {
+                jiffies,
+                elapsed_ns,
+                tick_ns,
+            });
+        }
+        Ok(Self {
+            tick_ns,
+            offset_ns: first.1.wrapping_sub(first.0.wrapping_mul(tick_ns)),
+        })
+    }
+
+    /// The clock's fields in the datapath's config.
+    fn apply(clock: Option<Self>, config: &DatapathConfig) -> DatapathConfig {
+        let (tick, offset) = clock.map_or((0, 0), |c| (c.tick_ns, c.offset_ns));
+        DatapathConfig {
+            clock_tick_ns: tick,
+            clock_offset_ns: offset,
+            ..*config
+        }
+    }
+
+    /// Test-runs `CLOCK_PROGRAM` until jiffies have changed twice (two
+    /// ticks, at most 20 ms at HZ=100): the edges give the offset and check
+    /// the tick the coarse clock reports.
+    fn measure(program: &Xdp) -> Result<Self, ClockError> {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a live timespec.
+        if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+            return Err(ClockError::Resolution(io::Error::last_os_error()));
+        }
+        let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+        if !(100_000..=41_666_667).contains(&tick_ns) {
+            return Err(ClockError::OddTick(tick_ns));
+        }
+        let sample = || -> Result<(u64, u64), ClockError> {
+            // An Ethernet header's worth of frame; the program overwrites
+            // its first 16 bytes.
+            let frame = [0u8; 64];
+            let mut out = [0u8; 64];
+            program
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::new()
+                })
+                .map_err(ClockError::Run)?;
+            let word = |at: usize| u64::from_ne_bytes(out[at..at + 8].try_into().unwrap());
+            Ok((word(0), word(8)))
+        };
+        let limit =
+            std::time::Duration::from_nanos(tick_ns * 5).max(std::time::Duration::from_millis(50));
+        let deadline = std::time::Instant::now() + limit;
+        let mut last = sample()?.0;
+        let mut edges = Vec::with_capacity(2);
+        while edges.len() < 2 {
+            if std::time::Instant::now() > deadline {
+                return Err(ClockError::NoTicks(limit));
+            }
+            let (jiffies, ns) = sample()?;
+            if jiffies != last {
+                edges.push((jiffies, ns));
+                last = jiffies;
+            }
+        }
+        Self::from_edges(tick_ns, edges[0], edges[1])
+    }
 }
 
 impl Datapath {
@@ -192,10 +320,15 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })?;
         xdp.load()
             .map_err(|source| DatapathError::Program { name, source })?;
+        let clock = measure_clock(&mut ebpf);
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            clock,
         };
+        // Until the caller writes its tunables, the ones pinned (or the
+        // defaults) run on the measured clock.
+        datapath.set_clock(clock)?;
         datapath.upgrade_conntrack();
         // Maps of an older layout cannot be used by this datapath.
         for legacy in LEGACY_MAPS {
@@ -456,13 +589,32 @@ impl Datapath {
         T::try_from(map).map_err(|source| DatapathError::Map { name, source })
     }
 
-    /// Writes the datapath's tunables (conntrack timeouts).
+    /// Writes the datapath's tunables (conntrack timeouts, flags), with the
+    /// clock measured at load.
     pub fn write_config(&mut self, config: &DatapathConfig) -> Result<(), DatapathError> {
         let name = CONFIG_MAP;
+        let config = JiffyClock::apply(self.clock, config);
         let mut array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
         array
             .set(0, config, 0)
             .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The clock the datapath runs on (`None`: `bpf_ktime_get_coarse_ns`).
+    pub fn clock(&self) -> Option<JiffyClock> {
+        self.clock
+    }
+
+    /// Switches the datapath to `clock`, keeping the other tunables (tests
+    /// shift the clock to see which one stamps flows).
+    pub fn set_clock(&mut self, clock: Option<JiffyClock>) -> Result<(), DatapathError> {
+        let name = CONFIG_MAP;
+        let array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
+        let current = array
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { name, source })?;
+        self.clock = clock;
+        self.write_config(&current)
     }
 
     /// The IPv4 conntrack map. Callers outside this module see
@@ -566,6 +718,37 @@ pub fn allow_local_sources(interface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
     if let Err(err) = std::fs::write(&path, "1") {
         tracing::warn!(%interface, error = %err, "could not set accept_local; pods reaching a NodePort on this node may time out");
+    }
+}
+
+/// Loads `CLOCK_PROGRAM`, measures the jiffies clock with it and unloads
+/// it. A failure is logged: the datapath then reads the coarse clock.
+fn measure_clock(ebpf: &mut Ebpf) -> Option<JiffyClock> {
+    let measured = match ebpf.program_mut(CLOCK_PROGRAM).map(<&mut Xdp>::try_from) {
+        Some(Ok(program)) => {
+            let measured = program
+                .load()
+                .map_err(ClockError::Run)
+                .and_then(|()| JiffyClock::measure(program));
+            let _ = program.unload();
+            measured
+        }
+        Some(Err(e)) => Err(ClockError::Run(e)),
+        None => Err(ClockError::Run(ProgramError::UnexpectedProgramType)),
+    };
+    match measured {
+        Ok(clock) => {
+            tracing::info!(
+                tick_ns = clock.tick_ns,
+                hz = 1_000_000_000 / clock.tick_ns,
+                "datapath clock: jiffies"
+            );
+            Some(clock)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot scale jiffies; the datapath reads bpf_ktime_get_coarse_ns instead (a few ns more per packet)");
+            None
+        }
     }
 }
 
@@ -955,4 +1138,60 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: u64 = 4_000_000; // HZ=250
+
+    #[test]
+    fn the_jiffies_clock_is_anchored_at_the_first_edge() {
+        // Jiffy 4294892296 (INITIAL_JIFFIES at HZ=250 plus one) seen 20 µs
+        // after its tick at 1 s of uptime; the next one a tick later.
+        let j = 4_294_892_296u64;
+        let t = 1_000_020_000u64;
+        let clock = JiffyClock::from_edges(TICK, (j, t), (j + 1, t + TICK + 5_000)).unwrap();
+        assert_eq!(clock.tick_ns, TICK);
+        // The datapath's reading at that jiffy is the first sample's time,
+        // and one tick later for the next jiffy, whatever the wrap.
+        assert_eq!(j.wrapping_mul(TICK).wrapping_add(clock.offset_ns), t);
+        assert_eq!(
+            (j + 10).wrapping_mul(TICK).wrapping_add(clock.offset_ns),
+            t + 10 * TICK
+        );
+    }
+
+    #[test]
+    fn a_tick_that_does_not_fit_the_edges_is_refused() {
+        let (j, t) = (1_000u64, 5_000_000_000u64);
+        // HZ=1000 edges read with HZ=250's tick: 1 jiffy in 1 ms.
+        assert!(matches!(
+            JiffyClock::from_edges(TICK, (j, t), (j + 1, t + 1_000_000)),
+            Err(ClockError::Mismatch { .. })
+        ));
+        // No change, or jiffies going back.
+        assert!(JiffyClock::from_edges(TICK, (j, t), (j, t + TICK)).is_err());
+        assert!(JiffyClock::from_edges(TICK, (j, t), (j - 1, t + TICK)).is_err());
+        // Two ticks a little late each are fine.
+        assert!(JiffyClock::from_edges(TICK, (j, t), (j + 2, t + 2 * TICK + TICK / 5)).is_ok());
+    }
+
+    #[test]
+    fn the_measured_clock_is_written_with_every_config() {
+        let clock = JiffyClock {
+            tick_ns: TICK,
+            offset_ns: 7,
+        };
+        let config = DatapathConfig {
+            udp_timeout_ns: 30,
+            ..DatapathConfig::default()
+        };
+        let written = JiffyClock::apply(Some(clock), &config);
+        assert_eq!((written.clock_tick_ns, written.clock_offset_ns), (TICK, 7));
+        assert_eq!(written.udp_timeout_ns, 30);
+        let fallback = JiffyClock::apply(None, &written);
+        assert_eq!((fallback.clock_tick_ns, fallback.clock_offset_ns), (0, 0));
+    }
 }

@@ -376,6 +376,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
                 // Set by the daemon once a sync wrote every address marker.
                 flags: 0,
+                // Measured by `Datapath::load`, added by `write_config`.
+                clock_tick_ns: 0,
+                clock_offset_ns: 0,
             }
         },
         conntrack_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),

@@ -3268,3 +3268,88 @@ fn carries_an_older_conntrack_map_over(
     assert_eq!(entries.len(), 1);
     assert!(!old.exists(), "the older map is removed once carried over");
 }
+
+/// CLOCK_MONOTONIC in ns, as the daemon's conntrack sweep reads it.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a live timespec.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The `last_seen_ns` a SYN from `client(port)` to the VIP leaves on its
+/// forward entry.
+fn stamp_of_a_new_flow(lab: &mut Lab, port: u16) -> u64 {
+    let out = lab.run(&tcp(client(port), (VIP, 80), Tcp::Syn, &[]));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let key = proxy_common::ConntrackKey::new(
+        proxy_common::ipv4_mapped(CLIENT_IP),
+        proxy_common::ipv4_mapped(VIP),
+        port,
+        80,
+        PROTO_TCP,
+    );
+    let entries = lab.datapath.conntrack_entries().expect("conntrack entries");
+    entries
+        .get(&key)
+        .unwrap_or_else(|| panic!("no forward entry for port {port}: {entries:?}"))
+        .last_seen_ns
+}
+
+/// The datapath stamps flows from jiffies, scaled as `Datapath::load`
+/// measured them: CLOCK_MONOTONIC within a tick, so the daemon's sweep and
+/// the datapath agree on a flow's age. Shifting the measured offset shifts
+/// the stamps (the jiffies clock is the one in use); without a measured
+/// clock the datapath falls back to the coarse clock, also CLOCK_MONOTONIC.
+#[test]
+fn flows_are_stamped_with_the_jiffies_clock_measured_at_load() {
+    let mut lab = Lab::new();
+    let clock = lab
+        .datapath
+        .clock()
+        .expect("Datapath::load measures the jiffies clock on this kernel");
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a live timespec.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    assert_eq!(clock.tick_ns, res.tv_nsec as u64, "one jiffy is one tick");
+    let tick = clock.tick_ns;
+    let within_a_tick = |stamp: u64, before: u64, after: u64, what: &str| {
+        assert!(
+            stamp + 2 * tick >= before && stamp <= after + tick,
+            "{what}: stamp {stamp} outside [{before} - 2 ticks, {after} + 1 tick] (tick {tick} ns)"
+        );
+    };
+
+    let before = monotonic_ns();
+    let stamp = stamp_of_a_new_flow(&mut lab, 41001);
+    within_a_tick(stamp, before, monotonic_ns(), "measured jiffies clock");
+
+    const HOUR_NS: u64 = 3_600_000_000_000;
+    let shifted = proxy_userspace::datapath::JiffyClock {
+        offset_ns: clock.offset_ns.wrapping_add(HOUR_NS),
+        ..clock
+    };
+    lab.datapath.set_clock(Some(shifted)).expect("set_clock");
+    let before = monotonic_ns();
+    let stamp = stamp_of_a_new_flow(&mut lab, 41002);
+    within_a_tick(
+        stamp.wrapping_sub(HOUR_NS),
+        before,
+        monotonic_ns(),
+        "jiffies clock shifted by an hour",
+    );
+
+    lab.datapath.set_clock(None).expect("set_clock");
+    let before = monotonic_ns();
+    let stamp = stamp_of_a_new_flow(&mut lab, 41003);
+    within_a_tick(stamp, before, monotonic_ns(), "coarse clock fallback");
+}
