@@ -28,8 +28,27 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 /// complement sum does not depend on byte order, so nothing is swapped.
 #[inline(always)]
 pub fn update4(check: u16, old: u32, new: u32) -> u16 {
+    apply(check, change4(old, new))
+}
+
+/// What a 32-bit field changing from `old` to `new` adds to a checksum
+/// (unfolded: changes add up, and `apply` folds once for all of them).
+#[inline(always)]
+pub fn change4(old: u32, new: u32) -> u64 {
     // A 32-bit word adds up like its two 16-bit halves once folded.
-    fold((!check) as u64 + (!old) as u64 + new as u64)
+    (!old) as u64 + new as u64
+}
+
+/// The same for a 16-bit field.
+#[inline(always)]
+pub fn change2(old: u16, new: u16) -> u64 {
+    (!old) as u64 + new as u64
+}
+
+/// Checksum `check` updated by the sum of some `change4` / `change2`.
+#[inline(always)]
+pub fn apply(check: u16, change: u64) -> u16 {
+    fold((!check) as u64 + change)
 }
 
 /// The same for a 16-bit field (a port, a TTL and protocol word).
@@ -38,7 +57,8 @@ pub fn update2(check: u16, old: u16, new: u16) -> u16 {
     fold((!check) as u64 + (!old) as u64 + new as u64)
 }
 
-/// Folds a sum of at most a few 32-bit words to 16 bits and inverts it.
+/// Folds a sum of at most a few 32-bit words (below 2^34) to 16 bits and
+/// inverts it.
 #[inline(always)]
 fn fold(mut sum: u64) -> u16 {
     // Below 2^34 in: three folds always reach 16 bits; a fixed count keeps

@@ -276,12 +276,13 @@ impl Packet for XdpContext {
         let (old_port, new_port) = (old_port.to_be(), port.to_be());
         // SAFETY: every field is inside one of the two checked spans.
         unsafe {
-            let ip_check = csum::update4(field(ip, IP_CHECK_OFF), old_addr, new_addr);
+            let addr_change = csum::change4(old_addr, new_addr);
+            let ip_check = csum::apply(field(ip, IP_CHECK_OFF), addr_change);
             let mut l4_check: u16 = field(check, 0);
             // A zero UDP checksum means "none": leave it zero.
             if !(flow.proto == PROTO_UDP && l4_check == 0) {
-                l4_check = csum::update4(l4_check, old_addr, new_addr);
-                l4_check = csum::update2(l4_check, old_port, new_port);
+                // Address (pseudo-header) and port: one fold for both.
+                l4_check = csum::apply(l4_check, addr_change + csum::change2(old_port, new_port));
                 if flow.proto == PROTO_UDP && l4_check == 0 {
                     l4_check = 0xffff;
                 }
