@@ -551,6 +551,7 @@ fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result
         PROFILE_TIME
     };
     let mut profiles = Vec::new();
+    let mut out = vec![0u8; 512];
     for &(hook, fd) in programs {
         // The flows exist already; this only re-checks the frames.
         let frames = prepare(hook, fd)?;
@@ -559,8 +560,12 @@ fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result
             ("reply", &frames.reply),
             ("non-service", &frames.non_service),
         ] {
-            let (samples, symbols) = profile_one(fd, frame, time)
-                .with_context(|| format!("profiling {} {path}", hook.program()))?;
+            let start = Instant::now();
+            let (samples, symbols) = profile_one(|| {
+                raw::test_run(fd, frame, &mut out, 100_000)?;
+                Ok(start.elapsed() < time)
+            })
+            .with_context(|| format!("profiling {} {path}", hook.program()))?;
             profiles.push(Profile {
                 hook,
                 path,
@@ -568,18 +573,57 @@ fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result
                 symbols,
             });
         }
+        // New flows: SYNs from clients no measurement used, built before
+        // perf starts, one call each (so the syscall around each program
+        // run is in the samples too).
+        let syns: Vec<Vec<u8>> = (0..PROFILE_NEW_FLOWS)
+            .map(|n| {
+                let client = [
+                    198,
+                    18,
+                    253 - usize::from(hook == Hook::Xdp) as u8,
+                    (n / 60_000) as u8,
+                ];
+                tcp(
+                    (client, 1024 + (n % 60_000) as u16),
+                    (VIP_NEW, 80),
+                    Tcp::Syn,
+                )
+            })
+            .collect();
+        let mut next = syns.iter();
+        let (samples, symbols) = profile_one(|| {
+            let Some(syn) = next.next() else {
+                return Ok(false);
+            };
+            let run = raw::test_run(fd, syn, &mut out, 1)?;
+            ensure!(
+                run.retval == hook.pass(),
+                "a new flow: verdict {}",
+                run.retval
+            );
+            Ok(true)
+        })
+        .with_context(|| format!("profiling {} new flow", hook.program()))?;
+        profiles.push(Profile {
+            hook,
+            path: "new flow",
+            samples,
+            symbols,
+        });
     }
     Ok(profiles)
 }
 
+/// SYNs per program in the new-flow profile: each opens two conntrack
+/// entries, and with the measurement's flows they stay below the map's
+/// capacity (an LRU eviction would change what is measured).
+const PROFILE_NEW_FLOWS: usize = 30_000;
+
 /// Samples this thread (kernel side included: BPF_PROG_TEST_RUN runs the
 /// program in our syscall) with the software cpu-clock event, since this VM
-/// has no PMU, while it runs `frame` through `prog` for `time`.
-fn profile_one(
-    prog: BorrowedFd<'_>,
-    frame: &[u8],
-    time: Duration,
-) -> Result<(u64, Vec<(String, f64)>)> {
+/// has no PMU, while it calls `work` until that returns false.
+fn profile_one(mut work: impl FnMut() -> Result<bool>) -> Result<(u64, Vec<(String, f64)>)> {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     let data = tempfile_path("perf.data");
@@ -599,14 +643,16 @@ fn profile_one(
         ensure!(Instant::now() < deadline, "perf record did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut out = vec![0u8; 512];
-    let start = Instant::now();
-    while start.elapsed() < time {
-        raw::test_run(prog, frame, &mut out, 100_000)?;
-    }
+    let worked = loop {
+        match work() {
+            Ok(true) => {}
+            done => break done,
+        }
+    };
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
     perf.wait()?;
+    worked?;
     let report = Command::new("perf")
         .args([
             "report",
@@ -653,10 +699,15 @@ fn parse_count(s: &str) -> u64 {
 
 /// `bpf_prog_<tag>_tracked_3C_false_3E_` -> `BPF tracked<false>`.
 fn readable_symbol(symbol: &str) -> String {
-    let Some(rest) = symbol.strip_prefix("bpf_prog_") else {
+    // A JITed program is `bpf_prog_<16 hex digits of tag>_<name>`; kernel
+    // functions such as `bpf_prog_run_xdp` only share the prefix.
+    let Some((_tag, name)) = symbol
+        .strip_prefix("bpf_prog_")
+        .and_then(|rest| rest.split_once('_'))
+        .filter(|(tag, _)| tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+    else {
         return symbol.to_owned();
     };
-    let name = rest.split_once('_').map_or(rest, |(_, name)| name);
     let name = name
         .replace("_3C_", "<")
         .replace("_3E_", ">")
@@ -908,8 +959,6 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
              backend's path (SNAT, FIB lookup, XDP_TX) changes the packet so that a repeated \
              run cannot replay it; part 4 measures that path's forwarding rate."
                 .into(),
-            "No profile of new flows: one call per SYN is dominated by the syscall around it."
-                .into(),
         ],
     }
 }
@@ -934,10 +983,13 @@ fn profile_text(pp: &PerPacket) -> String {
         "`perf record -e cpu-clock -F 10000 -t <bench thread>` while that thread runs one \
          path with repeat = 100 000 for {:.1} s (this VM has no PMU, so `bpftool prog profile` \
          and hardware events cannot run; the software clock samples the kernel side of the \
-         syscall, JITed BPF included: `bpf_jit_kallsyms` names each BPF function). Shares of \
-         the samples, symbols above 1%; `BPF <name>` is kproxy's code (or the floor's), the \
-         rest are kernel helpers and the test-run loop.\n",
-        PROFILE_TIME.as_secs_f64()
+         syscall, JITed BPF included: `bpf_jit_kallsyms` names each BPF function). New flows: \
+         {} SYNs from distinct clients, one `BPF_PROG_TEST_RUN` call each, so the syscall's own \
+         work (entry, copying the frame in and out, building the test context) is in those \
+         samples too. Shares of the samples, symbols above 1%; `BPF <name>` is kproxy's code \
+         (or the floor's), the rest are kernel helpers and the test-run loop.\n",
+        PROFILE_TIME.as_secs_f64(),
+        PROFILE_NEW_FLOWS
     );
     for p in &pp.profiles {
         let top: Vec<String> = p
@@ -980,6 +1032,7 @@ fn why_text(pp: &PerPacket) -> String {
             || s.contains("lookup_nulls")
             || s.contains("jhash")
             || s.contains("memcmp")
+            || s.contains("bpf_lru")
     };
     format!(
         "Per packet: against a floor of about {floor:.0} ns that is nearly all test-run loop \
@@ -989,21 +1042,28 @@ fn why_text(pp: &PerPacket) -> String {
          above). The profile above splits the established path's samples: kproxy's own BPF \
          code {:.0}% at tc / {:.0}% at XDP (header parsing with bounds checks, TCP state, the \
          conntrack key and rewrite arithmetic), hash-map work {:.0}% / {:.0}% (`htab_map_hash` \
-         is jhash over the 16-byte conntrack key, one lookup per tracked packet), the rest the \
-         clock read (`bpf_ktime_get_coarse_ns`, a helper call), the tc rewrite's \
-         `bpf_l4_csum_replace` (two per translated packet: only the kernel knows the skb's \
-         checksum state, and a locally sent packet's CHECKSUM_PARTIAL takes the address \
-         change but not the port change) and the test-run loop. New flows add the Service \
-         and backend lookups, `bpf_get_prandom_u32` and two LRU conntrack inserts; with 20 000 \
-         distinct clients each insert takes a conntrack element that is cold in the cache, \
-         the dominant cost.\n\n\
+         is jhash over the 16-byte conntrack key, one lookup per tracked packet; a JITed-code \
+         profile puts a further tenth of kproxy's own samples right after that lookup's \
+         return), the rest the tc rewrite's `bpf_l4_csum_replace` (two per translated packet: \
+         only the kernel knows the skb's checksum state, and a locally sent packet's \
+         CHECKSUM_PARTIAL takes the address change but not the port change) and the test-run \
+         loop. New flows (one syscall per SYN): hash-map work is {:.0}% at tc / {:.0}% at XDP \
+         of those samples, kproxy's code {:.0}% / {:.0}%, and most of the rest is the syscall \
+         (entry, copying the frame, building the test context). The map work is the \
+         conntrack miss and two LRU inserts, each walking a bucket and taking an LRU element \
+         that are cold in the cache (`lookup_nulls_elem_raw`, `htab_lru_map_update_elem`, \
+         `bpf_lru_pop_free`); a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) was measured and did not \
+         help (its lock is not what a single-threaded insert pays for).\n\n\
          What got this far (profile-driven fixes, each checked with the packet fixtures and \
          the lab tests): the eBPF object called a byte-at-a-time `memset` to build every \
          IPv4-mapped conntrack key and to zero the parsed-header struct, and a byte-at-a-time \
          `bcmp` to compare addresses (LLVM emits calls for them in BPF); those are now word \
-         stores and compares. The clock read per packet is `bpf_ktime_get_coarse_ns` \
-         (timeouts are seconds) instead of `bpf_ktime_get_ns`. The XDP rewrite writes the \
-         frame directly instead of through `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes`, and \
+         stores and compares. The clock is jiffies (`bpf_jiffies64`, which the verifier \
+         inlines into one load) scaled to CLOCK_MONOTONIC by a tick and an offset measured at \
+         load, instead of a `bpf_ktime_get_coarse_ns` call per packet (with its return, about \
+         a tenth of the established path). The XDP rewrite writes the \
+         frame directly instead of through `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes`, folds \
+         the L4 checksum once for address and port, and \
          the tc rewrite keeps only `bpf_l4_csum_replace` (5 helper calls per rewrite down to \
          2). A client's packet of a tracked flow takes one conntrack lookup instead of two \
          (`CONNTRACK_V3`: the direction moved into the value), which also takes one miss off \
@@ -1019,18 +1079,20 @@ fn why_text(pp: &PerPacket) -> String {
          BPF-to-BPF call and its return cost more than their work (only new flows, routed \
          packets and rare paths still call out, to keep each call chain's stack within 512 \
          bytes). Before these, the established path cost 12x the floor at tc; the XDP program \
-         was first measured at 13x. What would take the remaining steps: a clock read the \
-         verifier inlines (`bpf_jiffies64`; the stored time would then be in jiffies, which \
-         userspace must convert with the kernel's HZ), at tc one `bpf_l4_csum_replace` instead \
-         of two (only possible where the skb's checksum state is known), and for new flows \
-         fewer or cheaper conntrack inserts (for example a per-CPU LRU, \
-         `BPF_F_NO_COMMON_LRU`). The floor itself is the test-run loop calling an empty \
-         program; the established path's own work (its cost less the floor) is now {:.1}x \
-         that floor at XDP.\n",
+         was first measured at 13x. What is left is mostly structural: one hash lookup per \
+         packet (the data structure every kube-proxy replacement uses for conntrack), at tc \
+         two `bpf_l4_csum_replace` calls (one would need the skb's checksum state, which tc \
+         cannot read), and for new flows the cold cache lines of two inserts. The floor itself \
+         is the test-run loop calling an empty program; the established path's own work (its \
+         cost less the floor) is now {:.1}x that floor at XDP.\n",
         share(Hook::Tc, "established", &bpf),
         share(Hook::Xdp, "established", &bpf),
         share(Hook::Tc, "established", &maps),
         share(Hook::Xdp, "established", &maps),
+        share(Hook::Tc, "new flow", &maps),
+        share(Hook::Xdp, "new flow", &maps),
+        share(Hook::Tc, "new flow", &bpf),
+        share(Hook::Xdp, "new flow", &bpf),
         pp.counts
             .first()
             .map_or(f64::NAN, |c| c.ratio(Hook::Xdp, "established", false) - 1.0),
