@@ -150,6 +150,17 @@ impl Cell {
     fn requests(&self) -> f64 {
         self.median(|r| r.requests_per_s)
     }
+    /// The interquartile range of `f` over the rounds, relative to its
+    /// median: how much a figure moves between rounds on this machine.
+    fn spread(&self, f: impl Fn(&Round) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.rounds.iter().map(f).collect();
+        if v.len() < 4 {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        (at(0.75) - at(0.25)) / median(&mut v)
+    }
     fn conns(&self) -> f64 {
         self.median(|r| r.conns_per_s)
     }
@@ -1192,12 +1203,14 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
                  {:.0} µs, {:.1}x its p50 (client and server threads waiting for one of 2 \
                  shared vCPUs, softirq work landing on the busy one), and every mode carries \
                  that tail. A 2x p99 ratio needs the scan to cost as much as the whole tail, \
-                 i.e. far more Services, or a quieter machine with more cores.",
+                 i.e. far more Services, or a quieter machine with more cores: even a proxy \
+                 that cost nothing would show iptables / floor = {:.2}x here.",
                 big / 2,
                 i.p50_us() / k.p50_us(),
                 i.p99_us() / k.p99_us(),
                 f.p99_us(),
                 f.p99_us() / f.p50_us(),
+                i.p99_us() / f.p99_us(),
             );
         }
         let _ = writeln!(
@@ -1210,6 +1223,29 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
              paths of similar cost; on this shared VM (other tenants' builds and lab tests run \
              at the same time) the spread between rounds is as large as the differences \
              between modes, so a keep-alive miss here is noise unless it repeats."
+        );
+        let spreads: Vec<String> = plan
+            .counts
+            .iter()
+            .filter_map(|&count| {
+                let pct = |m: usize| {
+                    get(count, m).map_or(f64::NAN, |c| c.spread(|r| r.requests_per_s) * 100.0)
+                };
+                get(count, kp)?;
+                Some(format!(
+                    "{count}: kproxy {:.0}%, iptables {:.0}%, nftables {:.0}%",
+                    pct(kp),
+                    pct(ipt),
+                    pct(nft)
+                ))
+            })
+            .collect();
+        let _ = writeln!(
+            why,
+            "- How far keep-alive requests/s move between rounds in this run (interquartile \
+             range of the {} rounds over their median), per Service count: {}.",
+            plan.rounds,
+            spreads.join("; ")
         );
     }
     section.markdown = md;
