@@ -1218,8 +1218,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             "- Established packets never reach the nat chains in iptables or nftables mode: \
              netfilter conntrack translates them, and the node namespace of those modes pays \
              for conntrack on every packet. kproxy runs its tc program on every packet of \
-             both directions instead (a conntrack-map lookup and the rewrite, about 300 ns a \
-             packet in section 1), so keep-alive throughput compares two per-packet fast \
+             both directions instead (a conntrack-map lookup and the rewrite: section 1's tc \
+             established and reply paths), so keep-alive throughput compares two per-packet fast \
              paths of similar cost; on this shared VM (other tenants' builds and lab tests run \
              at the same time) the spread between rounds is as large as the differences \
              between modes, so a keep-alive miss here is noise unless it repeats."
