@@ -721,15 +721,30 @@ pub fn allow_local_sources(interface: &str) {
     }
 }
 
+/// How often `measure_clock` tries before the datapath falls back to the
+/// coarse clock.
+const CLOCK_TRIES: u32 = 3;
+
 /// Loads `CLOCK_PROGRAM`, measures the jiffies clock with it and unloads
 /// it. A failure is logged: the datapath then reads the coarse clock.
 fn measure_clock(ebpf: &mut Ebpf) -> Option<JiffyClock> {
     let measured = match ebpf.program_mut(CLOCK_PROGRAM).map(<&mut Xdp>::try_from) {
         Some(Ok(program)) => {
-            let measured = program
-                .load()
-                .map_err(ClockError::Run)
-                .and_then(|()| JiffyClock::measure(program));
+            // A sample taken late (this thread preempted right at a tick)
+            // fails the tick check; another try usually finds clean edges.
+            let measured = program.load().map_err(ClockError::Run).and_then(|()| {
+                let mut tries = 1;
+                loop {
+                    match JiffyClock::measure(program) {
+                        Err(ClockError::Mismatch { .. } | ClockError::NoTicks(_))
+                            if tries < CLOCK_TRIES =>
+                        {
+                            tries += 1
+                        }
+                        done => break done,
+                    }
+                }
+            });
             let _ = program.unload();
             measured
         }
