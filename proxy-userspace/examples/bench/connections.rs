@@ -108,6 +108,18 @@ struct Round {
     failures: usize,
 }
 
+impl Round {
+    /// This round's percentile `p` of connection setup time, in µs.
+    fn percentile_us(&self, p: f64) -> f64 {
+        let mut v = self.latencies.clone();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort();
+        v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
+    }
+}
+
 /// A mode at a Service count: programming time and rounds, or why not.
 /// Time to program a mode: the tool's wall time, or kproxy's start to its
 /// first full sync plus the sync's own time from its log.
@@ -132,14 +144,7 @@ impl Cell {
     /// setup time, in µs (a burst from another tenant spoils one round's
     /// tail, not the figure).
     fn percentile_us(&self, p: f64) -> f64 {
-        self.median(|r| {
-            let mut v = r.latencies.clone();
-            if v.is_empty() {
-                return f64::NAN;
-            }
-            v.sort();
-            v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
-        })
+        self.median(|r| r.percentile_us(p))
     }
     fn p50_us(&self) -> f64 {
         self.percentile_us(0.50)
@@ -1224,6 +1229,36 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
              at the same time) the spread between rounds is as large as the differences \
              between modes, so a keep-alive miss here is noise unless it repeats."
         );
+        // Round by round: a round measures every mode back to back, so the
+        // same round's turns share the load that moves whole rounds.
+        let ahead = |other: usize, f: &dyn Fn(&Round) -> f64, lower_is_better: bool| {
+            let (k, o) = (get(big, kp)?, get(big, other)?);
+            (k.rounds.len() == o.rounds.len()).then(|| {
+                let wins = k
+                    .rounds
+                    .iter()
+                    .zip(&o.rounds)
+                    .filter(|(kr, or)| (f(kr) < f(or)) == lower_is_better)
+                    .count();
+                format!("{wins} of {}", k.rounds.len())
+            })
+        };
+        let p99 = |r: &Round| r.percentile_us(0.99);
+        let requests = |r: &Round| r.requests_per_s;
+        if let (Some(p_ipt), Some(p_nft), Some(r_ipt), Some(r_nft)) = (
+            ahead(ipt, &p99, true),
+            ahead(nft, &p99, true),
+            ahead(ipt, &requests, false),
+            ahead(nft, &requests, false),
+        ) {
+            let _ = writeln!(
+                why,
+                "- Round by round at {big} Services (each round's turns compared with each \
+                 other): kproxy's p99 was lower than iptables' in {p_ipt} rounds and than \
+                 nftables' in {p_nft}; its keep-alive requests/s were higher than iptables' in \
+                 {r_ipt} and than nftables' in {r_nft}."
+            );
+        }
         let spreads: Vec<String> = plan
             .counts
             .iter()
