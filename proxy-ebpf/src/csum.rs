@@ -54,7 +54,7 @@ pub fn apply(check: u16, change: u64) -> u16 {
 /// The same for a 16-bit field (a port, a TTL and protocol word).
 #[inline(always)]
 pub fn update2(check: u16, old: u16, new: u16) -> u16 {
-    fold((!check) as u64 + (!old) as u64 + new as u64)
+    apply(check, change2(old, new))
 }
 
 /// Folds a sum of at most a few 32-bit words (below 2^34) to 16 bits and

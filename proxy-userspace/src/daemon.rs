@@ -507,9 +507,10 @@ fn warn_if_api_via_cluster_ip(snapshot: &Snapshot) {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the datapath's clock (`bpf_ktime_get_coarse_ns`,
-/// the same clock at tick resolution, so at most one tick behind).
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in nanoseconds: the datapath's clock at full resolution
+/// (the datapath reads it at tick resolution, from jiffies or
+/// `bpf_ktime_get_coarse_ns`: a few ticks behind at most, never ahead).
+pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
@@ -518,6 +519,10 @@ fn monotonic_ns() -> u64 {
 /// Deletes flows idle past their timeout (LRU eviction only handles a full
 /// map; this keeps the table to live flows).
 fn sweep_conntrack(datapath: &mut Datapath, daemon: &DaemonConfig, metrics: &Metrics) {
+    // Flow ages below compare the datapath's stamps with CLOCK_MONOTONIC.
+    if let Err(error) = datapath.check_clock() {
+        tracing::warn!(%error, "checking the datapath clock failed");
+    }
     let config = &daemon.datapath_config;
     let entries = match datapath.conntrack_entries() {
         Ok(entries) => entries,

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
@@ -153,29 +154,46 @@ pub struct Datapath {
 /// The datapath's clock: CLOCK_MONOTONIC at tick resolution as
 /// `jiffies * tick_ns + offset_ns`. Jiffies are one load for a BPF program
 /// (the verifier inlines `bpf_jiffies64`); a clock helper is a call and a
-/// return, a fair share of an established packet's cost. Jiffies advance
-/// with CLOCK_MONOTONIC (the tick derives them from it), so one
-/// measurement at load holds for as long as the datapath runs.
+/// return, a fair share of an established packet's cost. With a tickless
+/// kernel (NO_HZ, the common configuration) jiffies are counted on a grid
+/// of CLOCK_MONOTONIC and do not drift from it; with a periodic tick they
+/// count timer interrupts and may, so the daemon re-checks the scale at
+/// every conntrack sweep ([`Datapath::check_clock`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JiffyClock {
-    /// Nanoseconds per jiffy (the kernel's TICK_NSEC, 1e9 / HZ).
+    /// Nanoseconds per jiffy (the kernel's TICK_NSEC, about 1e9 / HZ).
     pub tick_ns: u64,
     /// CLOCK_MONOTONIC at jiffy zero (wrapping).
     pub offset_ns: u64,
 }
 
-/// Why the jiffies clock could not be measured (the datapath then reads
-/// `bpf_ktime_get_coarse_ns`: correct, a few ns slower per packet).
+/// A jiffy edge seen by `CLOCK_PROGRAM`: jiffies became `jiffies` between
+/// two consecutive reads, at CLOCK_MONOTONIC `before_ns` and `after_ns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JiffyEdge {
+    pub jiffies: u64,
+    pub before_ns: u64,
+    pub after_ns: u64,
+}
+
+/// Why the jiffies clock could not be measured. The datapath then reads
+/// `bpf_ktime_get_coarse_ns`: the same clock, a few ns more per packet.
 #[derive(Debug, Error)]
 pub enum ClockError {
     #[error("clock_getres(CLOCK_MONOTONIC_COARSE): {0}")]
-    Resolution(io::Error),
+    Resolution(nix::Error),
     #[error("the coarse clock's resolution {0} ns is no kernel tick (HZ between 24 and 10000)")]
     OddTick(u64),
+    #[error(
+        "the eBPF object has no {CLOCK_PROGRAM} program; rebuild kproxy (`cargo xtask build`)"
+    )]
+    Missing,
+    #[error("loading {CLOCK_PROGRAM}: {0}")]
+    Load(ProgramError),
     #[error("test-running {CLOCK_PROGRAM}: {0}")]
     Run(ProgramError),
     #[error("jiffies did not advance twice within {0:?}")]
-    NoTicks(std::time::Duration),
+    NoTicks(Duration),
     #[error(
         "jiffies advanced {jiffies} ticks in {elapsed_ns} ns, which does not fit a tick of {tick_ns} ns"
     )]
@@ -187,33 +205,36 @@ pub enum ClockError {
 }
 
 impl JiffyClock {
-    /// From the kernel tick and two samples `(jiffies, monotonic ns)`, each
-    /// taken right after jiffies changed. Checks that the ticks between
-    /// them took as long as `tick_ns` says (within a quarter tick each
-    /// way: the samples trail their tick by the time between two test
-    /// runs, and the tick interrupt by its latency).
+    /// From the kernel tick and two jiffy edges. Each edge's `before_ns`
+    /// precedes the moment jiffies changed, so the clock is anchored at the
+    /// earlier of the two: the datapath's reading trails CLOCK_MONOTONIC by
+    /// up to a tick plus the edge's bracket, and is ahead by no more than
+    /// the tick interrupt's jitter (ages saturate at zero). Checks that the ticks
+    /// between the edges took as long as `tick_ns` says (within half a
+    /// tick: the brackets and the tick interrupt's latency).
     pub fn from_edges(
         tick_ns: u64,
-        first: (u64, u64),
-        second: (u64, u64),
+        first: JiffyEdge,
+        second: JiffyEdge,
     ) -> Result<Self, ClockError> {
-        let jiffies = second.0.wrapping_sub(first.0);
-        let elapsed_ns = second.1.wrapping_sub(first.1);
+        let jiffies = second.jiffies.wrapping_sub(first.jiffies);
+        let elapsed_ns = second.before_ns.wrapping_sub(first.before_ns);
         let expected = jiffies.saturating_mul(tick_ns);
-        if jiffies == 0 || jiffies > 1000 || elapsed_ns.abs_diff(expected) > tick_ns / 4 {
+        if jiffies == 0 || jiffies > 1000 || elapsed_ns.abs_diff(expected) > tick_ns / 2 {
             return Err(ClockError::Mismatch {
                 jiffies,
                 elapsed_ns,
                 tick_ns,
             });
         }
-        Ok(Self {
-            tick_ns,
-            offset_ns: first.1.wrapping_sub(first.0.wrapping_mul(tick_ns)),
-        })
+        let offset = |e: JiffyEdge| e.before_ns.wrapping_sub(e.jiffies.wrapping_mul(tick_ns));
+        let (a, b) = (offset(first), offset(second));
+        // The earlier anchor of the two (wrapping).
+        let offset_ns = if (b.wrapping_sub(a) as i64) < 0 { b } else { a };
+        Ok(Self { tick_ns, offset_ns })
     }
 
-    /// The clock's fields in the datapath's config.
+    /// `config` with this clock's fields (zero: no clock).
     fn apply(clock: Option<Self>, config: &DatapathConfig) -> DatapathConfig {
         let (tick, offset) = clock.map_or((0, 0), |c| (c.tick_ns, c.offset_ns));
         DatapathConfig {
@@ -223,55 +244,92 @@ impl JiffyClock {
         }
     }
 
-    /// Test-runs `CLOCK_PROGRAM` until jiffies have changed twice (two
-    /// ticks, at most 20 ms at HZ=100): the edges give the offset and check
-    /// the tick the coarse clock reports.
+    /// What the datapath reads at `jiffies`.
+    pub fn reading_ns(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.tick_ns)
+            .wrapping_add(self.offset_ns)
+    }
+
+    /// Test-runs `program` until jiffies have changed twice between two
+    /// close reads (at most 30 ticks, and at least 100 ms): the edges give
+    /// the offset and check the tick the coarse clock reports.
     fn measure(program: &Xdp) -> Result<Self, ClockError> {
-        let mut res = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid clock id and a live timespec.
-        if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
-            return Err(ClockError::Resolution(io::Error::last_os_error()));
-        }
-        let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+        let res = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map_err(ClockError::Resolution)?;
+        let tick_ns = res.tv_sec() as u64 * 1_000_000_000 + res.tv_nsec() as u64;
         if !(100_000..=41_666_667).contains(&tick_ns) {
             return Err(ClockError::OddTick(tick_ns));
         }
-        let sample = || -> Result<(u64, u64), ClockError> {
-            // An Ethernet header's worth of frame; the program overwrites
-            // its first 16 bytes.
-            let frame = [0u8; 64];
-            let mut out = [0u8; 64];
-            program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::new()
-                })
-                .map_err(ClockError::Run)?;
-            let word = |at: usize| u64::from_ne_bytes(out[at..at + 8].try_into().unwrap());
-            Ok((word(0), word(8)))
-        };
-        let limit =
-            std::time::Duration::from_nanos(tick_ns * 5).max(std::time::Duration::from_millis(50));
+        // An edge counts only when the reads around it are close (this
+        // thread was not preempted between them).
+        let bracket = tick_ns / 8;
+        let limit = Duration::from_nanos(tick_ns * 30).max(Duration::from_millis(100));
         let deadline = std::time::Instant::now() + limit;
-        let mut last = sample()?.0;
+        let mut last = clock_sample(program)?;
         let mut edges = Vec::with_capacity(2);
         while edges.len() < 2 {
             if std::time::Instant::now() > deadline {
                 return Err(ClockError::NoTicks(limit));
             }
-            let (jiffies, ns) = sample()?;
-            if jiffies != last {
-                edges.push((jiffies, ns));
-                last = jiffies;
+            let (jiffies, ns) = clock_sample(program)?;
+            if jiffies != last.0 && ns.wrapping_sub(last.1) <= bracket {
+                edges.push(JiffyEdge {
+                    jiffies,
+                    before_ns: last.1,
+                    after_ns: ns,
+                });
             }
+            last = (jiffies, ns);
         }
         Self::from_edges(tick_ns, edges[0], edges[1])
     }
 }
+
+/// One run of `CLOCK_PROGRAM`: (jiffies, CLOCK_MONOTONIC ns) read together.
+fn clock_sample(program: &Xdp) -> Result<(u64, u64), ClockError> {
+    // An Ethernet header's worth of frame; the program overwrites its
+    // first 16 bytes.
+    let frame = [0u8; 64];
+    let mut out = [0u8; 64];
+    program
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .map_err(ClockError::Run)?;
+    let word = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&out[at..at + 8]);
+        u64::from_ne_bytes(bytes)
+    };
+    Ok((word(0), word(8)))
+}
+
+/// Measures the jiffies clock, trying up to `CLOCK_TRIES` times: a tick
+/// interrupt delayed on a busy machine fails the tick check, and another
+/// try usually finds clean edges.
+fn measure_with_retries(program: &Xdp) -> Result<JiffyClock, ClockError> {
+    let mut tries = 1;
+    loop {
+        match JiffyClock::measure(program) {
+            Err(ClockError::Mismatch { .. } | ClockError::NoTicks(_)) if tries < CLOCK_TRIES => {
+                tries += 1
+            }
+            done => break done,
+        }
+    }
+}
+
+/// How often the clock is measured before the datapath falls back to the
+/// coarse clock.
+const CLOCK_TRIES: u32 = 5;
+
+/// How far the datapath's reading may trail CLOCK_MONOTONIC before
+/// [`Datapath::check_clock`] measures again, in ticks: one tick by design,
+/// plus interrupt latency and ticks a busy (virtual) CPU delays.
+const CLOCK_DRIFT_TICKS: u64 = 6;
 
 impl Datapath {
     /// Loads the programs and opens (or creates) the pinned maps under
@@ -595,9 +653,22 @@ impl Datapath {
         let name = CONFIG_MAP;
         let config = JiffyClock::apply(self.clock, config);
         let mut array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
-        array
-            .set(0, config, 0)
-            .map_err(|source| DatapathError::Map { name, source })
+        let err = |source| DatapathError::Map { name, source };
+        // A packet reads the two clock fields one after the other while
+        // this write copies the value: a new tick with the old offset
+        // (say, zero) would stamp flows months ahead. So a changed clock
+        // goes in with tick zero first (the datapath reads the coarse clock
+        // meanwhile), then whole.
+        let clock = |c: &DatapathConfig| (c.clock_tick_ns, c.clock_offset_ns);
+        let current = array.get(&0, 0).map_err(err)?;
+        if config.clock_tick_ns != 0 && clock(&current) != clock(&config) {
+            let interim = DatapathConfig {
+                clock_tick_ns: 0,
+                ..config
+            };
+            array.set(0, interim, 0).map_err(err)?;
+        }
+        array.set(0, config, 0).map_err(err)
     }
 
     /// The clock the datapath runs on (`None`: `bpf_ktime_get_coarse_ns`).
@@ -605,8 +676,46 @@ impl Datapath {
         self.clock
     }
 
+    /// Compares the datapath's clock with CLOCK_MONOTONIC (one run of
+    /// `CLOCK_PROGRAM`) and, when it trails by more than
+    /// `CLOCK_DRIFT_TICKS` or runs ahead, measures it again (or falls back
+    /// to the coarse clock). Returns how far the reading trailed, in ns
+    /// (negative: ahead). `None`: no jiffies clock in use.
+    pub fn check_clock(&mut self) -> Result<Option<i64>, DatapathError> {
+        let Some(clock) = self.clock else {
+            return Ok(None);
+        };
+        let Some(program) = self
+            .ebpf
+            .program(CLOCK_PROGRAM)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+        else {
+            return Ok(None);
+        };
+        let (jiffies, ns) = match clock_sample(program) {
+            Ok(sample) => sample,
+            Err(error) => {
+                tracing::warn!(%error, "cannot check the datapath clock");
+                return Ok(None);
+            }
+        };
+        let behind = ns.wrapping_sub(clock.reading_ns(jiffies)) as i64;
+        if (0..=(CLOCK_DRIFT_TICKS * clock.tick_ns) as i64).contains(&behind) {
+            return Ok(Some(behind));
+        }
+        let measured = measure_with_retries(program);
+        tracing::warn!(
+            behind_ns = behind,
+            remeasured = ?measured.as_ref().ok(),
+            "the datapath clock drifted from CLOCK_MONOTONIC (a periodic tick that lost interrupts?); measured again"
+        );
+        self.set_clock(measured.ok())?;
+        Ok(Some(behind))
+    }
+
     /// Switches the datapath to `clock`, keeping the other tunables (tests
-    /// shift the clock to see which one stamps flows).
+    /// shift the clock to see which one stamps flows and that a drift is
+    /// caught).
     pub fn set_clock(&mut self, clock: Option<JiffyClock>) -> Result<(), DatapathError> {
         let name = CONFIG_MAP;
         let array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
@@ -721,35 +830,17 @@ pub fn allow_local_sources(interface: &str) {
     }
 }
 
-/// How often `measure_clock` tries before the datapath falls back to the
-/// coarse clock.
-const CLOCK_TRIES: u32 = 3;
-
-/// Loads `CLOCK_PROGRAM`, measures the jiffies clock with it and unloads
-/// it. A failure is logged: the datapath then reads the coarse clock.
+/// Loads `CLOCK_PROGRAM` (it stays loaded, unattached, for
+/// [`Datapath::check_clock`]) and measures the jiffies clock with it. A
+/// failure is logged: the datapath then reads the coarse clock.
 fn measure_clock(ebpf: &mut Ebpf) -> Option<JiffyClock> {
     let measured = match ebpf.program_mut(CLOCK_PROGRAM).map(<&mut Xdp>::try_from) {
-        Some(Ok(program)) => {
-            // A sample taken late (this thread preempted right at a tick)
-            // fails the tick check; another try usually finds clean edges.
-            let measured = program.load().map_err(ClockError::Run).and_then(|()| {
-                let mut tries = 1;
-                loop {
-                    match JiffyClock::measure(program) {
-                        Err(ClockError::Mismatch { .. } | ClockError::NoTicks(_))
-                            if tries < CLOCK_TRIES =>
-                        {
-                            tries += 1
-                        }
-                        done => break done,
-                    }
-                }
-            });
-            let _ = program.unload();
-            measured
-        }
-        Some(Err(e)) => Err(ClockError::Run(e)),
-        None => Err(ClockError::Run(ProgramError::UnexpectedProgramType)),
+        Some(Ok(program)) => program
+            .load()
+            .map_err(ClockError::Load)
+            .and_then(|()| measure_with_retries(program)),
+        Some(Err(e)) => Err(ClockError::Load(e)),
+        None => Err(ClockError::Missing),
     };
     match measured {
         Ok(clock) => {
@@ -761,7 +852,7 @@ fn measure_clock(ebpf: &mut Ebpf) -> Option<JiffyClock> {
             Some(clock)
         }
         Err(error) => {
-            tracing::warn!(%error, "cannot scale jiffies; the datapath reads bpf_ktime_get_coarse_ns instead (a few ns more per packet)");
+            tracing::warn!(%error, "cannot scale jiffies; the datapath reads bpf_ktime_get_coarse_ns instead (the same clock, a few ns more per packet); a restart measures again");
             None
         }
     }
@@ -1161,21 +1252,36 @@ mod tests {
 
     const TICK: u64 = 4_000_000; // HZ=250
 
+    /// An edge to `jiffies`, read `late_ns` after the tick at `tick_at_ns`
+    /// (the read before it 2 µs earlier).
+    fn edge(jiffies: u64, tick_at_ns: u64, late_ns: u64) -> JiffyEdge {
+        JiffyEdge {
+            jiffies,
+            before_ns: tick_at_ns + late_ns - 2_000,
+            after_ns: tick_at_ns + late_ns,
+        }
+    }
+
     #[test]
-    fn the_jiffies_clock_is_anchored_at_the_first_edge() {
-        // Jiffy 4294892296 (INITIAL_JIFFIES at HZ=250 plus one) seen 20 µs
-        // after its tick at 1 s of uptime; the next one a tick later.
+    fn the_jiffies_clock_is_anchored_at_the_earlier_edge() {
+        // Jiffy 4294892296 (INITIAL_JIFFIES at HZ=250 plus one) ticks at
+        // 1 s of uptime, the next a tick later; the first edge is read
+        // 1 ms late (this thread was busy), the second 1.5 µs late.
         let j = 4_294_892_296u64;
-        let t = 1_000_020_000u64;
-        let clock = JiffyClock::from_edges(TICK, (j, t), (j + 1, t + TICK + 5_000)).unwrap();
+        let t = 1_000_000_000u64;
+        let clock =
+            JiffyClock::from_edges(TICK, edge(j, t, 1_000_000), edge(j + 1, t + TICK, 1_500))
+                .unwrap();
         assert_eq!(clock.tick_ns, TICK);
-        // The datapath's reading at that jiffy is the first sample's time,
-        // and one tick later for the next jiffy, whatever the wrap.
-        assert_eq!(j.wrapping_mul(TICK).wrapping_add(clock.offset_ns), t);
-        assert_eq!(
-            (j + 10).wrapping_mul(TICK).wrapping_add(clock.offset_ns),
-            t + 10 * TICK
-        );
+        // Anchored at the second edge's earlier read, 500 ns before its
+        // tick (the late first edge would run 1 ms ahead), whatever the wrap.
+        assert_eq!(clock.reading_ns(j + 1), t + TICK - 500);
+        assert_eq!(clock.reading_ns(j + 10), t + 10 * TICK - 500);
+        // The same edges the other way round give the same clock.
+        let swapped =
+            JiffyClock::from_edges(TICK, edge(j, t, 1_500), edge(j + 1, t + TICK, 1_000_000))
+                .unwrap();
+        assert_eq!(swapped.reading_ns(j), t - 500);
     }
 
     #[test]
@@ -1183,14 +1289,17 @@ mod tests {
         let (j, t) = (1_000u64, 5_000_000_000u64);
         // HZ=1000 edges read with HZ=250's tick: 1 jiffy in 1 ms.
         assert!(matches!(
-            JiffyClock::from_edges(TICK, (j, t), (j + 1, t + 1_000_000)),
+            JiffyClock::from_edges(TICK, edge(j, t, 0), edge(j + 1, t + 1_000_000, 0)),
             Err(ClockError::Mismatch { .. })
         ));
         // No change, or jiffies going back.
-        assert!(JiffyClock::from_edges(TICK, (j, t), (j, t + TICK)).is_err());
-        assert!(JiffyClock::from_edges(TICK, (j, t), (j - 1, t + TICK)).is_err());
-        // Two ticks a little late each are fine.
-        assert!(JiffyClock::from_edges(TICK, (j, t), (j + 2, t + 2 * TICK + TICK / 5)).is_ok());
+        assert!(JiffyClock::from_edges(TICK, edge(j, t, 0), edge(j, t + TICK, 0)).is_err());
+        assert!(JiffyClock::from_edges(TICK, edge(j, t, 0), edge(j - 1, t + TICK, 0)).is_err());
+        // Two ticks with some interrupt latency each are fine.
+        assert!(
+            JiffyClock::from_edges(TICK, edge(j, t, 0), edge(j + 2, t + 2 * TICK, TICK / 3))
+                .is_ok()
+        );
     }
 
     #[test]

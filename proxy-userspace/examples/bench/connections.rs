@@ -1238,7 +1238,14 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
                     .rounds
                     .iter()
                     .zip(&o.rounds)
-                    .filter(|(kr, or)| (f(kr) < f(or)) == lower_is_better)
+                    .filter(|(kr, or)| {
+                        let (k, o) = (f(kr), f(or));
+                        if lower_is_better {
+                            k < o
+                        } else {
+                            k > o
+                        }
+                    })
                     .count();
                 format!("{wins} of {}", k.rounds.len())
             })
