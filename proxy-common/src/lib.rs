@@ -113,8 +113,9 @@ pub const LC_SCAN_MAX: u32 = 32;
 pub const TC_POD_PROGRAM: &str = "kproxy_tc_pod";
 /// The XDP program on the external interfaces (`--interfaces`).
 pub const XDP_EXTERNAL_PROGRAM: &str = "kproxy_xdp_external";
-/// Attached nowhere: test-run once at load to scale jiffies to
-/// CLOCK_MONOTONIC (`DatapathConfig::clock_tick_ns`), then unloaded.
+/// Loaded but attached nowhere: test-run at load to scale jiffies to
+/// CLOCK_MONOTONIC (`DatapathConfig::clock_tick_ns`), and once per
+/// conntrack sweep to check that scale.
 pub const CLOCK_PROGRAM: &str = "kproxy_clock";
 /// The tc program behind it on the same interfaces: what XDP passes on
 /// (rejects, fragments, ICMP errors, flows whose next hop has no neighbour

@@ -31,6 +31,12 @@ pub fn update4(check: u16, old: u32, new: u32) -> u16 {
     apply(check, change4(old, new))
 }
 
+/// The same for a 16-bit field (a port, a TTL and protocol word).
+#[inline(always)]
+pub fn update2(check: u16, old: u16, new: u16) -> u16 {
+    apply(check, change2(old, new))
+}
+
 /// What a 32-bit field changing from `old` to `new` adds to a checksum
 /// (unfolded: changes add up, and `apply` folds once for all of them).
 #[inline(always)]
@@ -49,12 +55,6 @@ pub fn change2(old: u16, new: u16) -> u64 {
 #[inline(always)]
 pub fn apply(check: u16, change: u64) -> u16 {
     fold((!check) as u64 + change)
-}
-
-/// The same for a 16-bit field (a port, a TTL and protocol word).
-#[inline(always)]
-pub fn update2(check: u16, old: u16, new: u16) -> u16 {
-    apply(check, change2(old, new))
 }
 
 /// Folds a sum of at most a few 32-bit words (below 2^34) to 16 bits and

@@ -42,8 +42,9 @@ pub fn kproxy_tc_external(ctx: TcContext) -> i32 {
     service::handle::<_, true>(&ctx)
 }
 
-/// Attached nowhere: userspace test-runs it once at load to learn how
-/// jiffies map to CLOCK_MONOTONIC (`DatapathConfig::clock_tick_ns`).
+/// Attached nowhere: userspace test-runs it at load to learn how jiffies
+/// map to CLOCK_MONOTONIC (`DatapathConfig::clock_tick_ns`), and at each
+/// conntrack sweep to check it.
 #[xdp]
 pub fn kproxy_clock(ctx: XdpContext) -> u32 {
     clock::sample(&ctx)

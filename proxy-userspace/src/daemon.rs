@@ -509,7 +509,7 @@ fn warn_if_api_via_cluster_ip(snapshot: &Snapshot) {
 
 /// CLOCK_MONOTONIC in nanoseconds: the datapath's clock at full resolution
 /// (the datapath reads it at tick resolution, from jiffies or
-/// `bpf_ktime_get_coarse_ns`: a few ticks behind at most, never ahead).
+/// `bpf_ktime_get_coarse_ns`: up to a few ticks behind).
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)

@@ -167,13 +167,13 @@ pub struct JiffyClock {
     pub offset_ns: u64,
 }
 
-/// A jiffy edge seen by `CLOCK_PROGRAM`: jiffies became `jiffies` between
-/// two consecutive reads, at CLOCK_MONOTONIC `before_ns` and `after_ns`.
+/// A jiffy edge seen by `CLOCK_PROGRAM`: jiffies became `jiffies` right
+/// after a read at CLOCK_MONOTONIC `before_ns` (the next read, close
+/// behind it, saw the new value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JiffyEdge {
     pub jiffies: u64,
     pub before_ns: u64,
-    pub after_ns: u64,
 }
 
 /// Why the jiffies clock could not be measured. The datapath then reads
@@ -277,7 +277,6 @@ impl JiffyClock {
                 edges.push(JiffyEdge {
                     jiffies,
                     before_ns: last.1,
-                    after_ns: ns,
                 });
             }
             last = (jiffies, ns);
@@ -1252,13 +1251,12 @@ mod tests {
 
     const TICK: u64 = 4_000_000; // HZ=250
 
-    /// An edge to `jiffies`, read `late_ns` after the tick at `tick_at_ns`
-    /// (the read before it 2 µs earlier).
+    /// An edge to `jiffies` first seen `late_ns` after the tick at
+    /// `tick_at_ns`, by a read 2 µs after the one before it.
     fn edge(jiffies: u64, tick_at_ns: u64, late_ns: u64) -> JiffyEdge {
         JiffyEdge {
             jiffies,
             before_ns: tick_at_ns + late_ns - 2_000,
-            after_ns: tick_at_ns + late_ns,
         }
     }
 
