@@ -677,8 +677,8 @@ impl Datapath {
 
     /// Compares the datapath's clock with CLOCK_MONOTONIC (one run of
     /// `CLOCK_PROGRAM`) and, when it trails by more than
-    /// `CLOCK_DRIFT_TICKS` or runs ahead, measures it again (or falls back
-    /// to the coarse clock). Returns how far the reading trailed, in ns
+    /// `CLOCK_DRIFT_TICKS` or runs ahead by more than a quarter tick,
+    /// measures it again (or falls back to the coarse clock). Returns how far the reading trailed, in ns
     /// (negative: ahead). `None`: no jiffies clock in use.
     pub fn check_clock(&mut self) -> Result<Option<i64>, DatapathError> {
         let Some(clock) = self.clock else {
@@ -699,7 +699,10 @@ impl Datapath {
             }
         };
         let behind = ns.wrapping_sub(clock.reading_ns(jiffies)) as i64;
-        if (0..=(CLOCK_DRIFT_TICKS * clock.tick_ns) as i64).contains(&behind) {
+        // Ahead by a tick interrupt's jitter is in step too: the anchor's
+        // tick may have come later than this one.
+        let tick = clock.tick_ns as i64;
+        if (-tick / 4..=CLOCK_DRIFT_TICKS as i64 * tick).contains(&behind) {
             return Ok(Some(behind));
         }
         let measured = measure_with_retries(program);
