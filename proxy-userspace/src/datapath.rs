@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{
     LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp,
 };
+use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKey4, ConntrackKeyV2,
@@ -28,6 +30,8 @@ use proxy_common::{
 use thiserror::Error;
 
 use crate::sync::{MapContents, MapWriter, SourceRangeKey, WriteError};
+
+mod batch;
 
 /// The eBPF object built by build.rs (aya-build) and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -324,6 +328,10 @@ fn measure_with_retries(program: &Xdp) -> Result<JiffyClock, ClockError> {
 /// How often the clock is measured before the datapath falls back to the
 /// coarse clock.
 const CLOCK_TRIES: u32 = 5;
+
+/// Conntrack entries the sweep reads per syscall
+/// ([`Datapath::conntrack_entries`]): 4096 keys and values are 288 KiB.
+pub const CONNTRACK_READ_BATCH: usize = 4096;
 
 /// How far the datapath's reading may trail CLOCK_MONOTONIC before
 /// [`Datapath::check_clock`] measures again, in ticks: one tick by design,
@@ -736,47 +744,48 @@ impl Datapath {
         self.typed_map(CONNTRACK_MAP)
     }
 
-    /// Every conntrack entry (a consistent-enough snapshot for housekeeping:
-    /// the datapath keeps adding and refreshing entries meanwhile).
-    pub fn conntrack_entries(
-        &mut self,
-    ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
-        let map = self.conntrack_map()?;
-        let mut out = std::collections::HashMap::new();
-        for item in map.iter() {
-            match item {
-                Ok((k, v)) => {
-                    out.insert(k.mapped(), v);
-                }
-                // An entry evicted or deleted while iterating: skip it.
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(DatapathError::Map {
-                        name: CONNTRACK_MAP,
-                        source,
-                    })
-                }
-            }
+    /// The conntrack map's descriptor, for the batch calls aya does not wrap.
+    fn conntrack_fd(&self) -> Result<BorrowedFd<'_>, DatapathError> {
+        let name = CONNTRACK_MAP;
+        match self.ebpf.map(name) {
+            Some(Map::LruHashMap(data)) => Ok(data.fd().as_fd()),
+            _ => Err(DatapathError::Map {
+                name,
+                source: MapError::InvalidName { name: name.into() },
+            }),
         }
+    }
+
+    /// Every conntrack entry (a consistent-enough snapshot for housekeeping:
+    /// the datapath keeps adding and refreshing entries meanwhile), read
+    /// [`CONNTRACK_READ_BATCH`] entries per syscall.
+    pub fn conntrack_entries(
+        &self,
+    ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
+        self.conntrack_entries_batched(CONNTRACK_READ_BATCH)
+    }
+
+    /// [`Self::conntrack_entries`] with `chunk` entries per syscall (more
+    /// when one hash bucket holds more).
+    pub fn conntrack_entries_batched(
+        &self,
+        chunk: usize,
+    ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
+        let entries: Vec<(ConntrackKey4, ConntrackValue)> =
+            batch::lookup_all(self.conntrack_fd()?, chunk)
+                .map_err(|e| batch_error("BPF_MAP_LOOKUP_BATCH", e))?;
+        let mut out = std::collections::HashMap::with_capacity(entries.len());
+        out.extend(entries.into_iter().map(|(k, v)| (k.mapped(), v)));
         Ok(out)
     }
 
-    /// Deletes conntrack entries; returns how many were there.
-    pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
-        let mut map = self.conntrack_map()?;
-        let mut deleted = 0;
+    /// Deletes conntrack entries, in batches; returns how many were there
+    /// (a key evicted or deleted by the datapath meanwhile is skipped).
+    pub fn delete_conntrack(&self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
         // A key that is not IPv4 has no entry in the IPv4 map.
-        for key in keys.iter().filter_map(ConntrackKey4::from_mapped) {
-            match map.remove(&key) {
-                Ok(()) => deleted += 1,
-                // Evicted or deleted by the datapath meanwhile: fine.
-                Err(e) => ignore_missing(Err(e)).map_err(|source| DatapathError::Map {
-                    name: CONNTRACK_MAP,
-                    source,
-                })?,
-            }
-        }
-        Ok(deleted)
+        let keys: Vec<ConntrackKey4> = keys.iter().filter_map(ConntrackKey4::from_mapped).collect();
+        batch::delete_all(self.conntrack_fd()?, &keys)
+            .map_err(|e| batch_error("BPF_MAP_DELETE_BATCH", e))
     }
 
     /// One open flow less for each of `backend_ids` (for lc/sed/nq).
@@ -1091,6 +1100,14 @@ impl MapWriter for BpfMaps<'_> {
     fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
         ignore_missing(self.source_ranges.remove(&LpmKey::new(key.0, key.1)))
             .map_err(|e| write_err(SOURCE_RANGES_MAP, e))
+    }
+}
+
+/// A failed batch call on the conntrack map, as aya reports syscalls.
+fn batch_error(call: &'static str, io_error: io::Error) -> DatapathError {
+    DatapathError::Map {
+        name: CONNTRACK_MAP,
+        source: MapError::SyscallError(SyscallError { call, io_error }),
     }
 }
 

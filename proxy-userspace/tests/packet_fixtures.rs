@@ -3261,12 +3261,77 @@ fn carries_an_older_conntrack_map_over(
     args.extend(value_hex.iter().map(String::as_str));
     bpftool(&args);
 
-    let mut datapath = Datapath::load(&pins.path, MapSizes::default())
+    let datapath = Datapath::load(&pins.path, MapSizes::default())
         .unwrap_or_else(|e| panic!("loading the datapath at {}: {e}", pins.path.display()));
     let entries = datapath.conntrack_entries().expect("conntrack entries");
     assert_eq!(entries.get(&expected.0), Some(&expected.1), "{entries:?}");
     assert_eq!(entries.len(), 1);
     assert!(!old.exists(), "the older map is removed once carried over");
+}
+
+/// The daemon's sweep reads the conntrack map in batches
+/// (`BPF_MAP_LOOKUP_BATCH`) and deletes in batches: the batched read holds
+/// exactly what a walk one entry at a time (`kproxy conntrack`'s) holds,
+/// across several batches and with a batch too small for some hash
+/// buckets (the read grows it); a delete batch skips keys already gone and
+/// deletes every other one.
+#[test]
+fn the_sweep_reads_and_deletes_conntrack_in_batches() {
+    use proxy_common::{ipv4_mapped, ConntrackKey};
+    let mut lab = Lab::new();
+    let flows: u16 = 3000;
+    for port in 10_000..10_000 + flows {
+        let out = lab.run(&tcp(client(port), (VIP, 80), Tcp::Syn, &[]));
+        assert_eq!(out.verdict, TC_ACT_OK);
+    }
+    let one_by_one: std::collections::HashMap<_, _> = PinnedMaps::open(&lab._pins.path)
+        .and_then(|maps| maps.conntrack())
+        .expect("reading conntrack one entry at a time")
+        .into_iter()
+        .collect();
+    assert_eq!(
+        one_by_one.len(),
+        2 * usize::from(flows),
+        "two entries per flow"
+    );
+    // The daemon's batch (two of them here), and a batch of one entry,
+    // which some hash bucket of 6000 entries outgrows.
+    for chunk in [datapath::CONNTRACK_READ_BATCH, 1] {
+        let batched = lab
+            .datapath
+            .conntrack_entries_batched(chunk)
+            .unwrap_or_else(|e| panic!("reading conntrack in batches of {chunk}: {e}"));
+        assert!(
+            batched == one_by_one,
+            "batches of {chunk} read other entries"
+        );
+    }
+    assert!(lab.datapath.conntrack_entries().expect("conntrack entries") == one_by_one);
+
+    // Every other forward entry, with a key that was never there between
+    // each two: a batch delete stops at a missing key.
+    let forward = |port: u16| {
+        ConntrackKey::new(
+            ipv4_mapped(CLIENT_IP),
+            ipv4_mapped(VIP),
+            port,
+            80,
+            PROTO_TCP,
+        )
+    };
+    let gone: Vec<ConntrackKey> = (10_000..10_000 + flows).step_by(2).map(forward).collect();
+    let mut keys = Vec::new();
+    for (i, key) in gone.iter().enumerate() {
+        keys.push(*key);
+        keys.push(forward(1000 + i as u16));
+    }
+    let deleted = lab.datapath.delete_conntrack(&keys).expect("deleting");
+    assert_eq!(deleted, gone.len(), "only the keys that were there count");
+    let left = lab.datapath.conntrack_entries().expect("conntrack entries");
+    assert_eq!(left.len(), one_by_one.len() - gone.len());
+    for key in one_by_one.keys() {
+        assert_eq!(left.contains_key(key), !gone.contains(key), "{key:?}");
+    }
 }
 
 /// The `last_seen_ns` a SYN from `client(port)` to the VIP leaves on its
