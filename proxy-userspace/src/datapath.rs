@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::{AsFd as _, BorrowedFd};
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -329,9 +329,10 @@ fn measure_with_retries(program: &Xdp) -> Result<JiffyClock, ClockError> {
 /// coarse clock.
 const CLOCK_TRIES: u32 = 5;
 
-/// Conntrack entries the sweep reads per syscall
-/// ([`Datapath::conntrack_entries`]): 4096 keys and values are 288 KiB.
-pub const CONNTRACK_READ_BATCH: usize = 4096;
+/// Entries per syscall when kproxy reads a whole map (the conntrack sweep,
+/// a full resync, `kproxy services` and `conntrack`): 4096 conntrack keys
+/// and values are 288 KiB.
+pub const MAP_READ_BATCH: usize = 4096;
 
 /// How far the datapath's reading may trail CLOCK_MONOTONIC before
 /// [`Datapath::check_clock`] measures again, in ticks: one tick by design,
@@ -758,11 +759,11 @@ impl Datapath {
 
     /// Every conntrack entry (a consistent-enough snapshot for housekeeping:
     /// the datapath keeps adding and refreshing entries meanwhile), read
-    /// [`CONNTRACK_READ_BATCH`] entries per syscall.
+    /// [`MAP_READ_BATCH`] entries per syscall.
     pub fn conntrack_entries(
         &self,
     ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
-        self.conntrack_entries_batched(CONNTRACK_READ_BATCH)
+        self.conntrack_entries_batched(MAP_READ_BATCH)
     }
 
     /// [`Self::conntrack_entries`] with `chunk` entries per syscall (more
@@ -773,7 +774,7 @@ impl Datapath {
     ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
         let entries: Vec<(ConntrackKey4, ConntrackValue)> =
             batch::lookup_all(self.conntrack_fd()?, chunk)
-                .map_err(|e| batch_error("BPF_MAP_LOOKUP_BATCH", e))?;
+                .map_err(|e| batch_error(CONNTRACK_MAP, "BPF_MAP_LOOKUP_BATCH", e))?;
         let mut out = std::collections::HashMap::with_capacity(entries.len());
         out.extend(entries.into_iter().map(|(k, v)| (k.mapped(), v)));
         Ok(out)
@@ -785,7 +786,7 @@ impl Datapath {
         // A key that is not IPv4 has no entry in the IPv4 map.
         let keys: Vec<ConntrackKey4> = keys.iter().filter_map(ConntrackKey4::from_mapped).collect();
         batch::delete_all(self.conntrack_fd()?, &keys)
-            .map_err(|e| batch_error("BPF_MAP_DELETE_BATCH", e))
+            .map_err(|e| batch_error(CONNTRACK_MAP, "BPF_MAP_DELETE_BATCH", e))
     }
 
     /// One open flow less for each of `backend_ids` (for lc/sed/nq).
@@ -959,6 +960,16 @@ pub struct BpfMaps<'a> {
     rr: BpfHashMap<&'a mut MapData, u32, u64>,
     backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
     source_ranges: LpmTrie<&'a mut MapData, SourceRange, u8>,
+    /// The hash maps `read_all` reads in batches, which aya does not wrap:
+    /// their descriptors, duplicated (the maps above hold the originals).
+    read_fds: ReadFds,
+}
+
+struct ReadFds {
+    services: OwnedFd,
+    backends: OwnedFd,
+    rev_nat: OwnedFd,
+    maglev: OwnedFd,
 }
 
 impl<'a> BpfMaps<'a> {
@@ -989,7 +1000,24 @@ impl<'a> BpfMaps<'a> {
             },
         };
         let wrap = |name| move |source| DatapathError::Map { name, source };
+        let dup = |name, map: &Option<&mut Map>| -> Result<OwnedFd, DatapathError> {
+            match map {
+                Some(Map::HashMap(data)) => data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| batch_error(name, "dup", e)),
+                _ => Err(missing(name)),
+            }
+        };
+        let read_fds = ReadFds {
+            services: dup(SERVICES_MAP, &services)?,
+            backends: dup(BACKENDS_MAP, &backends)?,
+            rev_nat: dup(REV_NAT_MAP, &rev_nat)?,
+            maglev: dup(MAGLEV_MAP, &maglev)?,
+        };
         Ok(Self {
+            read_fds,
             services: BpfHashMap::try_from(services.ok_or_else(|| missing(SERVICES_MAP))?)
                 .map_err(wrap(SERVICES_MAP))?,
             backends: BpfHashMap::try_from(backends.ok_or_else(|| missing(BACKENDS_MAP))?)
@@ -1023,23 +1051,27 @@ fn write_err(map: &'static str, e: MapError) -> WriteError {
 
 impl MapWriter for BpfMaps<'_> {
     fn read_all(&self) -> Result<MapContents, WriteError> {
-        let mut contents = MapContents::default();
-        for item in self.services.iter() {
-            let (k, v) = item.map_err(|e| write_err(SERVICES_MAP, e))?;
-            contents.services.insert(k, v);
-        }
-        for item in self.backends.iter() {
-            let (k, v) = item.map_err(|e| write_err(BACKENDS_MAP, e))?;
-            contents.backends.insert(k, v);
-        }
-        for item in self.rev_nat.iter() {
-            let (k, v) = item.map_err(|e| write_err(REV_NAT_MAP, e))?;
-            contents.rev_nat.insert(k, v);
-        }
-        for item in self.maglev.iter() {
-            let (k, v) = item.map_err(|e| write_err(MAGLEV_MAP, e))?;
-            contents.maglev.insert(k, v);
-        }
+        let fds = &self.read_fds;
+        let mut contents = MapContents {
+            services: read_hash(fds.services.as_fd())
+                .map_err(|e| write_err(SERVICES_MAP, e))?
+                .into_iter()
+                .collect(),
+            backends: read_hash(fds.backends.as_fd())
+                .map_err(|e| write_err(BACKENDS_MAP, e))?
+                .into_iter()
+                .collect(),
+            rev_nat: read_hash(fds.rev_nat.as_fd())
+                .map_err(|e| write_err(REV_NAT_MAP, e))?
+                .into_iter()
+                .collect(),
+            maglev: read_hash(fds.maglev.as_fd())
+                .map_err(|e| write_err(MAGLEV_MAP, e))?
+                .into_iter()
+                .collect(),
+            ..MapContents::default()
+        };
+        // An LPM trie has no batch ops.
         for key in self.source_ranges.keys() {
             let key = key.map_err(|e| write_err(SOURCE_RANGES_MAP, e))?;
             contents
@@ -1103,12 +1135,23 @@ impl MapWriter for BpfMaps<'_> {
     }
 }
 
-/// A failed batch call on the conntrack map, as aya reports syscalls.
-fn batch_error(call: &'static str, io_error: io::Error) -> DatapathError {
+/// A failed batch call on map `name`, as aya reports syscalls.
+fn batch_error(name: &'static str, call: &'static str, io_error: io::Error) -> DatapathError {
     DatapathError::Map {
-        name: CONNTRACK_MAP,
-        source: MapError::SyscallError(SyscallError { call, io_error }),
+        name,
+        source: syscall_error(call, io_error),
     }
+}
+
+fn syscall_error(call: &'static str, io_error: io::Error) -> MapError {
+    MapError::SyscallError(SyscallError { call, io_error })
+}
+
+/// Every entry of a hash map, [`MAP_READ_BATCH`] per syscall.
+fn read_hash<K: bytemuck::Pod, V: bytemuck::Pod>(
+    fd: BorrowedFd<'_>,
+) -> Result<Vec<(K, V)>, MapError> {
+    batch::lookup_all(fd, MAP_READ_BATCH).map_err(|e| syscall_error("BPF_MAP_LOOKUP_BATCH", e))
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
@@ -1138,24 +1181,16 @@ impl PinnedMaps {
         })
     }
 
-    fn dump<K: aya::Pod + Ord, V: aya::Pod>(
+    fn dump<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
         &self,
         name: &'static str,
     ) -> Result<BTreeMap<K, V>, DatapathError> {
         let wrap = |source| DatapathError::Map { name, source };
         let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
-        let map = if name == CONNTRACK_MAP {
-            Map::LruHashMap(data)
-        } else {
-            Map::HashMap(data)
-        };
-        let hash: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(map).map_err(wrap)?;
-        let mut out = BTreeMap::new();
-        for item in hash.iter() {
-            let (k, v) = item.map_err(wrap)?;
-            out.insert(k, v);
-        }
-        Ok(out)
+        Ok(read_hash(data.fd().as_fd())
+            .map_err(wrap)?
+            .into_iter()
+            .collect())
     }
 
     pub fn contents(&self) -> Result<MapContents, DatapathError> {
@@ -1179,12 +1214,15 @@ impl PinnedMaps {
             .collect()
     }
 
+    /// Every conntrack entry, in key order (stable listings).
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
-        Ok(self
-            .dump::<CtOrd, ConntrackValue>(CONNTRACK_MAP)?
-            .into_iter()
-            .map(|(k, v)| (k.0.mapped(), v))
-            .collect())
+        let name = CONNTRACK_MAP;
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        let mut entries: Vec<(ConntrackKey4, ConntrackValue)> =
+            read_hash(data.fd().as_fd()).map_err(wrap)?;
+        entries.sort_unstable_by(|(a, _), (b, _)| bytemuck::bytes_of(a).cmp(bytemuck::bytes_of(b)));
+        Ok(entries.into_iter().map(|(k, v)| (k.mapped(), v)).collect())
     }
 
     /// Per-reason datapath counters, summed over CPUs.
@@ -1202,23 +1240,6 @@ impl PinnedMaps {
             out.push(values.iter().sum());
         }
         Ok(out)
-    }
-}
-
-/// Conntrack keys ordered for stable listings.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(transparent)]
-struct CtOrd(ConntrackKey4);
-// SAFETY: transparent wrapper of a Pod type.
-unsafe impl aya::Pod for CtOrd {}
-impl PartialOrd for CtOrd {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for CtOrd {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        bytemuck::bytes_of(&self.0).cmp(bytemuck::bytes_of(&other.0))
     }
 }
 

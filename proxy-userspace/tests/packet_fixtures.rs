@@ -3269,12 +3269,27 @@ fn carries_an_older_conntrack_map_over(
     assert!(!old.exists(), "the older map is removed once carried over");
 }
 
+/// A pinned hash map walked one entry at a time with aya's iterator (next
+/// key, then its value): the reference for kproxy's batched reads.
+fn walk<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str) -> Vec<(K, V)> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    let data = MapData::from_pin(pins.join(name)).expect("opening the pinned map");
+    let map = if name == proxy_common::CONNTRACK_MAP {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let map: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(map).expect("a hash map");
+    map.iter()
+        .map(|item| item.expect("walking the map"))
+        .collect()
+}
+
 /// The daemon's sweep reads the conntrack map in batches
 /// (`BPF_MAP_LOOKUP_BATCH`) and deletes in batches: the batched read holds
-/// exactly what a walk one entry at a time (`kproxy conntrack`'s) holds,
-/// across several batches and with a batch too small for some hash
-/// buckets (the read grows it); a delete batch skips keys already gone and
-/// deletes every other one.
+/// exactly what a walk one entry at a time holds, across several batches
+/// and with a batch too small for some hash buckets (the read grows it); a
+/// delete batch skips keys already gone and deletes every other one.
 #[test]
 fn the_sweep_reads_and_deletes_conntrack_in_batches() {
     use proxy_common::{ipv4_mapped, ConntrackKey};
@@ -3284,10 +3299,13 @@ fn the_sweep_reads_and_deletes_conntrack_in_batches() {
         let out = lab.run(&tcp(client(port), (VIP, 80), Tcp::Syn, &[]));
         assert_eq!(out.verdict, TC_ACT_OK);
     }
-    let one_by_one: std::collections::HashMap<_, _> = PinnedMaps::open(&lab._pins.path)
-        .and_then(|maps| maps.conntrack())
-        .expect("reading conntrack one entry at a time")
+    let one_by_one: std::collections::HashMap<_, _> =
+        walk::<proxy_common::ConntrackKey4, proxy_common::ConntrackValue>(
+            &lab._pins.path,
+            proxy_common::CONNTRACK_MAP,
+        )
         .into_iter()
+        .map(|(k, v)| (k.mapped(), v))
         .collect();
     assert_eq!(
         one_by_one.len(),
@@ -3296,7 +3314,7 @@ fn the_sweep_reads_and_deletes_conntrack_in_batches() {
     );
     // The daemon's batch (two of them here), and a batch of one entry,
     // which some hash bucket of 6000 entries outgrows.
-    for chunk in [datapath::CONNTRACK_READ_BATCH, 1] {
+    for chunk in [datapath::MAP_READ_BATCH, 1] {
         let batched = lab
             .datapath
             .conntrack_entries_batched(chunk)
@@ -3332,6 +3350,106 @@ fn the_sweep_reads_and_deletes_conntrack_in_batches() {
     for key in one_by_one.keys() {
         assert_eq!(left.contains_key(key), !gone.contains(key), "{key:?}");
     }
+}
+
+/// A full resync re-reads the Service maps (`MapWriter::read_all`), and
+/// `kproxy services` / `conntrack` read the pinned maps, in batches: with
+/// more entries than one batch holds, they read exactly what a walk one
+/// entry at a time reads.
+#[test]
+fn the_service_maps_are_read_in_batches() {
+    use std::collections::BTreeMap;
+    let mut state = lab_services();
+    // 600 Services x 10 endpoints: about 7800 services-map and 6000
+    // backends-map entries, two batches each.
+    for i in 0..600u32 {
+        let vip = [198, 19, 10 + (i / 250) as u8, (i % 250) as u8];
+        let backends: Vec<Backend> = (0..10u32)
+            .map(|k| Backend {
+                ip: IpAddr::V4(Ipv4Addr::from([198, 18, 100 + (k as u8), (i % 250) as u8])),
+                port: 8000 + (i / 250) as u16,
+                terminating: false,
+                local: false,
+            })
+            .collect();
+        let key = FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::from(vip)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let service = ServicePortName {
+            namespace: "fixtures".to_owned(),
+            name: format!("bulk-{i}"),
+            port_name: "http".to_owned(),
+        };
+        let frontend = Frontend::new(service, FrontendKind::ClusterIp, backends);
+        state.frontends.insert(key, frontend);
+    }
+    let mut lab = Lab::with_services(&state);
+    // Flows too, for `kproxy conntrack`'s listing.
+    for port in 20_000..20_100 {
+        lab.run(&tcp(client(port), (VIP, 80), Tcp::Syn, &[]));
+    }
+    let pins = lab._pins.path.clone();
+    let services: BTreeMap<proxy_common::ServiceKey, proxy_common::ServiceValue> =
+        walk(&pins, proxy_common::SERVICES_MAP)
+            .into_iter()
+            .collect();
+    let backends: BTreeMap<u32, proxy_common::BackendValue> =
+        walk(&pins, proxy_common::BACKENDS_MAP)
+            .into_iter()
+            .collect();
+    let rev_nat: BTreeMap<u32, proxy_common::RevNatValue> =
+        walk(&pins, proxy_common::REV_NAT_MAP).into_iter().collect();
+    assert!(
+        services.len() > datapath::MAP_READ_BATCH,
+        "{}",
+        services.len()
+    );
+    assert!(
+        backends.len() > datapath::MAP_READ_BATCH,
+        "{}",
+        backends.len()
+    );
+
+    use proxy_userspace::sync::MapWriter as _;
+    let read = lab
+        .datapath
+        .maps()
+        .expect("the maps")
+        .read_all()
+        .expect("read_all");
+    assert!(
+        read.services == services,
+        "read_all: other services-map entries"
+    );
+    assert!(
+        read.backends == backends,
+        "read_all: other backends-map entries"
+    );
+    assert!(read.rev_nat == rev_nat, "read_all: other rev-NAT entries");
+
+    let pinned = PinnedMaps::open(&pins).expect("the pinned maps");
+    let contents = pinned.contents().expect("kproxy services' read");
+    assert!(contents.services == services && contents.backends == backends);
+    let mut flows: Vec<(proxy_common::ConntrackKey, proxy_common::ConntrackValue)> =
+        walk::<proxy_common::ConntrackKey4, proxy_common::ConntrackValue>(
+            &pins,
+            proxy_common::CONNTRACK_MAP,
+        )
+        .into_iter()
+        .map(|(k, v)| (k.mapped(), v))
+        .collect();
+    assert_eq!(flows.len(), 200);
+    let listed = pinned.conntrack().expect("kproxy conntrack's read");
+    // Listed in key order (IPv4 key bytes); the walk is in hash order.
+    flows.sort_by_key(|(k, _)| {
+        bytemuck::bytes_of(&proxy_common::ConntrackKey4::from_mapped(k).unwrap()).to_vec()
+    });
+    assert!(
+        listed == flows,
+        "kproxy conntrack lists other flows or another order"
+    );
 }
 
 /// The `last_seen_ns` a SYN from `client(port)` to the VIP leaves on its

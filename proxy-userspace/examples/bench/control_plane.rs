@@ -39,6 +39,19 @@ struct ControlPlane {
     iptables: Option<Result<(Measured, Measured), String>>,
     nft: Option<Result<Measured, String>>,
     sweep: SweepRead,
+    /// The periodic full resync (`--sync-period`, 30 s by default).
+    resync: Resync,
+}
+
+struct Resync {
+    /// Entries in the services, backends and rev-NAT maps.
+    entries: usize,
+    /// Those maps re-read one entry at a time (median).
+    one_by_one: Duration,
+    /// Re-read in batches, `MapWriter::read_all` (median).
+    batched: Duration,
+    /// The whole resync (median).
+    full: Duration,
 }
 
 /// The conntrack sweep's read of a busy node's map, every
@@ -52,6 +65,37 @@ struct SweepRead {
     batched: Duration,
     /// `Datapath::delete_conntrack` of every other entry.
     delete_half: Duration,
+}
+
+/// A pinned hash map walked one entry at a time with aya's iterator (next
+/// key, then its value: two syscalls per entry), how kproxy read whole
+/// maps before it read them in batches.
+fn walk<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str) -> Result<Vec<(K, V)>> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    let data = MapData::from_pin(pins.join(name))?;
+    let map = if name == proxy_common::CONNTRACK_MAP {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let map: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(map)?;
+    Ok(map.iter().collect::<Result<_, _>>()?)
+}
+
+type ServiceMaps = (
+    BTreeMap<proxy_common::ServiceKey, proxy_common::ServiceValue>,
+    BTreeMap<u32, proxy_common::BackendValue>,
+    BTreeMap<u32, proxy_common::RevNatValue>,
+);
+
+/// The services, backends and rev-NAT maps, walked one entry at a time.
+fn walk_service_maps(pins: &Path) -> Result<ServiceMaps> {
+    use proxy_common::{BACKENDS_MAP, REV_NAT_MAP, SERVICES_MAP};
+    Ok((
+        walk(pins, SERVICES_MAP)?.into_iter().collect(),
+        walk(pins, BACKENDS_MAP)?.into_iter().collect(),
+        walk(pins, REV_NAT_MAP)?.into_iter().collect(),
+    ))
 }
 
 /// Fills a fresh datapath's conntrack map to 95% and reads it both ways,
@@ -75,19 +119,15 @@ fn sweep_read() -> Result<SweepRead> {
         };
         map.insert(key, value, 0)?;
     }
-    let walk = |map: &BpfHashMap<MapData, ConntrackKey4, ConntrackValue>| -> Result<Entries> {
-        let mut out = Entries::new();
-        for item in map.iter() {
-            let (k, v) = item?;
-            out.insert(k.mapped(), v);
-        }
-        Ok(out)
-    };
+    drop(map);
     let (mut one_by_one, mut batched) = (Vec::new(), Vec::new());
     let mut read = Entries::new();
     for _ in 0..3 {
         let start = Instant::now();
-        let walked = walk(&map)?;
+        let walked: Entries = walk::<ConntrackKey4, ConntrackValue>(&lab.pins, CONNTRACK_MAP)?
+            .into_iter()
+            .map(|(k, v)| (k.mapped(), v))
+            .collect();
         one_by_one.push(start.elapsed());
         let start = Instant::now();
         read = lab.datapath.conntrack_entries()?;
@@ -271,6 +311,16 @@ struct KproxyChild {
     /// `model::desired_state` from nothing, what every change cost before
     /// the model was incremental.
     desired_state: Vec<Duration>,
+    /// The Service maps walked one entry at a time (aya's iterator), as a
+    /// full resync re-read them before it read in batches.
+    reread_one_by_one: Vec<Duration>,
+    /// `Syncer::reload` (`MapWriter::read_all`, in batches).
+    reread_batched: Vec<Duration>,
+    /// The periodic full resync with the objects in memory: the model from
+    /// nothing, the maps re-read, the sync that finds nothing to write.
+    full_resync: Vec<Duration>,
+    /// Entries in the Service maps (services, backends, rev-NAT).
+    reread_entries: usize,
 }
 
 /// The daemon's sync path, as `daemon::SyncState::sync` runs it: source,
@@ -379,9 +429,37 @@ pub fn child(services: usize, endpoints: usize) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     check_endpoint_0(&daemon, endpoints, 0)?;
+
+    // The periodic full resync: the maps re-read both ways (alternating),
+    // then the whole resync as the daemon runs it with the objects in
+    // memory (the kube source's reflectors hold them).
+    let snapshot = source.load_changes(DirChanges::default())?;
+    let (mut reread_one_by_one, mut reread_batched, mut full_resync) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let mut reread_entries = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let walked = walk_service_maps(&daemon.lab.pins)?;
+        reread_one_by_one.push(nanos(start.elapsed()));
+        let start = Instant::now();
+        let read = proxy_userspace::sync::MapWriter::read_all(&daemon.lab.datapath.maps()?)?;
+        reread_batched.push(nanos(start.elapsed()));
+        ensure!(
+            (&read.services, &read.backends, &read.rev_nat) == (&walked.0, &walked.1, &walked.2),
+            "the batched read differs from the walk"
+        );
+        reread_entries = read.services.len() + read.backends.len() + read.rev_nat.len();
+        let start = Instant::now();
+        daemon.model = Model::default();
+        daemon.syncer.reload(&daemon.lab.datapath.maps()?)?;
+        daemon.sync(&snapshot)?;
+        full_resync.push(nanos(start.elapsed()));
+    }
+    drop(snapshot);
+    check_endpoint_0(&daemon, endpoints, 0)?;
     let map_kib = bpf_map_memlock_kib();
     println!(
-        "{} {} {} {} {} {} {} {}",
+        "{} {} {} {} {} {} {} {} {} {} {} {}",
         full.as_nanos(),
         dir_load.as_nanos(),
         changes_dir.join(","),
@@ -389,7 +467,11 @@ pub fn child(services: usize, endpoints: usize) -> Result<()> {
         noop.join(","),
         entries,
         map_kib,
-        desired_state.join(",")
+        desired_state.join(","),
+        reread_one_by_one.join(","),
+        reread_batched.join(","),
+        full_resync.join(","),
+        reread_entries,
     );
     Ok(())
 }
@@ -433,7 +515,7 @@ fn kproxy_control_plane(services: usize, endpoints: usize) -> Result<(KproxyChil
     let line = std::fs::read_to_string(&out)?;
     let _ = std::fs::remove_file(&out);
     let fields: Vec<&str> = line.split_whitespace().collect();
-    ensure!(fields.len() == 8, "unexpected child output {line:?}");
+    ensure!(fields.len() == 12, "unexpected child output {line:?}");
     let durations = |s: &str| -> Result<Vec<Duration>> {
         s.split(',')
             .map(|n| Ok(Duration::from_nanos(n.parse()?)))
@@ -449,6 +531,10 @@ fn kproxy_control_plane(services: usize, endpoints: usize) -> Result<(KproxyChil
             entries: fields[5].parse()?,
             map_kib: fields[6].parse()?,
             desired_state: durations(fields[7])?,
+            reread_one_by_one: durations(fields[8])?,
+            reread_batched: durations(fields[9])?,
+            full_resync: durations(fields[10])?,
+            reread_entries: fields[11].parse()?,
         },
         maxrss,
     ))
@@ -475,6 +561,12 @@ fn control_plane(config: &Config) -> Result<ControlPlane> {
     let kproxy_model = median_duration(&child.desired_state);
     let kproxy_dir_load = child.dir_load;
     let kproxy_objects = child.changes_objects;
+    let resync = Resync {
+        entries: child.reread_entries,
+        one_by_one: median_duration(&child.reread_one_by_one),
+        batched: median_duration(&child.reread_batched),
+        full: median_duration(&child.full_resync),
+    };
     let kproxy = Measured {
         full: child.full,
         peak_kib,
@@ -517,6 +609,7 @@ fn control_plane(config: &Config) -> Result<ControlPlane> {
         iptables,
         nft,
         sweep,
+        resync,
     })
 }
 
@@ -742,26 +835,39 @@ fn render(config: &Config, cp: &ControlPlane) -> Section {
             );
         }
     }
-    let sw = &cp.sweep;
+    let (sw, rs) = (&cp.sweep, &cp.resync);
     let _ = writeln!(
         md,
-        "\n### Conntrack sweep\n\nEvery `--conntrack-gc-interval` (10 s) the daemon reads \
-         the whole conntrack map to find idle flows, then deletes them. Measured on a fresh \
-         datapath whose conntrack map (default size, {} entries) holds {} flows (95%, a \
-         busy node), three reads each way, alternating, median: aya's map iterator (next \
-         key, then the value: two syscalls per entry, how the sweep read before) against \
-         `Datapath::conntrack_entries` (`BPF_MAP_LOOKUP_BATCH`, {} entries per syscall); \
-         both build the same table of entries, and the bench checks they are equal.\n\n\
+        "\n### Reading whole maps\n\nTwo periodic jobs of the daemon read whole maps. Every \
+         `--conntrack-gc-interval` (10 s) the conntrack sweep reads the conntrack map to find \
+         idle flows, then deletes them; every `--sync-period` (30 s) a full resync re-reads \
+         the Service maps to repair drift, recomputes every Service and applies what differs \
+         (nothing, here). aya's map iterator reads one entry at a time (next key, then the \
+         value: two syscalls per entry), how kproxy read before; kproxy now reads \
+         {} entries per syscall (`BPF_MAP_LOOKUP_BATCH`, `datapath/batch.rs`). Both ways build \
+         the same tables, and the bench checks they are equal; three reads each way, \
+         alternating, median. Conntrack: a fresh datapath whose map (default size, {} \
+         entries) holds {} flows (95%, a busy node). Service maps: the {} x {} Services \
+         above, {} entries in the services, backends and rev-NAT maps.\n\n\
          | | one entry at a time | in batches | ratio |\n|---|---|---|---|\n\
-         | read every entry | {:.0} ms | {:.0} ms | {:.1}x |\n\
-         | delete every other entry (`BPF_MAP_DELETE_BATCH`) | | {:.0} ms | |",
+         | conntrack sweep: read every flow | {:.0} ms | {:.0} ms | {:.1}x |\n\
+         | full resync: re-read the Service maps | {:.0} ms | {:.0} ms | {:.1}x |\n\
+         | conntrack sweep: delete every other flow (`BPF_MAP_DELETE_BATCH`) | | {:.0} ms | |\n\
+         | full resync, whole (model from nothing, maps re-read, a sync that writes nothing) | | {:.0} ms | |",
+        datapath::MAP_READ_BATCH,
         proxy_common::CONNTRACK_MAX_ENTRIES,
         sw.entries,
-        datapath::CONNTRACK_READ_BATCH,
+        cp.services,
+        cp.endpoints,
+        rs.entries,
         ms(sw.one_by_one),
         ms(sw.batched),
         ms(sw.one_by_one) / ms(sw.batched),
+        ms(rs.one_by_one),
+        ms(rs.batched),
+        ms(rs.one_by_one) / ms(rs.batched),
         ms(sw.delete_half),
+        ms(rs.full),
     );
     let _ = writeln!(md, "\n### Targets\n");
     let _ = writeln!(md, "| target | measured | result |\n|---|---|---|");
