@@ -1051,24 +1051,19 @@ fn write_err(map: &'static str, e: MapError) -> WriteError {
 
 impl MapWriter for BpfMaps<'_> {
     fn read_all(&self) -> Result<MapContents, WriteError> {
+        fn read<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
+            fd: &OwnedFd,
+            name: &'static str,
+        ) -> Result<BTreeMap<K, V>, WriteError> {
+            let entries = read_hash(fd.as_fd()).map_err(|e| write_err(name, e))?;
+            Ok(entries.into_iter().collect())
+        }
         let fds = &self.read_fds;
         let mut contents = MapContents {
-            services: read_hash(fds.services.as_fd())
-                .map_err(|e| write_err(SERVICES_MAP, e))?
-                .into_iter()
-                .collect(),
-            backends: read_hash(fds.backends.as_fd())
-                .map_err(|e| write_err(BACKENDS_MAP, e))?
-                .into_iter()
-                .collect(),
-            rev_nat: read_hash(fds.rev_nat.as_fd())
-                .map_err(|e| write_err(REV_NAT_MAP, e))?
-                .into_iter()
-                .collect(),
-            maglev: read_hash(fds.maglev.as_fd())
-                .map_err(|e| write_err(MAGLEV_MAP, e))?
-                .into_iter()
-                .collect(),
+            services: read(&fds.services, SERVICES_MAP)?,
+            backends: read(&fds.backends, BACKENDS_MAP)?,
+            rev_nat: read(&fds.rev_nat, REV_NAT_MAP)?,
+            maglev: read(&fds.maglev, MAGLEV_MAP)?,
             ..MapContents::default()
         };
         // An LPM trie has no batch ops.
