@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -745,11 +745,11 @@ impl Datapath {
         self.typed_map(CONNTRACK_MAP)
     }
 
-    /// The conntrack map's descriptor, for the batch calls aya does not wrap.
-    fn conntrack_fd(&self) -> Result<BorrowedFd<'_>, DatapathError> {
+    /// The conntrack map, for the batch calls aya does not wrap.
+    fn conntrack_data(&self) -> Result<&MapData, DatapathError> {
         let name = CONNTRACK_MAP;
         match self.ebpf.map(name) {
-            Some(Map::LruHashMap(data)) => Ok(data.fd().as_fd()),
+            Some(Map::LruHashMap(data)) => Ok(data),
             _ => Err(DatapathError::Map {
                 name,
                 source: MapError::InvalidName { name: name.into() },
@@ -773,8 +773,7 @@ impl Datapath {
         chunk: usize,
     ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
         let entries: Vec<(ConntrackKey4, ConntrackValue)> =
-            batch::lookup_all(self.conntrack_fd()?, chunk)
-                .map_err(|e| batch_error(CONNTRACK_MAP, "BPF_MAP_LOOKUP_BATCH", e))?;
+            batch::lookup_all(self.conntrack_data()?, chunk).map_err(conntrack_error)?;
         let mut out = std::collections::HashMap::with_capacity(entries.len());
         out.extend(entries.into_iter().map(|(k, v)| (k.mapped(), v)));
         Ok(out)
@@ -785,8 +784,7 @@ impl Datapath {
     pub fn delete_conntrack(&self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
         // A key that is not IPv4 has no entry in the IPv4 map.
         let keys: Vec<ConntrackKey4> = keys.iter().filter_map(ConntrackKey4::from_mapped).collect();
-        batch::delete_all(self.conntrack_fd()?, &keys)
-            .map_err(|e| batch_error(CONNTRACK_MAP, "BPF_MAP_DELETE_BATCH", e))
+        batch::delete_all(self.conntrack_data()?, &keys).map_err(conntrack_error)
     }
 
     /// One open flow less for each of `backend_ids` (for lc/sed/nq).
@@ -961,15 +959,16 @@ pub struct BpfMaps<'a> {
     backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
     source_ranges: LpmTrie<&'a mut MapData, SourceRange, u8>,
     /// The hash maps `read_all` reads in batches, which aya does not wrap:
-    /// their descriptors, duplicated (the maps above hold the originals).
+    /// opened again from duplicated descriptors (the maps above hold the
+    /// originals).
     read_fds: ReadFds,
 }
 
 struct ReadFds {
-    services: OwnedFd,
-    backends: OwnedFd,
-    rev_nat: OwnedFd,
-    maglev: OwnedFd,
+    services: MapData,
+    backends: MapData,
+    rev_nat: MapData,
+    maglev: MapData,
 }
 
 impl<'a> BpfMaps<'a> {
@@ -1000,16 +999,22 @@ impl<'a> BpfMaps<'a> {
             },
         };
         let wrap = |name| move |source| DatapathError::Map { name, source };
-        let dup = |name, map: &Option<&mut Map>| -> Result<OwnedFd, DatapathError> {
-            match map {
-                Some(Map::HashMap(data)) => data
-                    .fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| batch_error(name, "dup", e)),
-                _ => Err(missing(name)),
-            }
-        };
+        let dup =
+            |name, map: &Option<&mut Map>| -> Result<MapData, DatapathError> {
+                let Some(Map::HashMap(data)) = map else {
+                    return Err(missing(name));
+                };
+                let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+                    DatapathError::Map {
+                        name,
+                        source: MapError::SyscallError(SyscallError {
+                            call: "fcntl(F_DUPFD_CLOEXEC)",
+                            io_error,
+                        }),
+                    }
+                })?;
+                MapData::from_fd(fd).map_err(wrap(name))
+            };
         let read_fds = ReadFds {
             services: dup(SERVICES_MAP, &services)?,
             backends: dup(BACKENDS_MAP, &backends)?,
@@ -1052,10 +1057,10 @@ fn write_err(map: &'static str, e: MapError) -> WriteError {
 impl MapWriter for BpfMaps<'_> {
     fn read_all(&self) -> Result<MapContents, WriteError> {
         fn read<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
-            fd: &OwnedFd,
+            map: &MapData,
             name: &'static str,
         ) -> Result<BTreeMap<K, V>, WriteError> {
-            let entries = read_hash(fd.as_fd()).map_err(|e| write_err(name, e))?;
+            let entries = read_hash(map).map_err(|e| write_err(name, e))?;
             Ok(entries.into_iter().collect())
         }
         let fds = &self.read_fds;
@@ -1130,23 +1135,16 @@ impl MapWriter for BpfMaps<'_> {
     }
 }
 
-/// A failed batch call on map `name`, as aya reports syscalls.
-fn batch_error(name: &'static str, call: &'static str, io_error: io::Error) -> DatapathError {
+fn conntrack_error(source: MapError) -> DatapathError {
     DatapathError::Map {
-        name,
-        source: syscall_error(call, io_error),
+        name: CONNTRACK_MAP,
+        source,
     }
 }
 
-fn syscall_error(call: &'static str, io_error: io::Error) -> MapError {
-    MapError::SyscallError(SyscallError { call, io_error })
-}
-
 /// Every entry of a hash map, [`MAP_READ_BATCH`] per syscall.
-fn read_hash<K: bytemuck::Pod, V: bytemuck::Pod>(
-    fd: BorrowedFd<'_>,
-) -> Result<Vec<(K, V)>, MapError> {
-    batch::lookup_all(fd, MAP_READ_BATCH).map_err(|e| syscall_error("BPF_MAP_LOOKUP_BATCH", e))
+fn read_hash<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData) -> Result<Vec<(K, V)>, MapError> {
+    batch::lookup_all(map, MAP_READ_BATCH)
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
@@ -1176,16 +1174,21 @@ impl PinnedMaps {
         })
     }
 
+    /// Every entry of the pinned hash map `name`.
+    fn read<K: bytemuck::Pod, V: bytemuck::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(K, V)>, DatapathError> {
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        read_hash(&data).map_err(wrap)
+    }
+
     fn dump<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
         &self,
         name: &'static str,
     ) -> Result<BTreeMap<K, V>, DatapathError> {
-        let wrap = |source| DatapathError::Map { name, source };
-        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
-        Ok(read_hash(data.fd().as_fd())
-            .map_err(wrap)?
-            .into_iter()
-            .collect())
+        Ok(self.read(name)?.into_iter().collect())
     }
 
     pub fn contents(&self) -> Result<MapContents, DatapathError> {
@@ -1211,11 +1214,7 @@ impl PinnedMaps {
 
     /// Every conntrack entry, in key order (stable listings).
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
-        let name = CONNTRACK_MAP;
-        let wrap = |source| DatapathError::Map { name, source };
-        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
-        let mut entries: Vec<(ConntrackKey4, ConntrackValue)> =
-            read_hash(data.fd().as_fd()).map_err(wrap)?;
+        let mut entries: Vec<(ConntrackKey4, ConntrackValue)> = self.read(CONNTRACK_MAP)?;
         entries.sort_unstable_by(|(a, _), (b, _)| bytemuck::bytes_of(a).cmp(bytemuck::bytes_of(b)));
         Ok(entries.into_iter().map(|(k, v)| (k.mapped(), v)).collect())
     }

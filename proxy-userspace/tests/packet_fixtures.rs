@@ -3213,6 +3213,18 @@ fn older_reply_entry() -> (proxy_common::ConntrackKey, proxy_common::ConntrackVa
     (key, value)
 }
 
+fn bpftool(args: &[&str]) {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool runs (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Pins an older kproxy's conntrack map `name` with bpftool, as that kproxy
 /// made it, holding one entry; loads the datapath and expects the entry in
 /// the current map as `expected`, and the older map gone.
@@ -3225,17 +3237,6 @@ fn carries_an_older_conntrack_map_over(
     let pins = PinDir::new();
     datapath::ensure_bpffs(&pins.path).expect("bpffs at the pin dir");
     let old = pins.path.join(name);
-    let bpftool = |args: &[&str]| {
-        let out = Command::new("bpftool")
-            .args(args)
-            .output()
-            .expect("bpftool runs (cargo xtask setup installs it)");
-        assert!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let old_path = old.to_str().unwrap();
     let (key_size, value_size) = (key.len().to_string(), value.len().to_string());
     bpftool(&[
@@ -3428,6 +3429,9 @@ fn the_service_maps_are_read_in_batches() {
         "read_all: other backends-map entries"
     );
     assert!(read.rev_nat == rev_nat, "read_all: other rev-NAT entries");
+    let maglev: BTreeMap<proxy_common::MaglevKey, u32> =
+        walk(&pins, proxy_common::MAGLEV_MAP).into_iter().collect();
+    assert!(read.maglev == maglev, "read_all: other Maglev entries");
 
     let pinned = PinnedMaps::open(&pins).expect("the pinned maps");
     let contents = pinned.contents().expect("kproxy services' read");
@@ -3450,6 +3454,27 @@ fn the_service_maps_are_read_in_batches() {
         listed == flows,
         "kproxy conntrack lists other flows or another order"
     );
+}
+
+/// A batch read writes whole entries of the map's own sizes into kproxy's
+/// buffers, so the read checks the map's layout first: a map of another
+/// layout pinned under a kproxy name (another version's pins, say) is an
+/// error that names the size, not memory corruption.
+#[test]
+fn reading_a_pinned_map_of_another_layout_is_an_error() {
+    let lab = Lab::new();
+    let path = lab._pins.path.join(proxy_common::CONNTRACK_MAP);
+    std::fs::remove_file(&path).expect("unpinning the conntrack map");
+    let path = path.to_str().unwrap();
+    let args = "type lru_hash key 16 value 8192 entries 64 name other_layout";
+    let mut create = vec!["map", "create", path];
+    create.extend(args.split(' '));
+    bpftool(&create);
+    let err = PinnedMaps::open(&lab._pins.path)
+        .expect("the pinned maps")
+        .conntrack()
+        .expect_err("a value of 8192 bytes read as 56");
+    assert!(err.to_string().contains("value size"), "{err}");
 }
 
 /// The `last_seen_ns` a SYN from `client(port)` to the VIP leaves on its

@@ -847,12 +847,12 @@ fn render(config: &Config, cp: &ControlPlane) -> Section {
          {} entries per syscall (`BPF_MAP_LOOKUP_BATCH`, `datapath/batch.rs`). Both ways build \
          the same tables, and the bench checks they are equal; three reads each way, \
          alternating, median. Conntrack: a fresh datapath whose map (default size, {} \
-         entries) holds {} flows (95%, a busy node). Service maps: the {} x {} Services \
+         entries) holds {} entries (95%, a busy node). Service maps: the {} x {} Services \
          above, {} entries in the services, backends and rev-NAT maps.\n\n\
          | | one entry at a time | in batches | ratio |\n|---|---|---|---|\n\
-         | conntrack sweep: read every flow | {:.0} ms | {:.0} ms | {:.1}x |\n\
+         | conntrack sweep: read every entry | {:.0} ms | {:.0} ms | {:.1}x |\n\
          | full resync: re-read the Service maps | {:.0} ms | {:.0} ms | {:.1}x |\n\
-         | conntrack sweep: delete every other flow (`BPF_MAP_DELETE_BATCH`) | | {:.0} ms | |\n\
+         | conntrack sweep: delete every other entry (`BPF_MAP_DELETE_BATCH`) | | {:.0} ms | |\n\
          | full resync, whole (model from nothing, maps re-read, a sync that writes nothing) | | {:.0} ms | |",
         datapath::MAP_READ_BATCH,
         proxy_common::CONNTRACK_MAX_ENTRIES,
