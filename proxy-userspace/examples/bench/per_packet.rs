@@ -123,34 +123,39 @@ fn per_packet_state(total: usize) -> DesiredState {
 // Part 1: per-packet cost
 // ---------------------------------------------------------------------------
 
-/// The two programs measured.
+/// The programs measured.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Hook {
     /// `kproxy_tc_pod`: the tc program on pod interfaces.
     Tc,
     /// `kproxy_xdp_external`: the XDP program on external interfaces.
     Xdp,
+    /// `kproxy_tc_external`: the tc program on external interfaces (what
+    /// XDP passes on, or the whole external path with `--xdp-mode off`).
+    TcExternal,
 }
 
-const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
+const HOOKS: [Hook; 3] = [Hook::Tc, Hook::Xdp, Hook::TcExternal];
 
 impl Hook {
     fn program(self) -> &'static str {
         match self {
             Hook::Tc => "kproxy_tc_pod",
             Hook::Xdp => "kproxy_xdp_external",
+            Hook::TcExternal => "kproxy_tc_external",
         }
     }
     fn short(self) -> &'static str {
         match self {
             Hook::Tc => "tc",
             Hook::Xdp => "XDP",
+            Hook::TcExternal => "tc external",
         }
     }
     /// The verdict of a packet handed on to the stack.
     fn pass(self) -> u32 {
         match self {
-            Hook::Tc => TC_ACT_OK,
+            Hook::Tc | Hook::TcExternal => TC_ACT_OK,
             Hook::Xdp => raw::XDP_PASS,
         }
     }
@@ -159,7 +164,13 @@ impl Hook {
         match self {
             Hook::Tc => CLIENT_PORT,
             Hook::Xdp => CLIENT_PORT + 1,
+            Hook::TcExternal => CLIENT_PORT + 2,
         }
+    }
+    /// Its place in `HOOKS`: each hook's new flows come from clients of
+    /// their own.
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -256,21 +267,25 @@ fn per_packet(config: &Config) -> Result<PerPacket> {
         let start = Instant::now();
         lab.apply(&mut Syncer::new(), &state)?;
         let program_time = start.elapsed();
-        let tc = lab.datapath.pod_program();
-        sizes.insert(
-            Hook::Tc,
-            program_size(&tc.info().context("reading the tc program info")?),
-        );
-        let tc_fd = tc.fd().context("the tc program fd")?.as_fd();
-        let tc_fd = tc_fd.try_clone_to_owned()?;
-        let xdp = lab.datapath.xdp_program();
-        sizes.insert(
-            Hook::Xdp,
-            program_size(&xdp.info().context("reading the XDP program info")?),
-        );
-        let xdp_fd = xdp.fd().context("the XDP program fd")?.as_fd();
-        let xdp_fd = xdp_fd.try_clone_to_owned()?;
-        let programs = [(Hook::Tc, tc_fd.as_fd()), (Hook::Xdp, xdp_fd.as_fd())];
+        let mut fds = Vec::new();
+        for hook in HOOKS {
+            let info = match hook {
+                Hook::Tc => lab.datapath.pod_program().info(),
+                Hook::Xdp => lab.datapath.xdp_program().info(),
+                Hook::TcExternal => lab.datapath.external_tc_program().info(),
+            };
+            let info = info.with_context(|| format!("reading {}'s info", hook.program()))?;
+            sizes.insert(hook, program_size(&info));
+            let fd = match hook {
+                Hook::Tc => lab.datapath.pod_program().fd(),
+                Hook::Xdp => lab.datapath.xdp_program().fd(),
+                Hook::TcExternal => lab.datapath.external_tc_program().fd(),
+            };
+            let fd = fd.with_context(|| format!("{}'s fd", hook.program()))?;
+            fds.push((hook, fd.as_fd().try_clone_to_owned()?));
+        }
+        let programs: Vec<(Hook, BorrowedFd<'_>)> =
+            fds.iter().map(|(hook, fd)| (*hook, fd.as_fd())).collect();
         let mut result = measure_count(config, &programs, &floors)?;
         result.services = services;
         result.program_time = program_time;
@@ -435,7 +450,7 @@ fn measure_count(
     for i in 0..config.new_flows {
         for &(hook, fd) in programs {
             // Distinct clients per hook: each SYN is new to the shared map.
-            let n = i * 2 + usize::from(hook == Hook::Xdp);
+            let n = i * HOOKS.len() + hook.index();
             let sport = 1024 + (n % 60_000) as u16;
             let client = [198, 18, 255, 10 + (n / 60_000) as u8];
             let syn = tcp((client, sport), (VIP_NEW, 80), Tcp::Syn);
@@ -506,7 +521,7 @@ fn write_plots(docs: &Path, pp: &PerPacket) -> Result<()> {
     std::fs::write(
         docs.join("bench-per-packet.svg"),
         bar_chart(
-            "Per packet, kproxy_tc_pod and kproxy_xdp_external (BPF_PROG_TEST_RUN, repeat, median)",
+            "Per packet, kproxy_tc_pod, kproxy_xdp_external, kproxy_tc_external (BPF_PROG_TEST_RUN, repeat, median)",
             "ns per packet (kernel-measured)",
             &groups,
             &repeat,
@@ -578,12 +593,7 @@ fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result
         // run is in the samples too).
         let syns: Vec<Vec<u8>> = (0..PROFILE_NEW_FLOWS)
             .map(|n| {
-                let client = [
-                    198,
-                    18,
-                    253 - usize::from(hook == Hook::Xdp) as u8,
-                    (n / 60_000) as u8,
-                ];
+                let client = [198, 18, 253 - hook.index() as u8, (n / 60_000) as u8];
                 tcp(
                     (client, 1024 + (n % 60_000) as u16),
                     (VIP_NEW, 80),
@@ -735,13 +745,15 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
     };
     let _ = writeln!(
         md,
-        "Programs: `kproxy_tc_pod` (tc, pod interfaces; {}) and `kproxy_xdp_external` (XDP, \
-         external interfaces; {}). Floor: an empty XDP program (`r0 = XDP_PASS; exit`, loaded \
+        "Programs: `kproxy_tc_pod` (tc, pod interfaces; {}), `kproxy_xdp_external` (XDP, \
+         external interfaces; {}) and `kproxy_tc_external` (tc, external interfaces: what XDP \
+         passes on, or the whole external path with `--xdp-mode off`; {}). Floor: an empty XDP program (`r0 = XDP_PASS; exit`, loaded \
          with raw `bpf(BPF_PROG_LOAD)`), measured in the same run with the same raw \
          `BPF_PROG_TEST_RUN` code as kproxy's programs. An empty tc program is measured too \
          (column \"tc floor\"): a tc test run builds an skb, so it starts a little higher.\n",
         size(Hook::Tc),
-        size(Hook::Xdp)
+        size(Hook::Xdp),
+        size(Hook::TcExternal)
     );
     let _ = writeln!(
         md,
@@ -760,8 +772,8 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         "- **established**: a TCP ACK (64-byte payload) of a tracked flow. `BPF_PROG_TEST_RUN` \
          runs every repeat on the same packet, so the rewritten packet is what the next repeat \
          sees. Two Services therefore point at each other (A {a}:{pa} -> B {b}:{pb} as its \
-         only backend, B -> A; externalIPs Services with backends on this node, so the XDP \
-         program serves them too, DNAT and XDP_PASS), and the two flows from the same client \
+         only backend, B -> A; externalIPs Services with backends on this node, so the \
+         external programs serve them too, DNAT and pass), and the two flows from the same client \
          port are established first (SYN, SYN-ACK) through the program measured: every repeat \
          is a conntrack hit plus a real address and port rewrite, alternating between the two \
          flows. The bench checks that one run yields the other flow's packet and two runs the \
@@ -816,7 +828,7 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
     let _ = writeln!(
         md,
         "|---|---|---|---|{}",
-        "---|".repeat(2 * REPEAT_PATHS.len())
+        "---|".repeat(HOOKS.len() * REPEAT_PATHS.len())
     );
     let cell = |s: Stat| format!(" {:.0} ({:.1}) |", s.kernel_ns, s.wall_ns);
     for c in &pp.counts {
@@ -847,7 +859,11 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         }
     }
     let _ = writeln!(md);
-    let _ = writeln!(md, "|---|---|{}", "---|".repeat(2 * SINGLE_PATHS.len()));
+    let _ = writeln!(
+        md,
+        "|---|---|{}",
+        "---|".repeat(HOOKS.len() * SINGLE_PATHS.len())
+    );
     for c in &pp.counts {
         let _ = write!(md, "| {} |{}", c.services, cell(c.floor_single));
         for hook in HOOKS {
@@ -870,7 +886,11 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         let _ = write!(md, " {} new flow (repeat 1) |", hook.short());
     }
     let _ = writeln!(md);
-    let _ = writeln!(md, "|---|{}", "---|".repeat(2 * (REPEAT_PATHS.len() + 1)));
+    let _ = writeln!(
+        md,
+        "|---|{}",
+        "---|".repeat(HOOKS.len() * (REPEAT_PATHS.len() + 1))
+    );
     for c in &pp.counts {
         let _ = write!(md, "| {} |", c.services);
         for hook in HOOKS {
@@ -1089,7 +1109,10 @@ fn why_text(pp: &PerPacket) -> String {
          two `bpf_l4_csum_replace` calls (one would need the skb's checksum state, which tc \
          cannot read), and for new flows the cold cache lines of two inserts. The floor itself \
          is the test-run loop calling an empty program; the established path's own work (its \
-         cost less the floor) is now {:.1}x that floor at XDP.\n",
+         cost less the floor) is now {:.1}x that floor at XDP. `kproxy_tc_external` is the \
+         external hook's code at tc: the same parse, lookup and rewrite as `kproxy_tc_pod` \
+         (external scope in the frontend lookup), so its figures and their reasons are \
+         tc's.\n",
         share(Hook::Tc, "established", &bpf),
         share(Hook::Xdp, "established", &bpf),
         share(Hook::Tc, "established", &maps),

@@ -4,9 +4,13 @@ use super::*;
 // Plots: hand-written SVG bar charts.
 // ---------------------------------------------------------------------------
 
-pub const COLORS: [&str; 6] = [
-    "#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+pub const COLORS: [&str; 10] = [
+    "#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+    "#17becf", "#bcbd22",
 ];
+
+/// Legend entries per row under a bar chart.
+const LEGEND_COLUMNS: usize = 4;
 
 /// A grouped bar chart: one group per label, one bar per series.
 pub fn bar_chart(
@@ -15,10 +19,12 @@ pub fn bar_chart(
     groups: &[String],
     series: &[(String, Vec<f64>)],
 ) -> String {
-    let (width, height) = (760.0, 420.0);
-    let (left, right, top, bottom) = (70.0, 20.0, 50.0, 90.0);
-    let plot_w = width - left - right;
-    let plot_h = height - top - bottom;
+    // Room for bars of at least 20 px and every legend row.
+    let bars = (groups.len() * series.len()) as f64;
+    let legend_rows = series.len().div_ceil(LEGEND_COLUMNS) as f64;
+    let (left, right, top, bottom) = (70.0, 20.0, 50.0, 54.0 + 18.0 * legend_rows);
+    let (plot_w, plot_h) = (f64::max(670.0, 20.0 / 0.8 * bars), 280.0);
+    let (width, height) = (left + plot_w + right, top + plot_h + bottom);
     let max = series
         .iter()
         .flat_map(|(_, v)| v.iter().copied())
@@ -106,8 +112,8 @@ pub fn bar_chart(
         top + plot_h
     );
     for (s, (name, _)) in series.iter().enumerate() {
-        let x = left + (s % 4) as f64 * plot_w / 4.0;
-        let y = height - 40.0 + (s / 4) as f64 * 18.0;
+        let x = left + (s % LEGEND_COLUMNS) as f64 * plot_w / LEGEND_COLUMNS as f64;
+        let y = top + plot_h + 50.0 + (s / LEGEND_COLUMNS) as f64 * 18.0;
         let _ = writeln!(
             svg,
             r#"<rect x="{x:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{y:.1}">{}</text>"#,
