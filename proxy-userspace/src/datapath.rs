@@ -745,9 +745,8 @@ impl Datapath {
         self.typed_map(CONNTRACK_MAP)
     }
 
-    /// The conntrack map, for the batch calls aya does not wrap.
-    fn conntrack_data(&self) -> Result<&MapData, DatapathError> {
-        let name = CONNTRACK_MAP;
+    /// The LRU hash map `name`, for the batch calls aya does not wrap.
+    fn lru_data(&self, name: &'static str) -> Result<&MapData, DatapathError> {
         match self.ebpf.map(name) {
             Some(Map::LruHashMap(data)) => Ok(data),
             _ => Err(DatapathError::Map {
@@ -773,7 +772,7 @@ impl Datapath {
         chunk: usize,
     ) -> Result<std::collections::HashMap<ConntrackKey, ConntrackValue>, DatapathError> {
         let entries: Vec<(ConntrackKey4, ConntrackValue)> =
-            batch::lookup_all(self.conntrack_data()?, chunk).map_err(conntrack_error)?;
+            batch::lookup_all(self.lru_data(CONNTRACK_MAP)?, chunk).map_err(conntrack_error)?;
         let mut out = std::collections::HashMap::with_capacity(entries.len());
         out.extend(entries.into_iter().map(|(k, v)| (k.mapped(), v)));
         Ok(out)
@@ -784,7 +783,7 @@ impl Datapath {
     pub fn delete_conntrack(&self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
         // A key that is not IPv4 has no entry in the IPv4 map.
         let keys: Vec<ConntrackKey4> = keys.iter().filter_map(ConntrackKey4::from_mapped).collect();
-        batch::delete_all(self.conntrack_data()?, &keys).map_err(conntrack_error)
+        batch::delete_all(self.lru_data(CONNTRACK_MAP)?, &keys).map_err(conntrack_error)
     }
 
     /// One open flow less for each of `backend_ids` (for lc/sed/nq).
@@ -798,28 +797,18 @@ impl Datapath {
         Ok(())
     }
 
-    fn affinity_map(
-        &mut self,
-    ) -> Result<BpfHashMap<&mut MapData, AffinityKey, AffinityValue>, DatapathError> {
-        self.typed_map(AFFINITY_MAP)
-    }
-
-    /// Deletes the affinity entries `stale` picks from the current ones;
-    /// returns how many were deleted.
+    /// Deletes the affinity entries `stale` picks from the current ones
+    /// (both in batches); returns how many were deleted.
     pub fn purge_affinity(
         &mut self,
         stale: impl FnOnce(&std::collections::HashMap<AffinityKey, AffinityValue>) -> Vec<AffinityKey>,
     ) -> Result<usize, DatapathError> {
-        let mut map = self.affinity_map()?;
+        let name = AFFINITY_MAP;
+        let wrap = |source| DatapathError::Map { name, source };
+        let map = self.lru_data(name)?;
         let entries: std::collections::HashMap<AffinityKey, AffinityValue> =
-            map.iter().filter_map(Result::ok).collect();
-        let mut deleted = 0;
-        for key in stale(&entries) {
-            if map.remove(&key).is_ok() {
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
+            read_hash(map).map_err(wrap)?.into_iter().collect();
+        batch::delete_all(map, &stale(&entries)).map_err(wrap)
     }
 
     /// Map access for sync.

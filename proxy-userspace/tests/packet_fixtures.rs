@@ -3275,7 +3275,12 @@ fn carries_an_older_conntrack_map_over(
 fn walk<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str) -> Vec<(K, V)> {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
     let data = MapData::from_pin(pins.join(name)).expect("opening the pinned map");
-    let map = if name == proxy_common::CONNTRACK_MAP {
+    let lru = data
+        .info()
+        .and_then(|i| i.map_type())
+        .expect("the map's type")
+        == aya::maps::MapType::LruHash;
+    let map = if lru {
         Map::LruHashMap(data)
     } else {
         Map::HashMap(data)
@@ -3453,6 +3458,55 @@ fn the_service_maps_are_read_in_batches() {
     assert!(
         listed == flows,
         "kproxy conntrack lists other flows or another order"
+    );
+}
+
+/// Purging session affinity (a Service lost backends) reads the affinity
+/// map in batches, deletes exactly what the caller picks from it, and
+/// counts what it deleted.
+#[test]
+fn purging_session_affinity_deletes_the_entries_picked() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use proxy_common::{AffinityKey, AffinityValue, AFFINITY_MAP};
+    let mut lab = Lab::new();
+    let pins = lab._pins.path.clone();
+    let data = MapData::from_pin(pins.join(AFFINITY_MAP)).expect("the affinity map");
+    let mut map: BpfHashMap<MapData, AffinityKey, AffinityValue> =
+        BpfHashMap::try_from(Map::LruHashMap(data)).expect("an LRU hash map");
+    // 5000 clients (more than one read batch), backends 0..4.
+    for i in 0..5000u32 {
+        let key = AffinityKey {
+            client: proxy_common::ipv4_mapped([198, 18, 50 + (i / 250) as u8, (i % 250) as u8]),
+            service_port_id: 7,
+            _pad: 0,
+        };
+        let value = AffinityValue {
+            backend_id: i % 4,
+            _pad: 0,
+            last_used_ns: u64::from(i),
+        };
+        map.insert(key, value, 0)
+            .expect("inserting an affinity entry");
+    }
+    let mut seen = 0;
+    let deleted = lab
+        .datapath
+        .purge_affinity(|entries| {
+            seen = entries.len();
+            entries
+                .iter()
+                .filter(|(_, v)| v.backend_id == 3)
+                .map(|(k, _)| *k)
+                .collect()
+        })
+        .expect("purging");
+    assert_eq!(seen, 5000, "the purge saw every entry");
+    assert_eq!(deleted, 1250);
+    let left: Vec<(AffinityKey, AffinityValue)> = walk(&pins, AFFINITY_MAP);
+    assert_eq!(left.len(), 3750);
+    assert!(
+        left.iter().all(|(_, v)| v.backend_id != 3),
+        "a picked entry is left"
     );
 }
 

@@ -73,7 +73,7 @@ struct SweepRead {
 fn walk<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str) -> Result<Vec<(K, V)>> {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
     let data = MapData::from_pin(pins.join(name))?;
-    let map = if name == proxy_common::CONNTRACK_MAP {
+    let map = if data.info()?.map_type()? == aya::maps::MapType::LruHash {
         Map::LruHashMap(data)
     } else {
         Map::HashMap(data)
