@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -328,11 +328,6 @@ fn measure_with_retries(program: &Xdp) -> Result<JiffyClock, ClockError> {
 /// How often the clock is measured before the datapath falls back to the
 /// coarse clock.
 const CLOCK_TRIES: u32 = 5;
-
-/// Entries per syscall when kproxy reads a whole map (the conntrack sweep,
-/// a full resync, `kproxy services` and `conntrack`): 4096 conntrack keys
-/// and values are 288 KiB.
-pub const MAP_READ_BATCH: usize = 4096;
 
 /// How far the datapath's reading may trail CLOCK_MONOTONIC before
 /// [`Datapath::check_clock`] measures again, in ticks: one tick by design,
@@ -687,8 +682,9 @@ impl Datapath {
     /// Compares the datapath's clock with CLOCK_MONOTONIC (one run of
     /// `CLOCK_PROGRAM`) and, when it trails by more than
     /// `CLOCK_DRIFT_TICKS` or runs ahead by more than a quarter tick,
-    /// measures it again (or falls back to the coarse clock). Returns how far the reading trailed, in ns
-    /// (negative: ahead). `None`: no jiffies clock in use.
+    /// measures it again (or falls back to the coarse clock). Returns how
+    /// far the reading trailed, in ns (negative: ahead). `None`: no
+    /// jiffies clock in use.
     pub fn check_clock(&mut self) -> Result<Option<i64>, DatapathError> {
         let Some(clock) = self.clock else {
             return Ok(None);
@@ -947,17 +943,16 @@ pub struct BpfMaps<'a> {
     rr: BpfHashMap<&'a mut MapData, u32, u64>,
     backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
     source_ranges: LpmTrie<&'a mut MapData, SourceRange, u8>,
-    /// The hash maps `read_all` reads in batches, which aya does not wrap:
-    /// opened again from duplicated descriptors (the maps above hold the
-    /// originals).
+    /// The descriptors of the hash maps `read_all` reads in batches (which
+    /// aya does not wrap), owned by the maps above.
     read_fds: ReadFds,
 }
 
 struct ReadFds {
-    services: MapData,
-    backends: MapData,
-    rev_nat: MapData,
-    maglev: MapData,
+    services: RawFd,
+    backends: RawFd,
+    rev_nat: RawFd,
+    maglev: RawFd,
 }
 
 impl<'a> BpfMaps<'a> {
@@ -988,27 +983,15 @@ impl<'a> BpfMaps<'a> {
             },
         };
         let wrap = |name| move |source| DatapathError::Map { name, source };
-        let dup =
-            |name, map: &Option<&mut Map>| -> Result<MapData, DatapathError> {
-                let Some(Map::HashMap(data)) = map else {
-                    return Err(missing(name));
-                };
-                let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-                    DatapathError::Map {
-                        name,
-                        source: MapError::SyscallError(SyscallError {
-                            call: "fcntl(F_DUPFD_CLOEXEC)",
-                            io_error,
-                        }),
-                    }
-                })?;
-                MapData::from_fd(fd).map_err(wrap(name))
-            };
+        let raw = |name, map: &Option<&mut Map>| match map {
+            Some(Map::HashMap(data)) => Ok(data.fd().as_fd().as_raw_fd()),
+            _ => Err(missing(name)),
+        };
         let read_fds = ReadFds {
-            services: dup(SERVICES_MAP, &services)?,
-            backends: dup(BACKENDS_MAP, &backends)?,
-            rev_nat: dup(REV_NAT_MAP, &rev_nat)?,
-            maglev: dup(MAGLEV_MAP, &maglev)?,
+            services: raw(SERVICES_MAP, &services)?,
+            backends: raw(BACKENDS_MAP, &backends)?,
+            rev_nat: raw(REV_NAT_MAP, &rev_nat)?,
+            maglev: raw(MAGLEV_MAP, &maglev)?,
         };
         Ok(Self {
             read_fds,
@@ -1046,18 +1029,31 @@ fn write_err(map: &'static str, e: MapError) -> WriteError {
 impl MapWriter for BpfMaps<'_> {
     fn read_all(&self) -> Result<MapContents, WriteError> {
         fn read<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
-            map: &MapData,
+            raw: RawFd,
             name: &'static str,
         ) -> Result<BTreeMap<K, V>, WriteError> {
-            let entries = read_hash(map).map_err(|e| write_err(name, e))?;
+            // SAFETY: the descriptor of a map that `self`'s aya maps hold,
+            // borrowed from the `Ebpf` for as long as `self` lives.
+            let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+            // A `MapData` of its own (a duplicate), which knows the map's
+            // sizes for the batch read's layout check.
+            let dup = fd.try_clone_to_owned().map_err(|io_error| {
+                let call = "fcntl(F_DUPFD_CLOEXEC)";
+                write_err(
+                    name,
+                    MapError::SyscallError(SyscallError { call, io_error }),
+                )
+            })?;
+            let map = MapData::from_fd(dup).map_err(|e| write_err(name, e))?;
+            let entries = read_hash(&map).map_err(|e| write_err(name, e))?;
             Ok(entries.into_iter().collect())
         }
         let fds = &self.read_fds;
         let mut contents = MapContents {
-            services: read(&fds.services, SERVICES_MAP)?,
-            backends: read(&fds.backends, BACKENDS_MAP)?,
-            rev_nat: read(&fds.rev_nat, REV_NAT_MAP)?,
-            maglev: read(&fds.maglev, MAGLEV_MAP)?,
+            services: read(fds.services, SERVICES_MAP)?,
+            backends: read(fds.backends, BACKENDS_MAP)?,
+            rev_nat: read(fds.rev_nat, REV_NAT_MAP)?,
+            maglev: read(fds.maglev, MAGLEV_MAP)?,
             ..MapContents::default()
         };
         // An LPM trie has no batch ops.
@@ -1130,6 +1126,11 @@ fn conntrack_error(source: MapError) -> DatapathError {
         source,
     }
 }
+
+/// Entries per syscall when kproxy reads a whole map (the conntrack sweep,
+/// a full resync, the affinity purge, `kproxy services` and `conntrack`):
+/// 4096 conntrack keys and values are 288 KiB.
+pub const MAP_READ_BATCH: usize = 4096;
 
 /// Every entry of a hash map, [`MAP_READ_BATCH`] per syscall.
 fn read_hash<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData) -> Result<Vec<(K, V)>, MapError> {
