@@ -647,13 +647,6 @@ pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, low]) }
 }
 
-/// The all-zero address, built from two 8-byte words like `ipv4_mapped`.
-#[inline(always)]
-pub const fn zero_addr() -> [u8; 16] {
-    // SAFETY: as in `ipv4_mapped`.
-    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, 0]) }
-}
-
 /// Two addresses compared as two 8-byte words (`==` on `[u8; 16]` is a
 /// byte-at-a-time `bcmp` call in the eBPF object).
 #[inline(always)]

@@ -18,11 +18,11 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    addr_eq, stat, zero_addr, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey,
-    SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
+    addr_eq, stat, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey, SourceRange,
+    BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST,
+    CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
+    LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -31,8 +31,8 @@ use crate::{
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
     packet::{Packet, Side},
     parse::{
-        mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
-        TCP_FLAG_SYN,
+        clear_addr, mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN,
+        TCP_FLAG_RST, TCP_FLAG_SYN,
     },
 };
 
@@ -142,7 +142,7 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
         // and answers through us.
         Snat::Hairpin => flow.daddr,
         // To the node: masquerade to the address the route picks.
-        Snat::Node => match ctx.route(unmapped(&pending.backend_addr)) {
+        Snat::Node => match ctx.route(pending.backend_addr) {
             Some(route) => route.src,
             None => return no_route::<P>() as i64,
         },
@@ -337,7 +337,10 @@ enum Snat {
 /// A new flow's decision, before it is recorded.
 #[derive(Clone, Copy)]
 struct Pending {
-    backend_addr: [u8; 16],
+    /// One word, read once from the backend's map value: copying its
+    /// 16-byte form between two pointers is a byte-at-a-time `memmove` call
+    /// in the eBPF object.
+    backend_addr: Ipv4,
     backend_port: u16,
     backend_id: u32,
     rev_nat_id: u32,
@@ -427,7 +430,7 @@ fn new_flow<const EXTERNAL: bool>(
     };
     let decided = Pending {
         from_host,
-        backend_addr: backend.addr,
+        backend_addr: unmapped(&backend.addr),
         backend_port: backend.port,
         backend_id,
         rev_nat_id: frontend.rev_nat_id,
@@ -474,7 +477,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
     // One key and one value, rewritten in place for the forward direction:
     // this function's stack frame stays small.
     let mut key = ct4(
-        unmapped(&pending.backend_addr),
+        pending.backend_addr,
         flow.saddr,
         pending.backend_port,
         flow.sport,
@@ -489,14 +492,15 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
         last_seen_ns: now,
         flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
         direction: CT_DIR_REPLY,
-        other_addr: zero_addr(),
+        // The client, which a source-NATed flow's reply entry holds;
+        // cleared below otherwise.
+        other_addr: saddr,
         other_port: 0,
         _pad: 0,
     };
     let mut inserted = false;
     if snat {
         value.flags |= CT_FLAG_SNAT;
-        value.other_addr = saddr;
         value.other_port = flow.sport;
         key.daddr = snat_addr.to_ne_bytes();
         let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
@@ -519,11 +523,12 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
         value.other_addr = mapped(snat_addr);
         value.other_port = key.dport;
     } else {
+        clear_addr(&mut value.other_addr);
         inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
     }
     key = ct_key(flow);
     value.direction = CT_DIR_FORWARD;
-    value.nat_addr = pending.backend_addr;
+    value.nat_addr = mapped(pending.backend_addr);
     value.nat_port = pending.backend_port;
     inserted = CONNTRACK.insert(&key, &value, 0).is_ok() && inserted;
     if inserted {
@@ -535,7 +540,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
         stat::CT_INSERT_FAILED
     });
     count(stat::DNAT);
-    nat.daddr = unmapped(&pending.backend_addr);
+    nat.daddr = pending.backend_addr;
     nat.dport = pending.backend_port;
     true
 }

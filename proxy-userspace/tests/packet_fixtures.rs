@@ -1053,6 +1053,42 @@ fn tcp_syn_to_a_vip_is_dnated_to_its_backend() {
     ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after DNAT");
     ok(verify_l4_checksum(&out.frame), "TCP checksum after DNAT");
 
+    // The flow is recorded both ways, and its entries hold the NAT and
+    // nothing else: a flow that is not source-NATed has no other address.
+    use proxy_common::{ipv4_mapped, ConntrackKey, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP};
+    let entries = lab.datapath.conntrack_entries().expect("conntrack entries");
+    let entry = |(saddr, sport): Addr, (daddr, dport): Addr| {
+        let key = ConntrackKey::new(
+            ipv4_mapped(saddr),
+            ipv4_mapped(daddr),
+            sport,
+            dport,
+            PROTO_TCP,
+        );
+        *entries
+            .get(&key)
+            .unwrap_or_else(|| panic!("no entry {key:?} in {entries:?}"))
+    };
+    let forward = entry(client(40000), (VIP, 80));
+    let reply = entry(WEB_BACKEND, client(40000));
+    assert_eq!(
+        (forward.direction, forward.nat_addr, forward.nat_port),
+        (CT_DIR_FORWARD, ipv4_mapped(WEB_BACKEND.0), WEB_BACKEND.1),
+        "forward entry {forward:?}"
+    );
+    assert_eq!(
+        (reply.direction, reply.nat_addr, reply.nat_port),
+        (CT_DIR_REPLY, ipv4_mapped(VIP), 80),
+        "reply entry {reply:?}"
+    );
+    for value in [forward, reply] {
+        assert_eq!(
+            (value.flags, value.other_addr, value.other_port),
+            (0, [0; 16], 0),
+            "{value:?}"
+        );
+    }
+
     // Then the whole frame, and a few more new connections.
     let same = fixture(
         "the same SYN, byte for byte",
