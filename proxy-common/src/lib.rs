@@ -24,6 +24,8 @@ pub const RR_MAP: &str = "RR_V1";
 pub const BACKEND_CONNS_MAP: &str = "BACKEND_CONNS_V1";
 pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V2";
 pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
+/// Each CPU's recent FIB answers ([`RouteCacheSlot`]).
+pub const ROUTE_CACHE_MAP: &str = "ROUTE_CACHE_V1";
 
 /// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
 /// and an upgraded daemon remove them. An upgraded daemon first carries the
@@ -82,7 +84,7 @@ impl ConntrackKeyV2 {
 }
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -95,6 +97,7 @@ pub const ALL_MAPS: [&str; 12] = [
     BACKEND_CONNS_MAP,
     FRAGMENTS_MAP,
     SOURCE_RANGES_MAP,
+    ROUTE_CACHE_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -105,6 +108,13 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const MAGLEV_MAX_ENTRIES: u32 = 1_048_576;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
+/// Slots of each CPU's route cache (a power of two: the index is a masked
+/// hash).
+pub const ROUTE_CACHE_SLOTS: u32 = 1_024;
+/// How long a cached FIB answer is used: the most a route or neighbour
+/// change takes to reach the packets of established flows the datapath
+/// routes itself.
+pub const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
 /// Least-connection schedulers look at this many backends (a random window
 /// of them when a Service has more).
 pub const LC_SCAN_MAX: u32 = 32;
@@ -253,10 +263,13 @@ pub mod stat {
     pub const NO_ROUTE: u32 = 20;
     /// A packet to forward whose TTL ran out: dropped.
     pub const TTL_EXCEEDED: u32 = 21;
+    /// FIB lookups made for packets the datapath routes itself (the
+    /// others were answered by the route cache, `ROUTE_CACHE_V1`).
+    pub const FIB_LOOKUP: u32 = 22;
     pub const COUNT: u32 = 24;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 22] = [
+    pub const NAMES: [&str; 23] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -279,6 +292,7 @@ pub mod stat {
         "xdp_forward",
         "no_route",
         "ttl_exceeded",
+        "fib_lookup",
     ];
 }
 
@@ -360,6 +374,30 @@ pub struct FragmentKey {
     pub id: u16,
     pub proto: u8,
     pub _pad: [u8; 5],
+}
+
+/// One slot of the per-CPU route cache (`ROUTE_CACHE_V1`): a FIB lookup's
+/// question and its answer. Addresses as in the packet (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RouteCacheSlot {
+    /// The question: the destination, the interface the packet arrived
+    /// on, and 1 when the caller resolves the next hop itself (no
+    /// neighbour lookup, no MACs in the answer).
+    pub dst: [u8; 4],
+    pub ingress: u32,
+    pub skip_neigh: u8,
+    pub _pad: [u8; 3],
+    /// The answer: the interface out, the source address the kernel would
+    /// pick, and the Ethernet addresses for the next hop.
+    pub ifindex: u32,
+    pub src: [u8; 4],
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// When it was looked up (the datapath's clock, CLOCK_MONOTONIC); 0:
+    /// never.
+    pub looked_up_ns: u64,
 }
 
 /// Value of the fragments map: the addresses the first fragment got (a
@@ -608,6 +646,8 @@ const _: () = assert!(core::mem::size_of::<FragmentKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragmentValue>() == 32);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
+const _: () = assert!(core::mem::size_of::<RouteCacheSlot>() == 40);
+const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<ConntrackKeyV2>() == 40);

@@ -3,11 +3,11 @@
 //! later fragments (same source, destination, IP id and protocol) get the
 //! same address. The receiving host reassembles an intact datagram.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext, EbpfContext as _};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{stat, FragmentKey, FragmentValue};
 
 use crate::maps::{count, FRAGMENTS};
-use crate::packet::{fib_lookup, Packet as _};
+use crate::packet::Packet as _;
 use crate::parse::{
     mapped, unmapped, Flow, FragmentId, Ipv4, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF,
 };
@@ -68,8 +68,7 @@ pub fn later_fragment(ctx: &TcContext, id: &FragmentId, route_out: bool) -> i32 
     // whose packets leave by their route (its source is now this node's
     // address, which the stack would drop as a martian).
     if route_out && new_saddr != id.saddr && new_daddr != id.daddr {
-        let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-        let Some(route) = fib_lookup(ctx.as_ptr(), new_daddr, ingress, true) else {
+        let Some(route) = ctx.route(new_daddr) else {
             count(stat::NO_ROUTE);
             return aya_ebpf::bindings::TC_ACT_SHOT as i32;
         };

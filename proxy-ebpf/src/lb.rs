@@ -73,7 +73,7 @@ fn slot_backend(key: &ServiceKey, slot: u16) -> Option<u32> {
 /// A stable 32-bit mix of a number (murmur3's finalizer); addresses as
 /// numbers (host order), so every node and version hashes alike.
 #[inline(always)]
-fn mix(mut h: u32) -> u32 {
+pub fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -12,6 +12,7 @@ mod maps;
 mod packet;
 mod parse;
 mod reject;
+mod route;
 mod service;
 
 use aya_ebpf::{

@@ -8,9 +8,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey4, ConntrackValue, DatapathConfig,
-    FragmentKey, FragmentValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
-    AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
-    MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    FragmentKey, FragmentValue, MaglevKey, RevNatValue, RouteCacheSlot, ServiceKey, ServiceValue,
+    SourceRange, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
+    FRAGMENTS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, ROUTE_CACHE_SLOTS,
+    SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -58,6 +59,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue, { FRAGMENTS_MAX_ENT
 #[btf_map(name = "SOURCE_RANGES_V1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> =
     LpmTrie::new();
+
+/// Each CPU's last FIB answers (see `route.rs`).
+#[btf_map(name = "ROUTE_CACHE_V1")]
+pub static ROUTE_CACHE: PerCpuArray<RouteCacheSlot, { ROUTE_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
 
 #[btf_map(name = "CONFIG_V3")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

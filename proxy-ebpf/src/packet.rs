@@ -5,15 +5,12 @@
 //! XDP hands what it cannot do itself (rejects, fragments, ICMP errors) to
 //! the tc program behind it by passing the packet untouched.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_F_INGRESS, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        xdp_action, BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -26,25 +23,13 @@ use crate::{
         IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
     },
     reject,
+    route::{self, Route},
 };
-
-const AF_INET: u8 = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Source,
     Destination,
-}
-
-/// Where a packet leaves: the result of a FIB lookup.
-#[derive(Clone, Copy, Default)]
-pub struct Route {
-    pub ifindex: u32,
-    /// The address the kernel would pick as source towards the next hop
-    /// (what MASQUERADE uses).
-    pub src: Ipv4,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
 }
 
 pub trait Packet {
@@ -62,7 +47,7 @@ pub trait Packet {
     /// Rewrites one side's address and port, keeping the checksums right.
     fn rewrite(&self, flow: &Flow, side: Side, addr: Ipv4, port: u16) -> bool;
     /// The route to `dst` (XDP: only a complete one, neighbour included).
-    fn route(&self, dst: Ipv4) -> Option<Route>;
+    fn route(&self, dst: Ipv4) -> Option<&'static Route>;
     /// Sends the (rewritten) packet out along `route`; returns the verdict.
     fn forward(&self, route: &Route) -> i32;
     /// The interface the packet arrived on.
@@ -149,8 +134,8 @@ impl Packet for TcContext {
     /// The egress interface only: `bpf_redirect_neigh` resolves the next
     /// hop itself (and asks for it when it is not known yet).
     #[inline(always)]
-    fn route(&self, dst: Ipv4) -> Option<Route> {
-        fib_lookup(self.as_ptr(), dst, ingress_ifindex_tc(self), true)
+    fn route(&self, dst: Ipv4) -> Option<&'static Route> {
+        route::lookup(self.as_ptr(), dst, ingress_ifindex_tc(self), true)
     }
 
     #[inline(always)]
@@ -301,10 +286,10 @@ impl Packet for XdpContext {
     /// XDP needs the target to take XDP frames (a pod's veth, whose peer
     /// runs no XDP, would hold them until something else wakes it).
     #[inline(always)]
-    fn route(&self, dst: Ipv4) -> Option<Route> {
+    fn route(&self, dst: Ipv4) -> Option<&'static Route> {
         // SAFETY: the context pointer is valid for the program's run.
         let ingress = unsafe { (*self.ctx).ingress_ifindex };
-        fib_lookup(self.as_ptr(), dst, ingress, false).filter(|r| r.ifindex == ingress)
+        route::lookup(self.as_ptr(), dst, ingress, false).filter(|r| r.ifindex == ingress)
     }
 
     #[inline(always)]
@@ -377,52 +362,4 @@ fn locate(flow: &Flow, side: Side) -> (usize, Ipv4, usize, u16) {
         Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_start(), flow.sport),
         Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_start() + 2, flow.dport),
     }
-}
-
-/// `bpf_fib_lookup`'s parameter block, aligned for word stores.
-#[repr(C, align(8))]
-struct FibRequest(FibParams);
-
-/// A FIB lookup as the kernel's forwarding path would do it for a packet
-/// to `dst` that arrived on `ingress`. `skip_neigh`: the caller resolves
-/// the next hop itself (tc's `bpf_redirect_neigh`). Its own BPF function:
-/// the 64-byte parameter block gets its own stack frame.
-#[inline(never)]
-pub fn fib_lookup(
-    ctx: *mut core::ffi::c_void,
-    dst: Ipv4,
-    ingress: u32,
-    skip_neigh: bool,
-) -> Option<Route> {
-    let mut request = MaybeUninit::<FibRequest>::uninit();
-    // Zeroed one word at a time: `mem::zeroed` is a `memset` call, a
-    // byte-at-a-time loop over all 64 bytes (see `clear_addr`), which cost
-    // a routed packet more than its rewrite.
-    let words = request.as_mut_ptr().cast::<u64>();
-    let mut i = 0;
-    while i < core::mem::size_of::<FibRequest>() / 8 {
-        // SAFETY: inside `request`, which is 8-byte aligned.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-        i += 1;
-    }
-    // SAFETY: all-zero, a valid (empty) request.
-    let params = unsafe { &mut (*request.as_mut_ptr()).0 };
-    params.family = AF_INET;
-    params.ifindex = ingress;
-    params.__bindgen_anon_4.ipv4_dst = dst;
-    let mut flags = BPF_FIB_LOOKUP_SRC;
-    if skip_neigh {
-        flags |= BPF_FIB_LOOKUP_SKIP_NEIGH;
-    }
-    let rc =
-        unsafe { bpf_fib_lookup(ctx, params, core::mem::size_of::<FibParams>() as i32, flags) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
-    }
-    Some(Route {
-        ifindex: params.ifindex,
-        src: unsafe { params.__bindgen_anon_3.ipv4_src },
-        smac: params.smac,
-        dmac: params.dmac,
-    })
 }

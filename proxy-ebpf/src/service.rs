@@ -143,7 +143,7 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
         Snat::Hairpin => flow.daddr,
         // To the node: masquerade to the address the route picks.
         Snat::Node => match ctx.route(pending.backend_addr) {
-            Some(route) => route.src,
+            Some(route) => u32::from_ne_bytes(route.src),
             None => return no_route::<P>() as i64,
         },
     };

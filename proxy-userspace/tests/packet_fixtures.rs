@@ -2590,6 +2590,78 @@ fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
     });
 }
 
+/// The routes XDP forwards by come from a per-CPU cache of FIB answers:
+/// an established flow's packets do not each pay a FIB lookup, and a
+/// neighbour change still reaches them within the cache's lifetime.
+#[test]
+fn xdp_routes_come_from_a_cache_that_follows_neighbour_changes() {
+    with_xdp_lab(|lab| {
+        let c = remote_client(42000);
+        let syn = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Syn, &[]));
+        let out = lab.run(&syn);
+        let port = lab
+            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("the SYN: {e}"));
+        let ack = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Ack, &[0x5a; 64]));
+        let forwarded_to = |lab: &mut XdpLab, hop_mac: [u8; 6]| {
+            let out = lab.run(&ack);
+            let expected = lab.forwarded(&ack, (NODE_IP, port), REMOTE_BACKEND, hop_mac);
+            expect_verdict(&out, XDP_TX).and_then(|()| check_frame(&expected, &out))
+        };
+
+        // Each CPU looks the route up once per ROUTE_CACHE_TTL_NS; without
+        // the cache every packet would.
+        const PACKETS: u64 = 50;
+        let before = lab.stats();
+        for i in 0..PACKETS {
+            ok(
+                forwarded_to(lab, BACKEND_HOP_MAC),
+                &format!("established packet {i}"),
+            );
+        }
+        let lookups = grew(&before, &lab.stats(), stat::FIB_LOOKUP);
+        assert!(
+            lookups < PACKETS / 2,
+            "{lookups} FIB lookups for {PACKETS} packets of one flow: the route cache is not used"
+        );
+
+        // The next hop moves to another MAC: within the cache's lifetime
+        // the flow follows, and meanwhile every frame goes to one of the two.
+        const MOVED_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x10, 0x20, 0x30];
+        let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+        must_run(Command::new("ip").args([
+            "-n",
+            &lab.netns,
+            "neigh",
+            "replace",
+            &addr(BACKEND_HOP).to_string(),
+            "lladdr",
+            &mac(MOVED_MAC),
+            "dev",
+            "xdpin0",
+            "nud",
+            "permanent",
+        ]));
+        let ttl = std::time::Duration::from_nanos(proxy_common::ROUTE_CACHE_TTL_NS);
+        let deadline = std::time::Instant::now() + ttl * 20;
+        loop {
+            if forwarded_to(lab, MOVED_MAC).is_ok() {
+                break;
+            }
+            ok(
+                forwarded_to(lab, BACKEND_HOP_MAC),
+                "a frame while the cache still holds the old neighbour",
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flow still goes to the old MAC {:?} after the neighbour changed",
+                ttl * 20
+            );
+            std::thread::sleep(ttl / 10);
+        }
+    });
+}
+
 #[test]
 fn xdp_replies_are_reverse_nated_and_flows_keep_their_snat_port() {
     with_xdp_lab(|lab| {
