@@ -16,7 +16,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
     addr_eq, stat, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey, SourceRange,
     BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST,
@@ -36,8 +36,10 @@ use crate::{
     },
 };
 
-/// How many random SNAT ports a new flow tries before giving up.
-const SNAT_TRIES: u32 = 8;
+/// How many random SNAT ports a new flow tries before giving up: enough
+/// that a flow still finds one of the few left when nine in ten are taken
+/// (it fails then with a chance of 0.9^128, about one in 700 000).
+const SNAT_PROBES: u32 = 128;
 
 /// The rewrite a packet gets: its new source and destination (equal to
 /// the packet's own where that side is not translated).
@@ -476,61 +478,62 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
     let snat = pending.snat != Snat::None;
     // One key and one value, rewritten in place for the forward direction:
     // this function's stack frame stays small.
-    let mut key = ct4(
-        pending.backend_addr,
-        flow.saddr,
-        pending.backend_port,
-        flow.sport,
-        flow.proto,
-    );
-    let mut value = ConntrackValue {
-        nat_addr: daddr,
-        nat_port: flow.dport,
-        state: CT_STATE_NEW,
-        rev_nat_id: pending.rev_nat_id,
-        backend_id: pending.backend_id,
-        last_seen_ns: now,
-        flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
-        direction: CT_DIR_REPLY,
-        // The client, which a source-NATed flow's reply entry holds;
-        // cleared below otherwise.
-        other_addr: saddr,
-        other_port: 0,
-        _pad: 0,
+    let mut entry = NewEntry {
+        key: ct4(
+            pending.backend_addr,
+            flow.saddr,
+            pending.backend_port,
+            flow.sport,
+            flow.proto,
+        ),
+        value: ConntrackValue {
+            nat_addr: daddr,
+            nat_port: flow.dport,
+            state: CT_STATE_NEW,
+            rev_nat_id: pending.rev_nat_id,
+            backend_id: pending.backend_id,
+            last_seen_ns: now,
+            flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
+            direction: CT_DIR_REPLY,
+            // The client, which a source-NATed flow's reply entry holds;
+            // cleared below otherwise.
+            other_addr: saddr,
+            other_port: 0,
+            _pad: 0,
+        },
+        inserted: 0,
     };
-    let mut inserted = false;
     if snat {
-        value.flags |= CT_FLAG_SNAT;
-        value.other_port = flow.sport;
-        key.daddr = snat_addr.to_ne_bytes();
-        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-        let mut i = 0;
-        while i < SNAT_TRIES {
-            key.dport = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % span) as u16;
-            if CONNTRACK.insert(&key, &value, BPF_NOEXIST).is_ok() {
-                inserted = true;
-                break;
-            }
-            i += 1;
+        entry.value.flags |= CT_FLAG_SNAT;
+        entry.value.other_port = flow.sport;
+        entry.key.daddr = snat_addr.to_ne_bytes();
+        // SAFETY: the callback only touches `entry`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                SNAT_PROBES,
+                take_snat_port as *mut core::ffi::c_void,
+                (&mut entry as *mut NewEntry).cast(),
+                0,
+            );
         }
-        if !inserted {
+        if entry.inserted == 0 {
             count(stat::SNAT_PORTS_EXHAUSTED);
             return false;
         }
         count(stat::SNAT);
         nat.saddr = snat_addr;
-        nat.sport = key.dport;
-        value.other_addr = mapped(snat_addr);
-        value.other_port = key.dport;
+        nat.sport = entry.key.dport;
+        entry.value.other_addr = mapped(snat_addr);
+        entry.value.other_port = entry.key.dport;
     } else {
-        clear_addr(&mut value.other_addr);
-        inserted = CONNTRACK.insert(&key, &value, 0).is_ok();
+        clear_addr(&mut entry.value.other_addr);
+        entry.inserted = CONNTRACK.insert(&entry.key, &entry.value, 0).is_ok() as u8;
     }
-    key = ct_key(flow);
-    value.direction = CT_DIR_FORWARD;
-    value.nat_addr = mapped(pending.backend_addr);
-    value.nat_port = pending.backend_port;
-    inserted = CONNTRACK.insert(&key, &value, 0).is_ok() && inserted;
+    entry.key = ct_key(flow);
+    entry.value.direction = CT_DIR_FORWARD;
+    entry.value.nat_addr = mapped(pending.backend_addr);
+    entry.value.nat_port = pending.backend_port;
+    let inserted = CONNTRACK.insert(&entry.key, &entry.value, 0).is_ok() && entry.inserted != 0;
     if inserted {
         lb::flow_opened(pending.backend_id);
     }
@@ -543,6 +546,39 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
     nat.daddr = pending.backend_addr;
     nat.dport = pending.backend_port;
     true
+}
+
+/// A conntrack entry being recorded, and whether it was (1): also the
+/// state of the SNAT port search, passed to its `bpf_loop` callback.
+struct NewEntry {
+    key: ConntrackKey4,
+    value: ConntrackValue,
+    inserted: u8,
+}
+
+/// One try of the SNAT port search: a random port of
+/// `SNAT_PORT_MIN..=SNAT_PORT_MAX`, taken when no flow to this backend
+/// holds it (the reply entry is inserted only if absent). A lookup first:
+/// a failed insert into the LRU map costs more (it takes a free element
+/// before it finds the key, then gives it back). Random tries, not a
+/// scan: taken ports leave no clusters to walk through. Returns 1 (stop)
+/// once the entry is in.
+extern "C" fn take_snat_port(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `NewEntry` passed by `open_flow`.
+    let entry = unsafe { &mut *(ctx as *mut NewEntry) };
+    let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    entry.key.dport = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % span) as u16;
+    if CONNTRACK.get_ptr_mut(&entry.key).is_some() {
+        return 0;
+    }
+    if CONNTRACK
+        .insert(&entry.key, &entry.value, BPF_NOEXIST)
+        .is_ok()
+    {
+        entry.inserted = 1;
+        return 1;
+    }
+    0
 }
 
 const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;

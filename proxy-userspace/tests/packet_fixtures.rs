@@ -2662,6 +2662,47 @@ fn xdp_routes_come_from_a_cache_that_follows_neighbour_changes() {
     });
 }
 
+/// With most SNAT ports to one backend taken, a new flow still finds a
+/// free one: the search tries enough random ports, checking each with a
+/// lookup before it inserts.
+#[test]
+fn xdp_snat_finds_a_free_port_when_most_are_taken() {
+    with_xdp_lab(|lab| {
+        let ports = usize::from(SNAT_PORTS.end() - SNAT_PORTS.start()) + 1;
+        let taken = ports * 85 / 100;
+        let mut client_port = 10_000u16;
+        let mut open = |lab: &mut XdpLab| {
+            client_port += 1;
+            let syn = from_client(tcp(
+                remote_client(client_port),
+                node_port(NP_REMOTE),
+                Tcp::Syn,
+                &[],
+            ));
+            lab.run(&syn).verdict == XDP_TX
+        };
+        let mut opened = 0;
+        let mut tries = 0;
+        while opened < taken {
+            tries += 1;
+            assert!(
+                tries < 3 * taken,
+                "only {opened} of {ports} SNAT ports taken after {tries} flows"
+            );
+            opened += usize::from(open(lab));
+        }
+        let before = lab.stats();
+        let more = 100;
+        let refused = (0..more).filter(|_| !open(lab)).count();
+        let exhausted = grew(&before, &lab.stats(), stat::SNAT_PORTS_EXHAUSTED);
+        assert_eq!(
+            (refused, exhausted),
+            (0, 0),
+            "with {taken} of {ports} SNAT ports taken, {refused} of {more} new flows were refused"
+        );
+    });
+}
+
 #[test]
 fn xdp_replies_are_reverse_nated_and_flows_keep_their_snat_port() {
     with_xdp_lab(|lab| {
