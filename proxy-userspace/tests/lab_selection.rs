@@ -186,9 +186,15 @@ fn least_connection_schedulers_avoid_the_loaded_backend() {
             to_b1 < 20,
             "{algorithm} sent {to_b1} new flows to the loaded backend: {got:?}"
         );
+        // lc and sed break ties uniformly: about 500 each. nq takes the
+        // first idle backend from a random start (as IPVS takes the first
+        // in its list), so the one after the loaded b1 gets the starts at
+        // b1 too: about 667 and 333, and a bar at 300 would fail about one
+        // run in 80 (the standard deviation over 1000 flows is 15).
+        let least = if algorithm == "nq" { 250 } else { 300 };
         assert!(
-            got.get("b2").is_some_and(|n| *n > 300) && got.get("b3").is_some_and(|n| *n > 300),
-            "{got:?}"
+            got.get("b2").is_some_and(|n| *n > least) && got.get("b3").is_some_and(|n| *n > least),
+            "{algorithm}: {got:?}"
         );
         drop(held);
     }
