@@ -76,7 +76,7 @@ impl ConntrackKeyV2 {
         };
         let value = ConntrackValue {
             direction: self.direction,
-            _pad: 0,
+            backend_epoch: 0,
             ..*value
         };
         (key, value)
@@ -569,7 +569,11 @@ pub struct ConntrackValue {
     /// `CT_DIR_FORWARD` (client -> VIP) or `CT_DIR_REPLY` (backend ->
     /// client).
     pub direction: u8,
-    pub _pad: u8,
+    /// Forward entries of UDP flows: the backend epoch
+    /// ([`DatapathConfig::backend_epoch`]) in which the datapath last found
+    /// the flow's backend still programmed. While that is the current
+    /// epoch, datagrams skip the re-check.
+    pub backend_epoch: u8,
     pub rev_nat_id: u32,
     pub backend_id: u32,
     /// CLOCK_MONOTONIC at tick resolution (see
@@ -607,8 +611,27 @@ pub struct DatapathConfig {
 /// datapath loaded over an older kproxy's maps) the frontend is looked up
 /// first, as before.
 pub const CONFIG_FLAG_ADDRESS_MARKERS: u64 = 1 << 0;
+/// Bits 8-15 of the flags: the backend epoch. Userspace starts a new one
+/// (adds one) after every sync that deleted map entries, and whenever it
+/// loads the datapath. A UDP flow's datagrams re-check that the flow's
+/// backend is still programmed once per epoch instead of each time: a
+/// backend is only ever removed by such a sync.
+pub const CONFIG_BACKEND_EPOCH_SHIFT: u32 = 8;
 
 impl DatapathConfig {
+    /// The current backend epoch (see [`CONFIG_BACKEND_EPOCH_SHIFT`]).
+    #[inline(always)]
+    pub const fn backend_epoch(&self) -> u8 {
+        (self.flags >> CONFIG_BACKEND_EPOCH_SHIFT) as u8
+    }
+
+    /// The same tunables in backend epoch `epoch`.
+    pub const fn with_backend_epoch(mut self, epoch: u8) -> Self {
+        self.flags = (self.flags & !(0xff << CONFIG_BACKEND_EPOCH_SHIFT))
+            | ((epoch as u64) << CONFIG_BACKEND_EPOCH_SHIFT);
+        self
+    }
+
     /// The idle timeout of a flow in `state` for `proto`.
     #[inline(always)]
     pub fn timeout_ns(&self, proto: u8, state: u8) -> u64 {

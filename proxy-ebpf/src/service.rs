@@ -290,10 +290,11 @@ fn tracked<const EXTERNAL: bool>(
     }
 
     // An established flow keeps its backend, even one that left the Service
-    // while it still runs (drain). A new TCP connection (SYN) and every UDP
-    // datagram re-check that the backend is still programmed, so a reused
-    // source port never lands on a removed endpoint and UDP clients with a
-    // fixed source port move on when their backend goes away.
+    // while it still runs (drain). A new TCP connection (SYN) re-checks that
+    // the backend is still programmed, and so does a UDP flow once per
+    // backend epoch, so a reused source port never lands on a removed
+    // endpoint and UDP clients with a fixed source port move on when their
+    // backend goes away (userspace also deletes such UDP flows at once).
     let usable = if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
         count(stat::CT_EXPIRED);
         false
@@ -303,7 +304,7 @@ fn tracked<const EXTERNAL: bool>(
         // duplicate) it stays with its backend while that still exists.
         !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
     } else {
-        backend_matches(entry)
+        udp_backend_current(entry, config)
     };
     if usable {
         entry.last_seen_ns = now;
@@ -499,7 +500,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
             // cleared below otherwise.
             other_addr: saddr,
             other_port: 0,
-            _pad: 0,
+            backend_epoch: 0,
         },
         inserted: 0,
     };
@@ -698,6 +699,23 @@ fn flow_expired(
         Some(peer) => expired(unsafe { &*peer }, config, flow.proto, now),
         None => true,
     }
+}
+
+/// A UDP flow's backend is still the one programmed under its id: looked
+/// up once per backend epoch, not for every datagram (userspace starts a
+/// new epoch after each sync that deleted map entries, and only such a
+/// sync removes a backend).
+#[inline(always)]
+fn udp_backend_current(entry: &mut ConntrackValue, config: &DatapathConfig) -> bool {
+    let epoch = config.backend_epoch();
+    if entry.backend_epoch == epoch {
+        return true;
+    }
+    if !backend_matches(entry) {
+        return false;
+    }
+    entry.backend_epoch = epoch;
+    true
 }
 
 /// A tracked backend is still the one programmed under its id.

@@ -320,6 +320,12 @@ impl SyncState {
         let changes = syncer.changes(desired);
         let (udp_before, affinity_before) = members(syncer.mirror(), &changes);
         let report = syncer.apply_changes(&mut datapath.maps()?, desired, &changes);
+        if report.deletes > 0 {
+            // A backend may have gone: UDP flows re-check theirs.
+            if let Err(err) = datapath.new_backend_epoch() {
+                tracing::error!(error = %err, "starting a new backend epoch failed; UDP flows to a removed backend wait for the purge below");
+            }
+        }
         let (udp_after, affinity_after) = members(syncer.mirror(), &changes);
         if conntrack::udp_lost_backends(&udp_before, &udp_after) {
             let all = conntrack::udp_members(syncer.mirror());

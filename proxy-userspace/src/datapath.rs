@@ -153,6 +153,9 @@ pub struct Datapath {
     pin_dir: PathBuf,
     /// How the datapath reads the time; `None`: `bpf_ktime_get_coarse_ns`.
     clock: Option<JiffyClock>,
+    /// The backend epoch every config write carries (see
+    /// `proxy_common::CONFIG_BACKEND_EPOCH_SHIFT`).
+    backend_epoch: u8,
 }
 
 /// The datapath's clock: CLOCK_MONOTONIC at tick resolution as
@@ -386,7 +389,13 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             clock,
+            backend_epoch: 0,
         };
+        // A new epoch: a restarted kproxy cannot know which backends went
+        // away while none ran, so every UDP flow re-checks its backend once.
+        datapath.backend_epoch = datapath
+            .read_config()
+            .map_or(0, |c| c.backend_epoch().wrapping_add(1));
         // Until the caller writes its tunables, the ones pinned (or the
         // defaults) run on the measured clock.
         datapath.set_clock(clock)?;
@@ -651,10 +660,10 @@ impl Datapath {
     }
 
     /// Writes the datapath's tunables (conntrack timeouts, flags), with the
-    /// clock measured at load.
+    /// clock measured at load and the current backend epoch.
     pub fn write_config(&mut self, config: &DatapathConfig) -> Result<(), DatapathError> {
         let name = CONFIG_MAP;
-        let config = JiffyClock::apply(self.clock, config);
+        let config = JiffyClock::apply(self.clock, config).with_backend_epoch(self.backend_epoch);
         let mut array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
         let err = |source| DatapathError::Map { name, source };
         // A packet reads the two clock fields one after the other while
@@ -724,12 +733,27 @@ impl Datapath {
     /// shift the clock to see which one stamps flows and that a drift is
     /// caught).
     pub fn set_clock(&mut self, clock: Option<JiffyClock>) -> Result<(), DatapathError> {
+        let current = self.read_config()?;
+        self.clock = clock;
+        self.write_config(&current)
+    }
+
+    /// The tunables as the datapath reads them now.
+    pub fn read_config(&mut self) -> Result<DatapathConfig, DatapathError> {
         let name = CONFIG_MAP;
         let array: Array<&mut MapData, DatapathConfig> = self.typed_map(name)?;
-        let current = array
+        array
             .get(&0, 0)
-            .map_err(|source| DatapathError::Map { name, source })?;
-        self.clock = clock;
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Starts a new backend epoch: every UDP flow's next datagram checks
+    /// that its backend is still programmed (and picks another if not).
+    /// For after a sync that deleted map entries (a backend that went away
+    /// is one of them).
+    pub fn new_backend_epoch(&mut self) -> Result<(), DatapathError> {
+        self.backend_epoch = self.backend_epoch.wrapping_add(1);
+        let current = self.read_config()?;
         self.write_config(&current)
     }
 
@@ -1207,6 +1231,16 @@ impl PinnedMaps {
         let mut entries: Vec<(ConntrackKey4, ConntrackValue)> = self.read(CONNTRACK_MAP)?;
         entries.sort_unstable_by(|(a, _), (b, _)| bytemuck::bytes_of(a).cmp(bytemuck::bytes_of(b)));
         Ok(entries.into_iter().map(|(k, v)| (k.mapped(), v)).collect())
+    }
+
+    /// The tunables the datapath runs with.
+    pub fn config(&self) -> Result<DatapathConfig, DatapathError> {
+        let name = CONFIG_MAP;
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        let array: Array<MapData, DatapathConfig> =
+            Array::try_from(Map::Array(data)).map_err(wrap)?;
+        array.get(&0, 0).map_err(wrap)
     }
 
     /// Per-reason datapath counters, summed over CPUs.

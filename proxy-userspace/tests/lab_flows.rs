@@ -79,6 +79,7 @@ fn a_udp_client_with_a_fixed_source_port_moves_on_when_its_backend_leaves() {
         .into_iter()
         .filter(|b| *b != first)
         .collect();
+    let epoch = lab.backend_epoch();
     write_slice(&lab, &remaining);
     let changed = Instant::now();
     let moved_to = loop {
@@ -97,6 +98,13 @@ fn a_udp_client_with_a_fixed_source_port_moves_on_when_its_backend_leaves() {
     println!("UDP client with a fixed source port moved {first} -> {moved_to} in {took:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert!(remaining.contains(&moved_to.as_str()));
+    // The sync that removed the backend started a new backend epoch, in
+    // which the datapath re-checks every UDP flow's backend once.
+    assert_ne!(
+        lab.backend_epoch(),
+        epoch,
+        "no new backend epoch after a backend left"
+    );
     // And it sticks to the new one.
     for _ in 0..5 {
         assert_eq!(ask().as_deref(), Some(moved_to.as_str()));

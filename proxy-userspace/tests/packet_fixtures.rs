@@ -1296,6 +1296,66 @@ fn with_udp_checksum(mut frame: Vec<u8>, checksum: u16) -> Vec<u8> {
     frame
 }
 
+/// A UDP flow re-checks that its backend is still programmed once per
+/// backend epoch, not for every datagram: a backend deleted behind the
+/// datapath's back keeps its flows until a new epoch starts (userspace
+/// starts one after every sync that deleted map entries, and deletes such
+/// flows itself), and the next datagram then finds it gone.
+#[test]
+fn udp_flows_recheck_their_backend_once_per_backend_epoch() {
+    use proxy_common::{ipv4_mapped, ConntrackKey, PROTO_UDP as UDP};
+    let mut lab = Lab::new();
+    let dgram = udp(client(40053), (VIP, 53), b"a query");
+    let forwarded =
+        |out: &Outcome| out.verdict == TC_ACT_OK && destination(&out.frame) == DNS_BACKEND;
+    let out = lab.run(&dgram);
+    assert!(
+        forwarded(&out),
+        "the first datagram goes to {DNS_BACKEND:?}"
+    );
+    let out = lab.run(&dgram);
+    assert!(forwarded(&out), "and the second");
+
+    let key = ConntrackKey::new(ipv4_mapped(CLIENT_IP), ipv4_mapped(VIP), 40053, 53, UDP);
+    let entries = lab.datapath.conntrack_entries().expect("conntrack entries");
+    let backend_id = entries
+        .get(&key)
+        .expect("the flow's forward entry")
+        .backend_id;
+    let map = lab._pins.path.join(proxy_common::BACKENDS_MAP);
+    let id: Vec<String> = backend_id
+        .to_ne_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut args = vec![
+        "map",
+        "delete",
+        "pinned",
+        map.to_str().expect("a UTF-8 path"),
+        "key",
+        "hex",
+    ];
+    args.extend(id.iter().map(String::as_str));
+    bpftool(&args);
+
+    let out = lab.run(&dgram);
+    assert!(
+        forwarded(&out),
+        "within the epoch the flow keeps its backend without a lookup: verdict {}",
+        out.verdict
+    );
+    lab.datapath
+        .new_backend_epoch()
+        .expect("a new backend epoch");
+    let out = lab.run(&dgram);
+    assert_eq!(
+        out.verdict, TC_ACT_SHOT,
+        "in a new epoch the datagram finds its backend gone (and the Service's slot pointing at \
+         the missing id: dropped)"
+    );
+}
+
 #[test]
 fn udp_to_a_vip_is_dnated_and_a_zero_checksum_stays_zero() {
     let mut lab = Lab::new();

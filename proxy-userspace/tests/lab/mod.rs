@@ -481,6 +481,15 @@ impl Lab {
             .expect("read pinned maps")
     }
 
+    /// The backend epoch the datapath runs in (see
+    /// `proxy_common::CONFIG_BACKEND_EPOCH_SHIFT`).
+    pub fn backend_epoch(&self) -> u8 {
+        PinnedMaps::open(&self.pin_dir)
+            .and_then(|m| m.config())
+            .expect("read the pinned config")
+            .backend_epoch()
+    }
+
     /// Polls `cond` on the pinned maps every 5 ms; returns how long it took.
     pub fn wait_maps(
         &self,
