@@ -4,9 +4,11 @@ use super::*;
 // Plots: hand-written SVG bar charts.
 // ---------------------------------------------------------------------------
 
-pub const COLORS: [&str; 10] = [
+/// Enough for the per-packet chart's 16 series (the floor, then five paths
+/// for each of three programs).
+pub const COLORS: [&str; 16] = [
     "#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-    "#17becf", "#bcbd22",
+    "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939", "#e7969c", "#7b4173", "#5254a3",
 ];
 
 /// Legend entries per row under a bar chart.

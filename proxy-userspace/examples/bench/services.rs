@@ -58,6 +58,14 @@ pub fn tcp_key(ip: [u8; 4], port: u16) -> FrontendKey {
     }
 }
 
+pub fn udp_key(ip: [u8; 4], port: u16) -> FrontendKey {
+    FrontendKey {
+        ip: ipv4(ip),
+        port,
+        protocol: Protocol::Udp,
+    }
+}
+
 /// `services` Services with `endpoints` endpoints each, port 80 -> 8080.
 pub fn filler_state(state: &mut DesiredState, services: usize, endpoints: usize) {
     for i in 0..services {
