@@ -117,24 +117,18 @@ fn measured_frontend(name: &str, backends: &[([u8; 4], u16)]) -> Frontend {
 fn per_packet_state(total: usize) -> DesiredState {
     let mut state = DesiredState::default();
     filler_state(&mut state, total.saturating_sub(MEASURED_SERVICES), 1);
-    state.frontends.insert(
-        tcp_key(VIP_A, PORT_A),
-        measured_frontend("measured-a", &[(VIP_B, PORT_B)]),
-    );
-    state.frontends.insert(
-        tcp_key(VIP_B, PORT_B),
-        measured_frontend("measured-b", &[(VIP_A, PORT_A)]),
-    );
-    // The same two Services serve UDP on the same ports, pointing at each
-    // other the same way.
-    state.frontends.insert(
-        udp_key(VIP_A, PORT_A),
-        measured_frontend("measured-a", &[(VIP_B, PORT_B)]),
-    );
-    state.frontends.insert(
-        udp_key(VIP_B, PORT_B),
-        measured_frontend("measured-b", &[(VIP_A, PORT_A)]),
-    );
+    // A and B serve TCP and UDP on the same ports, each pointing at the
+    // other.
+    for key in [tcp_key, udp_key] {
+        state.frontends.insert(
+            key(VIP_A, PORT_A),
+            measured_frontend("measured-a", &[(VIP_B, PORT_B)]),
+        );
+        state.frontends.insert(
+            key(VIP_B, PORT_B),
+            measured_frontend("measured-b", &[(VIP_A, PORT_A)]),
+        );
+    }
     state.frontends.insert(
         tcp_key(VIP_NEW, 80),
         measured_frontend("measured-new", &new_flow_backends()),
