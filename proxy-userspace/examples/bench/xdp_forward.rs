@@ -58,6 +58,29 @@ const FRAME_LEN: usize = 60;
 const HEADER_LEN: usize = 42;
 /// Below this, a configuration's rate is not reported as a forwarding rate.
 const MIN_DELIVERED: f64 = 0.9;
+/// Flows of the many-flows measurement: client ports `CLIENT_PORT` up,
+/// in turn. Below the 4536 SNAT ports kproxy has per backend and node
+/// address, so every flow gets one.
+const MANY_FLOWS: u32 = 4000;
+/// The payload's first 16-bit word in the template (bytes 0x5a 0x5a): the
+/// many-flows wrapper lowers it by as much as it raises the client port,
+/// so the UDP checksum stays valid with no arithmetic on it.
+const PAYLOAD_WORD: u16 = 0x5a5a;
+// Neither the port nor the word wraps around.
+const _: () =
+    assert!(CLIENT_PORT as u32 + MANY_FLOWS <= 0xffff && PAYLOAD_WORD as u32 >= MANY_FLOWS);
+
+/// Frames of each configuration's warm-up (not counted): every one of the
+/// many flows at least twice, the first frame of each opening it.
+const WARMUP_FRAMES: u32 = 10_000;
+const _: () = assert!(WARMUP_FRAMES >= 2 * MANY_FLOWS);
+
+/// One flow, or `MANY_FLOWS` in turn.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flows {
+    One,
+    Many,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -117,6 +140,8 @@ struct Sample {
     /// kproxy's `fib_lookup` counter on node-a (FIB lookups the route
     /// cache did not answer), rise during the run.
     fib_lookups: u64,
+    /// kproxy's `ct_created` counter on node-a (flows opened), rise.
+    flows_opened: u64,
 }
 
 impl Sample {
@@ -170,8 +195,11 @@ impl Measured {
 
 /// The lab: fields drop in order, so the programs go before the namespaces.
 struct Bed {
-    /// Wrapper `i` tail-calls slot `i` of `targets`: `Kind::ALL[i]`'s.
-    wrappers: Vec<OwnedFd>,
+    /// Wrapper `i` tail-calls slot `i` of `targets`: `Kind::ALL[i]`'s;
+    /// `[0]` sends one flow, `[1]` `MANY_FLOWS`.
+    wrappers: [Vec<OwnedFd>; 2],
+    /// The many-flows wrappers' frame counter (one u64).
+    _flow_counter: OwnedFd,
     _targets: OwnedFd,
     _programs: Vec<OwnedFd>,
     iptables_node: lab::Netns,
@@ -196,15 +224,17 @@ pub fn run(config: &Config, docs: &Path) -> Result<Section> {
     );
     let kproxy = kproxy_binary()?;
     let bed = Bed::new(&kproxy)?;
-    let wire = {
+    let (wire, wire_many) = {
         // The tap puts the pass programs back when it drops (also on an
         // error), so the end-to-end measurement finds the lab as it was.
         let tap = WireTap::attach(&bed)?;
-        bed.measure(&Kind::ALL, wire_runs, wire_repeat, Some(&tap))?
+        let one = bed.measure(&Kind::ALL, Flows::One, wire_runs, wire_repeat, Some(&tap))?;
+        let many = bed.measure(&Kind::ALL, Flows::Many, wire_runs, wire_repeat, Some(&tap))?;
+        (one, many)
     };
-    let e2e = bed.measure(&Kind::END_TO_END, e2e_runs, e2e_repeat, None)?;
+    let e2e = bed.measure(&Kind::END_TO_END, Flows::One, e2e_runs, e2e_repeat, None)?;
     drop(bed);
-    render(config, docs, &wire, &e2e)
+    render(config, docs, &wire, &wire_many, &e2e)
 }
 
 impl Bed {
@@ -320,22 +350,27 @@ impl Bed {
                 )
             })?;
         }
-        let mut wrappers = Vec::new();
-        for (i, kind) in Kind::ALL.iter().enumerate() {
-            let template = match kind {
-                Kind::Iptables => &iptables_frame,
-                _ => &kproxy_frame,
-            };
-            let insns = wrapper_insns(template, targets.as_raw_fd(), i as i32);
-            wrappers.push(raw::load_program(
-                raw::BPF_PROG_TYPE_XDP,
-                raw::BPF_XDP,
-                &insns,
-                "bench_xdp_wrap",
-            )?);
+        let flow_counter = raw::create_u64_array(1).context("the wrappers' frame counter")?;
+        let mut wrappers = [Vec::new(), Vec::new()];
+        for (flows, wrappers) in [Flows::One, Flows::Many].into_iter().zip(&mut wrappers) {
+            for (i, kind) in Kind::ALL.iter().enumerate() {
+                let template = match kind {
+                    Kind::Iptables => &iptables_frame,
+                    _ => &kproxy_frame,
+                };
+                let many = (flows == Flows::Many).then(|| flow_counter.as_raw_fd());
+                let insns = wrapper_insns(template, targets.as_raw_fd(), i as i32, many);
+                wrappers.push(raw::load_program(
+                    raw::BPF_PROG_TYPE_XDP,
+                    raw::BPF_XDP,
+                    &insns,
+                    "bench_xdp_wrap",
+                )?);
+            }
         }
         Ok(Self {
             wrappers,
+            _flow_counter: flow_counter,
             _targets: targets,
             _programs: programs,
             iptables_node,
@@ -351,19 +386,21 @@ impl Bed {
     fn measure(
         &self,
         kinds: &[Kind],
+        flows: Flows,
         runs: usize,
         repeat: u32,
         tap: Option<&WireTap<'_>>,
     ) -> Result<Measured> {
         let mut warmup = Vec::new();
         for kind in kinds {
-            warmup.push(self.inject(*kind, 10_000, tap)?);
+            // Every flow at least twice: the first frame of each opens it.
+            warmup.push(self.inject(*kind, flows, WARMUP_FRAMES, tap)?);
         }
         let mut samples: Vec<Vec<Sample>> = kinds.iter().map(|_| Vec::new()).collect();
         for round in 0..runs {
             for k in 0..kinds.len() {
                 let i = (k + round) % kinds.len();
-                samples[i].push(self.inject(kinds[i], repeat, tap)?);
+                samples[i].push(self.inject(kinds[i], flows, repeat, tap)?);
             }
         }
         Ok(Measured {
@@ -378,12 +415,18 @@ impl Bed {
     /// Injects `frames` copies of `kind`'s frame at its node's `ext0` and
     /// waits until the counter where they end settles: the tap's at the
     /// other end of the wire if there is one, else the pod's interface.
-    fn inject(&self, kind: Kind, frames: u32, tap: Option<&WireTap<'_>>) -> Result<Sample> {
+    fn inject(
+        &self,
+        kind: Kind,
+        flows: Flows,
+        frames: u32,
+        tap: Option<&WireTap<'_>>,
+    ) -> Result<Sample> {
         let (netns, frame) = match kind {
             Kind::Iptables => (&self.iptables_node, &self.iptables_frame),
             _ => (&self.cluster.node(NODE_A).netns, &self.kproxy_frame),
         };
-        let prog = self.wrappers[kind.slot()].as_fd();
+        let prog = self.wrappers[usize::from(flows == Flows::Many)][kind.slot()].as_fd();
         let pod = &self.cluster.pod(BACKEND_POD).netns.name;
         let node_a = self.cluster.node(NODE_A);
         // (translated, other): the bare XDP_TX sends the frame untouched.
@@ -403,6 +446,7 @@ impl Bed {
         let before = counts()?;
         let forwarded_before = node_a.stat(stat::XDP_FORWARD);
         let lookups_before = node_a.stat(stat::FIB_LOOKUP);
+        let opened_before = node_a.stat(stat::CT_CREATED);
         // The ingress ifindex is resolved in the caller's namespace: the run
         // happens on a thread inside the node's.
         let run = netns.run(|| -> Result<raw::Run> {
@@ -440,6 +484,7 @@ impl Bed {
             other: last.1.saturating_sub(before.1),
             xdp_forwarded: node_a.stat(stat::XDP_FORWARD) - forwarded_before,
             fib_lookups: node_a.stat(stat::FIB_LOOKUP) - lookups_before,
+            flows_opened: node_a.stat(stat::CT_CREATED) - opened_before,
         })
     }
 }
@@ -629,7 +674,12 @@ fn plain_node(cluster: &Cluster, netns: &lab::Netns) -> Result<()> {
 /// The client's UDP frame to `node_ip`:NodePort, `FRAME_LEN` bytes,
 /// checksums filled in.
 fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], node_ip: Ipv4Addr) -> Result<Vec<u8>> {
-    let payload = [0x5au8; FRAME_LEN - HEADER_LEN];
+    let payload: Vec<u8> = PAYLOAD_WORD
+        .to_be_bytes()
+        .into_iter()
+        .cycle()
+        .take(FRAME_LEN - HEADER_LEN)
+        .collect();
     let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(CLIENT_1_IP.octets(), node_ip.octets(), 64)
         .udp(CLIENT_PORT, NODE_PORT);
@@ -650,33 +700,76 @@ fn return_insns(verdict: u32) -> Vec<u64> {
 /// The wrapper: writes the template's first `HEADER_LEN` bytes back into
 /// the frame (a recycled page holds the last run's rewritten headers), then
 /// tail-calls slot `index` of `prog_array`; XDP_DROP if either fails.
-fn wrapper_insns(template: &[u8], prog_array: i32, index: i32) -> Vec<u64> {
+/// With `many` (a one-u64 array counting the frames), frame `n` is sent
+/// from client port `CLIENT_PORT + n % MANY_FLOWS`, and the payload's first
+/// word lowered by as much, so the UDP checksum still holds.
+fn wrapper_insns(template: &[u8], prog_array: i32, index: i32, many: Option<i32>) -> Vec<u64> {
     use raw::insn;
+    // The many-flows wrapper also writes the payload's first word.
+    let span = if many.is_some() {
+        HEADER_LEN + 2
+    } else {
+        HEADER_LEN
+    };
     let mut p = vec![
-        insn(0xbf, 6, 1, 0, 0),                 // r6 = r1 (ctx)
-        insn(0x61, 2, 6, 0, 0),                 // r2 = ctx->data
-        insn(0x61, 3, 6, 4, 0),                 // r3 = ctx->data_end
-        insn(0xbf, 4, 2, 0, 0),                 // r4 = r2
-        insn(0x07, 4, 0, 0, HEADER_LEN as i32), // r4 += HEADER_LEN
+        insn(0xbf, 6, 1, 0, 0),           // r6 = r1 (ctx)
+        insn(0x61, 7, 6, 0, 0),           // r7 = ctx->data
+        insn(0x61, 3, 6, 4, 0),           // r3 = ctx->data_end
+        insn(0xbf, 4, 7, 0, 0),           // r4 = r7
+        insn(0x07, 4, 0, 0, span as i32), // r4 += span
     ];
-    let bounds_check = p.len();
-    p.push(0); // if r4 > r3 goto out (patched below)
+    // Each of these jumps to `out` (patched below).
+    let mut to_out = vec![p.len()];
+    p.push(insn(0x2d, 4, 3, 0, 0)); // if r4 > r3 goto out
     for off in (0..HEADER_LEN - 2).step_by(4) {
         let word = i32::from_le_bytes(template[off..off + 4].try_into().unwrap());
-        p.push(insn(0x62, 2, 0, off as i16, word)); // *(u32 *)(r2 + off) = word
+        p.push(insn(0x62, 7, 0, off as i16, word)); // *(u32 *)(r7 + off) = word
     }
     let off = HEADER_LEN - 2;
     let half = u16::from_le_bytes(template[off..off + 2].try_into().unwrap());
-    p.push(insn(0x6a, 2, 0, off as i16, i32::from(half))); // *(u16 *)(r2 + off) = half
-    p.push(insn(0xbf, 1, 6, 0, 0)); // r1 = ctx
-    p.push(insn(0x18, 2, raw::BPF_PSEUDO_MAP_FD, 0, prog_array)); // r2 = prog_array
-    p.push(insn(0, 0, 0, 0, 0)); // (second half of the 64-bit load)
-    p.push(insn(0xb7, 3, 0, 0, index)); // r3 = index
-    p.push(insn(0x85, 0, 0, 0, raw::BPF_FUNC_TAIL_CALL)); // tail call
+    p.push(insn(0x6a, 7, 0, off as i16, i32::from(half))); // *(u16 *)(r7 + off) = half
+    if let Some(counter) = many {
+        // UDP source port and the payload's first word (after the headers).
+        let (port_off, word_off) = (HEADER_LEN as i16 - 8, HEADER_LEN as i16);
+        p.extend([
+            insn(0x62, 10, 0, -4, 0),                           // *(u32 *)(r10 - 4) = 0
+            insn(0xbf, 2, 10, 0, 0),                            // r2 = r10
+            insn(0x07, 2, 0, 0, -4),                            // r2 += -4
+            insn(0x18, 1, raw::BPF_PSEUDO_MAP_FD, 0, counter),  // r1 = counter
+            insn(0, 0, 0, 0, 0),                                // (second half)
+            insn(0x85, 0, 0, 0, raw::BPF_FUNC_MAP_LOOKUP_ELEM), // r0 = lookup(r1, r2)
+        ]);
+        to_out.push(p.len());
+        p.extend([
+            insn(0x15, 0, 0, 0, 0),                       // if r0 == 0 goto out
+            insn(0x79, 1, 0, 0, 0),                       // r1 = *(u64 *)(r0 + 0)
+            insn(0xbf, 3, 1, 0, 0),                       // r3 = r1
+            insn(0x07, 3, 0, 0, 1),                       // r3 += 1
+            insn(0x7b, 0, 3, 0, 0),                       // *(u64 *)(r0 + 0) = r3
+            insn(0x97, 1, 0, 0, MANY_FLOWS as i32),       // r1 %= MANY_FLOWS
+            insn(0xb7, 3, 0, 0, i32::from(CLIENT_PORT)),  // r3 = CLIENT_PORT
+            insn(0x0f, 3, 1, 0, 0),                       // r3 += r1
+            insn(0xdc, 3, 0, 0, 16),                      // r3 = be16 r3
+            insn(0x6b, 7, 3, port_off, 0),                // *(u16 *)(r7 + port_off) = r3
+            insn(0xb7, 3, 0, 0, i32::from(PAYLOAD_WORD)), // r3 = PAYLOAD_WORD
+            insn(0x1f, 3, 1, 0, 0),                       // r3 -= r1
+            insn(0xdc, 3, 0, 0, 16),                      // r3 = be16 r3
+            insn(0x6b, 7, 3, word_off, 0),                // *(u16 *)(r7 + word_off) = r3
+        ]);
+    }
+    p.extend([
+        insn(0xbf, 1, 6, 0, 0),                               // r1 = ctx
+        insn(0x18, 2, raw::BPF_PSEUDO_MAP_FD, 0, prog_array), // r2 = prog_array
+        insn(0, 0, 0, 0, 0),                                  // (second half)
+        insn(0xb7, 3, 0, 0, index),                           // r3 = index
+        insn(0x85, 0, 0, 0, raw::BPF_FUNC_TAIL_CALL),         // tail call
+    ]);
     let out = p.len();
     p.push(insn(0xb7, 0, 0, 0, raw::XDP_DROP as i32)); // out: r0 = XDP_DROP
     p.push(insn(0x95, 0, 0, 0, 0)); // exit
-    p[bounds_check] = insn(0x2d, 4, 3, (out - bounds_check - 1) as i16, 0);
+    for at in to_out {
+        p[at] = (p[at] & !(0xffff << 16)) | (u64::from((out - at - 1) as u16) << 16);
+    }
     p
 }
 
@@ -787,13 +880,81 @@ fn rx_packets(netns: &str, ifname: &str) -> Result<u64> {
         .with_context(|| format!("no rx counter on {ifname} in {netns}"))
 }
 
-fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Result<Section> {
+/// The wire measurement's table: one row per configuration.
+fn wire_table(md: &mut String, m: &Measured) {
+    let floor_pps = m.pps(Kind::Floor);
+    let kernel_ns = |k: Kind| m.median(k, |s| f64::from(s.kernel_ns));
+    let ns = |k: Kind| 1e9 / m.pps(k);
+    let _ = writeln!(
+        *md,
+        "| configuration | frames/s | ns per frame | kernel ns per frame | ns over the floor \
+         | of the floor's rate | vs iptables | arrived at the wire's end |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    for kind in Kind::ALL {
+        let ok = m.forwarding(kind);
+        let dash = || "–".to_owned();
+        let rate = if ok {
+            format!("{:.2} M", m.pps(kind) / 1e6)
+        } else {
+            format!(
+                "not forwarding ({:.0} % arrived)",
+                m.delivered(kind) * 100.0
+            )
+        };
+        let per_frame = if ok {
+            format!("{:.0}", ns(kind))
+        } else {
+            dash()
+        };
+        let over_floor = if ok && kind != Kind::Floor {
+            format!("{:.0}", ns(kind) - ns(Kind::Floor))
+        } else {
+            dash()
+        };
+        let of_floor = if ok {
+            format!("{:.2}", m.pps(kind) / floor_pps)
+        } else {
+            dash()
+        };
+        let vs_iptables = if kind == Kind::Kproxy && ok && m.forwarding(Kind::Iptables) {
+            format!("{:.2}x", m.pps(kind) / m.pps(Kind::Iptables))
+        } else {
+            dash()
+        };
+        let arrived = if kind == Kind::Floor {
+            let (arrived, frames) = m.sum(kind, |s| s.delivered);
+            format!("{arrived} of {frames} (dropped on the node)")
+        } else {
+            format!("{:.1} %", m.delivered(kind) * 100.0)
+        };
+        let _ = writeln!(
+            *md,
+            "| {} | {rate} | {per_frame} | {:.0} | {over_floor} | {of_floor} | {vs_iptables} \
+             | {arrived} |",
+            kind.label(),
+            kernel_ns(kind),
+        );
+    }
+}
+
+fn render(
+    _config: &Config,
+    docs: &Path,
+    wire: &Measured,
+    many: &Measured,
+    e2e: &Measured,
+) -> Result<Section> {
     let floor_pps = wire.pps(Kind::Floor);
     let kernel_ns = |m: &Measured, k: Kind| m.median(k, |s| f64::from(s.kernel_ns));
     let (xdp_forwarded, kproxy_frames) = wire.sum(Kind::Kproxy, |s| s.xdp_forwarded);
     let (fib_lookups, _) = wire.sum(Kind::Kproxy, |s| s.fib_lookups);
     let (e2e_forwarded, e2e_frames) = e2e.sum(Kind::Kproxy, |s| s.xdp_forwarded);
-    let other: u64 = wire.samples.iter().flatten().map(|s| s.other).sum();
+    let other: u64 = [wire, many]
+        .iter()
+        .flat_map(|m| m.samples.iter().flatten())
+        .map(|s| s.other)
+        .sum();
     let ns = |m: &Measured, k: Kind| 1e9 / m.pps(k);
     let warmups = |m: &Measured| {
         m.kinds
@@ -812,9 +973,9 @@ fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Res
     );
     let _ = writeln!(
         md,
-        "One UDP flow (client 198.18.100.21:{CLIENT_PORT} to a NodePort, {FRAME_LEN}-byte \
-         frames, i.e. 64 bytes on the wire) whose only endpoint is pod {BACKEND_POD} on the \
-         other node, injected by the kernel itself at the node's `ext0` (BPF_PROG_TEST_RUN, \
+        "UDP to a NodePort (client 198.18.100.21:{CLIENT_PORT}, {FRAME_LEN}-byte frames, i.e. \
+         64 bytes on the wire) whose only endpoint is pod {BACKEND_POD} on the other node, \
+         one flow or {MANY_FLOWS} in turn, injected by the kernel itself at the node's `ext0` (BPF_PROG_TEST_RUN, \
          `BPF_F_TEST_XDP_LIVE_FRAMES`, batches of 64): the verdict is acted on for real. \
          Rate = frames / wall time of the injecting syscall; medians of interleaved runs \
          (rotating order). The syscall's time includes the softirq work its frames cause on \
@@ -835,57 +996,7 @@ fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Res
          configuration.\n",
         wire.runs, wire.repeat
     );
-    let _ = writeln!(
-        md,
-        "| configuration | frames/s | ns per frame | kernel ns per frame | ns over the floor \
-         | of the floor's rate | vs iptables | arrived at the wire's end |\n\
-         |---|---|---|---|---|---|---|---|"
-    );
-    for kind in Kind::ALL {
-        let ok = wire.forwarding(kind);
-        let dash = || "–".to_owned();
-        let rate = if ok {
-            format!("{:.2} M", wire.pps(kind) / 1e6)
-        } else {
-            format!(
-                "not forwarding ({:.0} % arrived)",
-                wire.delivered(kind) * 100.0
-            )
-        };
-        let per_frame = if ok {
-            format!("{:.0}", ns(wire, kind))
-        } else {
-            dash()
-        };
-        let over_floor = if ok && kind != Kind::Floor {
-            format!("{:.0}", ns(wire, kind) - ns(wire, Kind::Floor))
-        } else {
-            dash()
-        };
-        let of_floor = if ok {
-            format!("{:.2}", wire.pps(kind) / floor_pps)
-        } else {
-            dash()
-        };
-        let vs_iptables = if kind == Kind::Kproxy && ok && wire.forwarding(Kind::Iptables) {
-            format!("{:.2}x", wire.pps(kind) / wire.pps(Kind::Iptables))
-        } else {
-            dash()
-        };
-        let arrived = if kind == Kind::Floor {
-            let (arrived, frames) = wire.sum(kind, |s| s.delivered);
-            format!("{arrived} of {frames} (dropped on the node)")
-        } else {
-            format!("{:.1} %", wire.delivered(kind) * 100.0)
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {rate} | {per_frame} | {:.0} | {over_floor} | {of_floor} | {vs_iptables} \
-             | {arrived} |",
-            kind.label(),
-            kernel_ns(wire, kind),
-        );
-    }
+    wire_table(&mut md, wire);
     let fwd_ok = wire.forwarding(Kind::Kproxy)
         && wire.forwarding(Kind::Tx)
         && wire.forwarding(Kind::Iptables);
@@ -908,8 +1019,51 @@ fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Res
         "\nkproxy's `xdp_forward` counter on node-a rose by {xdp_forwarded} for \
          {kproxy_frames} frames injected (every frame sent back out by XDP itself, none left \
          to tc or the stack, when the two are equal). Frames the taps counted besides \
-         (neither translated nor a bare XDP_TX run's): {other}. Warm-up (10 000 frames each, not in the table): arrived {}.\n",
+         (neither translated nor a bare XDP_TX run's), one flow and {MANY_FLOWS} flows: \
+         {other}. Warm-up ({WARMUP_FRAMES} frames each, not in the table): arrived {}.\n",
         warmups(wire)
+    );
+
+    let (many_forwarded, many_frames) = many.sum(Kind::Kproxy, |s| s.xdp_forwarded);
+    let _ = writeln!(
+        md,
+        "### At the wire, {MANY_FLOWS} flows\n\n\
+         The same, but frame n comes from client port {CLIENT_PORT} + n mod {MANY_FLOWS}: \
+         {MANY_FLOWS} flows in turn, each with its two entries in kproxy's conntrack map and \
+         one in node-i's netfilter conntrack, each source-NATed to a port of its own. One flow \
+         keeps its conntrack entry, hash bucket and route in the cache; here each frame's \
+         entry was last touched {MANY_FLOWS} frames ago, as on a node with many clients. The \
+         wrapper counts the frames in an array map and lowers the payload's first word by as \
+         much as it raises the port (so the UDP checksum holds); every configuration of this \
+         table pays that, the floor included. {} runs of {} frames per configuration, after \
+         the one-flow rounds.\n",
+        many.runs, many.repeat
+    );
+    wire_table(&mut md, many);
+    if fwd_ok && many.forwarding(Kind::Kproxy) && many.forwarding(Kind::Iptables) {
+        let _ = writeln!(
+            md,
+            "\nWith {MANY_FLOWS} flows kproxy forwards {:.2} M frames/s ({:.0} ns per frame, \
+             {:.0} over this table's bare XDP_TX, against {:.0} with one flow) and iptables \
+             {:.2} M: kproxy / iptables = {:.2}x, against {:.2}x with one flow. kproxy's \
+             `xdp_forward` counter rose by {many_forwarded} for {many_frames} frames.",
+            many.pps(Kind::Kproxy) / 1e6,
+            ns(many, Kind::Kproxy),
+            ns(many, Kind::Kproxy) - ns(many, Kind::Tx),
+            ns(wire, Kind::Kproxy) - ns(wire, Kind::Tx),
+            many.pps(Kind::Iptables) / 1e6,
+            many.pps(Kind::Kproxy) / many.pps(Kind::Iptables),
+            wire.pps(Kind::Kproxy) / wire.pps(Kind::Iptables),
+        );
+    }
+    let opened = many
+        .pos(Kind::Kproxy)
+        .map_or(0, |i| many.warmup[i].flows_opened);
+    let _ = writeln!(
+        md,
+        "\nWarm-up: arrived {}; kproxy's `ct_created` counter rose by {opened} in its \
+         warm-up (flow 0, port {CLIENT_PORT}, is the one-flow rounds' flow).\n",
+        warmups(many)
     );
 
     let _ = writeln!(
@@ -991,13 +1145,14 @@ fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Res
     );
     let _ = writeln!(
         md,
-        "What this shows: the cost of forwarding one established flow on this 2-vCPU VM, \
-         kproxy's XDP path against the node's own stack with iptables, both against the \
-         cost of injection; at the wire, the node's own work, end to end, the whole chain \
-         (the same downstream work for kproxy and iptables). What it does not show: a NIC \
-         (veth here: XDP_TX is a redirect into the peer's ring, and the wire's receive end \
-         is the same CPU's work), many flows or new-flow setup (one flow, in both conntracks \
-         after the warm-up), multi-queue scaling, or kube-proxy's full iptables chains.\n"
+        "What this shows: the cost of forwarding established flows on this 2-vCPU VM (one, \
+         and {MANY_FLOWS} in turn), kproxy's XDP path against the node's own stack with \
+         iptables, both against the cost of injection; at the wire, the node's own work, end \
+         to end, the whole chain (the same downstream work for kproxy and iptables). What it \
+         does not show: a NIC (veth here: XDP_TX is a redirect into the peer's ring, and the \
+         wire's receive end is the same CPU's work), new-flow setup (every flow is in both \
+         conntracks after the warm-up), multi-queue scaling, or kube-proxy's full iptables \
+         chains.\n"
     );
     let _ = writeln!(md, "![XDP forwarding](bench-xdp-forward.svg)\n");
 
@@ -1015,12 +1170,16 @@ fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Res
             .collect()
     };
     let svg = bar_chart(
-        "XDP forwarding, one UDP flow, 64-byte frames (higher is better)",
+        "XDP forwarding, UDP, 64-byte frames (higher is better)",
         "million frames per second",
         &groups,
         &[
-            ("at the wire (node's own work)".into(), series(wire)),
-            ("end to end (to the pod)".into(), series(e2e)),
+            (
+                "at the wire (node's own work), one flow".into(),
+                series(wire),
+            ),
+            (format!("at the wire, {MANY_FLOWS} flows"), series(many)),
+            ("end to end (to the pod), one flow".into(), series(e2e)),
         ],
     );
     let svg_path = docs.join("bench-xdp-forward.svg");
@@ -1029,16 +1188,15 @@ fn render(_config: &Config, docs: &Path, wire: &Measured, e2e: &Measured) -> Res
     let mut section = Section {
         markdown: md,
         not_measured: vec![
-            "XDP forwarding with many flows and new-flow setup (part 4 measures one \
-             established UDP flow), on a real NIC, and against kube-proxy's full iptables \
-             chains."
+            "XDP forwarding of new flows (part 4 measures established UDP flows), on a real \
+             NIC, and against kube-proxy's full iptables chains."
                 .into(),
         ],
         ..Section::default()
     };
     // Only the node's own forwarding can miss: end to end, frames lost
     // behind a node that forwarded them are the chain's limit.
-    let misses: Vec<(&str, f64)> = [("at the wire", wire)]
+    let misses: Vec<(&str, f64)> = [("at the wire", wire), ("at the wire, many flows", many)]
         .into_iter()
         .filter(|(_, m)| !m.forwarding(Kind::Kproxy))
         .map(|(what, m)| (what, m.delivered(Kind::Kproxy)))
