@@ -26,6 +26,12 @@ pub const FRAGMENTS_MAP: &str = "FRAGMENTS_V2";
 pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 /// Each CPU's recent FIB answers ([`RouteCacheSlot`]).
 pub const ROUTE_CACHE_MAP: &str = "ROUTE_CACHE_V1";
+/// Each CPU's recent translations of tracked flows ([`FlowCacheSlot`]).
+pub const FLOW_CACHE_MAP: &str = "FLOW_CACHE_V1";
+/// One generation number per flow cache index (`u32`), shared by all CPUs:
+/// a new conntrack entry bumps its tuple's, which retires every CPU's
+/// cached translation of that tuple.
+pub const FLOW_GEN_MAP: &str = "FLOW_GEN_V1";
 
 /// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
 /// and an upgraded daemon remove them. An upgraded daemon first carries the
@@ -84,7 +90,7 @@ impl ConntrackKeyV2 {
 }
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 15] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -98,6 +104,8 @@ pub const ALL_MAPS: [&str; 13] = [
     FRAGMENTS_MAP,
     SOURCE_RANGES_MAP,
     ROUTE_CACHE_MAP,
+    FLOW_CACHE_MAP,
+    FLOW_GEN_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -115,6 +123,23 @@ pub const ROUTE_CACHE_SLOTS: u32 = 1_024;
 /// change takes to reach the packets of established flows the datapath
 /// routes itself.
 pub const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
+/// Slots of each CPU's flow cache, and generations in `FLOW_GEN_V1` (a
+/// power of two: the index is a masked hash of the tuple).
+pub const FLOW_CACHE_SLOTS: u32 = 4_096;
+/// The longest a cached translation is used before the packet takes the
+/// conntrack lookup again (which refreshes the entry's `last_seen_ns` and
+/// its place in the LRU, and refills the slot). Half the flow's timeout
+/// when that is shorter, so an active flow never looks idle to the sweep.
+pub const FLOW_CACHE_TTL_NS: u64 = 100_000_000;
+/// [`FlowCacheSlot::flags`]: a reply (counted as reverse NAT).
+pub const FLOW_CACHE_REPLY: u8 = 1;
+/// The packet leaves by its route (`route_out` of the rewrite).
+pub const FLOW_CACHE_ROUTE_OUT: u8 = 2;
+/// The packet goes to this node's stack through `lo` (`to_host`).
+pub const FLOW_CACHE_TO_HOST: u8 = 4;
+/// Filled by an external hook (XDP or tc on `--interfaces`): only those
+/// use it, as only pod hooks use the others.
+pub const FLOW_CACHE_EXTERNAL: u8 = 8;
 /// Least-connection schedulers look at this many backends (a random window
 /// of them when a Service has more).
 pub const LC_SCAN_MAX: u32 = 32;
@@ -400,6 +425,37 @@ pub struct RouteCacheSlot {
     pub looked_up_ns: u64,
 }
 
+/// One slot of the per-CPU flow cache (`FLOW_CACHE_V1`): how the last
+/// packet of a tracked flow with this tuple was translated, so the next
+/// ones skip the conntrack hash lookup. Valid while `generation` is the
+/// tuple's in `FLOW_GEN_V1`, `backend_epoch` the datapath's, and for
+/// `ttl_ns` after `filled_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowCacheSlot {
+    /// The packet's tuple, as its conntrack key (all zero: empty).
+    pub key: ConntrackKey4,
+    /// When the slot was filled (the datapath's clock).
+    pub filled_ns: u64,
+    /// The rewrite: the packet's new source and destination (its own where
+    /// a side is not translated). Addresses in network order, ports in
+    /// host order.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// How long after `filled_ns` the slot is used.
+    pub ttl_ns: u32,
+    /// `FLOW_CACHE_*`.
+    pub flags: u8,
+    /// [`DatapathConfig::backend_epoch`] when filled.
+    pub backend_epoch: u8,
+    pub _pad: [u8; 2],
+    /// The tuple's generation in `FLOW_GEN_V1` when filled.
+    pub generation: u32,
+}
+
 /// Value of the fragments map: the addresses the first fragment got (a
 /// side that was not translated keeps its own address).
 #[repr(C)]
@@ -671,6 +727,9 @@ const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<RouteCacheSlot>() == 40);
 const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 48);
+const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+const _: () = assert!(FLOW_CACHE_TTL_NS <= u32::MAX as u64);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<ConntrackKeyV2>() == 40);

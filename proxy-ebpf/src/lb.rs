@@ -182,8 +182,11 @@ extern "C" fn scan_one(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if scan.count == 0 {
         return 1;
     }
-    let slot = ((scan.start + i as u32) % scan.count) as u16 + 1;
-    let Some(id) = slot_backend(&scan.key, slot) else {
+    // The slot's key in place in `scan` (which lives in the caller's frame):
+    // a copy would give this callback a stack frame that adds to the
+    // caller's chain.
+    scan.key.slot = ((scan.start + i as u32) % scan.count) as u16 + 1;
+    let Some(id) = (unsafe { SERVICES.get(&scan.key) }).map(|s| s.backend_id) else {
         return 0;
     };
     let active = unsafe { BACKEND_CONNS.get(id) }.copied().unwrap_or(0);

@@ -5,6 +5,7 @@
 
 mod clock;
 mod csum;
+mod flow_cache;
 mod frag;
 mod icmp;
 mod lb;

@@ -8,10 +8,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, ConntrackKey4, ConntrackValue, DatapathConfig,
-    FragmentKey, FragmentValue, MaglevKey, RevNatValue, RouteCacheSlot, ServiceKey, ServiceValue,
-    SourceRange, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
-    FRAGMENTS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, ROUTE_CACHE_SLOTS,
-    SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    FlowCacheSlot, FragmentKey, FragmentValue, MaglevKey, RevNatValue, RouteCacheSlot, ServiceKey,
+    ServiceValue, SourceRange, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
+    FLOW_CACHE_SLOTS, FRAGMENTS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES,
+    ROUTE_CACHE_SLOTS, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -64,6 +64,15 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES a
 #[btf_map(name = "ROUTE_CACHE_V1")]
 pub static ROUTE_CACHE: PerCpuArray<RouteCacheSlot, { ROUTE_CACHE_SLOTS as usize }> =
     PerCpuArray::new();
+
+/// Each CPU's last translations of tracked flows (see `flow_cache.rs`).
+#[btf_map(name = "FLOW_CACHE_V1")]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheSlot, { FLOW_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// One generation per flow cache index, shared by all CPUs.
+#[btf_map(name = "FLOW_GEN_V1")]
+pub static FLOW_GEN: Array<u32, { FLOW_CACHE_SLOTS as usize }> = Array::new();
 
 #[btf_map(name = "CONFIG_V3")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

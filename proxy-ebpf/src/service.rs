@@ -27,7 +27,7 @@ use proxy_common::{
 
 use crate::{
     clock::now_ns,
-    lb,
+    flow_cache, lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
     packet::{Packet, Side},
     parse::{
@@ -44,17 +44,17 @@ const SNAT_PROBES: u32 = 128;
 /// The rewrite a packet gets: its new source and destination (equal to
 /// the packet's own where that side is not translated).
 #[derive(Clone, Copy, Default)]
-struct Nat {
-    saddr: Ipv4,
-    sport: u16,
-    daddr: Ipv4,
-    dport: u16,
+pub struct Nat {
+    pub saddr: Ipv4,
+    pub sport: u16,
+    pub daddr: Ipv4,
+    pub dport: u16,
     /// Leaves by its route (FIB lookup, then out): a source-NATed flow at
     /// the external hook, or a flow of this node's own processes at `lo`.
-    route_out: bool,
+    pub route_out: bool,
     /// A reply at the external hook to a flow this node's own process
     /// opened: handed to the stack through `lo`.
-    to_host: bool,
+    pub to_host: bool,
 }
 
 #[inline(always)]
@@ -87,13 +87,22 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         route_out: false,
         to_host: false,
     };
-    let tracked = tracked::<EXTERNAL>(flow, config, now, &mut nat);
+    // Most packets belong to a flow this CPU translated moments ago.
+    let cache = flow_cache::Probe::new(flow);
+    let tracked = if cache.hit::<EXTERNAL>(flow, config, now, &mut nat) {
+        TRANSLATE
+    } else {
+        tracked::<EXTERNAL>(flow, config, now, &cache, &mut nat)
+    };
     if tracked == NOT_TRACKED {
         if no_service_at(config, flow.daddr) {
             return P::PASS;
         }
         let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
         let verdict = open_new::<P, EXTERNAL>(ctx, flow, now, from_host, &mut nat);
+        if verdict == REJECT {
+            return ctx.reject(flow);
+        }
         if verdict != TRANSLATE {
             return verdict as i32;
         }
@@ -133,7 +142,9 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
     match new_flow::<EXTERNAL>(flow, now, from_host, pending.as_mut_ptr()) {
         NewFlow::Verdict(Verdict::Pass) => return P::PASS as i64,
         NewFlow::Verdict(Verdict::Drop) => return P::DROP as i64,
-        NewFlow::Reject => return ctx.reject(flow) as i64,
+        // Rejected by the entry point: `reject` builds its reply in a large
+        // frame of its own, which must not add to this one.
+        NewFlow::Reject => return REJECT,
         NewFlow::Open => {}
     }
     // SAFETY: `new_flow` wrote all of it when it returned `Open`.
@@ -243,6 +254,8 @@ const NOT_TRACKED: i64 = -1;
 /// `tracked` filled in the rewrite.
 const TRANSLATE: i64 = -2;
 const DROP: i64 = -3;
+/// `open_new`: answer with an ICMP port unreachable.
+const REJECT: i64 = -4;
 
 /// A packet of a tracked flow: reverse NAT for replies, DNAT (and SNAT) to
 /// the recorded backend for the client's side. Fills `nat` and returns
@@ -255,6 +268,7 @@ fn tracked<const EXTERNAL: bool>(
     flow: &Flow,
     config: &DatapathConfig,
     now: u64,
+    cache: &flow_cache::Probe,
     nat: &mut Nat,
 ) -> i64 {
     // One lookup finds the packet's entry whichever way it goes: the
@@ -266,7 +280,8 @@ fn tracked<const EXTERNAL: bool>(
     let entry = unsafe { &mut *entry };
 
     // A reply from a backend of a tracked flow: restore the service address.
-    if entry.direction == CT_DIR_REPLY {
+    let reply = entry.direction == CT_DIR_REPLY;
+    if reply {
         if flow_expired(entry, flow, CT_DIR_FORWARD, config, now) {
             // Un-NATing it would leak the backend's address to the client,
             // which answers with a RST: drop, as kube-proxy drops INVALID.
@@ -286,27 +301,10 @@ fn tracked<const EXTERNAL: bool>(
         }
         nat.to_host = EXTERNAL && entry.flags & CT_FLAG_HOST != 0;
         count(stat::REV_NAT);
-        return TRANSLATE;
-    }
-
-    // An established flow keeps its backend, even one that left the Service
-    // while it still runs (drain). A new TCP connection (SYN) re-checks that
-    // the backend is still programmed, and so does a UDP flow once per
-    // backend epoch, so a reused source port never lands on a removed
-    // endpoint and UDP clients with a fixed source port move on when their
-    // backend goes away (userspace also deletes such UDP flows at once).
-    let usable = if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
-        count(stat::CT_EXPIRED);
-        false
-    } else if flow.proto == PROTO_TCP {
-        // A SYN on a closing or closed flow is a new connection reusing
-        // the port: pick again. Otherwise (a retransmission, a late
-        // duplicate) it stays with its backend while that still exists.
-        !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
     } else {
-        udp_backend_current(entry, config)
-    };
-    if usable {
+        if !forward_usable(entry, flow, config, now) {
+            return NOT_TRACKED;
+        }
         entry.last_seen_ns = now;
         if flow.proto == PROTO_TCP {
             track_forward(entry, flow);
@@ -322,10 +320,38 @@ fn tracked<const EXTERNAL: bool>(
             nat.route_out = true;
         }
         count(stat::DNAT);
-        return TRANSLATE;
     }
+    // One place fills the cache, so its code is inlined once.
+    let timeout = config.timeout_ns(flow.proto, entry.state);
+    cache.fill::<EXTERNAL>(flow, nat, reply, timeout, config, now);
+    TRANSLATE
+}
 
-    NOT_TRACKED
+/// Whether the client's packet may use its flow's entry. An established
+/// flow keeps its backend, even one that left the Service while it still
+/// runs (drain). A new TCP connection (SYN) re-checks that the backend is
+/// still programmed, and so does a UDP flow once per backend epoch, so a
+/// reused source port never lands on a removed endpoint and UDP clients
+/// with a fixed source port move on when their backend goes away
+/// (userspace also deletes such UDP flows at once).
+#[inline(always)]
+fn forward_usable(
+    entry: &mut ConntrackValue,
+    flow: &Flow,
+    config: &DatapathConfig,
+    now: u64,
+) -> bool {
+    if flow_expired(entry, flow, CT_DIR_REPLY, config, now) {
+        count(stat::CT_EXPIRED);
+        false
+    } else if flow.proto == PROTO_TCP {
+        // A SYN on a closing or closed flow is a new connection reusing
+        // the port: pick again. Otherwise (a retransmission, a late
+        // duplicate) it stays with its backend while that still exists.
+        !flow.is_syn() || (entry.state <= CT_STATE_ESTABLISHED && backend_matches(entry))
+    } else {
+        udp_backend_current(entry, config)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -521,6 +547,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
             count(stat::SNAT_PORTS_EXHAUSTED);
             return false;
         }
+        flow_cache::invalidate(&entry.key);
         count(stat::SNAT);
         nat.saddr = snat_addr;
         nat.sport = entry.key.dport;
@@ -529,12 +556,14 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
     } else {
         clear_addr(&mut entry.value.other_addr);
         entry.inserted = CONNTRACK.insert(&entry.key, &entry.value, 0).is_ok() as u8;
+        flow_cache::invalidate(&entry.key);
     }
     entry.key = ct_key(flow);
     entry.value.direction = CT_DIR_FORWARD;
     entry.value.nat_addr = mapped(pending.backend_addr);
     entry.value.nat_port = pending.backend_port;
     let inserted = CONNTRACK.insert(&entry.key, &entry.value, 0).is_ok() && entry.inserted != 0;
+    flow_cache::invalidate(&entry.key);
     if inserted {
         lb::flow_opened(pending.backend_id);
     }

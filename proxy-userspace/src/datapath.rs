@@ -748,9 +748,11 @@ impl Datapath {
     }
 
     /// Starts a new backend epoch: every UDP flow's next datagram checks
-    /// that its backend is still programmed (and picks another if not).
-    /// For after a sync that deleted map entries (a backend that went away
-    /// is one of them).
+    /// that its backend is still programmed (and picks another if not), and
+    /// every CPU's flow cache is retired (the next packet of each flow
+    /// reads its conntrack entry). For after a sync that deleted map
+    /// entries (a backend that went away is one of them), and after
+    /// conntrack entries were deleted.
     pub fn new_backend_epoch(&mut self) -> Result<(), DatapathError> {
         self.backend_epoch = self.backend_epoch.wrapping_add(1);
         let current = self.read_config()?;
@@ -800,10 +802,19 @@ impl Datapath {
 
     /// Deletes conntrack entries, in batches; returns how many were there
     /// (a key evicted or deleted by the datapath meanwhile is skipped).
-    pub fn delete_conntrack(&self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
+    /// Then starts a new backend epoch, which retires every CPU's flow
+    /// cache (`FLOW_CACHE_V1`): no packet is translated from a copy of a
+    /// deleted entry.
+    pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
         // A key that is not IPv4 has no entry in the IPv4 map.
         let keys: Vec<ConntrackKey4> = keys.iter().filter_map(ConntrackKey4::from_mapped).collect();
-        batch::delete_all(self.lru_data(CONNTRACK_MAP)?, &keys).map_err(conntrack_error)
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let deleted =
+            batch::delete_all(self.lru_data(CONNTRACK_MAP)?, &keys).map_err(conntrack_error);
+        self.new_backend_epoch()?;
+        deleted
     }
 
     /// One open flow less for each of `backend_ids` (for lc/sed/nq).

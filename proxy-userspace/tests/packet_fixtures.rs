@@ -348,6 +348,7 @@ enum Tcp {
     Syn,
     SynAck,
     Ack,
+    Rst,
 }
 
 fn ipv4_header(src: [u8; 4], dst: [u8; 4], options: &[u8]) -> Ipv4Header {
@@ -380,6 +381,11 @@ fn tcp_header(sport: u16, dport: u16, kind: Tcp) -> TcpHeader {
         Tcp::Ack => {
             tcp.ack = true;
             tcp.psh = true;
+            tcp.acknowledgment_number = 0x2000_0001;
+        }
+        Tcp::Rst => {
+            tcp.rst = true;
+            tcp.ack = true;
             tcp.acknowledgment_number = 0x2000_0001;
         }
     }
@@ -1339,6 +1345,8 @@ fn udp_flows_recheck_their_backend_once_per_backend_epoch() {
     args.extend(id.iter().map(String::as_str));
     bpftool(&args);
 
+    // The datagram takes its conntrack entry, not the flow cache's copy.
+    retire_flow_cache(&lab._pins.path);
     let out = lab.run(&dgram);
     assert!(
         forwarded(&out),
@@ -1353,6 +1361,130 @@ fn udp_flows_recheck_their_backend_once_per_backend_epoch() {
         out.verdict, TC_ACT_SHOT,
         "in a new epoch the datagram finds its backend gone (and the Service's slot pointing at \
          the missing id: dropped)"
+    );
+}
+
+/// Keeps the calling thread on the CPU it runs on: a test run executes the
+/// program on the caller's CPU, so every packet of the test meets the flow
+/// cache slot its predecessor left (each CPU has its own).
+fn stay_on_this_cpu() {
+    use nix::sched::{sched_getcpu, sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    set.set(sched_getcpu().expect("the current CPU"))
+        .expect("a CPU number in range");
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("pinning the test thread");
+}
+
+/// Rewrites the conntrack entry of `key` behind the datapath's back:
+/// `change` edits its value in place.
+fn edit_conntrack_entry(
+    pins: &Path,
+    key: proxy_common::ConntrackKey4,
+    change: impl FnOnce(&mut proxy_common::ConntrackValue),
+) {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    let data =
+        MapData::from_pin(pins.join(proxy_common::CONNTRACK_MAP)).expect("the conntrack map");
+    let mut map: BpfHashMap<MapData, proxy_common::ConntrackKey4, proxy_common::ConntrackValue> =
+        BpfHashMap::try_from(Map::LruHashMap(data)).expect("an LRU hash map");
+    let mut value = map.get(&key, 0).expect("the flow's entry");
+    change(&mut value);
+    map.insert(key, value, 0).expect("rewriting the entry");
+}
+
+/// Retires every CPU's cached translations, as a new conntrack entry does
+/// for its own tuple: bumps every generation in `FLOW_GEN_V1`.
+fn retire_flow_cache(pins: &Path) {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(pins.join(proxy_common::FLOW_GEN_MAP)).expect("the generations");
+    let mut generations: Array<MapData, u32> =
+        Array::try_from(Map::Array(data)).expect("an array map");
+    for i in 0..generations.len() {
+        let g = generations.get(&i, 0).expect("a generation");
+        generations
+            .set(i, g.wrapping_add(1), 0)
+            .expect("bumping a generation");
+    }
+}
+
+/// Established packets are translated from the flow cache, each CPU's copy
+/// of its flows' last translations, without reading conntrack; a new
+/// backend epoch, a packet that changes the flow's state (RST), a new
+/// entry for the tuple and the slot's age each send the packet back to
+/// conntrack. Shown by editing the entry behind the datapath's back: a
+/// packet that read it would see the edit.
+#[test]
+fn established_packets_use_the_flow_cache_until_something_retires_it() {
+    use proxy_common::{ConntrackKey4, PROTO_TCP as TCP};
+    stay_on_this_cpu();
+    let mut lab = Lab::new();
+    let pins = lab.datapath.pin_dir().to_owned();
+    let c = client(41_000);
+    let key = ConntrackKey4::new(CLIENT_IP, VIP, c.1, 80, TCP);
+    let ack = tcp(c, (VIP, 80), Tcp::Ack, b"data");
+    let port_of = |lab: &mut Lab, frame: &[u8]| {
+        let out = lab.run(frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "translated and passed");
+        destination(&out.frame).1
+    };
+    let backend_port = WEB_BACKEND.1;
+    lab.run(&tcp(c, (VIP, 80), Tcp::Syn, &[]));
+    lab.run(&tcp(WEB_BACKEND, c, Tcp::SynAck, &[]));
+    assert_eq!(port_of(&mut lab, &ack), backend_port);
+
+    edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_001);
+    assert_eq!(
+        port_of(&mut lab, &ack),
+        backend_port,
+        "the next packet is translated from the cache, not from the edited entry"
+    );
+    lab.datapath
+        .new_backend_epoch()
+        .expect("a new backend epoch");
+    assert_eq!(
+        port_of(&mut lab, &ack),
+        9_001,
+        "a new backend epoch retires the cache: the packet reads its entry"
+    );
+
+    edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_002);
+    assert_eq!(port_of(&mut lab, &ack), 9_001, "cached again");
+    retire_flow_cache(&pins);
+    assert_eq!(
+        port_of(&mut lab, &ack),
+        9_002,
+        "a new generation for the tuple retires its slot"
+    );
+
+    edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_003);
+    assert_eq!(port_of(&mut lab, &ack), 9_002, "cached again");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while port_of(&mut lab, &ack) != 9_003 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a slot is used for FLOW_CACHE_TTL_NS ({} ms), then the entry is read again",
+            proxy_common::FLOW_CACHE_TTL_NS / 1_000_000
+        );
+        std::thread::yield_now();
+    }
+
+    edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_004);
+    assert_eq!(
+        port_of(&mut lab, &tcp(c, (VIP, 80), Tcp::Rst, &[])),
+        9_004,
+        "a RST changes the flow's state: it reads the entry"
+    );
+    // The flow is closed; a SYN from the same port opens a new one, to the
+    // Service's backend, and its next packet must not meet the closed
+    // flow's slot (the RST just refilled it with 9004).
+    assert_eq!(
+        port_of(&mut lab, &tcp(c, (VIP, 80), Tcp::Syn, &[])),
+        backend_port
+    );
+    assert_eq!(
+        port_of(&mut lab, &ack),
+        backend_port,
+        "the new flow's entry retired the old flow's slot"
     );
 }
 

@@ -104,7 +104,7 @@ fn sweep_read() -> Result<SweepRead> {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
     use proxy_common::{ConntrackKey4, ConntrackValue, CONNTRACK_MAP, CONNTRACK_MAX_ENTRIES};
     type Entries = std::collections::HashMap<proxy_common::ConntrackKey, ConntrackValue>;
-    let lab = Lab::load("sweep", MapSizes::default())?;
+    let mut lab = Lab::load("sweep", MapSizes::default())?;
     let entries = CONNTRACK_MAX_ENTRIES as usize * 95 / 100;
     let data = MapData::from_pin(lab.pins.join(CONNTRACK_MAP))?;
     let mut map: BpfHashMap<MapData, ConntrackKey4, ConntrackValue> =
