@@ -291,10 +291,14 @@ pub mod stat {
     /// FIB lookups made for packets the datapath routes itself (the
     /// others were answered by the route cache, `ROUTE_CACHE_V1`).
     pub const FIB_LOOKUP: u32 = 22;
+    /// Packets of tracked flows that read their conntrack entry and
+    /// refilled this CPU's flow cache slot (`FLOW_CACHE_V1`); the others of
+    /// `dnat` and `rev_nat` were translated from the cache.
+    pub const FLOW_CACHE_FILL: u32 = 23;
     pub const COUNT: u32 = 24;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 24] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -318,6 +322,7 @@ pub mod stat {
         "no_route",
         "ttl_exceeded",
         "fib_lookup",
+        "flow_cache_fill",
     ];
 }
 
@@ -667,6 +672,10 @@ pub struct DatapathConfig {
 /// datapath loaded over an older kproxy's maps) the frontend is looked up
 /// first, as before.
 pub const CONFIG_FLAG_ADDRESS_MARKERS: u64 = 1 << 0;
+/// The flow cache (`FLOW_CACHE_V1`) is off: every packet of a tracked flow
+/// reads its conntrack entry (`kproxy run --no-flow-cache`; the benchmark
+/// measures both ways).
+pub const CONFIG_FLAG_NO_FLOW_CACHE: u64 = 1 << 1;
 /// Bits 8-15 of the flags: the backend epoch. Userspace starts a new one
 /// (adds one) after every sync that deleted map entries, and whenever it
 /// loads the datapath. A UDP flow's datagrams re-check that the flow's

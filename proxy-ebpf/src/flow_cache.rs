@@ -28,13 +28,14 @@
 //!   the slot.
 
 use proxy_common::{
-    stat, ConntrackKey4, DatapathConfig, FlowCacheSlot, FLOW_CACHE_EXTERNAL, FLOW_CACHE_REPLY,
-    FLOW_CACHE_ROUTE_OUT, FLOW_CACHE_SLOTS, FLOW_CACHE_TO_HOST, FLOW_CACHE_TTL_NS,
+    stat, ConntrackKey4, DatapathConfig, FlowCacheSlot, CONFIG_FLAG_NO_FLOW_CACHE,
+    FLOW_CACHE_EXTERNAL, FLOW_CACHE_REPLY, FLOW_CACHE_ROUTE_OUT, FLOW_CACHE_SLOTS,
+    FLOW_CACHE_TO_HOST, FLOW_CACHE_TTL_NS,
 };
 
 use crate::{
     lb::mix,
-    maps::{count, FLOW_CACHE, FLOW_GEN},
+    maps::{config, count, FLOW_CACHE, FLOW_GEN},
     parse::{Flow, Ipv4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     service::Nat,
 };
@@ -69,17 +70,20 @@ pub struct Probe {
 
 impl Probe {
     #[inline(always)]
-    pub fn new(flow: &Flow) -> Self {
+    pub fn new(flow: &Flow, config: &DatapathConfig) -> Self {
         let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-        let index = index(k0, k1);
+        // With the cache off, an index past the end: no slot to use or fill
+        // (arithmetic, not a branch: one register less in the entry
+        // point's frame, whose call chains are at the 512-byte limit).
+        const OFF: u32 = (FLOW_CACHE_SLOTS / CONFIG_FLAG_NO_FLOW_CACHE as u32).trailing_zeros();
+        let index = index(k0, k1) | ((config.flags & CONFIG_FLAG_NO_FLOW_CACHE) as u32) << OFF;
         Self {
             index,
             generation: FLOW_GEN.get(index).map_or(0, |g| *g),
         }
     }
 
-    /// This CPU's slot for the tuple (0: none, which cannot happen for an
-    /// index below the map's size).
+    /// This CPU's slot for the tuple (0: none, when the cache is off).
     #[inline(always)]
     fn slot(&self) -> usize {
         FLOW_CACHE.get_ptr_mut(self.index).map_or(0, |p| p as usize)
@@ -135,62 +139,85 @@ impl Probe {
     }
 
     /// Records `nat`, the translation the conntrack entry gave this
-    /// packet, for the flow's next packets on this CPU. `timeout_ns`: the
-    /// entry's idle timeout in its current state.
+    /// packet, for the flow's next packets on this CPU. `state`: the
+    /// entry's TCP state (its idle timeout bounds the slot's life).
     #[inline(always)]
     pub fn fill<const EXTERNAL: bool>(
         &self,
         flow: &Flow,
         nat: &Nat,
         reply: bool,
-        timeout_ns: u64,
-        config: &DatapathConfig,
+        state: u8,
         now: u64,
     ) {
-        let slot = self.slot();
-        if slot == 0 {
-            return;
-        }
-        let half = timeout_ns / 2;
-        let ttl = if half < FLOW_CACHE_TTL_NS {
-            half
-        } else {
-            FLOW_CACHE_TTL_NS
-        };
         let mut flags = 0;
         if reply {
             flags |= FLOW_CACHE_REPLY;
         }
-        if nat.route_out {
-            flags |= FLOW_CACHE_ROUTE_OUT;
-        }
-        if nat.to_host {
-            flags |= FLOW_CACHE_TO_HOST;
-        }
         if EXTERNAL {
             flags |= FLOW_CACHE_EXTERNAL;
         }
-        let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-        // SAFETY (every `put`): as in `hit`.
-        unsafe {
-            put(slot, KEY, k0);
-            put(slot, KEY + 8, k1);
-            put(slot, FILLED, now);
-            put(slot, ADDRS, nat.saddr as u64 | (nat.daddr as u64) << 32);
-            put(
-                slot,
-                PORTS_TTL,
-                nat.sport as u64 | (nat.dport as u64) << 16 | ttl << 32,
-            );
-            put(
-                slot,
-                FLAGS_GEN,
-                flags as u64
-                    | (config.backend_epoch() as u64) << 8
-                    | (self.generation as u64) << 32,
-            );
+        if fill_slot(
+            self.index as u64 | (self.generation as u64) << 32,
+            flow,
+            nat,
+            flags as u32 | (state as u32) << 8,
+            now,
+        ) {
+            count(stat::FLOW_CACHE_FILL);
         }
     }
+}
+
+/// `Probe::fill`'s work, in a BPF function of its own: only packets that
+/// read conntrack get here, and its temporaries stay out of the entry
+/// point's stack frame (whose call chains are at the 512-byte limit).
+/// `probe`: index and generation; `how`: `FLOW_CACHE_*` flags and the TCP
+/// state (bits 8-15). At most five arguments, so it reads the config
+/// itself. Returns whether it filled the slot (none when the cache is
+/// off). A result the caller uses: LLVM drops an unused one, and a BPF
+/// function that returns nothing may leave a pointer into its frame in
+/// r0, which the verifier refuses.
+#[inline(never)]
+fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
+    let Some(slot) = FLOW_CACHE.get_ptr_mut(probe as u32) else {
+        return false;
+    };
+    let slot = slot as usize;
+    let config = config();
+    let half = config.timeout_ns(flow.proto, (how >> 8) as u8) / 2;
+    let ttl = if half < FLOW_CACHE_TTL_NS {
+        half
+    } else {
+        FLOW_CACHE_TTL_NS
+    };
+    let mut flags = how as u8;
+    if nat.route_out {
+        flags |= FLOW_CACHE_ROUTE_OUT;
+    }
+    if nat.to_host {
+        flags |= FLOW_CACHE_TO_HOST;
+    }
+    let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    // SAFETY (every `put`): inside this CPU's slot, a map value valid for
+    // the program's run, at 8-byte-aligned offsets.
+    unsafe {
+        put(slot, KEY, k0);
+        put(slot, KEY + 8, k1);
+        put(slot, FILLED, now);
+        put(slot, ADDRS, nat.saddr as u64 | (nat.daddr as u64) << 32);
+        put(
+            slot,
+            PORTS_TTL,
+            nat.sport as u64 | (nat.dport as u64) << 16 | ttl << 32,
+        );
+        put(
+            slot,
+            FLAGS_GEN,
+            flags as u64 | (config.backend_epoch() as u64) << 8 | (probe >> 32) << 32,
+        );
+    }
+    true
 }
 
 /// A conntrack entry for `key` is being made: every CPU's cached

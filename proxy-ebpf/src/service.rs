@@ -88,7 +88,7 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         to_host: false,
     };
     // Most packets belong to a flow this CPU translated moments ago.
-    let cache = flow_cache::Probe::new(flow);
+    let cache = flow_cache::Probe::new(flow, config);
     let tracked = if cache.hit::<EXTERNAL>(flow, config, now, &mut nat) {
         TRANSLATE
     } else {
@@ -321,9 +321,7 @@ fn tracked<const EXTERNAL: bool>(
         }
         count(stat::DNAT);
     }
-    // One place fills the cache, so its code is inlined once.
-    let timeout = config.timeout_ns(flow.proto, entry.state);
-    cache.fill::<EXTERNAL>(flow, nat, reply, timeout, config, now);
+    cache.fill::<EXTERNAL>(flow, nat, reply, entry.state, now);
     TRANSLATE
 }
 

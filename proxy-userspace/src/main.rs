@@ -121,6 +121,11 @@ struct RunArgs {
     /// Idle timeout of TCP flows still in their handshake.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     conntrack_tcp_syn_timeout: Duration,
+    /// Turns the datapath's per-CPU flow cache off: every packet of a
+    /// tracked flow then reads its conntrack entry (slower; for comparison
+    /// or troubleshooting).
+    #[arg(long)]
+    no_flow_cache: bool,
     /// How often idle flows are swept from the conntrack map.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     conntrack_gc_interval: Duration,
@@ -374,8 +379,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     file.conntrack_udp_timeout,
                     proxy_common::DEFAULT_UDP_TIMEOUT_NS,
                 ),
-                // Set by the daemon once a sync wrote every address marker.
-                flags: 0,
+                // The address-marker flag is set by the daemon once a sync
+                // wrote every marker.
+                flags: if args.no_flow_cache {
+                    proxy_common::CONFIG_FLAG_NO_FLOW_CACHE
+                } else {
+                    0
+                },
                 // Measured by `Datapath::load`, added by `write_config`.
                 clock_tick_ns: 0,
                 clock_offset_ns: 0,

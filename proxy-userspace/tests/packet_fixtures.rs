@@ -1432,11 +1432,22 @@ fn established_packets_use_the_flow_cache_until_something_retires_it() {
     lab.run(&tcp(WEB_BACKEND, c, Tcp::SynAck, &[]));
     assert_eq!(port_of(&mut lab, &ack), backend_port);
 
+    let stats = |what: u32| {
+        PinnedMaps::open(&pins)
+            .and_then(|maps| maps.stats())
+            .expect("the datapath counters")[what as usize]
+    };
     edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_001);
+    let (dnat, fills) = (stats(stat::DNAT), stats(stat::FLOW_CACHE_FILL));
     assert_eq!(
         port_of(&mut lab, &ack),
         backend_port,
         "the next packet is translated from the cache, not from the edited entry"
+    );
+    assert_eq!(
+        (stats(stat::DNAT), stats(stat::FLOW_CACHE_FILL)),
+        (dnat + 1, fills),
+        "counted as a DNAT, with no fill"
     );
     lab.datapath
         .new_backend_epoch()
@@ -1445,6 +1456,11 @@ fn established_packets_use_the_flow_cache_until_something_retires_it() {
         port_of(&mut lab, &ack),
         9_001,
         "a new backend epoch retires the cache: the packet reads its entry"
+    );
+    assert_eq!(
+        stats(stat::FLOW_CACHE_FILL),
+        fills + 1,
+        "and refills the slot"
     );
 
     edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_002);
@@ -1485,6 +1501,17 @@ fn established_packets_use_the_flow_cache_until_something_retires_it() {
         port_of(&mut lab, &ack),
         backend_port,
         "the new flow's entry retired the old flow's slot"
+    );
+
+    // Off (`kproxy run --no-flow-cache`): every packet reads its entry.
+    let mut config = lab.datapath.read_config().expect("the datapath config");
+    config.flags |= proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
+    lab.datapath.write_config(&config).expect("turning the cache off");
+    edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_005);
+    assert_eq!(
+        port_of(&mut lab, &ack),
+        9_005,
+        "with the cache off the packet reads its entry"
     );
 }
 
