@@ -291,9 +291,9 @@ pub mod stat {
     /// FIB lookups made for packets the datapath routes itself (the
     /// others were answered by the route cache, `ROUTE_CACHE_V1`).
     pub const FIB_LOOKUP: u32 = 22;
-    /// Packets of tracked flows that read their conntrack entry and
-    /// refilled this CPU's flow cache slot (`FLOW_CACHE_V1`); the others of
-    /// `dnat` and `rev_nat` were translated from the cache.
+    /// Packets of tracked flows that read their conntrack entry and left
+    /// their translation in this CPU's flow cache slot (`FLOW_CACHE_V1`;
+    /// a slot another flow still uses is left to it).
     pub const FLOW_CACHE_FILL: u32 = 23;
     pub const COUNT: u32 = 24;
 

@@ -174,8 +174,8 @@ impl Probe {
 /// point's stack frame (whose call chains are at the 512-byte limit).
 /// `probe`: index and generation; `how`: `FLOW_CACHE_*` flags and the TCP
 /// state (bits 8-15). At most five arguments, so it reads the config
-/// itself. Returns whether it filled the slot (none when the cache is
-/// off). A result the caller uses: LLVM drops an unused one, and a BPF
+/// itself. Returns whether it filled the slot: not when the cache is off,
+/// nor over another flow's usable translation. A result the caller uses: LLVM drops an unused one, and a BPF
 /// function that returns nothing may leave a pointer into its frame in
 /// r0, which the verifier refuses.
 #[inline(never)]
@@ -185,6 +185,22 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
     };
     let slot = slot as usize;
     let config = config();
+    let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    // SAFETY (every `get` and `put`): inside this CPU's slot, a map value
+    // valid for the program's run, at 8-byte-aligned offsets.
+    unsafe {
+        // Another flow's translation that is still usable keeps its slot:
+        // two flows that share one would otherwise evict each other on
+        // every packet, and neither would ever hit.
+        let flags_gen = get::<u64>(slot, FLAGS_GEN);
+        if (get::<u64>(slot, KEY) != k0 || get::<u64>(slot, KEY + 8) != k1)
+            && flags_gen >> 32 == probe >> 32
+            && (flags_gen >> 8) as u8 == config.backend_epoch()
+            && now.wrapping_sub(get::<u64>(slot, FILLED)) < get::<u64>(slot, PORTS_TTL) >> 32
+        {
+            return false;
+        }
+    }
     let half = config.timeout_ns(flow.proto, (how >> 8) as u8) / 2;
     let ttl = if half < FLOW_CACHE_TTL_NS {
         half
@@ -198,9 +214,6 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
     if nat.to_host {
         flags |= FLOW_CACHE_TO_HOST;
     }
-    let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    // SAFETY (every `put`): inside this CPU's slot, a map value valid for
-    // the program's run, at 8-byte-aligned offsets.
     unsafe {
         put(slot, KEY, k0);
         put(slot, KEY + 8, k1);

@@ -193,12 +193,23 @@ impl Hook {
 
 /// Paths measured with `repeat` runs of one frame each.
 /// "established" and "reply" are TCP (an ACK with 64 bytes of data).
-const REPEAT_PATHS: [&str; 5] = [
+/// The two "conntrack" paths are the established ones with the flow cache
+/// off (`--no-flow-cache`): what a packet costs whose flow has no slot on
+/// its CPU (the first after 100 ms, or one of many flows sharing a slot).
+const REPEAT_PATHS: [&str; 7] = [
     "established",
     "reply",
     "non-service",
     "UDP established",
     "UDP reply",
+    CONNTRACK_PATHS[0].0,
+    CONNTRACK_PATHS[1].0,
+];
+/// The established paths measured again with the flow cache off, and the
+/// path whose frame each uses.
+const CONNTRACK_PATHS: [(&str, &str); 2] = [
+    ("established, conntrack", "established"),
+    ("UDP established, conntrack", "UDP established"),
 ];
 /// Paths measured one call per frame (repeat = 1).
 const SINGLE_PATHS: [&str; 2] = ["new flow", "established"];
@@ -310,7 +321,16 @@ fn per_packet(config: &Config) -> Result<PerPacket> {
         }
         let programs: Vec<(Hook, BorrowedFd<'_>)> =
             fds.iter().map(|(hook, fd)| (*hook, fd.as_fd())).collect();
-        let mut result = measure_count(config, &programs, &floors)?;
+        let datapath = &mut lab.datapath;
+        let mut cache = |on: bool| -> Result<()> {
+            let mut c = datapath.read_config()?;
+            c.flags &= !proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
+            if !on {
+                c.flags |= proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
+            }
+            Ok(datapath.write_config(&c)?)
+        };
+        let mut result = measure_count(config, &programs, &floors, &mut cache)?;
         result.services = services;
         result.program_time = program_time;
         counts.push(result);
@@ -429,12 +449,16 @@ type Case<'a> = (
     BorrowedFd<'a>,
     &'a [u8],
     u32,
+    // Run with the flow cache off.
+    bool,
 );
 
+/// `cache`: turns the datapath's flow cache on or off.
 fn measure_count(
     config: &Config,
     programs: &[(Hook, BorrowedFd<'_>)],
     floors: &Floors,
+    cache: &mut dyn FnMut(bool) -> Result<()>,
 ) -> Result<CountResult> {
     let mut frames = BTreeMap::new();
     for &(hook, fd) in programs {
@@ -450,12 +474,26 @@ fn measure_count(
             floors.xdp.as_fd(),
             reference,
             raw::XDP_PASS,
+            false,
         ),
-        (None, "tc floor", floors.tc.as_fd(), reference, TC_ACT_OK),
+        (
+            None,
+            "tc floor",
+            floors.tc.as_fd(),
+            reference,
+            TC_ACT_OK,
+            false,
+        ),
     ];
     for &(hook, fd) in programs {
-        for (path, frame) in frames[&hook].paths() {
-            cases.push((Some((hook, path)), path, fd, frame, hook.pass()));
+        let paths = frames[&hook].paths();
+        for (path, frame) in paths {
+            cases.push((Some((hook, path)), path, fd, frame, hook.pass(), false));
+        }
+        for (path, like) in CONNTRACK_PATHS {
+            let frame = paths.iter().find(|(p, _)| *p == like).map(|(_, f)| *f);
+            let frame = frame.context("the frame of a conntrack path")?;
+            cases.push((Some((hook, path)), path, fd, frame, hook.pass(), true));
         }
     }
     let mut samples: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
@@ -463,8 +501,15 @@ fn measure_count(
     // Interleaved: every run measures every case once, so drift on this
     // shared machine hits all of them alike.
     for _ in 0..config.runs {
-        for (key, label, fd, frame, verdict) in &cases {
-            let run = raw::test_run(*fd, frame, &mut out, config.repeat)?;
+        for (key, label, fd, frame, verdict, cache_off) in &cases {
+            if *cache_off {
+                cache(false)?;
+            }
+            let run = raw::test_run(*fd, frame, &mut out, config.repeat);
+            if *cache_off {
+                cache(true)?;
+            }
+            let run = run?;
             ensure!(run.retval == *verdict, "{label}: verdict {}", run.retval);
             let name = key.map_or(label.to_string(), |(h, p)| format!("{} {p}", h.short()));
             let entry = samples.entry(name).or_default();
