@@ -1506,7 +1506,9 @@ fn established_packets_use_the_flow_cache_until_something_retires_it() {
     // Off (`kproxy run --no-flow-cache`): every packet reads its entry.
     let mut config = lab.datapath.read_config().expect("the datapath config");
     config.flags |= proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
-    lab.datapath.write_config(&config).expect("turning the cache off");
+    lab.datapath
+        .write_config(&config)
+        .expect("turning the cache off");
     edit_conntrack_entry(&pins, key, |v| v.nat_port = 9_005);
     assert_eq!(
         port_of(&mut lab, &ack),

@@ -862,9 +862,14 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
          only backend, B -> A; externalIPs Services with backends on this node, so the \
          external programs serve them too, DNAT and pass), and the two flows from the same client \
          port are established first (SYN, SYN-ACK) through the program measured: every repeat \
-         is a conntrack hit plus a real address and port rewrite, alternating between the two \
-         flows. The bench checks that one run yields the other flow's packet and two runs the \
-         original.\n\
+         is a tracked flow's packet and a real address and port rewrite, alternating between \
+         the two flows. The bench checks that one run yields the other flow's packet and two \
+         runs the original. Each flow's translation is in the CPU's flow cache after its first \
+         packet, so this is the cached path.\n\
+         - **established, conntrack** and **UDP established, conntrack**: the same frames with \
+         the flow cache off (`CONFIG_FLAG_NO_FLOW_CACHE`, what `--no-flow-cache` sets, turned \
+         on just around these runs): every packet probes the cache, finds nothing, reads its \
+         conntrack entry and tries to refill its slot, as a packet whose flow has no slot does.\n\
          - **reply**: the backend's ACK of the same flows (reverse NAT), same alternation.\n\
          - **non-service**: a TCP ACK to {ns}, which is no Service (conntrack misses, no address \
          marker for that address, verdict pass, packet unchanged).\n\
@@ -872,7 +877,7 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
          with a checksum): A and B serve UDP on the same ports, and the first datagram each way \
          opens the flows. A UDP flow also re-checks that its backend is still programmed once \
          per backend epoch (a new one starts after every sync that deleted map entries), so the \
-         measured datagrams, all in one epoch, take the same single lookup as TCP.\n\
+         measured datagrams, all in one epoch, take the same path as TCP.\n\
          - **new flow**: cannot use repeat (the second repeat would find the flow the first \
          created). Instead {nf} SYNs per program from distinct clients to a Service with 10 \
          backends (random selection), one `BPF_PROG_TEST_RUN` call each with repeat = 1, \
@@ -1156,15 +1161,20 @@ fn why_text(pp: &PerPacket) -> String {
          overhead (the empty program is two instructions), a ratio counts helper calls, \
          BPF-to-BPF calls and hash lookups, each of which costs a fair part of the whole floor \
          (on this machine every return goes through a return thunk: see the mitigations row \
-         above). The profile above splits the established path's samples: kproxy's own BPF \
-         code {:.0}% at tc / {:.0}% at XDP (header parsing with bounds checks, TCP state, the \
-         conntrack key and rewrite arithmetic), hash-map work {:.0}% / {:.0}% (`htab_map_hash` \
-         is jhash over the 16-byte conntrack key, one lookup per tracked packet; a JITed-code \
-         profile puts a further tenth of kproxy's own samples right after that lookup's \
-         return), the rest the tc rewrite's `bpf_l4_csum_replace` (two per translated packet: \
-         only the kernel knows the skb's checksum state, and a locally sent packet's \
-         CHECKSUM_PARTIAL takes the address change but not the port change) and the test-run \
-         loop. New flows (one syscall per SYN): hash-map work is {:.0}% at tc / {:.0}% at XDP \
+         above). An established packet whose flow has a slot in its CPU's flow cache \
+         (`FLOW_CACHE_V1`, the \"established\" columns) is translated after two array lookups \
+         the verifier inlines, with no call at all. One without a slot (the \"conntrack\" \
+         columns, measured with the cache off: a flow's first packet on a CPU after 100 ms, or \
+         a flow whose slot another flow holds) takes the conntrack hash lookup, whose kernel \
+         functions (`htab_map_hash`, jhash over the 16-byte key; `lookup_nulls_elem_raw`; \
+         `memcmp`) each return through a return thunk, plus the cache probe and the refill (a \
+         BPF-to-BPF call): {:.2}x the floor at XDP, {:.2}x at tc. The profile above splits \
+         the established (cached) path's samples: kproxy's own BPF code {:.0}% at tc / {:.0}% \
+         at XDP (header parsing with bounds checks, the cache probe, rewrite arithmetic), \
+         hash-map work {:.0}% / {:.0}%, the rest the tc rewrite's `bpf_l4_csum_replace` (two \
+         per translated packet: only the kernel knows the skb's checksum state, and a locally \
+         sent packet's CHECKSUM_PARTIAL takes the address change but not the port change) and \
+         the test-run loop; at tc a test run also builds an skb (the tc floor column). New flows (one syscall per SYN): hash-map work is {:.0}% at tc / {:.0}% at XDP \
          of those samples, kproxy's code {:.0}% / {:.0}%, and most of the rest is the syscall \
          (entry, copying the frame, building the test context). The map work is the \
          conntrack miss and two LRU inserts, each walking a bucket and taking an LRU element \
@@ -1190,7 +1200,9 @@ fn why_text(pp: &PerPacket) -> String {
          (`CONFIG_FLAG_ADDRESS_MARKERS`), done in the entry point before any call. A UDP flow \
          re-checks that its backend is still programmed once per backend epoch instead of for \
          every datagram (before, each datagram paid a second hash lookup: 96 against 65 ns at \
-         XDP in a `--quick` run). Header \
+         XDP in a `--quick` run). The flow cache took the conntrack lookup off most \
+         established packets (XDP from about 3.2x to about 2x the floor, tc from about 5.5x \
+         to about 4.4x, in `--quick` runs side by side with the build before it). Header \
          fields are read and written with one load or store each: LLVM's BPF backend split \
          every unaligned read into byte loads, shifts and spills (the parser went from about \
          240 instructions to 60), addresses travel as one 32-bit word instead of four bytes, \
@@ -1199,15 +1211,24 @@ fn why_text(pp: &PerPacket) -> String {
          BPF-to-BPF call and its return cost more than their work (only new flows, routed \
          packets and rare paths still call out, to keep each call chain's stack within 512 \
          bytes). Before these, the established path cost 12x the floor at tc; the XDP program \
-         was first measured at 13x. What is left is mostly structural: one hash lookup per \
-         packet (the data structure every kube-proxy replacement uses for conntrack), at tc \
-         two `bpf_l4_csum_replace` calls (one would need the skb's checksum state, which tc \
-         cannot read), and for new flows the cold cache lines of two inserts. The floor itself \
+         was first measured at 13x. What is left is mostly structural: at tc two \
+         `bpf_l4_csum_replace` calls (one would need the skb's checksum state, which tc cannot \
+         read) and the skb the test run builds, for new flows the cold cache lines of two \
+         inserts, and for a packet without a cache slot the conntrack hash lookup (the data \
+         structure every kube-proxy replacement uses for conntrack). The floor itself \
          is the test-run loop calling an empty program; the established path's own work (its \
          cost less the floor) is now {:.1}x that floor at XDP. `kproxy_tc_external` is the \
          external hook's code at tc: the same parse, lookup and rewrite as `kproxy_tc_pod` \
          (external scope in the frontend lookup), so its figures and their reasons are \
          tc's.\n",
+        pp.counts
+            .iter()
+            .map(|c| c.ratio(Hook::Xdp, CONNTRACK_PATHS[0].0, false))
+            .fold(f64::NAN, f64::max),
+        pp.counts
+            .iter()
+            .map(|c| c.ratio(Hook::Tc, CONNTRACK_PATHS[0].0, false))
+            .fold(f64::NAN, f64::max),
         share(Hook::Tc, "established", &bpf),
         share(Hook::Xdp, "established", &bpf),
         share(Hook::Tc, "established", &maps),
