@@ -36,7 +36,7 @@ use proxy_common::{
 use crate::{
     lb::mix,
     maps::{config, count, FLOW_CACHE, FLOW_GEN},
-    parse::{Flow, Ipv4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    parse::{field, set_field, Flow, Ipv4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     service::Nat,
 };
 
@@ -107,23 +107,23 @@ impl Probe {
             return false;
         }
         let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-        // SAFETY (every `get`): inside this CPU's slot, a map value valid
+        // SAFETY (every `field`): inside this CPU's slot, a map value valid
         // for the program's run, at 8-byte-aligned offsets.
         let (flags_gen, ports_ttl) = unsafe {
-            if get::<u64>(slot, KEY) != k0 || get::<u64>(slot, KEY + 8) != k1 {
+            if field::<u64>(slot, KEY) != k0 || field::<u64>(slot, KEY + 8) != k1 {
                 return false;
             }
-            (get::<u64>(slot, FLAGS_GEN), get::<u64>(slot, PORTS_TTL))
+            (field::<u64>(slot, FLAGS_GEN), field::<u64>(slot, PORTS_TTL))
         };
         let flags = flags_gen as u8;
         let usable = (flags_gen >> 32) as u32 == self.generation
             && (flags_gen >> 8) as u8 == config.backend_epoch()
             && (flags & FLOW_CACHE_EXTERNAL != 0) == EXTERNAL
-            && now.wrapping_sub(unsafe { get::<u64>(slot, FILLED) }) < ports_ttl >> 32;
+            && now.wrapping_sub(unsafe { field::<u64>(slot, FILLED) }) < ports_ttl >> 32;
         if !usable {
             return false;
         }
-        let addrs = unsafe { get::<u64>(slot, ADDRS) };
+        let addrs = unsafe { field::<u64>(slot, ADDRS) };
         nat.saddr = addrs as Ipv4;
         nat.daddr = (addrs >> 32) as Ipv4;
         nat.sport = ports_ttl as u16;
@@ -186,17 +186,17 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
     let slot = slot as usize;
     let config = config();
     let (k0, k1) = key_words(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    // SAFETY (every `get` and `put`): inside this CPU's slot, a map value
+    // SAFETY (every `field` and `set_field`): inside this CPU's slot, a map value
     // valid for the program's run, at 8-byte-aligned offsets.
     unsafe {
         // Another flow's translation that is still usable keeps its slot:
         // two flows that share one would otherwise evict each other on
         // every packet, and neither would ever hit.
-        let flags_gen = get::<u64>(slot, FLAGS_GEN);
-        if (get::<u64>(slot, KEY) != k0 || get::<u64>(slot, KEY + 8) != k1)
+        let flags_gen = field::<u64>(slot, FLAGS_GEN);
+        if (field::<u64>(slot, KEY) != k0 || field::<u64>(slot, KEY + 8) != k1)
             && flags_gen >> 32 == probe >> 32
             && (flags_gen >> 8) as u8 == config.backend_epoch()
-            && now.wrapping_sub(get::<u64>(slot, FILLED)) < get::<u64>(slot, PORTS_TTL) >> 32
+            && now.wrapping_sub(field::<u64>(slot, FILLED)) < field::<u64>(slot, PORTS_TTL) >> 32
         {
             return false;
         }
@@ -215,16 +215,16 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
         flags |= FLOW_CACHE_TO_HOST;
     }
     unsafe {
-        put(slot, KEY, k0);
-        put(slot, KEY + 8, k1);
-        put(slot, FILLED, now);
-        put(slot, ADDRS, nat.saddr as u64 | (nat.daddr as u64) << 32);
-        put(
+        set_field(slot, KEY, k0);
+        set_field(slot, KEY + 8, k1);
+        set_field(slot, FILLED, now);
+        set_field(slot, ADDRS, nat.saddr as u64 | (nat.daddr as u64) << 32);
+        set_field(
             slot,
             PORTS_TTL,
             nat.sport as u64 | (nat.dport as u64) << 16 | ttl << 32,
         );
-        put(
+        set_field(
             slot,
             FLAGS_GEN,
             flags as u64 | (config.backend_epoch() as u64) << 8 | (probe >> 32) << 32,
@@ -268,20 +268,4 @@ fn index(k0: u64, k1: u64) -> u32 {
         ^ (k1 as u32).wrapping_mul(0x9e37_79b1)
         ^ (k1 >> 32) as u32;
     mix(h) & (FLOW_CACHE_SLOTS - 1)
-}
-
-/// One aligned word of a slot, in one load.
-///
-/// # Safety
-/// `slot + off` is inside a slot and aligned for `T`.
-#[inline(always)]
-unsafe fn get<T: Copy>(slot: usize, off: usize) -> T {
-    unsafe { core::ptr::read_volatile((slot + off) as *const T) }
-}
-
-/// # Safety
-/// As for `get`.
-#[inline(always)]
-unsafe fn put<T: Copy>(slot: usize, off: usize, value: T) {
-    unsafe { core::ptr::write_volatile((slot + off) as *mut T, value) }
 }

@@ -148,10 +148,12 @@ pub fn ipv4_header<P: Packet>(ctx: &P) -> Option<usize> {
 }
 
 /// One field at `at + off`, read with a single load of its size (a `u16`
-/// or `u32` keeps network byte order: a raw value, as C's `__be16`).
+/// or `u32` keeps network byte order: a raw value, as C's `__be16`). Also
+/// for map values read word by word (the flow cache's slots).
 ///
 /// # Safety
-/// `at` came from `bytes_at` with a length that covers `off + size_of::<T>()`.
+/// `at` came from `bytes_at` with a length that covers `off + size_of::<T>()`,
+/// or is a map value that long, with `at + off` aligned for `T`.
 #[inline(always)]
 pub unsafe fn field<T: Copy>(at: usize, off: usize) -> T {
     // The field need not be aligned for `T`: the BPF ISA has no alignment
