@@ -1003,9 +1003,9 @@ fn render(
     if fwd_ok {
         let _ = writeln!(
             md,
-            "\nkproxy's program (parse, conntrack lookup, DNAT + SNAT, the route from its \
-             per-CPU cache of FIB answers) costs {:.0} ns per frame over a bare XDP_TX of the \
-             same frame; iptables' path costs {:.0} ns per frame over kproxy's. kproxy's \
+            "\nkproxy's program (parse, the translation from its per-CPU flow cache, DNAT + \
+             SNAT, the route from its per-CPU cache of FIB answers) costs {:.0} ns per frame \
+             over a bare XDP_TX of the same frame; iptables' path costs {:.0} ns per frame over kproxy's. kproxy's \
              `fib_lookup` counter rose by {fib_lookups} for those {kproxy_frames} frames: each \
              CPU asks the FIB again only when its cached answer is {} ms old \
              (`ROUTE_CACHE_TTL_NS`), so a route or neighbour change still reaches the flow.",
