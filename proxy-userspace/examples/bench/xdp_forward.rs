@@ -140,6 +140,9 @@ struct Sample {
     /// kproxy's `fib_lookup` counter on node-a (FIB lookups the route
     /// cache did not answer), rise during the run.
     fib_lookups: u64,
+    /// kproxy's `flow_cache_fill` counter on node-a (frames that read
+    /// conntrack and refilled their flow cache slot), rise.
+    cache_fills: u64,
     /// kproxy's `ct_created` counter on node-a (flows opened), rise.
     flows_opened: u64,
 }
@@ -447,6 +450,7 @@ impl Bed {
         let forwarded_before = node_a.stat(stat::XDP_FORWARD);
         let lookups_before = node_a.stat(stat::FIB_LOOKUP);
         let opened_before = node_a.stat(stat::CT_CREATED);
+        let fills_before = node_a.stat(stat::FLOW_CACHE_FILL);
         // The ingress ifindex is resolved in the caller's namespace: the run
         // happens on a thread inside the node's.
         let run = netns.run(|| -> Result<raw::Run> {
@@ -485,6 +489,7 @@ impl Bed {
             xdp_forwarded: node_a.stat(stat::XDP_FORWARD) - forwarded_before,
             fib_lookups: node_a.stat(stat::FIB_LOOKUP) - lookups_before,
             flows_opened: node_a.stat(stat::CT_CREATED) - opened_before,
+            cache_fills: node_a.stat(stat::FLOW_CACHE_FILL) - fills_before,
         })
     }
 }
@@ -949,6 +954,8 @@ fn render(
     let kernel_ns = |m: &Measured, k: Kind| m.median(k, |s| f64::from(s.kernel_ns));
     let (xdp_forwarded, kproxy_frames) = wire.sum(Kind::Kproxy, |s| s.xdp_forwarded);
     let (fib_lookups, _) = wire.sum(Kind::Kproxy, |s| s.fib_lookups);
+    let (fills, _) = wire.sum(Kind::Kproxy, |s| s.cache_fills);
+    let (many_fills, _) = many.sum(Kind::Kproxy, |s| s.cache_fills);
     let (e2e_forwarded, e2e_frames) = e2e.sum(Kind::Kproxy, |s| s.xdp_forwarded);
     let other: u64 = [wire, many]
         .iter()
@@ -1008,7 +1015,9 @@ fn render(
              over a bare XDP_TX of the same frame; iptables' path costs {:.0} ns per frame over kproxy's. kproxy's \
              `fib_lookup` counter rose by {fib_lookups} for those {kproxy_frames} frames: each \
              CPU asks the FIB again only when its cached answer is {} ms old \
-             (`ROUTE_CACHE_TTL_NS`), so a route or neighbour change still reaches the flow.",
+             (`ROUTE_CACHE_TTL_NS`), so a route or neighbour change still reaches the flow. \
+             Its `flow_cache_fill` counter rose by {fills}: the other frames took their \
+             translation from the flow cache without reading conntrack.",
             ns(wire, Kind::Kproxy) - ns(wire, Kind::Tx),
             ns(wire, Kind::Iptables) - ns(wire, Kind::Kproxy),
             proxy_common::ROUTE_CACHE_TTL_NS / 1_000_000,
@@ -1046,7 +1055,11 @@ fn render(
             "\nWith {MANY_FLOWS} flows kproxy forwards {:.2} M frames/s ({:.0} ns per frame, \
              {:.0} over this table's bare XDP_TX, against {:.0} with one flow) and iptables \
              {:.2} M: kproxy / iptables = {:.2}x, against {:.2}x with one flow. kproxy's \
-             `xdp_forward` counter rose by {many_forwarded} for {many_frames} frames.",
+             `xdp_forward` counter rose by {many_forwarded} for {many_frames} frames, its \
+             `flow_cache_fill` counter by {many_fills} ({:.1} % of the frames read conntrack and \
+             refilled their slot). {MANY_FLOWS} flows hash into the CPU's {} slots, so some \
+             share one, which serves only the flow that holds it: the others read conntrack on \
+             every frame and leave the slot as it is (not counted).",
             many.pps(Kind::Kproxy) / 1e6,
             ns(many, Kind::Kproxy),
             ns(many, Kind::Kproxy) - ns(many, Kind::Tx),
@@ -1054,6 +1067,8 @@ fn render(
             many.pps(Kind::Iptables) / 1e6,
             many.pps(Kind::Kproxy) / many.pps(Kind::Iptables),
             wire.pps(Kind::Kproxy) / wire.pps(Kind::Iptables),
+            many_fills as f64 * 100.0 / many_frames as f64,
+            proxy_common::FLOW_CACHE_SLOTS,
         );
     }
     let opened = many
