@@ -325,3 +325,58 @@ fn a_full_conntrack_map_evicts_and_the_sweep_counts_it() {
     }
     assert!(conntrack(&lab).len() <= 64);
 }
+
+/// Packets translated (`dnat` + `rev_nat`) and flow cache refills
+/// (`flow_cache_fill`) over 200 request/response round trips on one TCP
+/// connection from pod `c` through kproxy started with `args`.
+fn busy_connection(args: &[&str]) -> (u64, u64) {
+    let lab = lab_with(args, &["b1"]);
+    let counters = || {
+        let out = lab.kproxy_cli(&["status", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let get = |name: &str| {
+            json["counters"][name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{json}"))
+        };
+        (get("dnat") + get("rev_nat"), get("flow_cache_fill"))
+    };
+    let before = counters();
+    let mut conversation = lab
+        .tcp_connect("c", SocketAddrV4::new(VIP, 80))
+        .expect("a connection to the VIP");
+    for i in 0..200 {
+        let text = format!("hello {i}");
+        let answer = conversation.echo(&text).expect("an answer");
+        assert!(answer.contains(&text), "{answer}");
+    }
+    let after = counters();
+    (after.0 - before.0, after.1 - before.1)
+}
+
+/// The datapath's flow cache serves real traffic: over a busy connection
+/// most packets take their translation from their CPU's cache, and only a
+/// few read conntrack and refill it; `--no-flow-cache` turns it off.
+#[test]
+fn a_busy_connection_is_translated_from_the_flow_cache() {
+    let (translated, fills) = busy_connection(&[]);
+    assert!(
+        translated >= 400,
+        "both directions translated: {translated}"
+    );
+    assert!(
+        fills > 0 && fills * 4 < translated,
+        "a few refills, most packets from the cache: {fills} refills for {translated} packets"
+    );
+    let (translated, fills) = busy_connection(&["--no-flow-cache"]);
+    assert!(
+        translated >= 400,
+        "both directions translated: {translated}"
+    );
+    assert_eq!(fills, 0, "with the cache off nothing is cached");
+}
