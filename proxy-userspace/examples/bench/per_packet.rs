@@ -1141,11 +1141,13 @@ fn why_text(pp: &PerPacket) -> String {
             .iter()
             .find(|p| p.hook == hook && p.path == path)
             .map_or(f64::NAN, |p| {
+                // `+ 0.0`: an empty f64 sum is -0.0, which prints as "-0".
                 p.symbols
                     .iter()
                     .filter(|(s, _)| pred(s))
                     .map(|(_, v)| v)
-                    .sum()
+                    .sum::<f64>()
+                    + 0.0
             })
     };
     let bpf = |s: &str| s.starts_with("BPF ");
