@@ -95,35 +95,46 @@ fn client(port: u16) -> Addr {
     (CLIENT_IP, port)
 }
 
+/// Adds a ClusterIP frontend `ip:port` with `backends` to `state`.
+fn add_cluster_ip(
+    state: &mut DesiredState,
+    ip: [u8; 4],
+    port: u16,
+    protocol: Protocol,
+    backends: &[Addr],
+) {
+    let mut backends: Vec<Backend> = backends
+        .iter()
+        .map(|&(ip, port)| Backend {
+            ip: IpAddr::V4(Ipv4Addr::from(ip)),
+            port,
+            terminating: false,
+            local: false,
+        })
+        .collect();
+    backends.sort();
+    let key = FrontendKey {
+        ip: IpAddr::V4(Ipv4Addr::from(ip)),
+        port,
+        protocol,
+    };
+    let frontend = Frontend::new(
+        ServicePortName {
+            namespace: "fixtures".to_owned(),
+            name: format!("svc-{}", ip[3]),
+            port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
+        },
+        FrontendKind::ClusterIp,
+        backends,
+    );
+    state.frontends.insert(key, frontend);
+}
+
 /// The Services every fixture lab is programmed with.
 fn lab_services() -> DesiredState {
     let mut state = DesiredState::default();
     let mut add = |ip: [u8; 4], port: u16, protocol: Protocol, backends: &[Addr]| {
-        let mut backends: Vec<Backend> = backends
-            .iter()
-            .map(|&(ip, port)| Backend {
-                ip: IpAddr::V4(Ipv4Addr::from(ip)),
-                port,
-                terminating: false,
-                local: false,
-            })
-            .collect();
-        backends.sort();
-        let key = FrontendKey {
-            ip: IpAddr::V4(Ipv4Addr::from(ip)),
-            port,
-            protocol,
-        };
-        let frontend = Frontend::new(
-            ServicePortName {
-                namespace: "fixtures".to_owned(),
-                name: format!("svc-{}", ip[3]),
-                port_name: format!("{}-{port}", protocol.as_str().to_lowercase()),
-            },
-            FrontendKind::ClusterIp,
-            backends,
-        );
-        state.frontends.insert(key, frontend);
+        add_cluster_ip(&mut state, ip, port, protocol, backends)
     };
     add(VIP, 80, Protocol::Tcp, &[WEB_BACKEND]);
     add(VIP, 53, Protocol::Udp, &[DNS_BACKEND]);
@@ -1578,35 +1589,10 @@ fn the_flow_cache_never_changes_what_a_packet_gets() {
     // hide a stale one).
     let services = |set: usize| {
         let mut state = DesiredState::default();
-        let mut add = |vip: [u8; 4], port: u16, protocol: Protocol, backends: &[Addr]| {
-            let mut backends: Vec<Backend> = backends
-                .iter()
-                .map(|&(ip, port)| Backend {
-                    ip: IpAddr::V4(Ipv4Addr::from(ip)),
-                    port,
-                    terminating: false,
-                    local: false,
-                })
-                .collect();
-            backends.sort();
-            let name = ServicePortName {
-                namespace: "fixtures".to_owned(),
-                name: format!("twin-{}", vip[3]),
-                port_name: format!("p{port}"),
-            };
-            let key = FrontendKey {
-                ip: IpAddr::V4(Ipv4Addr::from(vip)),
-                port,
-                protocol,
-            };
-            state
-                .frontends
-                .insert(key, Frontend::new(name, FrontendKind::ClusterIp, backends));
-        };
-        add(VIP, 80, Protocol::Tcp, &[WEB[set]]);
-        add(VIP, 53, Protocol::Udp, &[DNS[set]]);
-        add(VIP_MULTI, 80, Protocol::Tcp, &WEB);
-        add(VIP_MULTI, 53, Protocol::Udp, &DNS);
+        add_cluster_ip(&mut state, VIP, 80, Protocol::Tcp, &[WEB[set]]);
+        add_cluster_ip(&mut state, VIP, 53, Protocol::Udp, &[DNS[set]]);
+        add_cluster_ip(&mut state, VIP_MULTI, 80, Protocol::Tcp, &WEB);
+        add_cluster_ip(&mut state, VIP_MULTI, 53, Protocol::Udp, &DNS);
         state
     };
     // `TestRunner::run` takes an `Fn`.
