@@ -116,11 +116,10 @@ impl Probe {
             (field::<u64>(slot, FLAGS_GEN), field::<u64>(slot, PORTS_TTL))
         };
         let flags = flags_gen as u8;
-        let usable = (flags_gen >> 32) as u32 == self.generation
-            && (flags_gen >> 8) as u8 == config.backend_epoch()
-            && (flags & FLOW_CACHE_EXTERNAL != 0) == EXTERNAL
-            && now.wrapping_sub(unsafe { field::<u64>(slot, FILLED) }) < ports_ttl >> 32;
-        if !usable {
+        let filled = unsafe { field::<u64>(slot, FILLED) };
+        if (flags & FLOW_CACHE_EXTERNAL != 0) != EXTERNAL
+            || !usable(flags_gen, ports_ttl, filled, self.generation, config, now)
+        {
             return false;
         }
         let addrs = unsafe { field::<u64>(slot, ADDRS) };
@@ -192,11 +191,15 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
         // Another flow's translation that is still usable keeps its slot:
         // two flows that share one would otherwise evict each other on
         // every packet, and neither would ever hit.
-        let flags_gen = field::<u64>(slot, FLAGS_GEN);
         if (field::<u64>(slot, KEY) != k0 || field::<u64>(slot, KEY + 8) != k1)
-            && flags_gen >> 32 == probe >> 32
-            && (flags_gen >> 8) as u8 == config.backend_epoch()
-            && now.wrapping_sub(field::<u64>(slot, FILLED)) < field::<u64>(slot, PORTS_TTL) >> 32
+            && usable(
+                field::<u64>(slot, FLAGS_GEN),
+                field::<u64>(slot, PORTS_TTL),
+                field::<u64>(slot, FILLED),
+                (probe >> 32) as u32,
+                config,
+                now,
+            )
         {
             return false;
         }
@@ -231,6 +234,23 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
         );
     }
     true
+}
+
+/// Whether a slot whose words are `flags_gen`, `ports_ttl` and `filled`
+/// still holds a usable translation: filled under the tuple's current
+/// `generation` and the current backend epoch, less than its TTL ago.
+#[inline(always)]
+fn usable(
+    flags_gen: u64,
+    ports_ttl: u64,
+    filled: u64,
+    generation: u32,
+    config: &DatapathConfig,
+    now: u64,
+) -> bool {
+    (flags_gen >> 32) as u32 == generation
+        && (flags_gen >> 8) as u8 == config.backend_epoch()
+        && now.wrapping_sub(filled) < ports_ttl >> 32
 }
 
 /// A conntrack entry for `key` is being made: every CPU's cached

@@ -1375,6 +1375,19 @@ fn udp_flows_recheck_their_backend_once_per_backend_epoch() {
     );
 }
 
+/// A property-test runner with `cases` cases unless `PROPTEST_CASES` asks
+/// for more (or fewer), and no failure files.
+fn proptest_runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(cases),
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
 /// Keeps the calling thread on the CPU it runs on: a test run executes the
 /// program on the caller's CPU, so every packet of the test meets the flow
 /// cache slot its predecessor left (each CPU has its own).
@@ -1600,18 +1613,11 @@ fn the_flow_cache_never_changes_what_a_packet_gets() {
         Twin::new(&services(0), true),
         Twin::new(&services(0), false),
     ]);
-    let mut runner = TestRunner::new(Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            // About 3 s. A stale translation needs a handful of steps in
-            // one order (a flow cached, a switch, a RST, a SYN, an ACK):
-            // with the generation bump of new entries left out, 3 000
-            // cases found it in each of three runs.
-            .unwrap_or(3_000),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // About 3 s. A stale translation needs a handful of steps in one order
+    // (a flow cached, a switch, a RST, a SYN, an ACK): with the generation
+    // bump of new entries left out, 3 000 cases found it in each of three
+    // runs.
+    let mut runner = proptest_runner(3_000);
     // A step: (what, flow, backend set). What: 0-2 the client's SYN, ACK,
     // RST; 3-5 a backend's SYN-ACK, ACK, RST; 6 a datagram; 7 its reply;
     // 8 a sync to backend set `set`.
@@ -2316,15 +2322,8 @@ fn mutated_and_truncated_packets_never_break_checksums() {
     }
 
     let program = lab.program();
-    let mut runner = TestRunner::new(Config {
-        // ~200 cases run in well under a second; PROPTEST_CASES digs deeper.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(200),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // ~200 cases run in well under a second.
+    let mut runner = proptest_runner(200);
     let result = runner.run(&mutations(), |m| {
         let input = mutate(&m, &bases);
         let Run::Ran(out) = try_run(program, &input) else {
