@@ -53,7 +53,12 @@ pub fn lookup(
     skip_neigh: bool,
 ) -> Option<&'static Route> {
     let now = now_ns(config());
-    let index = mix(dst ^ ingress.rotate_left(16)) & (ROUTE_CACHE_SLOTS - 1);
+    // The whole question picks the slot: XDP (neighbour resolved) and tc
+    // (not) ask it for the same flows when XDP hands a flow routed out of
+    // another interface to tc, and in one slot they would evict each
+    // other on every packet.
+    let index =
+        mix(dst ^ ingress.rotate_left(16) ^ (skip_neigh as u32) << 31) & (ROUTE_CACHE_SLOTS - 1);
     let slot = ROUTE_CACHE.get_ptr_mut(index)?;
     // SAFETY: a valid per-CPU map value for the program's run; nothing
     // else on this CPU runs while it does.

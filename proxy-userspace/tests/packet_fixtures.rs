@@ -2690,6 +2690,35 @@ impl XdpLab {
         }
     }
 
+    /// A test run of the external tc program on a frame arriving on
+    /// `ingress` (what XDP passed on).
+    fn run_tc_on(&mut self, ingress: u32, frame: &[u8]) -> Outcome {
+        // struct __sk_buff, zero up to ingress_ifindex (offset 36), then
+        // ifindex: the device the test run's skb arrives on.
+        let ctx: Vec<u8> = [[0; 9].as_slice(), &[ingress, ingress]]
+            .concat()
+            .iter()
+            .flat_map(|v: &u32| v.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .lab
+            .datapath
+            .external_tc_program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (external tc): {e} ({e:?})"));
+        out.truncate(result.data_size_out as usize);
+        Outcome {
+            verdict: result.return_value,
+            frame: out,
+        }
+    }
+
     /// A frame arriving on xdpin0.
     fn run(&mut self, frame: &[u8]) -> Outcome {
         let ingress = self.in0;
@@ -3018,6 +3047,51 @@ fn xdp_routes_come_from_a_cache_that_follows_neighbour_changes() {
             );
             std::thread::sleep(ttl / 10);
         }
+    });
+}
+
+/// XDP and tc ask the route cache about the same flows (XDP hands tc a
+/// flow whose route leaves by another interface), but not the same
+/// question: tc leaves the neighbour to `bpf_redirect_neigh`. Each keeps
+/// its own slot; sharing one, they would evict each other and every packet
+/// would pay a FIB lookup at both hooks.
+#[test]
+fn xdp_and_tc_keep_their_own_route_cache_slots() {
+    with_xdp_lab(|lab| {
+        let c = remote_client(42100);
+        let syn = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Syn, &[]));
+        let out = lab.run(&syn);
+        let port = lab
+            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("the SYN: {e}"));
+        let ack = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Ack, &[0x5a; 64]));
+        let expected = lab.forwarded(&ack, (NODE_IP, port), REMOTE_BACKEND, BACKEND_HOP_MAC);
+        // tc leaves the Ethernet header to bpf_redirect_neigh.
+        let mut expected_tc = expected.clone();
+        expected_tc[..12].copy_from_slice(&ack[..12]);
+
+        const PACKETS: u64 = 50;
+        let before = lab.stats();
+        let in0 = lab.in0;
+        for i in 0..PACKETS {
+            let out = lab.run(&ack);
+            ok(
+                expect_verdict(&out, XDP_TX).and_then(|()| check_frame(&expected, &out)),
+                &format!("packet {i} at XDP"),
+            );
+            let out = lab.run_tc_on(in0, &ack);
+            ok(
+                expect_verdict(&out, TC_ACT_REDIRECT)
+                    .and_then(|()| check_frame(&expected_tc, &out)),
+                &format!("packet {i} at tc"),
+            );
+        }
+        let lookups = grew(&before, &lab.stats(), stat::FIB_LOOKUP);
+        assert!(
+            lookups < PACKETS / 2,
+            "{lookups} FIB lookups for {PACKETS} packets of one flow at each of XDP and tc: \
+             the two hooks evict each other's route cache slot"
+        );
     });
 }
 
