@@ -22,16 +22,10 @@ pub fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// RFC 1624 incremental update of checksum `check` for a 32-bit field
-/// (an IPv4 address) changing from `old` to `new`. All three are raw, as
-/// loaded from the packet (network byte order read natively): the one's
+/// RFC 1624 incremental update of checksum `check` for a 16-bit field (a
+/// TTL and protocol word) changing from `old` to `new`. All three are raw,
+/// as loaded from the packet (network byte order read natively): the one's
 /// complement sum does not depend on byte order, so nothing is swapped.
-#[inline(always)]
-pub fn update4(check: u16, old: u32, new: u32) -> u16 {
-    apply(check, change4(old, new))
-}
-
-/// The same for a 16-bit field (a port, a TTL and protocol word).
 #[inline(always)]
 pub fn update2(check: u16, old: u16, new: u16) -> u16 {
     apply(check, change2(old, new))
@@ -57,11 +51,25 @@ pub fn apply(check: u16, change: u64) -> u16 {
     fold((!check) as u64 + change)
 }
 
-/// Folds a sum of at most a few 32-bit words (below 2^34) to 16 bits and
-/// inverts it.
+/// A sum of some `change4` / `change2` folded to 16 bits, not inverted:
+/// the partial sum (`__wsum`) `bpf_l4_csum_replace` takes in diff mode.
+/// Zero exactly when the changes cancel out (no field changed, or a field
+/// rewritten to itself): a sum of all-ones words folds to 0xffff, not 0.
+#[inline(always)]
+pub fn partial(change: u64) -> u32 {
+    let folded = !fold(change) as u32;
+    if folded == 0xffff {
+        0
+    } else {
+        folded
+    }
+}
+
+/// Folds a sum of a few 32-bit words (below 2^48) to 16 bits and inverts
+/// it.
 #[inline(always)]
 fn fold(mut sum: u64) -> u16 {
-    // Below 2^34 in: three folds always reach 16 bits; a fixed count keeps
+    // Below 2^48 in: three folds always reach 16 bits; a fixed count keeps
     // the verifier from exploring a data-dependent loop.
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

@@ -7,7 +7,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{stat, FragmentKey, FragmentValue};
 
 use crate::maps::{count, FRAGMENTS};
-use crate::packet::Packet as _;
+use crate::packet::{decrement_ttl, Packet as _};
 use crate::parse::{
     mapped, unmapped, Flow, FragmentId, Ipv4, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF,
 };
@@ -72,7 +72,7 @@ pub fn later_fragment(ctx: &TcContext, id: &FragmentId, route_out: bool) -> i32 
             count(stat::NO_ROUTE);
             return aya_ebpf::bindings::TC_ACT_SHOT as i32;
         };
-        if !ctx.decrement_ttl() {
+        if !decrement_ttl(ctx) {
             count(stat::TTL_EXCEEDED);
             return aya_ebpf::bindings::TC_ACT_SHOT as i32;
         }

@@ -19,18 +19,13 @@ use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
 use crate::{
     csum, frag, icmp,
     parse::{
-        bytes_at, field, ipv4_header, set_field, store, Flow, FragmentId, Ipv4, ETH_LEN,
-        IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
+        bytes_at, field, ipv4_header, set_field, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF,
+        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
     },
     reject,
     route::{self, Route},
+    service::Nat,
 };
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Source,
-    Destination,
-}
 
 pub trait Packet {
     /// XDP: what the kernel cannot do at this hook goes to tc untouched.
@@ -44,8 +39,9 @@ pub trait Packet {
     fn len(&self) -> usize;
     /// Makes the first `len` bytes directly readable (tc: pull them in).
     fn make_linear(&self, len: usize);
-    /// Rewrites one side's address and port, keeping the checksums right.
-    fn rewrite(&self, flow: &Flow, side: Side, addr: Ipv4, port: u16) -> bool;
+    /// Rewrites the packet's addresses and ports to `nat`'s (both sides,
+    /// either or both changed), keeping the checksums right.
+    fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool;
     /// The route to `dst` (XDP: only a complete one, neighbour included).
     fn route(&self, dst: Ipv4) -> Option<&'static Route>;
     /// Sends the (rewritten) packet out along `route`; returns the verdict.
@@ -55,9 +51,6 @@ pub trait Packet {
     /// Hands the (translated) packet to this node's own stack through
     /// `lo`, where a local source address is accepted.
     fn to_host(&self) -> i32;
-    /// Lowers the IPv4 TTL by one, as forwarding does; false when it
-    /// would reach zero (or the header cannot be written).
-    fn decrement_ttl(&self) -> bool;
     fn reject(&self, flow: &Flow) -> i32;
     /// `route_out`: at the external hook, a fragment of a source-NATed
     /// flow leaves by its route like the rest of the flow.
@@ -91,44 +84,38 @@ impl Packet for TcContext {
         }
     }
 
-    /// The L4 checksum through `bpf_l4_csum_replace`, which knows the skb's
-    /// checksum state (CHECKSUM_PARTIAL from local sockets keeps only the
-    /// pseudo-header sum); the IPv4 header (whose checksum is never
-    /// offloaded), the address and the port written in place, which saves
-    /// three helper calls per rewrite.
+    /// Addresses, ports and the IPv4 header checksum (never offloaded)
+    /// written in place; the L4 checksum through `bpf_l4_csum_replace`,
+    /// which knows the skb's checksum state: a locally sent packet's
+    /// CHECKSUM_PARTIAL holds only the pseudo-header sum, which takes the
+    /// address change and not the port change. Hence two calls at most,
+    /// each for one whole change in diff mode (size 0): the addresses
+    /// (pseudo-header) and the ports, both sides at once.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, addr: Ipv4, port: u16) -> bool {
-        let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
+    fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool {
+        let Some(change) = write_in_place(self, flow, nat) else {
+            return false;
+        };
         let check_off = flow.l4_check_off();
-        // A zero UDP checksum means "none": leave it zero.
+        // A zero UDP checksum means "none": the kernel leaves it zero.
         let mangled = if flow.proto == PROTO_UDP {
             BPF_F_MARK_MANGLED_0 as u64
         } else {
             0
         };
-        let from_addr = old_addr as u64;
-        let to_addr = addr as u64;
-        if from_addr != to_addr {
-            let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
-            if self
-                .l4_csum_replace(check_off, from_addr, to_addr, pseudo)
-                .is_err()
-                || !tc_rewrite_ip(self, addr_off, old_addr, addr)
-            {
-                return false;
-            }
-        }
-        let from_port = u16::from_ne_bytes(old_port.to_be_bytes()) as u64;
-        let to_port = u16::from_ne_bytes(port.to_be_bytes()) as u64;
-        if from_port != to_port
-            && (self
-                .l4_csum_replace(check_off, from_port, to_port, mangled | 2)
-                .is_err()
-                || !store(self, port_off, port.to_be()))
-        {
-            return false;
-        }
-        true
+        (change.addrs == 0
+            || self
+                .l4_csum_replace(
+                    check_off,
+                    0,
+                    change.addrs as u64,
+                    BPF_F_PSEUDO_HDR as u64 | mangled,
+                )
+                .is_ok())
+            && (change.ports == 0
+                || self
+                    .l4_csum_replace(check_off, 0, change.ports as u64, mangled)
+                    .is_ok())
     }
 
     /// The egress interface only: `bpf_redirect_neigh` resolves the next
@@ -151,23 +138,6 @@ impl Packet for TcContext {
             return Self::DROP;
         }
         unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
-    }
-
-    #[inline(always)]
-    fn decrement_ttl(&self) -> bool {
-        let Ok(old) = self.load::<[u8; 2]>(IP_TTL_OFF) else {
-            return false;
-        };
-        if old[0] <= 1 {
-            return false;
-        }
-        let new = [old[0] - 1, old[1]];
-        let (from, to) = (
-            u16::from_ne_bytes(old) as u64,
-            u16::from_ne_bytes(new) as u64,
-        );
-        self.l3_csum_replace(IP_CHECK_OFF, from, to, 2).is_ok()
-            && self.store(IP_TTL_OFF, &new, 0).is_ok()
     }
 
     #[inline(always)]
@@ -198,23 +168,79 @@ impl Packet for TcContext {
     }
 }
 
-/// Replaces the IPv4 address at `addr_off` and updates the header
-/// checksum (RFC 1624), by direct packet access: the headers were pulled
-/// into the linear data (`make_linear`), and the verifier unclones a cloned
-/// skb before a program that writes directly runs. The byte helpers
-/// (`bpf_skb_store_bytes`) cost a call and a memcpy each.
+/// What a rewrite adds to the L4 checksum: the address change (which the
+/// pseudo-header carries) and the port change, each folded to 16 bits
+/// (zero for no change).
+struct Change {
+    addrs: u32,
+    ports: u32,
+}
+
+/// Writes `nat`'s addresses and ports over the packet's and updates the
+/// IPv4 header checksum (RFC 1624), by direct packet access, all under one
+/// bounds check; returns what the L4 checksum must take. At tc the headers
+/// were pulled into the linear data (`make_linear`), and the verifier
+/// unclones a cloned skb before a program that writes directly runs (the
+/// byte helpers, `bpf_skb_store_bytes`, cost a call and a memcpy each).
 #[inline(always)]
-fn tc_rewrite_ip(ctx: &TcContext, addr_off: usize, old: Ipv4, new: Ipv4) -> bool {
+fn write_in_place<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> Option<Change> {
+    // Each span checked where it is used: the verifier bounds a packet
+    // pointer only by a check on that very pointer.
+    let ip = ipv4_header(ctx)?;
+    let ports = bytes_at(ctx, flow.l4_start(), 4)?;
+    let addrs = csum::change4(flow.saddr, nat.saddr) + csum::change4(flow.daddr, nat.daddr);
+    let (old_ports, new_ports) = (
+        ports_word(flow.sport, flow.dport),
+        ports_word(nat.sport, nat.dport),
+    );
+    // SAFETY: every field is inside one of the two checked spans.
+    unsafe {
+        set_field(
+            ip,
+            IP_CHECK_OFF,
+            csum::apply(field(ip, IP_CHECK_OFF), addrs),
+        );
+        set_field(ip, IP_SRC_OFF, nat.saddr);
+        set_field(ip, IP_DST_OFF, nat.daddr);
+        set_field(ports, 0, new_ports);
+    }
+    Some(Change {
+        addrs: csum::partial(addrs),
+        ports: csum::partial(csum::change4(old_ports, new_ports)),
+    })
+}
+
+/// Lowers the IPv4 TTL by one, as forwarding does, and updates the header
+/// checksum (RFC 1624), in place under one bounds check (at tc the headers
+/// are linear and writable, see `write_in_place`); false when the TTL
+/// would reach zero (or the header is not there).
+#[inline(always)]
+pub fn decrement_ttl<P: Packet>(ctx: &P) -> bool {
     let Some(ip) = ipv4_header(ctx) else {
         return false;
     };
     // SAFETY: both fields are inside the checked IPv4 header.
     unsafe {
-        let check = csum::update4(field(ip, IP_CHECK_OFF), old, new);
+        // TTL and protocol, one raw 16-bit word of the checksum.
+        let old: u16 = field(ip, IP_TTL_OFF);
+        let [ttl, proto] = old.to_ne_bytes();
+        if ttl <= 1 {
+            return false;
+        }
+        let new = u16::from_ne_bytes([ttl - 1, proto]);
+        let check = csum::update2(field(ip, IP_CHECK_OFF), old, new);
+        set_field(ip, IP_TTL_OFF, new);
         set_field(ip, IP_CHECK_OFF, check);
-        set_field(ip, addr_off, new);
     }
     true
+}
+
+/// A source and a destination port as the one 32-bit word they make in
+/// the L4 header, raw (network byte order read natively).
+#[inline(always)]
+fn ports_word(sport: u16, dport: u16) -> u32 {
+    let ([s0, s1], [d0, d1]) = (sport.to_be_bytes(), dport.to_be_bytes());
+    u32::from_ne_bytes([s0, s1, d0, d1])
 }
 
 #[inline(always)]
@@ -250,35 +276,29 @@ impl Packet for XdpContext {
     /// RFC 1624 incremental checksums, written straight into the frame
     /// (the byte helpers `bpf_xdp_load_bytes` / `bpf_xdp_store_bytes` cost
     /// a call, a page walk and a memcpy each). Frames at XDP come from the
-    /// wire with full checksums (no CHECKSUM_PARTIAL here).
+    /// wire with full checksums (no CHECKSUM_PARTIAL here), so the L4
+    /// checksum takes every change, folded once.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, side: Side, new_addr: Ipv4, port: u16) -> bool {
-        let (addr_off, old_addr, port_off, old_port) = locate(flow, side);
-        // Each span checked where it is used: the verifier bounds a packet
-        // pointer only by a check on that very pointer.
-        let (Some(ip), Some(check)) = (ipv4_header(self), bytes_at(self, flow.l4_check_off(), 2))
-        else {
+    fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool {
+        let Some(check) = bytes_at(self, flow.l4_check_off(), 2) else {
             return false;
         };
-        let (old_port, new_port) = (old_port.to_be(), port.to_be());
-        // SAFETY: every field is inside one of the two checked spans.
+        let Some(change) = write_in_place(self, flow, nat) else {
+            return false;
+        };
+        // SAFETY: inside the checked span.
         unsafe {
-            let addr_change = csum::change4(old_addr, new_addr);
-            let ip_check = csum::apply(field(ip, IP_CHECK_OFF), addr_change);
             let mut l4_check: u16 = field(check, 0);
             // A zero UDP checksum means "none": leave it zero.
             if !(flow.proto == PROTO_UDP && l4_check == 0) {
-                // Address (pseudo-header) and port: one fold for both.
-                l4_check = csum::apply(l4_check, addr_change + csum::change2(old_port, new_port));
+                l4_check = csum::apply(l4_check, change.addrs as u64 + change.ports as u64);
                 if flow.proto == PROTO_UDP && l4_check == 0 {
                     l4_check = 0xffff;
                 }
+                set_field(check, 0, l4_check);
             }
-            set_field(ip, IP_CHECK_OFF, ip_check);
-            set_field(ip, addr_off, new_addr);
-            set_field(check, 0, l4_check);
         }
-        store(self, port_off, new_port)
+        true
     }
 
     /// Only a route back out of the interface the frame came in on
@@ -302,27 +322,6 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn to_host(&self) -> i32 {
         Self::PASS
-    }
-
-    #[inline(always)]
-    fn decrement_ttl(&self) -> bool {
-        let Some(ip) = ipv4_header(self) else {
-            return false;
-        };
-        // SAFETY: both fields are inside the checked IPv4 header.
-        unsafe {
-            // TTL and protocol, one raw 16-bit word of the checksum.
-            let old: u16 = field(ip, IP_TTL_OFF);
-            let [ttl, proto] = old.to_ne_bytes();
-            if ttl <= 1 {
-                return false;
-            }
-            let new = u16::from_ne_bytes([ttl - 1, proto]);
-            let check = csum::update2(field(ip, IP_CHECK_OFF), old, new);
-            set_field(ip, IP_TTL_OFF, new);
-            set_field(ip, IP_CHECK_OFF, check);
-        }
-        true
     }
 
     #[inline(always)]
@@ -352,14 +351,5 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn icmp_error(&self, _l4_off: usize) -> i32 {
         Self::PASS
-    }
-}
-
-/// Offsets and old values of one side's address and port.
-#[inline(always)]
-fn locate(flow: &Flow, side: Side) -> (usize, Ipv4, usize, u16) {
-    match side {
-        Side::Source => (IP_SRC_OFF, flow.saddr, flow.l4_start(), flow.sport),
-        Side::Destination => (IP_DST_OFF, flow.daddr, flow.l4_start() + 2, flow.dport),
     }
 }

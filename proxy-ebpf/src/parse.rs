@@ -183,20 +183,6 @@ pub fn load<T: Copy, P: Packet>(ctx: &P, offset: usize) -> Option<T> {
     Some(unsafe { field(at, 0) })
 }
 
-/// Writes one field at `offset`, bounds-checked on its own; false when
-/// the packet is shorter.
-#[inline(always)]
-pub fn store<T: Copy, P: Packet>(ctx: &P, offset: usize, value: T) -> bool {
-    match bytes_at(ctx, offset, core::mem::size_of::<T>()) {
-        // SAFETY: `bytes_at` checked exactly this field.
-        Some(at) => {
-            unsafe { set_field(at, 0, value) };
-            true
-        }
-        None => false,
-    }
-}
-
 /// Fills `*flow` in place, all of it on `Ok`. The caller's slot may be
 /// uninitialised (a `MaybeUninit`): zeroing it first is a byte-wise
 /// `memset` call in BPF. A raw pointer, not `&mut MaybeUninit<Flow>`:

@@ -29,7 +29,7 @@ use crate::{
     clock::now_ns,
     flow_cache, lb,
     maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
-    packet::{Packet, Side},
+    packet::{decrement_ttl, Packet},
     parse::{
         clear_addr, mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN,
         TCP_FLAG_RST, TCP_FLAG_SYN,
@@ -186,13 +186,11 @@ fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     }
 }
 
-/// Rewrites each side whose address or port `nat` changes.
+/// Rewrites the packet to `nat`, if that changes anything.
 #[inline(always)]
 fn rewrite<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> bool {
-    ((nat.saddr, nat.sport) == (flow.saddr, flow.sport)
-        || ctx.rewrite(flow, Side::Source, nat.saddr, nat.sport))
-        && ((nat.daddr, nat.dport) == (flow.daddr, flow.dport)
-            || ctx.rewrite(flow, Side::Destination, nat.daddr, nat.dport))
+    (nat.saddr, nat.sport, nat.daddr, nat.dport) == (flow.saddr, flow.sport, flow.daddr, flow.dport)
+        || ctx.rewrite(flow, nat)
 }
 
 /// A flow with `route_out` leaves through the interface its route names, a
@@ -224,7 +222,7 @@ fn finish_routed<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     match route {
         Some(route) => {
             // Forwarded here, not by the kernel: the TTL is ours to lower.
-            if !ctx.decrement_ttl() {
+            if !decrement_ttl(ctx) {
                 count(stat::TTL_EXCEEDED);
                 return P::DROP;
             }
