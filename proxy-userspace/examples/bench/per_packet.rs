@@ -4,6 +4,7 @@
 use super::*;
 
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
 
 // Lab addresses only (DESIGN.md section 5): VIPs in 198.19.0.0/16,
 // endpoints and clients in 198.18.0.0/16.
@@ -19,8 +20,16 @@ const PORT_B: u16 = 81;
 const VIP_NEW: [u8; 4] = [198, 19, 255, 3];
 /// Programmed nowhere, and not in any Service.
 const NOT_A_SERVICE: [u8; 4] = [198, 18, 254, 9];
+/// The source-NATed Service: an externalIPs Service whose one backend is
+/// on another node, behind `ROUTED_IF` (see `RoutedNetns`).
+const VIP_SNAT: [u8; 4] = [198, 19, 255, 4];
+/// The node's address on `ROUTED_IF`: the source the route gives.
+const ROUTED_NODE: [u8; 4] = [198, 18, 250, 1];
+const ROUTED_BACKEND: ([u8; 4], u16) = ([198, 18, 250, 10], 8080);
+/// The interface the source-NATed path's frames arrive on and leave by.
+const ROUTED_IF: &str = "pp0";
 /// Services the per-packet lab programs besides the fillers.
-pub const MEASURED_SERVICES: usize = 3;
+pub const MEASURED_SERVICES: usize = 4;
 /// Map capacities for the per-packet runs: the same at every Service count,
 /// so only the number of entries changes. 100 000 Services need 2 entries
 /// each in the services map (slot 0 and one backend slot) plus one VIP
@@ -133,7 +142,126 @@ fn per_packet_state(total: usize) -> DesiredState {
         tcp_key(VIP_NEW, 80),
         measured_frontend("measured-new", &new_flow_backends()),
     );
+    let mut routed = frontend("measured-snat".to_owned(), &[ROUTED_BACKEND]);
+    routed.kind = FrontendKind::ExternalIp;
+    routed.snat = true;
+    state.frontends.insert(tcp_key(VIP_SNAT, 80), routed);
     state
+}
+
+/// The network namespace every part-1 run happens in: BPF_PROG_TEST_RUN's
+/// route lookups (`bpf_fib_lookup`) use the caller's namespace. It holds a
+/// veth pair, `ROUTED_IF` with the node's address, routes to the backend's
+/// and the client's subnets through it and static neighbours for both, so
+/// the external programs find a complete route for the source-NATed path
+/// (XDP forwards only out of the interface a frame came in on: that path's
+/// frames arrive on `ROUTED_IF`). Forwarding is on, as on a node.
+fn routed_netns() -> Result<Ns> {
+    let ns = Ns::new("per-packet")?;
+    let name = ns.name().to_owned();
+    let node = format!("{}/24", dotted(ROUTED_NODE));
+    let (backend, client) = (dotted(ROUTED_BACKEND.0), dotted(CLIENT));
+    let client_net = format!("{}/24", dotted([CLIENT[0], CLIENT[1], CLIENT[2], 0]));
+    for args in [
+        &[
+            "link", "add", ROUTED_IF, "type", "veth", "peer", "name", "pp1",
+        ][..],
+        &["addr", "add", &node, "dev", ROUTED_IF],
+        &["link", "set", ROUTED_IF, "up"],
+        &["link", "set", "pp1", "up"],
+        &["link", "set", "lo", "up"],
+        &["route", "add", &client_net, "dev", ROUTED_IF],
+        &[
+            "neigh",
+            "replace",
+            &backend,
+            "lladdr",
+            "02:00:00:00:fa:0a",
+            "dev",
+            ROUTED_IF,
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "replace",
+            &client,
+            "lladdr",
+            "02:00:00:00:ff:02",
+            "dev",
+            ROUTED_IF,
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ip(&[&["-n", &name][..], args].concat())?;
+    }
+    // After the links exist, so each takes it: the FIB lookup answers
+    // "forwarding disabled" otherwise.
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    Ok(ns)
+}
+
+/// One call (repeat 1) of an external program on `frame` arriving on
+/// interface `ifindex`, as the source-NATed path needs (XDP: `struct
+/// xdp_md`; tc: `struct __sk_buff` up to `ifindex`).
+fn run_routed(
+    hook: Hook,
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    ifindex: u32,
+    out: &mut [u8],
+) -> Result<raw::Run> {
+    let words: Vec<u32> = match hook {
+        // data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        Hook::Xdp => vec![0, frame.len() as u32, 0, ifindex, 0, 0],
+        // Zero up to ingress_ifindex (offset 36), then ifindex.
+        Hook::Tc | Hook::TcExternal => [vec![0; 9], vec![ifindex, ifindex]].concat(),
+    };
+    let ctx: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let options = raw::RunOptions {
+        repeat: 1,
+        ctx: Some(&ctx),
+        ..Default::default()
+    };
+    raw::test_run_with(prog, frame, out, &options)
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {} on {ROUTED_IF}", hook.program()))
+}
+
+/// Opens a source-NATed flow through `hook`'s program (client SYN to
+/// `VIP_SNAT`, the backend's SYN-ACK to the node's port) and returns the
+/// client's ACK, checked to be DNATed and source-NATed and sent out.
+fn prepare_routed(hook: Hook, prog: BorrowedFd<'_>, ifindex: u32) -> Result<Vec<u8>> {
+    let name = hook.program();
+    let c = (CLIENT, hook.client_port() + 10);
+    let vip = (VIP_SNAT, 80);
+    let mut out = vec![0u8; 512];
+    // Addresses and ports of an IPv4 frame without options.
+    let tuple = |f: &[u8]| f[26..38].to_vec();
+    let run = run_routed(hook, prog, &tcp(c, vip, Tcp::Syn), ifindex, &mut out)?;
+    let snat_port = u16::from_be_bytes([out[34], out[35]]);
+    let forwarded = tcp((ROUTED_NODE, snat_port), ROUTED_BACKEND, Tcp::Syn);
+    ensure!(
+        run.retval == hook.forward() && tuple(&out) == tuple(&forwarded),
+        "{name}: the source-NATed SYN was not sent to the backend (verdict {})",
+        run.retval
+    );
+    let syn_ack = tcp(ROUTED_BACKEND, (ROUTED_NODE, snat_port), Tcp::SynAck);
+    let run = run_routed(hook, prog, &syn_ack, ifindex, &mut out)?;
+    ensure!(
+        run.retval == hook.forward() && tuple(&out) == tuple(&tcp(vip, c, Tcp::SynAck)),
+        "{name}: the backend's SYN-ACK was not sent back to the client (verdict {})",
+        run.retval
+    );
+    let ack = tcp(c, vip, Tcp::Ack);
+    let run = run_routed(hook, prog, &ack, ifindex, &mut out)?;
+    ensure!(
+        run.retval == hook.forward() && tuple(&out) == tuple(&forwarded),
+        "{name}: the measured ACK does not take the source-NATed path (verdict {})",
+        run.retval
+    );
+    Ok(ack)
 }
 
 // ---------------------------------------------------------------------------
@@ -167,6 +295,23 @@ impl Hook {
             Hook::Tc => "tc",
             Hook::Xdp => "XDP",
             Hook::TcExternal => "tc external",
+        }
+    }
+    /// The verdict of a packet sent out of an interface.
+    fn forward(self) -> u32 {
+        match self {
+            Hook::Tc | Hook::TcExternal => TC_ACT_REDIRECT,
+            Hook::Xdp => raw::XDP_TX,
+        }
+    }
+    /// Paths measured one call per frame (repeat = 1): new flows, and the
+    /// established path again for a like-for-like ratio; at the external
+    /// hooks also a source-NATed flow's packet (route lookup, both sides
+    /// rewritten, sent out), whose output a repeat could not replay.
+    fn single_paths(self) -> &'static [&'static str] {
+        match self {
+            Hook::Tc => &SINGLE_PATHS[..2],
+            Hook::Xdp | Hook::TcExternal => &SINGLE_PATHS,
         }
     }
     /// The verdict of a packet handed on to the stack.
@@ -211,8 +356,9 @@ const CONNTRACK_PATHS: [(&str, &str); 2] = [
     ("established, conntrack", "established"),
     ("UDP established, conntrack", "UDP established"),
 ];
-/// Paths measured one call per frame (repeat = 1).
-const SINGLE_PATHS: [&str; 2] = ["new flow", "established"];
+/// Paths measured one call per frame (see `Hook::single_paths`).
+const SINGLE_PATHS: [&str; 3] = ["new flow", "established", ROUTED_PATH];
+const ROUTED_PATH: &str = "source-NATed";
 
 #[derive(Clone, Copy, Default)]
 struct Stat {
@@ -285,6 +431,16 @@ fn program_size(info: &aya::programs::ProgramInfo) -> ProgramSize {
 }
 
 fn per_packet(config: &Config) -> Result<PerPacket> {
+    let ns = routed_netns()?;
+    ns.run(|| {
+        let ifindex = nix::net::if_::if_nametoindex(ROUTED_IF)
+            .with_context(|| format!("{ROUTED_IF} in {}", ns.name()))?;
+        per_packet_in_netns(config, ifindex)
+    })?
+}
+
+/// `ifindex`: `ROUTED_IF`'s, in the namespace this thread is in.
+fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
     let floors = Floors {
         xdp: raw::load_xdp_return_program(raw::XDP_PASS, "bench_xdp_floor")
             .context("loading the empty XDP program")?,
@@ -330,12 +486,12 @@ fn per_packet(config: &Config) -> Result<PerPacket> {
             }
             Ok(datapath.write_config(&c)?)
         };
-        let mut result = measure_count(config, &programs, &floors, &mut cache)?;
+        let mut result = measure_count(config, &programs, &floors, ifindex, &mut cache)?;
         result.services = services;
         result.program_time = program_time;
         counts.push(result);
         if Some(services) == last {
-            match profile_paths(config, &programs) {
+            match profile_paths(config, &programs, ifindex) {
                 Ok(p) => profiles = p,
                 Err(e) => profile_error = Some(format!("{e:#}")),
             }
@@ -458,11 +614,16 @@ fn measure_count(
     config: &Config,
     programs: &[(Hook, BorrowedFd<'_>)],
     floors: &Floors,
+    ifindex: u32,
     cache: &mut dyn FnMut(bool) -> Result<()>,
 ) -> Result<CountResult> {
     let mut frames = BTreeMap::new();
+    let mut routed = BTreeMap::new();
     for &(hook, fd) in programs {
         frames.insert(hook, prepare(hook, fd)?);
+        if hook.single_paths().contains(&ROUTED_PATH) {
+            routed.insert(hook, prepare_routed(hook, fd, ifindex)?);
+        }
     }
     // (label, program, frame, expected verdict); the floors run the tc
     // established frame, which they do not look at.
@@ -564,6 +725,16 @@ fn measure_count(
             record(format!("{} new flow", hook.short()), &run);
             let run = raw::test_run(fd, &frames[&hook].established, &mut out, 1)?;
             record(format!("{} established", hook.short()), &run);
+            if let Some(frame) = routed.get(&hook) {
+                let run = run_routed(hook, fd, frame, ifindex, &mut out)?;
+                ensure!(
+                    run.retval == hook.forward(),
+                    "{}: {ROUTED_PATH}: verdict {}",
+                    hook.program(),
+                    run.retval
+                );
+                record(format!("{} {ROUTED_PATH}", hook.short()), &run);
+            }
         }
         let run = raw::test_run(floors.xdp.as_fd(), reference, &mut out, 1)?;
         record("XDP floor".into(), &run);
@@ -572,7 +743,7 @@ fn measure_count(
     let floor_single = take("XDP floor");
     let mut single_stats = BTreeMap::new();
     for &(hook, _) in programs {
-        for path in SINGLE_PATHS {
+        for &path in hook.single_paths() {
             single_stats.insert((hook, path), take(&format!("{} {path}", hook.short())));
         }
     }
@@ -603,7 +774,7 @@ fn write_plots(docs: &Path, pp: &PerPacket) -> Result<()> {
                 c.ns(hook, path, false)
             }));
         }
-        for path in SINGLE_PATHS {
+        for &path in hook.single_paths() {
             single.push(series(&format!("{} {path}", hook.short()), &|c| {
                 c.ns(hook, path, true)
             }));
@@ -646,7 +817,11 @@ struct Profile {
 /// How long each path is profiled.
 const PROFILE_TIME: Duration = Duration::from_millis(1500);
 
-fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result<Vec<Profile>> {
+fn profile_paths(
+    config: &Config,
+    programs: &[(Hook, BorrowedFd<'_>)],
+    ifindex: u32,
+) -> Result<Vec<Profile>> {
     ensure!(
         which("perf"),
         "perf is not installed (`cargo xtask setup` installs linux-perf)"
@@ -671,6 +846,22 @@ fn profile_paths(config: &Config, programs: &[(Hook, BorrowedFd<'_>)]) -> Result
             profiles.push(Profile {
                 hook,
                 path,
+                samples,
+                symbols,
+            });
+        }
+        if hook.single_paths().contains(&ROUTED_PATH) {
+            // One call per frame, as measured (its output cannot be replayed).
+            let frame = prepare_routed(hook, fd, ifindex)?;
+            let start = Instant::now();
+            let (samples, symbols) = profile_one(|| {
+                run_routed(hook, fd, &frame, ifindex, &mut out)?;
+                Ok(start.elapsed() < time)
+            })
+            .with_context(|| format!("profiling {} {ROUTED_PATH}", hook.program()))?;
+            profiles.push(Profile {
+                hook,
+                path: ROUTED_PATH,
                 samples,
                 symbols,
             });
@@ -884,18 +1075,32 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
          median of the kernel-reported times. The floor and the established ACK are measured \
          the same way, interleaved with the SYNs, for a like-for-like ratio. With repeat = 1 \
          the kernel time also holds the timer's own overhead (two `ktime_get_ns`, bottom-half \
-         disable), which is why the repeat-1 floor is higher than the repeat floor.\n",
+         disable), which is why the repeat-1 floor is higher than the repeat floor.\n\
+         - **source-NATed** (external programs, repeat = 1, interleaved with the new flows): \
+         a client's ACK of an established flow to an externalIPs Service ({snat}:80) whose one \
+         backend ({backend}) is on another node, the path of external traffic with policy \
+         Cluster: DNAT and SNAT to the node's address (both sides rewritten), the route (FIB \
+         lookup, cached per CPU), the TTL lowered, and out (XDP_TX at XDP, \
+         `bpf_redirect_neigh` at tc). Its output cannot be replayed by a repeat. The frames \
+         arrive on `{routed_if}`, a veth in a namespace of the bench's own with the node's \
+         address, routes and static neighbours (every part-1 run happens on a thread inside \
+         it: the test run's FIB lookups use the caller's namespace). The bench checks each \
+         call's verdict, and before measuring that the flow's packet leaves source-NATed to \
+         the backend.\n",
         a = dotted(VIP_A),
         pa = PORT_A,
         b = dotted(VIP_B),
         pb = PORT_B,
         ns = dotted(NOT_A_SERVICE),
-        nf = config.new_flows
+        nf = config.new_flows,
+        snat = dotted(VIP_SNAT),
+        backend = dotted(ROUTED_BACKEND.0),
+        routed_if = ROUTED_IF,
     );
     let _ = writeln!(
         md,
         "Service counts: the smallest point is the {MEASURED_SERVICES} Services the \
-         measurement needs (A, B and the new-flow Service; there is no 1-Service setup that \
+         measurement needs (A, B, the new-flow Service and the source-NATed one; there is no 1-Service setup that \
          exercises every path); larger points add ClusterIP fillers with one endpoint each, \
          distinct VIPs in 198.19.0.0/16 (then the next port), endpoints in 198.18.0.0/16 \
          reused modulo the range. Map sizes, the same at every count: services {}, backends \
@@ -951,7 +1156,7 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
     );
     let _ = write!(md, "| Services | XDP floor |");
     for hook in HOOKS {
-        for p in SINGLE_PATHS {
+        for p in hook.single_paths() {
             let _ = write!(md, " {} {p} |", hook.short());
         }
     }
@@ -959,12 +1164,12 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
     let _ = writeln!(
         md,
         "|---|---|{}",
-        "---|".repeat(HOOKS.len() * SINGLE_PATHS.len())
+        "---|".repeat(HOOKS.iter().map(|h| h.single_paths().len()).sum())
     );
     for c in &pp.counts {
         let _ = write!(md, "| {} |{}", c.services, cell(c.floor_single));
         for hook in HOOKS {
-            for p in SINGLE_PATHS {
+            for &p in hook.single_paths() {
                 let s = c.single.get(&(hook, p)).copied().unwrap_or_default();
                 md.push_str(&cell(s));
             }
@@ -980,21 +1185,29 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         for p in REPEAT_PATHS {
             let _ = write!(md, " {} {p} |", hook.short());
         }
-        let _ = write!(md, " {} new flow (repeat 1) |", hook.short());
+        for &p in hook.single_paths() {
+            if p != "established" {
+                let _ = write!(md, " {} {p} (repeat 1) |", hook.short());
+            }
+        }
     }
     let _ = writeln!(md);
-    let _ = writeln!(
-        md,
-        "|---|{}",
-        "---|".repeat(HOOKS.len() * (REPEAT_PATHS.len() + 1))
-    );
+    let columns: usize = HOOKS
+        .iter()
+        .map(|h| REPEAT_PATHS.len() + h.single_paths().len() - 1)
+        .sum();
+    let _ = writeln!(md, "|---|{}", "---|".repeat(columns));
     for c in &pp.counts {
         let _ = write!(md, "| {} |", c.services);
         for hook in HOOKS {
             for p in REPEAT_PATHS {
                 let _ = write!(md, " {:.2}x |", c.ratio(hook, p, false));
             }
-            let _ = write!(md, " {:.2}x |", c.ratio(hook, "new flow", true));
+            for &p in hook.single_paths() {
+                if p != "established" {
+                    let _ = write!(md, " {:.2}x |", c.ratio(hook, p, true));
+                }
+            }
         }
         let _ = writeln!(md);
     }
@@ -1076,10 +1289,9 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         why: why_text(pp),
         not_measured: vec![
             "The per-packet numbers are TCP and UDP over IPv4 (no IPv6, fragments, rejects; new \
-             flows TCP only), \
-             and the XDP paths measured are those of a local backend (DNAT, XDP_PASS): a remote \
-             backend's path (SNAT, FIB lookup, XDP_TX) changes the packet so that a repeated \
-             run cannot replay it; part 4 measures that path's forwarding rate."
+             flows TCP only). The repeat paths are those of a local backend (DNAT, pass); a \
+             remote backend's path (SNAT, route, out) is measured one call at a time (the \
+             source-NATed columns), TCP only, and part 4 measures its forwarding rate."
                 .into(),
         ],
     }

@@ -2,6 +2,8 @@
 
 use super::*;
 
+use std::os::fd::AsRawFd as _;
+
 pub fn which(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
@@ -47,6 +49,63 @@ impl Drop for Netns {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// A namespace plus an open handle for setns.
+pub struct Ns {
+    pub file: File,
+    pub netns: Netns,
+}
+
+impl Ns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let netns = Netns::new(tag)?;
+        let file = File::open(format!("/var/run/netns/{}", netns.0))
+            .with_context(|| format!("opening netns {}", netns.0))?;
+        Ok(Self { file, netns })
+    }
+    pub fn name(&self) -> &str {
+        &self.netns.0
+    }
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        ip(&[
+            "netns",
+            "exec",
+            self.name(),
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+    }
+    /// Runs `f` on a new thread inside this namespace.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter(&self.file)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("a lab thread panicked"))?
+        })
+    }
+}
+
+pub fn enter(file: &File) -> Result<()> {
+    // SAFETY: setns on an open namespace fd; affects only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    ensure!(rc == 0, "setns: {}", io::Error::last_os_error());
+    Ok(())
 }
 
 pub fn tempfile_path(tag: &str) -> PathBuf {
