@@ -51,18 +51,12 @@ pub fn apply(check: u16, change: u64) -> u16 {
     fold((!check) as u64 + change)
 }
 
-/// A sum of some `change4` / `change2` folded to 16 bits, not inverted:
-/// the partial sum (`__wsum`) `bpf_l4_csum_replace` takes in diff mode.
-/// Zero exactly when the changes cancel out (no field changed, or a field
-/// rewritten to itself): a sum of all-ones words folds to 0xffff, not 0.
+/// The one's complement sum of two 32-bit words, as one 32-bit word (the
+/// carry added back in): what the pair adds to a checksum.
 #[inline(always)]
-pub fn partial(change: u64) -> u32 {
-    let folded = !fold(change) as u32;
-    if folded == 0xffff {
-        0
-    } else {
-        folded
-    }
+pub fn add32(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum.wrapping_add(carry as u32)
 }
 
 /// Folds a sum of a few 32-bit words (below 2^48) to 16 bits and inverts

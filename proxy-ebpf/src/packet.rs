@@ -89,8 +89,8 @@ impl Packet for TcContext {
     /// which knows the skb's checksum state: a locally sent packet's
     /// CHECKSUM_PARTIAL holds only the pseudo-header sum, which takes the
     /// address change and not the port change. Hence two calls at most,
-    /// each for one whole change in diff mode (size 0): the addresses
-    /// (pseudo-header) and the ports, both sides at once.
+    /// one for the addresses (pseudo-header) and one for the ports, each
+    /// covering both sides as one 32-bit word before and after.
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool {
         let Some(change) = write_in_place(self, flow, nat) else {
@@ -103,18 +103,19 @@ impl Packet for TcContext {
         } else {
             0
         };
-        (change.addrs == 0
+        let (addrs, ports) = (change.addrs, change.ports);
+        (addrs.0 == addrs.1
             || self
                 .l4_csum_replace(
                     check_off,
-                    0,
-                    change.addrs as u64,
-                    BPF_F_PSEUDO_HDR as u64 | mangled,
+                    addrs.0 as u64,
+                    addrs.1 as u64,
+                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
                 )
                 .is_ok())
-            && (change.ports == 0
+            && (ports.0 == ports.1
                 || self
-                    .l4_csum_replace(check_off, 0, change.ports as u64, mangled)
+                    .l4_csum_replace(check_off, ports.0 as u64, ports.1 as u64, mangled | 4)
                     .is_ok())
     }
 
@@ -168,12 +169,21 @@ impl Packet for TcContext {
     }
 }
 
-/// What a rewrite adds to the L4 checksum: the address change (which the
-/// pseudo-header carries) and the port change, each folded to 16 bits
-/// (zero for no change).
+/// What a rewrite changes, as the checksums see it: the addresses (which
+/// the pseudo-header carries) and the ports, each as one 32-bit word
+/// before and after (the two addresses summed into one: the one's
+/// complement sum only sees their sum).
 struct Change {
-    addrs: u32,
-    ports: u32,
+    addrs: (u32, u32),
+    ports: (u32, u32),
+}
+
+impl Change {
+    /// What the change adds to a checksum, unfolded.
+    #[inline(always)]
+    fn sum(&self) -> u64 {
+        csum::change4(self.addrs.0, self.addrs.1) + csum::change4(self.ports.0, self.ports.1)
+    }
 }
 
 /// Writes `nat`'s addresses and ports over the packet's and updates the
@@ -188,13 +198,19 @@ fn write_in_place<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> Option<Change> 
     // pointer only by a check on that very pointer.
     let ip = ipv4_header(ctx)?;
     let ports = bytes_at(ctx, flow.l4_start(), 4)?;
-    let addrs = csum::change4(flow.saddr, nat.saddr) + csum::change4(flow.daddr, nat.daddr);
-    let (old_ports, new_ports) = (
-        ports_word(flow.sport, flow.dport),
-        ports_word(nat.sport, nat.dport),
-    );
+    let change = Change {
+        addrs: (
+            csum::add32(flow.saddr, flow.daddr),
+            csum::add32(nat.saddr, nat.daddr),
+        ),
+        ports: (
+            ports_word(flow.sport, flow.dport),
+            ports_word(nat.sport, nat.dport),
+        ),
+    };
     // SAFETY: every field is inside one of the two checked spans.
     unsafe {
+        let addrs = csum::change4(change.addrs.0, change.addrs.1);
         set_field(
             ip,
             IP_CHECK_OFF,
@@ -202,12 +218,9 @@ fn write_in_place<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> Option<Change> 
         );
         set_field(ip, IP_SRC_OFF, nat.saddr);
         set_field(ip, IP_DST_OFF, nat.daddr);
-        set_field(ports, 0, new_ports);
+        set_field(ports, 0, change.ports.1);
     }
-    Some(Change {
-        addrs: csum::partial(addrs),
-        ports: csum::partial(csum::change4(old_ports, new_ports)),
-    })
+    Some(change)
 }
 
 /// Lowers the IPv4 TTL by one, as forwarding does, and updates the header
@@ -291,7 +304,7 @@ impl Packet for XdpContext {
             let mut l4_check: u16 = field(check, 0);
             // A zero UDP checksum means "none": leave it zero.
             if !(flow.proto == PROTO_UDP && l4_check == 0) {
-                l4_check = csum::apply(l4_check, change.addrs as u64 + change.ports as u64);
+                l4_check = csum::apply(l4_check, change.sum());
                 if flow.proto == PROTO_UDP && l4_check == 0 {
                     l4_check = 0xffff;
                 }
