@@ -1416,7 +1416,15 @@ fn why_text(pp: &PerPacket) -> String {
          every datagram (before, each datagram paid a second hash lookup: 96 against 65 ns at \
          XDP in a `--quick` run). The flow cache took the conntrack lookup off most \
          established packets (XDP from about 3.2x to about 2x the floor, tc from about 5.5x \
-         to about 4.4x, in `--quick` runs side by side with the build before it). Header \
+         to about 4.4x, in `--quick` runs side by side with the build before it). Measuring \
+         the source-NATed path (the columns of that name, one call per packet) showed XDP and \
+         tc evicting each other's cached route for the same flow (the route cache slot left \
+         out whether the neighbour is resolved, the one part of the question in which the two \
+         hooks differ), so every such packet paid a FIB lookup at both hooks: about 420 to 150 \
+         ns at XDP and 620 to 400 ns at tc external once each keeps its own slot; at tc a \
+         source-NATed packet's rewrite now makes two `bpf_l4_csum_replace` calls instead of \
+         four and lowers the TTL in place instead of with two helpers (400 to 230 ns; \
+         `--quick` runs of the builds side by side). Header \
          fields are read and written with one load or store each: LLVM's BPF backend split \
          every unaligned read into byte loads, shifts and spills (the parser went from about \
          240 instructions to 60), addresses travel as one 32-bit word instead of four bytes, \
