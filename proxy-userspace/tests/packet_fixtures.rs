@@ -2662,32 +2662,7 @@ impl XdpLab {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex (must be 0 for a test run).
         let frame_len = u32::try_from(frame.len()).expect("a small frame");
-        let ctx: Vec<u8> = [0, frame_len, 0, ingress, 0, 0]
-            .iter()
-            .flat_map(|v: &u32| v.to_ne_bytes())
-            .collect();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .lab
-            .datapath
-            .xdp_program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "BPF_PROG_TEST_RUN (XDP) on a {}-byte frame: {e} ({e:?})",
-                    frame.len()
-                )
-            });
-        out.truncate(result.data_size_out as usize);
-        Outcome {
-            verdict: result.return_value,
-            frame: out,
-        }
+        self.test_run(false, frame, &[0, frame_len, 0, ingress, 0, 0])
     }
 
     /// A test run of the external tc program on a frame arriving on
@@ -2695,23 +2670,37 @@ impl XdpLab {
     fn run_tc_on(&mut self, ingress: u32, frame: &[u8]) -> Outcome {
         // struct __sk_buff, zero up to ingress_ifindex (offset 36), then
         // ifindex: the device the test run's skb arrives on.
-        let ctx: Vec<u8> = [[0; 9].as_slice(), &[ingress, ingress]]
-            .concat()
-            .iter()
-            .flat_map(|v: &u32| v.to_ne_bytes())
-            .collect();
+        self.test_run(
+            true,
+            frame,
+            &[[0; 9].as_slice(), &[ingress, ingress]].concat(),
+        )
+    }
+
+    /// One BPF_PROG_TEST_RUN of the external tc program (`tc`) or the XDP
+    /// program on `frame`, with the context `ctx` (its 32-bit words).
+    fn test_run(&mut self, tc: bool, frame: &[u8], ctx: &[u32]) -> Outcome {
+        let ctx: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .lab
-            .datapath
-            .external_tc_program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (external tc): {e} ({e:?})"));
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        let datapath = &mut self.lab.datapath;
+        let result = if tc {
+            datapath.external_tc_program().test_run(options)
+        } else {
+            datapath.xdp_program().test_run(options)
+        };
+        let result = result.unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN ({}) on a {}-byte frame: {e} ({e:?})",
+                if tc { "external tc" } else { "XDP" },
+                frame.len()
+            )
+        });
         out.truncate(result.data_size_out as usize);
         Outcome {
             verdict: result.return_value,
