@@ -2708,6 +2708,22 @@ impl XdpLab {
         }
     }
 
+    /// Opens a flow from the outside client's `client_port` to the
+    /// NodePort whose backend is remote (its SYN checked) and returns the
+    /// flow's next packet, an ACK with data, and the SNAT port it got.
+    fn open_remote_flow(&mut self, client_port: u16) -> (Vec<u8>, u16) {
+        let c = remote_client(client_port);
+        let syn = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Syn, &[]));
+        let out = self.run(&syn);
+        let port = self
+            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("the SYN: {e}"));
+        (
+            from_client(tcp(c, node_port(NP_REMOTE), Tcp::Ack, &[0x5a; 64])),
+            port,
+        )
+    }
+
     /// A frame arriving on xdpin0.
     fn run(&mut self, frame: &[u8]) -> Outcome {
         let ingress = self.in0;
@@ -2973,13 +2989,7 @@ fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
 #[test]
 fn xdp_routes_come_from_a_cache_that_follows_neighbour_changes() {
     with_xdp_lab(|lab| {
-        let c = remote_client(42000);
-        let syn = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Syn, &[]));
-        let out = lab.run(&syn);
-        let port = lab
-            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
-            .unwrap_or_else(|e| panic!("the SYN: {e}"));
-        let ack = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Ack, &[0x5a; 64]));
+        let (ack, port) = lab.open_remote_flow(42000);
         let forwarded_to = |lab: &mut XdpLab, hop_mac: [u8; 6]| {
             let out = lab.run(&ack);
             let expected = lab.forwarded(&ack, (NODE_IP, port), REMOTE_BACKEND, hop_mac);
@@ -3047,13 +3057,7 @@ fn xdp_routes_come_from_a_cache_that_follows_neighbour_changes() {
 #[test]
 fn xdp_and_tc_keep_their_own_route_cache_slots() {
     with_xdp_lab(|lab| {
-        let c = remote_client(42100);
-        let syn = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Syn, &[]));
-        let out = lab.run(&syn);
-        let port = lab
-            .check_new_flow(&syn, &out, XDP_TX, REMOTE_BACKEND)
-            .unwrap_or_else(|e| panic!("the SYN: {e}"));
-        let ack = from_client(tcp(c, node_port(NP_REMOTE), Tcp::Ack, &[0x5a; 64]));
+        let (ack, port) = lab.open_remote_flow(42100);
         let expected = lab.forwarded(&ack, (NODE_IP, port), REMOTE_BACKEND, BACKEND_HOP_MAC);
         // tc leaves the Ethernet header to bpf_redirect_neigh.
         let mut expected_tc = expected.clone();
