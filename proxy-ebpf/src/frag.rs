@@ -7,10 +7,8 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{stat, FragmentKey, FragmentValue};
 
 use crate::maps::{count, FRAGMENTS};
-use crate::packet::{decrement_ttl, Packet as _};
-use crate::parse::{
-    mapped, unmapped, Flow, FragmentId, Ipv4, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF,
-};
+use crate::packet::{decrement_ttl, write_addresses, Packet as _};
+use crate::parse::{mapped, unmapped, Flow, FragmentId, Ipv4, IP_DST_OFF, IP_SRC_OFF};
 
 const OK: i32 = TC_ACT_OK as i32;
 
@@ -58,9 +56,7 @@ pub fn later_fragment(ctx: &TcContext, id: &FragmentId, route_out: bool) -> i32 
     };
     let new_saddr = unmapped(&record.saddr);
     let new_daddr = unmapped(&record.daddr);
-    if !rewrite_address(ctx, IP_SRC_OFF, id.saddr, new_saddr)
-        || !rewrite_address(ctx, IP_DST_OFF, id.daddr, new_daddr)
-    {
+    if write_addresses(ctx, (id.saddr, id.daddr), (new_saddr, new_daddr)).is_none() {
         return aya_ebpf::bindings::TC_ACT_SHOT as i32;
     }
     count(stat::FRAGMENT_NAT);
@@ -80,15 +76,4 @@ pub fn later_fragment(ctx: &TcContext, id: &FragmentId, route_out: bool) -> i32 
         return ctx.forward(&route);
     }
     OK
-}
-
-/// One IPv4 address (a later fragment has no L4 header to fix).
-#[inline(always)]
-fn rewrite_address(ctx: &TcContext, offset: usize, old: Ipv4, new: Ipv4) -> bool {
-    if old == new {
-        return true;
-    }
-    ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 4)
-        .is_ok()
-        && ctx.store(offset, &new, 0).is_ok()
 }

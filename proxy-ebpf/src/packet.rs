@@ -187,40 +187,47 @@ impl Change {
 }
 
 /// Writes `nat`'s addresses and ports over the packet's and updates the
-/// IPv4 header checksum (RFC 1624), by direct packet access, all under one
-/// bounds check; returns what the L4 checksum must take. At tc the headers
-/// were pulled into the linear data (`make_linear`), and the verifier
-/// unclones a cloned skb before a program that writes directly runs (the
-/// byte helpers, `bpf_skb_store_bytes`, cost a call and a memcpy each).
+/// IPv4 header checksum (RFC 1624), by direct packet access; returns what
+/// the L4 checksum must take. At tc the headers were pulled into the
+/// linear data (`make_linear`), and the verifier unclones a cloned skb
+/// before a program that writes directly runs (the byte helpers,
+/// `bpf_skb_store_bytes`, cost a call and a memcpy each).
 #[inline(always)]
 fn write_in_place<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> Option<Change> {
-    // Each span checked where it is used: the verifier bounds a packet
-    // pointer only by a check on that very pointer.
+    let addrs = write_addresses(ctx, (flow.saddr, flow.daddr), (nat.saddr, nat.daddr))?;
+    // Checked on its own: the verifier bounds a packet pointer only by a
+    // check on that very pointer.
+    let at = bytes_at(ctx, flow.l4_start(), 4)?;
+    let ports = (
+        ports_word(flow.sport, flow.dport),
+        ports_word(nat.sport, nat.dport),
+    );
+    // SAFETY: inside the checked span.
+    unsafe { set_field(at, 0, ports.1) };
+    Some(Change { addrs, ports })
+}
+
+/// Writes the source and destination addresses `new` over `old` and
+/// updates the IPv4 header checksum, in place under one bounds check (see
+/// `write_in_place`); returns the two as one 32-bit word each, before and
+/// after (`Change::addrs`). Also for a later fragment, which has no L4
+/// header.
+#[inline(always)]
+pub fn write_addresses<P: Packet>(
+    ctx: &P,
+    old: (Ipv4, Ipv4),
+    new: (Ipv4, Ipv4),
+) -> Option<(u32, u32)> {
     let ip = ipv4_header(ctx)?;
-    let ports = bytes_at(ctx, flow.l4_start(), 4)?;
-    let change = Change {
-        addrs: (
-            csum::add32(flow.saddr, flow.daddr),
-            csum::add32(nat.saddr, nat.daddr),
-        ),
-        ports: (
-            ports_word(flow.sport, flow.dport),
-            ports_word(nat.sport, nat.dport),
-        ),
-    };
-    // SAFETY: every field is inside one of the two checked spans.
+    let addrs = (csum::add32(old.0, old.1), csum::add32(new.0, new.1));
+    // SAFETY: every field is inside the checked IPv4 header.
     unsafe {
-        let addrs = csum::change4(change.addrs.0, change.addrs.1);
-        set_field(
-            ip,
-            IP_CHECK_OFF,
-            csum::apply(field(ip, IP_CHECK_OFF), addrs),
-        );
-        set_field(ip, IP_SRC_OFF, nat.saddr);
-        set_field(ip, IP_DST_OFF, nat.daddr);
-        set_field(ports, 0, change.ports.1);
+        let check = csum::apply(field(ip, IP_CHECK_OFF), csum::change4(addrs.0, addrs.1));
+        set_field(ip, IP_CHECK_OFF, check);
+        set_field(ip, IP_SRC_OFF, new.0);
+        set_field(ip, IP_DST_OFF, new.1);
     }
-    Some(change)
+    Some(addrs)
 }
 
 /// Lowers the IPv4 TTL by one, as forwarding does, and updates the header
