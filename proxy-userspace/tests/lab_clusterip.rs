@@ -99,13 +99,7 @@ fn clusterip_spreads_tcp_and_udp_and_keeps_the_client_address() {
     }
 
     // `kproxy services -o json` lists the frontends with their backends.
-    let out = lab.kproxy_cli(&["services", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = lab.kproxy_json(&["services"]);
     let frontends: Vec<&str> = json
         .as_array()
         .unwrap()
@@ -232,8 +226,7 @@ fn deleted_service_is_refused_and_leaves_no_trace() {
     });
 
     // No trace: kproxy services and bpftool agree.
-    let out = lab.kproxy_cli(&["services", "-o", "json"]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = lab.kproxy_json(&["services"]);
     assert_eq!(json, serde_json::json!([]));
     for map in [
         proxy_common::SERVICES_MAP,

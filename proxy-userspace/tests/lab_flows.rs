@@ -332,13 +332,7 @@ fn a_full_conntrack_map_evicts_and_the_sweep_counts_it() {
 fn busy_connection(args: &[&str]) -> (u64, u64) {
     let lab = lab_with(args, &["b1"]);
     let counters = || {
-        let out = lab.kproxy_cli(&["status", "-o", "json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let json = lab.kproxy_json(&["status"]);
         let get = |name: &str| {
             json["counters"][name]
                 .as_u64()

@@ -446,6 +446,19 @@ impl Lab {
             .expect("run kproxy")
     }
 
+    /// Runs a kproxy subcommand with `-o json` and parses its output,
+    /// failing with its stderr if it fails.
+    pub fn kproxy_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.kproxy_cli(&[args, &["-o", "json"]].concat());
+        assert!(
+            out.status.success(),
+            "kproxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("kproxy {args:?}: not JSON ({e})"))
+    }
+
     /// Writes a manifest atomically (temp file + rename), as kubectl-like
     /// tools and editors do.
     pub fn write_manifest(&self, name: &str, yaml: &str) {
