@@ -32,6 +32,8 @@ pub const FLOW_CACHE_MAP: &str = "FLOW_CACHE_V1";
 /// a new conntrack entry bumps its tuple's, which retires every CPU's
 /// cached translation of that tuple.
 pub const FLOW_GEN_MAP: &str = "FLOW_GEN_V1";
+/// One bit per hash of every IPv4 frontend address ([`AddressFilter`]).
+pub const ADDRESS_FILTER_MAP: &str = "ADDRESS_FILTER_V1";
 
 /// Maps of older layouts a previous kproxy may have pinned; `kproxy cleanup`
 /// and an upgraded daemon remove them. An upgraded daemon first carries the
@@ -90,7 +92,7 @@ impl ConntrackKeyV2 {
 }
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -106,6 +108,7 @@ pub const ALL_MAPS: [&str; 15] = [
     ROUTE_CACHE_MAP,
     FLOW_CACHE_MAP,
     FLOW_GEN_MAP,
+    ADDRESS_FILTER_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -676,6 +679,12 @@ pub const CONFIG_FLAG_ADDRESS_MARKERS: u64 = 1 << 0;
 /// reads its conntrack entry (`kproxy run --no-flow-cache`; the benchmark
 /// measures both ways).
 pub const CONFIG_FLAG_NO_FLOW_CACHE: u64 = 1 << 1;
+/// `ADDRESS_FILTER_V1` holds the bit of every IPv4 frontend address (the
+/// daemon sets this once a sync wrote it): a packet whose destination's
+/// bit is clear is no Service's without any hash lookup. A set bit only
+/// says "maybe" (another address may share it): the address marker
+/// decides.
+pub const CONFIG_FLAG_ADDRESS_FILTER: u64 = 1 << 2;
 /// Bits 8-15 of the flags: the backend epoch. Userspace starts a new one
 /// (adds one) after every sync that deleted map entries, and whenever it
 /// loads the datapath. A UDP flow's datagrams re-check that the flow's
@@ -744,6 +753,7 @@ const _: () = assert!(core::mem::size_of::<ConntrackKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<ConntrackKeyV2>() == 40);
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 56);
 const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);
+const _: () = assert!(ADDRESS_FILTER_WORDS == 1 << 16);
 
 // SAFETY: all types are #[repr(C)], made only of integers and byte arrays,
 // with explicit padding (checked by the size asserts above and bytemuck).
@@ -763,6 +773,45 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for AddressFilter {}
+    unsafe impl bytemuck::Zeroable for AddressFilter {}
+    unsafe impl bytemuck::Pod for AddressFilter {}
+}
+
+/// Words of [`AddressFilter`]: 2^22 bits (512 KiB). At 100 000 frontend
+/// addresses about 2.4% of the bits are set, so about 2.4% of the other
+/// addresses share a bit with one and take the address-marker lookup.
+pub const ADDRESS_FILTER_WORDS: usize = 1 << 16;
+
+/// The value of `ADDRESS_FILTER_V1` (one entry): bit
+/// [`address_filter_slot`] of every IPv4 frontend address is set. The
+/// datapath tests a packet's destination here before any hash lookup
+/// (`CONFIG_FLAG_ADDRESS_FILTER`); userspace rewrites the whole value when
+/// the set of frontend addresses changes. A write racing a read can only
+/// mix old and new bytes, and a bit set in both stays set.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AddressFilter {
+    pub words: [u64; ADDRESS_FILTER_WORDS],
+}
+
+/// Where an IPv4 address (as a number, host order) is in the
+/// [`AddressFilter`]: the word and the bit in it.
+#[inline(always)]
+pub const fn address_filter_slot(addr: u32) -> (usize, u64) {
+    let h = mix(addr);
+    ((h >> 16) as usize, 1 << (h & 63))
+}
+
+/// A stable 32-bit mix of a number (murmur3's finalizer): addresses as
+/// numbers (host order), so every node and version hashes alike.
+#[inline(always)]
+pub const fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// `::ffff:a.b.c.d` for an IPv4 address given in network byte order.

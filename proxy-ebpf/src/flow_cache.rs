@@ -28,13 +28,12 @@
 //!   the slot.
 
 use proxy_common::{
-    stat, ConntrackKey4, DatapathConfig, FlowCacheSlot, CONFIG_FLAG_NO_FLOW_CACHE,
+    mix, stat, ConntrackKey4, DatapathConfig, FlowCacheSlot, CONFIG_FLAG_NO_FLOW_CACHE,
     FLOW_CACHE_EXTERNAL, FLOW_CACHE_REPLY, FLOW_CACHE_ROUTE_OUT, FLOW_CACHE_SLOTS,
     FLOW_CACHE_TO_HOST, FLOW_CACHE_TTL_NS,
 };
 
 use crate::{
-    lb::mix,
     maps::{config, count, FLOW_CACHE, FLOW_GEN},
     parse::{field, set_field, Flow, Ipv4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     service::Nat,

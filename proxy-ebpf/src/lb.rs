@@ -3,8 +3,9 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
-    AffinityKey, AffinityValue, MaglevKey, ServiceKey, ServiceValue, ALG_DH, ALG_LC, ALG_MAGLEV,
-    ALG_NQ, ALG_RR, ALG_SED, ALG_SH, LC_SCAN_MAX, MAGLEV_GEN_BIT, NS_PER_SEC, SVC_FLAG_MAGLEV_GEN,
+    mix, AffinityKey, AffinityValue, MaglevKey, ServiceKey, ServiceValue, ALG_DH, ALG_LC,
+    ALG_MAGLEV, ALG_NQ, ALG_RR, ALG_SED, ALG_SH, LC_SCAN_MAX, MAGLEV_GEN_BIT, NS_PER_SEC,
+    SVC_FLAG_MAGLEV_GEN,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, BACKEND_CONNS, MAGLEV, RR, SERVICES};
@@ -68,17 +69,6 @@ fn by_algorithm(flow: &Flow, key: &ServiceKey, frontend: &ServiceValue) -> Optio
 fn slot_backend(key: &ServiceKey, slot: u16) -> Option<u32> {
     let slot_key = ServiceKey { slot, ..*key };
     unsafe { SERVICES.get(&slot_key) }.map(|s| s.backend_id)
-}
-
-/// A stable 32-bit mix of a number (murmur3's finalizer); addresses as
-/// numbers (host order), so every node and version hashes alike.
-#[inline(always)]
-pub fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// The flow's 5-tuple hash: every packet of a flow, and every kproxy on

@@ -7,11 +7,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, ConntrackKey4, ConntrackValue, DatapathConfig,
-    FlowCacheSlot, FragmentKey, FragmentValue, MaglevKey, RevNatValue, RouteCacheSlot, ServiceKey,
-    ServiceValue, SourceRange, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
-    FLOW_CACHE_SLOTS, FRAGMENTS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES,
-    ROUTE_CACHE_SLOTS, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    AddressFilter, AffinityKey, AffinityValue, BackendValue, ConntrackKey4, ConntrackValue,
+    DatapathConfig, FlowCacheSlot, FragmentKey, FragmentValue, MaglevKey, RevNatValue,
+    RouteCacheSlot, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAX_ENTRIES,
+    BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FLOW_CACHE_SLOTS, FRAGMENTS_MAX_ENTRIES,
+    MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, ROUTE_CACHE_SLOTS, SERVICES_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES,
 };
 
 #[btf_map(name = "SERVICES_V1")]
@@ -73,6 +74,11 @@ pub static FLOW_CACHE: PerCpuArray<FlowCacheSlot, { FLOW_CACHE_SLOTS as usize }>
 /// One generation per flow cache index, shared by all CPUs.
 #[btf_map(name = "FLOW_GEN_V1")]
 pub static FLOW_GEN: Array<u32, { FLOW_CACHE_SLOTS as usize }> = Array::new();
+
+/// Bit `address_filter_slot` of every IPv4 frontend address (see
+/// `service::no_service_at`).
+#[btf_map(name = "ADDRESS_FILTER_V1")]
+pub static ADDRESS_FILTER: Array<AddressFilter, 1> = Array::new();
 
 #[btf_map(name = "CONFIG_V3")]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();

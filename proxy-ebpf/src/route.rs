@@ -22,11 +22,10 @@ use aya_ebpf::{
     },
     helpers::bpf_fib_lookup,
 };
-use proxy_common::{stat, RouteCacheSlot, ROUTE_CACHE_SLOTS, ROUTE_CACHE_TTL_NS};
+use proxy_common::{mix, stat, RouteCacheSlot, ROUTE_CACHE_SLOTS, ROUTE_CACHE_TTL_NS};
 
 use crate::{
     clock::now_ns,
-    lb::mix,
     maps::{config, count, ROUTE_CACHE},
     parse::Ipv4,
 };

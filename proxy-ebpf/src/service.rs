@@ -18,17 +18,17 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
-    addr_eq, stat, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey, SourceRange,
-    BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST,
-    CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
-    LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
+    addr_eq, address_filter_slot, stat, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey,
+    SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_FILTER, CONFIG_FLAG_ADDRESS_MARKERS,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
     clock::now_ns,
     flow_cache, lb,
-    maps::{config, count, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
+    maps::{config, count, ADDRESS_FILTER, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
     packet::{decrement_ttl, Packet},
     parse::{
         clear_addr, mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN,
@@ -112,15 +112,32 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
     finish(ctx, flow, &nat)
 }
 
-/// Every frontend address has a marker: without one a packet is no
-/// Service's, whatever its port, and one lookup says so (most of what a
-/// node carries), here in the entry point, before any call. Until
-/// userspace says every marker is written (a datapath loaded over an older
-/// kproxy's maps), `new_flow` looks the frontend up first.
+/// Whether a packet no flow knows is no Service's, whatever its port (most
+/// of what a node carries), here in the entry point, before any call.
+/// First the address filter: a clear bit says so with one load and no
+/// hash lookup. A set bit (a frontend address, or one sharing its bit)
+/// leaves it to the address marker, which every frontend address has.
+/// Until userspace says the filter and the markers are complete (a
+/// datapath loaded over an older kproxy's maps), `new_flow` looks the
+/// frontend up first.
 #[inline(always)]
 fn no_service_at(config: &DatapathConfig, daddr: Ipv4) -> bool {
+    if config.flags & CONFIG_FLAG_ADDRESS_FILTER != 0 && !may_be_frontend(daddr) {
+        return true;
+    }
     config.flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
         && unsafe { SERVICES.get(ServiceKey::address_marker(mapped(daddr))) }.is_none()
+}
+
+/// The address filter's bit for `daddr` is set. An array lookup, which the
+/// verifier inlines: no call, no hash of the key.
+#[inline(always)]
+fn may_be_frontend(daddr: Ipv4) -> bool {
+    let (word, bit) = address_filter_slot(u32::from_be(daddr));
+    ADDRESS_FILTER
+        .get(0)
+        .and_then(|filter| filter.words.get(word))
+        .map_or(true, |w| w & bit != 0)
 }
 
 /// A packet no tracked flow knows: decide (`new_flow`), take the SNAT

@@ -240,8 +240,8 @@ struct SyncState {
     health_checks: Vec<HealthCheckSpec>,
     /// The desired state, updated by what each sync's snapshot changed.
     model: model::Model,
-    /// `CONFIG_FLAG_ADDRESS_MARKERS` as last written.
-    address_markers_announced: bool,
+    /// `Syncer::datapath_flags` as last written to the datapath config.
+    flags_announced: u64,
 }
 
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -339,17 +339,16 @@ impl SyncState {
                 purge_stale_affinity(datapath, &all);
             }
         }
-        // Once every frontend address has its marker, the datapath may
-        // pass a packet to any other address with one lookup; while one is
-        // missing (a failed write), it looks frontends up first.
-        let markers = syncer.address_markers_complete();
-        if markers != self.address_markers_announced {
+        // Once every frontend address has its marker and its bit in the
+        // address filter, the datapath may pass a packet to any other
+        // address without a frontend lookup; while one is missing (a
+        // failed write), it looks frontends up first.
+        let flags = syncer.datapath_flags();
+        if flags != self.flags_announced {
             let mut datapath_config = config.datapath_config;
-            if markers {
-                datapath_config.flags |= proxy_common::CONFIG_FLAG_ADDRESS_MARKERS;
-            }
+            datapath_config.flags |= flags;
             match datapath.write_config(&datapath_config) {
-                Ok(()) => self.address_markers_announced = markers,
+                Ok(()) => self.flags_announced = flags,
                 Err(err) => {
                     tracing::error!(error = %err, "writing the datapath config failed; retrying on the next sync")
                 }
@@ -392,6 +391,15 @@ impl SyncState {
                 .get_or_create(&KindLabel { kind: kind.into() })
                 .inc();
             tracing::error!(?frontend, error = %err, "frontend keeps its previous state");
+        }
+        // Logged where they failed (`Syncer`).
+        for _ in &report.failed_writes {
+            metrics
+                .sync_errors
+                .get_or_create(&KindLabel {
+                    kind: "map_write".into(),
+                })
+                .inc();
         }
         for err in &report.failed_deletes {
             tracing::warn!(error = %err, "a stale entry could not be deleted; retrying on the next sync");

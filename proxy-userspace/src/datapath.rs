@@ -20,15 +20,16 @@ use aya::programs::{
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKey4, ConntrackKeyV2,
-    ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
-    AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP, BACKEND_CONNS_MAP, CLOCK_PROGRAM, CONFIG_MAP,
-    CONNTRACK_MAP, CONNTRACK_V2_MAP, CONNTRACK_V3_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP,
-    RR_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM,
-    XDP_EXTERNAL_PROGRAM,
+    AddressFilter, AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKey4,
+    ConntrackKeyV2, ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey,
+    ServiceValue, SourceRange, ADDRESS_FILTER_MAP, AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP,
+    BACKEND_CONNS_MAP, CLOCK_PROGRAM, CONFIG_MAP, CONNTRACK_MAP, CONNTRACK_V2_MAP,
+    CONNTRACK_V3_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP,
+    SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
 };
 use thiserror::Error;
 
+use crate::address_filter::AddressFilterBits;
 use crate::sync::{MapContents, MapWriter, SourceRangeKey, WriteError};
 
 mod batch;
@@ -978,6 +979,7 @@ pub struct BpfMaps<'a> {
     rr: BpfHashMap<&'a mut MapData, u32, u64>,
     backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
     source_ranges: LpmTrie<&'a mut MapData, SourceRange, u8>,
+    address_filter: Array<&'a mut MapData, AddressFilter>,
     /// The descriptors of the hash maps `read_all` reads in batches (which
     /// aya does not wrap), owned by the maps above.
     read_fds: ReadFds,
@@ -988,6 +990,7 @@ struct ReadFds {
     backends: RawFd,
     rev_nat: RawFd,
     maglev: RawFd,
+    address_filter: RawFd,
 }
 
 impl<'a> BpfMaps<'a> {
@@ -999,6 +1002,7 @@ impl<'a> BpfMaps<'a> {
         let mut rr = None;
         let mut backend_conns = None;
         let mut source_ranges = None;
+        let mut address_filter = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 SERVICES_MAP => services = Some(map),
@@ -1008,6 +1012,7 @@ impl<'a> BpfMaps<'a> {
                 RR_MAP => rr = Some(map),
                 BACKEND_CONNS_MAP => backend_conns = Some(map),
                 SOURCE_RANGES_MAP => source_ranges = Some(map),
+                ADDRESS_FILTER_MAP => address_filter = Some(map),
                 _ => {}
             }
         }
@@ -1019,7 +1024,7 @@ impl<'a> BpfMaps<'a> {
         };
         let wrap = |name| move |source| DatapathError::Map { name, source };
         let raw = |name, map: &Option<&mut Map>| match map {
-            Some(Map::HashMap(data)) => Ok(data.fd().as_fd().as_raw_fd()),
+            Some(Map::HashMap(data) | Map::Array(data)) => Ok(data.fd().as_fd().as_raw_fd()),
             _ => Err(missing(name)),
         };
         let read_fds = ReadFds {
@@ -1027,6 +1032,7 @@ impl<'a> BpfMaps<'a> {
             backends: raw(BACKENDS_MAP, &backends)?,
             rev_nat: raw(REV_NAT_MAP, &rev_nat)?,
             maglev: raw(MAGLEV_MAP, &maglev)?,
+            address_filter: raw(ADDRESS_FILTER_MAP, &address_filter)?,
         };
         Ok(Self {
             read_fds,
@@ -1047,8 +1053,19 @@ impl<'a> BpfMaps<'a> {
                 source_ranges.ok_or_else(|| missing(SOURCE_RANGES_MAP))?,
             )
             .map_err(wrap(SOURCE_RANGES_MAP))?,
+            address_filter: Array::try_from(
+                address_filter.ok_or_else(|| missing(ADDRESS_FILTER_MAP))?,
+            )
+            .map_err(wrap(ADDRESS_FILTER_MAP))?,
         })
     }
+}
+
+/// The address filter map's one value.
+fn read_address_filter(map: &MapData) -> Result<AddressFilterBits, MapError> {
+    let mut words = vec![0u64; proxy_common::ADDRESS_FILTER_WORDS];
+    batch::lookup_array_into(map, 0, bytemuck::cast_slice_mut(&mut words))?;
+    Ok(AddressFilterBits::from_words(words))
 }
 
 fn write_err(map: &'static str, e: MapError) -> WriteError {
@@ -1063,15 +1080,13 @@ fn write_err(map: &'static str, e: MapError) -> WriteError {
 
 impl MapWriter for BpfMaps<'_> {
     fn read_all(&self) -> Result<MapContents, WriteError> {
-        fn read<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
-            raw: RawFd,
-            name: &'static str,
-        ) -> Result<BTreeMap<K, V>, WriteError> {
+        /// A `MapData` of its own for a map `self`'s aya maps hold (a
+        /// duplicate descriptor), which knows the map's sizes for the raw
+        /// reads' layout checks.
+        fn map_data(raw: RawFd, name: &'static str) -> Result<MapData, WriteError> {
             // SAFETY: the descriptor of a map that `self`'s aya maps hold,
             // borrowed from the `Ebpf` for as long as `self` lives.
             let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-            // A `MapData` of its own (a duplicate), which knows the map's
-            // sizes for the batch read's layout check.
             let dup = fd.try_clone_to_owned().map_err(|io_error| {
                 let call = "fcntl(F_DUPFD_CLOEXEC)";
                 write_err(
@@ -1079,16 +1094,26 @@ impl MapWriter for BpfMaps<'_> {
                     MapError::SyscallError(SyscallError { call, io_error }),
                 )
             })?;
-            let map = MapData::from_fd(dup).map_err(|e| write_err(name, e))?;
+            MapData::from_fd(dup).map_err(|e| write_err(name, e))
+        }
+        fn read<K: bytemuck::Pod + Ord, V: bytemuck::Pod>(
+            raw: RawFd,
+            name: &'static str,
+        ) -> Result<BTreeMap<K, V>, WriteError> {
+            let map = map_data(raw, name)?;
             let entries = read_hash(&map).map_err(|e| write_err(name, e))?;
             Ok(entries.into_iter().collect())
         }
         let fds = &self.read_fds;
+        let name = ADDRESS_FILTER_MAP;
+        let address_filter = read_address_filter(&map_data(fds.address_filter, name)?)
+            .map_err(|e| write_err(name, e))?;
         let mut contents = MapContents {
             services: read(fds.services, SERVICES_MAP)?,
             backends: read(fds.backends, BACKENDS_MAP)?,
             rev_nat: read(fds.rev_nat, REV_NAT_MAP)?,
             maglev: read(fds.maglev, MAGLEV_MAP)?,
+            address_filter: Some(address_filter),
             ..MapContents::default()
         };
         // An LPM trie has no batch ops.
@@ -1152,6 +1177,12 @@ impl MapWriter for BpfMaps<'_> {
     fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
         ignore_missing(self.source_ranges.remove(&LpmKey::new(key.0, key.1)))
             .map_err(|e| write_err(SOURCE_RANGES_MAP, e))
+    }
+
+    fn put_address_filter(&mut self, filter: &AddressFilter) -> Result<(), WriteError> {
+        self.address_filter
+            .set(0, filter, 0)
+            .map_err(|e| write_err(ADDRESS_FILTER_MAP, e))
     }
 }
 
@@ -1223,7 +1254,15 @@ impl PinnedMaps {
             rev_nat: self.dump(REV_NAT_MAP)?,
             maglev: self.dump(MAGLEV_MAP)?,
             source_ranges: self.source_ranges()?,
+            address_filter: Some(self.address_filter()?),
         })
+    }
+
+    fn address_filter(&self) -> Result<AddressFilterBits, DatapathError> {
+        let name = ADDRESS_FILTER_MAP;
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        read_address_filter(&data).map_err(wrap)
     }
 
     fn source_ranges(&self) -> Result<BTreeSet<SourceRangeKey>, DatapathError> {

@@ -2,6 +2,7 @@
 //!
 //! `model` and `sync` are pure; `datapath` is the only module that touches
 //! the kernel; `daemon` wires a source to them.
+pub mod address_filter;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;

@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use proxy_common::{
-    ipv4_mapped, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange,
-    BACKEND_FLAG_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, MAGLEV_GEN_BIT,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_MAGLEV_GEN,
+    ipv4_mapped, AddressFilter, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
+    SourceRange, BACKEND_FLAG_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING,
+    MAGLEV_GEN_BIT, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_MAGLEV_GEN,
     SVC_FLAG_SOURCE_RANGES, SVC_FLAG_VIP_MARKER,
 };
 use thiserror::Error;
 
+use crate::address_filter::AddressFilterBits;
 use crate::maglev::{self, MaglevBackend};
 use crate::model::{Algorithm, DesiredState, FrontendKey, ServicePortName};
 
@@ -29,6 +30,8 @@ pub struct MapContents {
     pub maglev: BTreeMap<MaglevKey, u32>,
     /// `loadBalancerSourceRanges` entries: (LPM prefix length, data).
     pub source_ranges: BTreeSet<SourceRangeKey>,
+    /// The address filter; `None`: unknown (a write failed).
+    pub address_filter: Option<AddressFilterBits>,
 }
 
 /// A `SOURCE_RANGES_V1` key: prefix length in bits and the data it covers.
@@ -81,6 +84,8 @@ pub trait MapWriter {
     fn delete_maglev(&mut self, key: &MaglevKey) -> Result<(), WriteError>;
     fn put_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError>;
     fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError>;
+    /// Replaces the whole address filter (`ADDRESS_FILTER_V1`).
+    fn put_address_filter(&mut self, filter: &AddressFilter) -> Result<(), WriteError>;
 }
 
 /// The 16-byte map form of an address (IPv4 is stored IPv4-mapped).
@@ -115,6 +120,9 @@ pub struct SyncReport {
     pub failed: Vec<(FrontendKey, WriteError)>,
     /// Deletions that failed (retried on the next sync).
     pub failed_deletes: Vec<WriteError>,
+    /// Writes of no one frontend's that failed (the address filter),
+    /// retried on the next sync.
+    pub failed_writes: Vec<WriteError>,
 }
 
 /// The entries one frontend needs.
@@ -242,6 +250,7 @@ impl Mirror {
     fn new(mut contents: MapContents) -> Self {
         let mut mirror = Mirror::default();
         mirror.contents.maglev = std::mem::take(&mut contents.maglev);
+        mirror.contents.address_filter = contents.address_filter.take();
         for (id, value) in &contents.backends {
             mirror.set_backend(*id, *value);
         }
@@ -679,7 +688,10 @@ impl Syncer {
             }
             _ => self.apply_all(writer, desired),
         };
-        if !report.failed.is_empty() || !report.failed_deletes.is_empty() {
+        if !report.failed.is_empty()
+            || !report.failed_deletes.is_empty()
+            || !report.failed_writes.is_empty()
+        {
             // Compare against the maps next time: retries what failed.
             self.applied = None;
         }
@@ -768,6 +780,7 @@ impl Syncer {
             }
             *self.address_users.entry(addr).or_default() += 1;
         }
+        self.write_address_filter(writer, &mut report);
         self.entries = entries.len();
         self.applied = Some(desired.frontends.clone());
         report.frontends = entries.len();
@@ -788,8 +801,14 @@ impl Syncer {
         let mut entries = Vec::new();
         let mut markers: BTreeSet<[u8; 16]> = BTreeSet::new();
         let mut addresses: BTreeSet<[u8; 16]> = BTreeSet::new();
+        // Whether each touched address had a frontend before: the filter
+        // changes only when one gains its first or loses its last.
+        let mut had_frontend: HashMap<[u8; 16], bool> = HashMap::new();
         for key in keys {
             let addr = addr_bytes(key.ip);
+            had_frontend
+                .entry(addr)
+                .or_insert_with(|| self.address_users.get(&addr).is_some_and(|n| *n > 0));
             if let Some(old) = applied.remove(key) {
                 self.ids.release_port(&old.service);
                 self.entries -= if old.kind.is_external() { 2 } else { 1 };
@@ -888,6 +907,12 @@ impl Syncer {
             .copied()
             .collect();
         self.delete_ranges(writer, stale, &mut report);
+        let addresses_changed = had_frontend
+            .iter()
+            .any(|(addr, had)| self.address_users.get(addr).is_some_and(|n| *n > 0) != *had);
+        if addresses_changed || self.mirror.contents.address_filter.is_none() {
+            self.write_address_filter(writer, &mut report);
+        }
 
         // Ids of frontend entries that are gone for good are free again.
         for slot0 in gone_scopes {
@@ -943,6 +968,50 @@ impl Syncer {
     /// `CONFIG_FLAG_ADDRESS_MARKERS`).
     pub fn address_markers_complete(&self) -> bool {
         self.markers_planned && self.missing_address_markers.is_empty()
+    }
+
+    /// The `CONFIG_FLAG_*` bits the datapath may act on after this sync:
+    /// `ADDRESS_MARKERS` once every frontend address has its marker,
+    /// `ADDRESS_FILTER` once the filter holds the bits of them all.
+    pub fn datapath_flags(&self) -> u64 {
+        let mut flags = 0;
+        if self.address_markers_complete() {
+            flags |= proxy_common::CONFIG_FLAG_ADDRESS_MARKERS;
+        }
+        if self.markers_planned && self.mirror.contents.address_filter.is_some() {
+            flags |= proxy_common::CONFIG_FLAG_ADDRESS_FILTER;
+        }
+        flags
+    }
+
+    /// Writes the address filter of the current frontend addresses unless
+    /// the map already holds it. After the frontends' writes and the stale
+    /// deletes: a new address's bit goes in once its entries are there, a
+    /// removed one's goes out once they are gone. A failure is logged and
+    /// leaves the filter untrusted (no `ADDRESS_FILTER` flag) until a later
+    /// sync writes it.
+    fn write_address_filter(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+        let addresses = self
+            .address_users
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(addr, _)| addr);
+        let filter = AddressFilterBits::of(addresses);
+        if self.mirror.contents.address_filter.as_ref() == Some(&filter) {
+            return;
+        }
+        let written = writer.put_address_filter(filter.value());
+        self.mirror.contents.address_filter = match written {
+            Ok(()) => {
+                report.writes += 1;
+                Some(filter)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "writing the address filter failed; retrying on the next sync");
+                report.failed_writes.push(err);
+                None
+            }
+        };
     }
 
     /// "Some frontend has this address", for passing everything else with
@@ -1258,6 +1327,8 @@ pub struct FakeMaps {
     pub ops: Vec<String>,
     pub services_capacity: Option<usize>,
     pub backends_capacity: Option<usize>,
+    /// Fail every address filter write.
+    pub address_filter_broken: bool,
 }
 
 /// Where the first (last) operation matching `pred` is in the log of
@@ -1362,6 +1433,19 @@ impl MapWriter for FakeMaps {
     fn delete_source_range(&mut self, key: &SourceRangeKey) -> Result<(), WriteError> {
         self.ops.push(format!("delete source range /{}", key.0));
         self.contents.source_ranges.remove(key);
+        Ok(())
+    }
+
+    fn put_address_filter(&mut self, filter: &AddressFilter) -> Result<(), WriteError> {
+        if self.address_filter_broken {
+            return Err(WriteError {
+                map: proxy_common::ADDRESS_FILTER_MAP,
+                full: false,
+                message: "injected failure".into(),
+            });
+        }
+        self.ops.push("put address filter".into());
+        self.contents.address_filter = Some(AddressFilterBits::from_words(filter.words.to_vec()));
         Ok(())
     }
 }
@@ -1558,6 +1642,108 @@ mod tests {
         syncer.apply(&mut maps, &desired);
         assert!(marked(&maps, ServiceKey::address_marker(node)));
         assert!(syncer.address_markers_complete());
+        assert_eq!(&maps.contents, syncer.mirror());
+    }
+
+    /// Whether the address filter the fake map holds has `key`'s bit, as
+    /// the datapath tests it.
+    fn filter_has(maps: &FakeMaps, key: FrontendKey) -> bool {
+        let filter = maps.contents.address_filter.as_ref();
+        let IpAddr::V4(v4) = key.ip else {
+            panic!("IPv4 only")
+        };
+        filter.expect("an address filter was written").may_hold(v4)
+    }
+
+    #[test]
+    fn the_address_filter_follows_the_set_of_frontend_addresses() {
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        assert_eq!(
+            syncer.datapath_flags() & proxy_common::CONFIG_FLAG_ADDRESS_FILTER,
+            0
+        );
+        let (a, b, c) = (key(10, 80), key(11, 80), key(12, 80));
+        for k in [a, b, c] {
+            let IpAddr::V4(v4) = k.ip else { unreachable!() };
+            assert!(
+                !AddressFilterBits::of([&addr_bytes(c.ip)]).may_hold(v4) || k == c,
+                "the test's addresses must not share a bit"
+            );
+        }
+        let mut desired = state(&[(a, vec![backend(2)]), (b, vec![backend(3)])]);
+        syncer.apply(&mut maps, &desired);
+        let has = |k| filter_has(&maps, k);
+        assert!(has(a) && has(b) && !has(c));
+        assert_ne!(
+            syncer.datapath_flags() & proxy_common::CONFIG_FLAG_ADDRESS_FILTER,
+            0
+        );
+        // Written once the frontends' entries are in.
+        let filter_at = last_op(&maps.ops, |o| o == "put address filter");
+        assert!(first_op(&maps.ops, |o| o.starts_with("put service")) < filter_at);
+
+        // An endpoint change leaves the addresses as they are: no rewrite.
+        maps.ops.clear();
+        desired = state(&[(a, vec![backend(2), backend(4)]), (b, vec![backend(3)])]);
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!(report.planned, 1);
+        assert!(
+            !maps.ops.iter().any(|o| o == "put address filter"),
+            "{:?}",
+            maps.ops
+        );
+
+        // A frontend goes and one comes: the filter follows, after the
+        // removed frontend's entries are deleted.
+        maps.ops.clear();
+        desired = state(&[(a, vec![backend(2), backend(4)]), (c, vec![backend(5)])]);
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!(report.planned, 2);
+        let has = |k| filter_has(&maps, k);
+        assert!(has(a) && !has(b) && has(c));
+        let filter_at = last_op(&maps.ops, |o| o == "put address filter");
+        assert!(last_op(&maps.ops, |o| o.starts_with("delete service")) < filter_at);
+    }
+
+    #[test]
+    fn a_failed_address_filter_write_is_not_trusted_and_is_retried() {
+        let mut maps = FakeMaps {
+            address_filter_broken: true,
+            ..FakeMaps::default()
+        };
+        let mut syncer = Syncer::new();
+        let desired = state(&[(key(10, 80), vec![backend(2)])]);
+        let report = syncer.apply(&mut maps, &desired);
+        assert_eq!(report.failed_writes.len(), 1);
+        assert_eq!(
+            report.failed_writes[0].map,
+            proxy_common::ADDRESS_FILTER_MAP
+        );
+        assert_eq!(
+            syncer.datapath_flags(),
+            proxy_common::CONFIG_FLAG_ADDRESS_MARKERS,
+            "the markers are in, the filter is not"
+        );
+        maps.address_filter_broken = false;
+        let report = syncer.apply(&mut maps, &desired);
+        assert!(report.failed_writes.is_empty());
+        assert!(filter_has(&maps, key(10, 80)));
+        assert_ne!(
+            syncer.datapath_flags() & proxy_common::CONFIG_FLAG_ADDRESS_FILTER,
+            0
+        );
+
+        // A full resync reads it back: the same filter is not rewritten,
+        // one changed by hand is repaired.
+        syncer.reload(&maps).expect("reload");
+        maps.ops.clear();
+        syncer.apply(&mut maps, &desired);
+        assert!(maps.ops.is_empty(), "{:?}", maps.ops);
+        maps.contents.address_filter = Some(AddressFilterBits::of([]));
+        syncer.reload(&maps).expect("reload");
+        syncer.apply(&mut maps, &desired);
+        assert!(filter_has(&maps, key(10, 80)));
         assert_eq!(&maps.contents, syncer.mirror());
     }
 
@@ -1865,8 +2051,9 @@ mod tests {
         let report = syncer.apply(&mut maps, &smaller);
         assert_eq!(report.planned, 1);
         // Slot 0, three slots, the VIP and address markers, rev-NAT, three
-        // backends.
-        assert_eq!(maps.ops.len(), 10, "{:?}", maps.ops);
+        // backends; then the address filter without the address.
+        assert_eq!(maps.ops.len(), 11, "{:?}", maps.ops);
+        assert_eq!(maps.ops[10], "put address filter");
         assert!(slot0(&maps.contents, gone).is_none());
         assert_eq!(&maps.contents, syncer.mirror());
     }

@@ -227,6 +227,7 @@ impl Lab {
         let pins = PinDir::new();
         let mut datapath = Datapath::load(&pins.path, MapSizes::default())
             .unwrap_or_else(|e| panic!("loading the datapath at {}: {e}", pins.path.display()));
+        let flags;
         {
             let mut maps = datapath
                 .maps()
@@ -239,11 +240,16 @@ impl Lab {
                 report.failed,
                 report.failed_deletes
             );
-            assert!(syncer.address_markers_complete());
+            flags = syncer.datapath_flags();
         }
         // As the daemon does after a clean sync: every fixture runs the
-        // datapath that trusts a missing address marker.
-        set_address_markers(&mut datapath, true);
+        // datapath that trusts the address filter and a missing marker.
+        assert_eq!(
+            flags,
+            proxy_common::CONFIG_FLAG_ADDRESS_MARKERS | proxy_common::CONFIG_FLAG_ADDRESS_FILTER,
+            "a clean sync completes the markers and the address filter"
+        );
+        set_datapath_flags(&mut datapath, flags);
         Self {
             datapath,
             _pins: pins,
@@ -284,14 +290,10 @@ enum Run {
 }
 
 /// Whether the kernel refuses this frame as test-run input (see [`Run`]).
-/// `CONFIG_FLAG_ADDRESS_MARKERS` on or off.
-fn set_address_markers(datapath: &mut Datapath, on: bool) {
+/// The datapath config with these `CONFIG_FLAG_*` bits.
+fn set_datapath_flags(datapath: &mut Datapath, flags: u64) {
     let config = proxy_common::DatapathConfig {
-        flags: if on {
-            proxy_common::CONFIG_FLAG_ADDRESS_MARKERS
-        } else {
-            0
-        },
+        flags,
         ..Default::default()
     };
     datapath
@@ -1809,12 +1811,52 @@ fn an_address_without_its_marker_is_no_service_once_markers_are_announced() {
         Expect::Untouched,
         "without its address marker, the VIP is taken for no Service's",
     );
-    set_address_markers(&mut lab.datapath, false);
+    set_datapath_flags(&mut lab.datapath, 0);
     syn_to_vip(
         &mut lab,
         41102,
         Expect::Dnat(WEB_BACKEND),
         "markers not announced: the frontend is looked up first",
+    );
+}
+
+/// With `CONFIG_FLAG_ADDRESS_FILTER` a packet to an address whose bit is
+/// clear passes at once, before the address-marker lookup. The bits the
+/// syncer writes are the ones the datapath tests (every frontend of the
+/// lab is served with the filter on), and the datapath does test them: an
+/// empty filter hides a VIP whose entries are all there.
+#[test]
+fn a_destination_whose_address_filter_bit_is_clear_is_no_service() {
+    use proxy_userspace::{address_filter::AddressFilterBits, sync::MapWriter as _};
+    let mut lab = Lab::new();
+    let syn_to_vip = |lab: &mut Lab, client_port: u16, expect: Expect, what: &str| {
+        let syn = tcp(client(client_port), (VIP, 80), Tcp::Syn, &[]);
+        let out = lab.run(&syn);
+        ok(check(&fixture("SYN to a VIP", syn, expect), &out), what);
+    };
+    syn_to_vip(
+        &mut lab,
+        41200,
+        Expect::Dnat(WEB_BACKEND),
+        "served: the syncer set the VIP's bit where the datapath looks",
+    );
+    lab.datapath
+        .maps()
+        .expect("the datapath maps")
+        .put_address_filter(AddressFilterBits::of([]).value())
+        .expect("emptying the address filter");
+    syn_to_vip(
+        &mut lab,
+        41201,
+        Expect::Untouched,
+        "with its bit clear, the VIP is taken for no Service's",
+    );
+    set_datapath_flags(&mut lab.datapath, proxy_common::CONFIG_FLAG_ADDRESS_MARKERS);
+    syn_to_vip(
+        &mut lab,
+        41202,
+        Expect::Dnat(WEB_BACKEND),
+        "filter not announced: the address marker decides",
     );
 }
 

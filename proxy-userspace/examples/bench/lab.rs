@@ -37,9 +37,10 @@ impl Lab {
             report.failed_deletes.len()
         );
         // As the daemon does after a clean sync.
-        if syncer.address_markers_complete() {
+        let flags = syncer.datapath_flags();
+        if flags != 0 {
             let config = proxy_common::DatapathConfig {
-                flags: proxy_common::CONFIG_FLAG_ADDRESS_MARKERS,
+                flags,
                 ..Default::default()
             };
             self.datapath

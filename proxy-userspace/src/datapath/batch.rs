@@ -175,3 +175,64 @@ pub(super) fn delete_all<K: Pod>(map: &MapData, keys: &[K]) -> Result<usize, Map
     }
     Ok(deleted)
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// The element-op member of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads entry `index` of the array map `map` into `value`, which must be
+/// the map's value size. aya's `Array::get` returns a value on the stack,
+/// which the address filter (512 KiB) is too big for.
+pub(super) fn lookup_array_into(
+    map: &MapData,
+    index: u32,
+    value: &mut [u8],
+) -> Result<(), MapError> {
+    let info = map.info()?;
+    let map_type = info.map_type()?;
+    if map_type != MapType::Array {
+        return Err(MapError::InvalidMapType {
+            map_type: map_type as u32,
+        });
+    }
+    let expected = info.value_size() as usize;
+    if value.len() != expected {
+        return Err(MapError::InvalidValueSize {
+            size: value.len(),
+            expected,
+        });
+    }
+    let mut attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the
+    // key points at a u32 (an array's key) and the value at a buffer of the
+    // map's value size (checked above), both outliving the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(syscall_error(
+            "bpf_map_lookup_elem",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
