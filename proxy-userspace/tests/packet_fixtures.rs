@@ -235,10 +235,13 @@ impl Lab {
             let mut syncer = Syncer::new();
             let report = syncer.apply(&mut maps, services);
             assert!(
-                report.failed.is_empty() && report.failed_deletes.is_empty(),
-                "programming the lab Services failed: {:?} {:?}",
+                report.failed.is_empty()
+                    && report.failed_deletes.is_empty()
+                    && report.failed_writes.is_empty(),
+                "programming the lab Services failed: {:?} {:?} {:?}",
                 report.failed,
-                report.failed_deletes
+                report.failed_deletes,
+                report.failed_writes
             );
             flags = syncer.datapath_flags();
         }

@@ -30,11 +30,14 @@ impl Lab {
         let mut maps = self.datapath.maps().context("opening the maps")?;
         let report = syncer.apply(&mut maps, state);
         ensure!(
-            report.failed.is_empty() && report.failed_deletes.is_empty(),
-            "programming {} frontends failed: {} frontends, {} deletes (maps too small?)",
+            report.failed.is_empty()
+                && report.failed_deletes.is_empty()
+                && report.failed_writes.is_empty(),
+            "programming {} frontends failed: {} frontends, {} deletes, {:?} (maps too small?)",
             state.frontends.len(),
             report.failed.len(),
-            report.failed_deletes.len()
+            report.failed_deletes.len(),
+            report.failed_writes
         );
         // As the daemon does after a clean sync.
         let flags = syncer.datapath_flags();
