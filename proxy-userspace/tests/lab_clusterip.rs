@@ -219,11 +219,23 @@ fn long_lived_connection_survives_drain_sigkill_restart_and_sigterm() {
 fn deleted_service_is_refused_and_leaves_no_trace() {
     let lab = lab_with_echo_service();
     assert!(lab.tcp_hellos("c", tcp_vip(), 3).iter().all(|h| h.is_ok()));
+    // The daemon announced the address filter, which has the VIP's bit.
+    let filter_flag = proxy_common::CONFIG_FLAG_ADDRESS_FILTER;
+    assert_ne!(lab.datapath_config().flags & filter_flag, 0);
+    let vip_in_filter = |m: &MapContents| {
+        let filter = m.address_filter.as_ref().expect("the address filter");
+        filter.may_hold(VIP)
+    };
+    assert!(vip_in_filter(&lab.maps()));
 
     lab.remove_manifest("echo.yaml");
     lab.wait_maps("service gone", Duration::from_secs(5), |m| {
         m.services.is_empty() && m.backends.is_empty() && m.rev_nat.is_empty()
     });
+    lab.wait_maps("VIP's bit cleared", Duration::from_secs(5), |m| {
+        !vip_in_filter(m)
+    });
+    assert_ne!(lab.datapath_config().flags & filter_flag, 0);
 
     // No trace: kproxy services and bpftool agree.
     let json = lab.kproxy_json(&["services"]);

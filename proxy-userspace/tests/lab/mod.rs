@@ -497,10 +497,14 @@ impl Lab {
     /// The backend epoch the datapath runs in (see
     /// `proxy_common::CONFIG_BACKEND_EPOCH_SHIFT`).
     pub fn backend_epoch(&self) -> u8 {
+        self.datapath_config().backend_epoch()
+    }
+
+    /// The datapath config the daemon last wrote.
+    pub fn datapath_config(&self) -> proxy_common::DatapathConfig {
         PinnedMaps::open(&self.pin_dir)
             .and_then(|m| m.config())
             .expect("read the pinned config")
-            .backend_epoch()
     }
 
     /// Polls `cond` on the pinned maps every 5 ms; returns how long it took.
