@@ -24,14 +24,23 @@ impl AddressFilterBits {
     /// The filter of `addresses` (16-byte map form). IPv6 addresses have no
     /// bit: the datapath tests IPv4 destinations only.
     pub fn of<'a>(addresses: impl IntoIterator<Item = &'a [u8; 16]>) -> Self {
-        let mut words = vec![0u64; ADDRESS_FILTER_WORDS].into_boxed_slice();
+        let words = vec![0u64; ADDRESS_FILTER_WORDS].into_boxed_slice();
+        let mut filter = Self { words };
+        filter.insert_all(addresses);
+        filter
+    }
+
+    /// Sets the bits of `addresses`; whether any was clear.
+    pub fn insert_all<'a>(&mut self, addresses: impl IntoIterator<Item = &'a [u8; 16]>) -> bool {
+        let mut changed = false;
         for addr in addresses {
             if let Some(v4) = Ipv6Addr::from(*addr).to_ipv4_mapped() {
                 let (word, bit) = address_filter_slot(u32::from(v4));
-                words[word] |= bit;
+                changed |= self.words[word] & bit == 0;
+                self.words[word] |= bit;
             }
         }
-        Self { words }
+        changed
     }
 
     /// The filter as read from the map (`ADDRESS_FILTER_WORDS` words).

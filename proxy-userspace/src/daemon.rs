@@ -320,6 +320,22 @@ impl SyncState {
         let changes = syncer.changes(desired);
         let (udp_before, affinity_before) = members(syncer.mirror(), &changes);
         let report = syncer.apply_changes(&mut datapath.maps()?, desired, &changes);
+        // Once every frontend address has its marker and its bit in the
+        // address filter, the datapath may pass a packet to any other
+        // address without a frontend lookup; while one is missing (a
+        // failed write), it looks frontends up first. Right after the apply:
+        // the purges below can take a while.
+        let flags = syncer.datapath_flags();
+        if flags != self.flags_announced {
+            let mut datapath_config = config.datapath_config;
+            datapath_config.flags |= flags;
+            match datapath.write_config(&datapath_config) {
+                Ok(()) => self.flags_announced = flags,
+                Err(err) => {
+                    tracing::error!(error = %err, "writing the datapath config failed; retrying on the next sync")
+                }
+            }
+        }
         if report.deletes > 0 {
             // A backend may have gone: UDP flows re-check theirs.
             if let Err(err) = datapath.new_backend_epoch() {
@@ -337,21 +353,6 @@ impl SyncState {
             let all = conntrack::affinity_members(syncer.mirror());
             if conntrack::affinity_lost_backends(&affinity_before, &all) {
                 purge_stale_affinity(datapath, &all);
-            }
-        }
-        // Once every frontend address has its marker and its bit in the
-        // address filter, the datapath may pass a packet to any other
-        // address without a frontend lookup; while one is missing (a
-        // failed write), it looks frontends up first.
-        let flags = syncer.datapath_flags();
-        if flags != self.flags_announced {
-            let mut datapath_config = config.datapath_config;
-            datapath_config.flags |= flags;
-            match datapath.write_config(&datapath_config) {
-                Ok(()) => self.flags_announced = flags,
-                Err(err) => {
-                    tracing::error!(error = %err, "writing the datapath config failed; retrying on the next sync")
-                }
             }
         }
         let elapsed = started.elapsed();

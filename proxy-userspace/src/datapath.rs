@@ -1254,15 +1254,20 @@ impl PinnedMaps {
             rev_nat: self.dump(REV_NAT_MAP)?,
             maglev: self.dump(MAGLEV_MAP)?,
             source_ranges: self.source_ranges()?,
-            address_filter: Some(self.address_filter()?),
+            address_filter: self.address_filter()?,
         })
     }
 
-    fn address_filter(&self) -> Result<AddressFilterBits, DatapathError> {
+    /// `None` when pins left by an older kproxy have no filter.
+    fn address_filter(&self) -> Result<Option<AddressFilterBits>, DatapathError> {
         let name = ADDRESS_FILTER_MAP;
+        let path = self.pin_dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
         let wrap = |source| DatapathError::Map { name, source };
-        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
-        read_address_filter(&data).map_err(wrap)
+        let data = MapData::from_pin(path).map_err(wrap)?;
+        read_address_filter(&data).map(Some).map_err(wrap)
     }
 
     fn source_ranges(&self) -> Result<BTreeSet<SourceRangeKey>, DatapathError> {

@@ -706,6 +706,7 @@ impl Syncer {
         for (key, frontend) in &desired.frontends {
             plan_frontend(&mut self.ids, key, frontend, &mut entries);
         }
+        self.widen_address_filter(writer, entries.iter().map(|e| &e.slot0.0.addr), &mut report);
         let mut keep: HashSet<ServiceKey> = HashSet::new();
         let mut keep_ranges: HashSet<SourceRangeKey> = HashSet::new();
         let mut wanted_backends: HashSet<u32> = HashSet::new();
@@ -836,6 +837,11 @@ impl Syncer {
                 applied.insert(*key, new.clone());
             }
         }
+        let gained = had_frontend
+            .iter()
+            .filter(|(_, had)| !**had)
+            .map(|(addr, _)| addr);
+        self.widen_address_filter(writer, gained, &mut report);
 
         let mut keep: HashSet<ServiceKey> = HashSet::new();
         let mut keep_ranges: HashSet<SourceRangeKey> = HashSet::new();
@@ -984,6 +990,28 @@ impl Syncer {
         flags
     }
 
+    /// Before the frontends' writes: sets the bits of `adding` (addresses
+    /// that may get their first frontend) in the filter the map holds, so
+    /// that no frontend's entries are there while its bit is clear. Bits of
+    /// addresses on their way out stay until `write_address_filter`. A
+    /// filter the syncer does not know (`None`: the datapath does not
+    /// trust it) is left to `write_address_filter`.
+    fn widen_address_filter<'a>(
+        &mut self,
+        writer: &mut impl MapWriter,
+        adding: impl Iterator<Item = &'a [u8; 16]>,
+        report: &mut SyncReport,
+    ) {
+        let Some(current) = &self.mirror.contents.address_filter else {
+            return;
+        };
+        let mut wider = current.clone();
+        if !wider.insert_all(adding) {
+            return;
+        }
+        self.put_address_filter(writer, wider, report);
+    }
+
     /// Writes the address filter of the current frontend addresses unless
     /// the map already holds it. After the frontends' writes and the stale
     /// deletes: a new address's bit goes in once its entries are there, a
@@ -1000,6 +1028,15 @@ impl Syncer {
         if self.mirror.contents.address_filter.as_ref() == Some(&filter) {
             return;
         }
+        self.put_address_filter(writer, filter, report);
+    }
+
+    fn put_address_filter(
+        &mut self,
+        writer: &mut impl MapWriter,
+        filter: AddressFilterBits,
+        report: &mut SyncReport,
+    ) {
         let written = writer.put_address_filter(filter.value());
         self.mirror.contents.address_filter = match written {
             Ok(()) => {
@@ -1679,9 +1716,6 @@ mod tests {
             syncer.datapath_flags() & proxy_common::CONFIG_FLAG_ADDRESS_FILTER,
             0
         );
-        // Written once the frontends' entries are in.
-        let filter_at = last_op(&maps.ops, |o| o == "put address filter");
-        assert!(first_op(&maps.ops, |o| o.starts_with("put service")) < filter_at);
 
         // An endpoint change leaves the addresses as they are: no rewrite.
         maps.ops.clear();
@@ -1694,16 +1728,33 @@ mod tests {
             maps.ops
         );
 
-        // A frontend goes and one comes: the filter follows, after the
-        // removed frontend's entries are deleted.
+        // A frontend goes and one comes: the new address's bit goes in
+        // before its entries, the old one's goes out after its entries.
         maps.ops.clear();
         desired = state(&[(a, vec![backend(2), backend(4)]), (c, vec![backend(5)])]);
         let report = syncer.apply(&mut maps, &desired);
         assert_eq!(report.planned, 2);
         let has = |k| filter_has(&maps, k);
         assert!(has(a) && !has(b) && has(c));
-        let filter_at = last_op(&maps.ops, |o| o == "put address filter");
-        assert!(last_op(&maps.ops, |o| o.starts_with("delete service")) < filter_at);
+        let is_filter = |o: &str| o == "put address filter";
+        let first_entry = first_op(&maps.ops, |o| o.starts_with("put") && !is_filter(o));
+        assert!(first_op(&maps.ops, is_filter) < first_entry);
+        let deletes_end = last_op(&maps.ops, |o| o.starts_with("delete service"));
+        assert!(deletes_end < last_op(&maps.ops, is_filter));
+        assert_eq!(maps.ops.iter().filter(|o| is_filter(o)).count(), 2);
+
+        // A second frontend on an address that has one: the bit is there.
+        maps.ops.clear();
+        let a_udp = FrontendKey {
+            protocol: Protocol::Udp,
+            ..a
+        };
+        desired
+            .frontends
+            .insert(a_udp, desired.frontends[&a].clone());
+        syncer.apply(&mut maps, &desired);
+        assert!(maps.ops.iter().any(|o| o.starts_with("put service")));
+        assert!(!maps.ops.iter().any(|o| is_filter(o)), "{:?}", maps.ops);
     }
 
     #[test]
