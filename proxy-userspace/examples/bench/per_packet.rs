@@ -439,6 +439,27 @@ fn per_packet(config: &Config) -> Result<PerPacket> {
     })?
 }
 
+/// One Service count's datapath, programmed, with its programs and the
+/// frames its paths are measured with (flows established through it).
+struct CountLab {
+    services: usize,
+    program_time: Duration,
+    lab: Lab,
+    programs: Vec<(Hook, std::os::fd::OwnedFd)>,
+    frames: BTreeMap<Hook, Frames>,
+    /// The source-NATed path's frame, for the hooks that have it.
+    routed: BTreeMap<Hook, Vec<u8>>,
+}
+
+impl CountLab {
+    fn programs(&self) -> Vec<(Hook, BorrowedFd<'_>)> {
+        self.programs
+            .iter()
+            .map(|(h, fd)| (*h, fd.as_fd()))
+            .collect()
+    }
+}
+
 /// `ifindex`: `ROUTED_IF`'s, in the namespace this thread is in.
 fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
     let floors = Floors {
@@ -446,19 +467,18 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
             .context("loading the empty XDP program")?,
         tc: raw::load_empty_tc_program().context("loading the empty tc program")?,
     };
-    let mut counts = Vec::new();
     let mut sizes = BTreeMap::new();
-    let mut profiles = Vec::new();
-    let mut profile_error = None;
-    let last = config.service_counts.last().copied();
+    // Every count's datapath is up at once, so that the repeat runs can
+    // take turns between the counts.
+    let mut labs = Vec::new();
     for &services in &config.service_counts {
-        eprintln!("bench:   {services} Services");
+        eprintln!("bench:   {services} Services: programming");
         let mut lab = Lab::load(&format!("pp{services}"), per_packet_sizes())?;
         let state = per_packet_state(services);
         let start = Instant::now();
         lab.apply(&mut Syncer::new(), &state)?;
         let program_time = start.elapsed();
-        let mut fds = Vec::new();
+        let mut programs = Vec::new();
         for hook in HOOKS {
             let info = match hook {
                 Hook::Tc => lab.datapath.pod_program().info(),
@@ -473,28 +493,50 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
                 Hook::TcExternal => lab.datapath.external_tc_program().fd(),
             };
             let fd = fd.with_context(|| format!("{}'s fd", hook.program()))?;
-            fds.push((hook, fd.as_fd().try_clone_to_owned()?));
+            programs.push((hook, fd.as_fd().try_clone_to_owned()?));
         }
-        let programs: Vec<(Hook, BorrowedFd<'_>)> =
-            fds.iter().map(|(hook, fd)| (*hook, fd.as_fd())).collect();
-        let datapath = &mut lab.datapath;
-        let mut cache = |on: bool| -> Result<()> {
-            let mut c = datapath.read_config()?;
-            c.flags &= !proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
-            if !on {
-                c.flags |= proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
+        let mut frames = BTreeMap::new();
+        let mut routed = BTreeMap::new();
+        for (hook, fd) in &programs {
+            frames.insert(*hook, prepare(*hook, fd.as_fd())?);
+            if hook.single_paths().contains(&ROUTED_PATH) {
+                routed.insert(*hook, prepare_routed(*hook, fd.as_fd(), ifindex)?);
             }
-            Ok(datapath.write_config(&c)?)
-        };
-        let mut result = measure_count(config, &programs, &floors, ifindex, &mut cache)?;
-        result.services = services;
-        result.program_time = program_time;
-        counts.push(result);
-        if Some(services) == last {
-            match profile_paths(config, &programs, ifindex) {
-                Ok(p) => profiles = p,
-                Err(e) => profile_error = Some(format!("{e:#}")),
-            }
+        }
+        labs.push(CountLab {
+            services,
+            program_time,
+            lab,
+            programs,
+            frames,
+            routed,
+        });
+    }
+    eprintln!(
+        "bench:   repeat = {}, {} runs, every count in turn",
+        config.repeat, config.runs
+    );
+    let repeats = measure_repeat(config, &mut labs, &floors)?;
+    let mut counts = Vec::new();
+    for (lab, repeat) in labs.iter().zip(repeats) {
+        eprintln!("bench:   {} Services: new flows", lab.services);
+        let single = measure_single(config, lab, &floors, ifindex)?;
+        counts.push(CountResult {
+            services: lab.services,
+            program_time: lab.program_time,
+            floor: repeat.floor,
+            tc_floor: repeat.tc_floor,
+            repeat: repeat.paths,
+            floor_single: single.floor,
+            single: single.paths,
+        });
+    }
+    let mut profiles = Vec::new();
+    let mut profile_error = None;
+    if let Some(last) = labs.last() {
+        match profile_paths(config, &last.programs(), ifindex) {
+            Ok(p) => profiles = p,
+            Err(e) => profile_error = Some(format!("{e:#}")),
         }
     }
     Ok(PerPacket {
@@ -503,6 +545,16 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
         profiles,
         profile_error,
     })
+}
+
+/// Turns a datapath's flow cache on or off.
+fn set_flow_cache(datapath: &mut Datapath, on: bool) -> Result<()> {
+    let mut c = datapath.read_config()?;
+    c.flags &= !proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
+    if !on {
+        c.flags |= proxy_common::CONFIG_FLAG_NO_FLOW_CACHE;
+    }
+    Ok(datapath.write_config(&c)?)
 }
 
 struct Floors {
@@ -603,37 +655,92 @@ type Case<'a> = (
     Option<(Hook, &'static str)>,
     &'static str,
     BorrowedFd<'a>,
-    &'a [u8],
+    Vec<u8>,
     u32,
     // Run with the flow cache off.
     bool,
 );
 
-/// `cache`: turns the datapath's flow cache on or off.
-fn measure_count(
+/// Kernel and wall-clock times per case name.
+type Samples = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
+
+/// Medians of one count's repeat runs.
+struct RepeatResult {
+    floor: Stat,
+    tc_floor: Stat,
+    paths: BTreeMap<(Hook, &'static str), Stat>,
+}
+
+/// Every path of every count with repeat, the floors beside each count's:
+/// each run measures every case of every count once, so drift and bursts
+/// of load on this shared machine hit all counts alike instead of
+/// whichever count was being measured at the time.
+fn measure_repeat(
     config: &Config,
-    programs: &[(Hook, BorrowedFd<'_>)],
+    labs: &mut [CountLab],
     floors: &Floors,
-    ifindex: u32,
-    cache: &mut dyn FnMut(bool) -> Result<()>,
-) -> Result<CountResult> {
-    let mut frames = BTreeMap::new();
-    let mut routed = BTreeMap::new();
-    for &(hook, fd) in programs {
-        frames.insert(hook, prepare(hook, fd)?);
-        if hook.single_paths().contains(&ROUTED_PATH) {
-            routed.insert(hook, prepare_routed(hook, fd, ifindex)?);
+) -> Result<Vec<RepeatResult>> {
+    let mut out = vec![0u8; 512];
+    let mut samples: Vec<Samples> = labs.iter().map(|_| Samples::new()).collect();
+    for _ in 0..config.runs {
+        for (count, samples) in labs.iter_mut().zip(samples.iter_mut()) {
+            let CountLab {
+                lab,
+                programs,
+                frames,
+                ..
+            } = count;
+            for (key, label, fd, frame, verdict, cache_off) in
+                repeat_cases(programs, frames, floors)?
+            {
+                if cache_off {
+                    set_flow_cache(&mut lab.datapath, false)?;
+                }
+                let run = raw::test_run(fd, &frame, &mut out, config.repeat);
+                if cache_off {
+                    set_flow_cache(&mut lab.datapath, true)?;
+                }
+                let run = run?;
+                ensure!(run.retval == verdict, "{label}: verdict {}", run.retval);
+                let name = key.map_or(label.to_string(), |(h, p)| format!("{} {p}", h.short()));
+                let entry = samples.entry(name).or_default();
+                entry.0.push(f64::from(run.kernel_ns));
+                entry.1.push(run.wall_ns);
+            }
         }
     }
-    // (label, program, frame, expected verdict); the floors run the tc
-    // established frame, which they do not look at.
-    let reference = &frames[&Hook::Tc].established;
-    let mut cases: Vec<Case<'_>> = vec![
+    let mut results = Vec::new();
+    for (lab, mut samples) in labs.iter().zip(samples) {
+        let mut take = |name: &str| samples.get_mut(name).map(median_stat).unwrap_or_default();
+        let mut paths = BTreeMap::new();
+        for (hook, _) in &lab.programs {
+            for path in REPEAT_PATHS {
+                paths.insert((*hook, path), take(&format!("{} {path}", hook.short())));
+            }
+        }
+        results.push(RepeatResult {
+            floor: take("XDP floor"),
+            tc_floor: take("tc floor"),
+            paths,
+        });
+    }
+    Ok(results)
+}
+
+/// One count's repeat cases: the floors (which run the tc established
+/// frame, which they do not look at), then every path of every program.
+fn repeat_cases<'a>(
+    programs: &'a [(Hook, std::os::fd::OwnedFd)],
+    frames: &BTreeMap<Hook, Frames>,
+    floors: &'a Floors,
+) -> Result<Vec<Case<'a>>> {
+    let reference = frames[&Hook::Tc].established.clone();
+    let mut cases: Vec<Case<'a>> = vec![
         (
             None,
             "XDP floor",
             floors.xdp.as_fd(),
-            reference,
+            reference.clone(),
             raw::XDP_PASS,
             false,
         ),
@@ -646,52 +753,55 @@ fn measure_count(
             false,
         ),
     ];
-    for &(hook, fd) in programs {
+    for (hook, fd) in programs {
+        let (hook, fd) = (*hook, fd.as_fd());
         let paths = frames[&hook].paths();
         for (path, frame) in paths {
-            cases.push((Some((hook, path)), path, fd, frame, hook.pass(), false));
+            cases.push((
+                Some((hook, path)),
+                path,
+                fd,
+                frame.clone(),
+                hook.pass(),
+                false,
+            ));
         }
         for (path, like) in CONNTRACK_PATHS {
             let frame = paths.iter().find(|(p, _)| *p == like).map(|(_, f)| *f);
             let frame = frame.context("the frame of a conntrack path")?;
-            cases.push((Some((hook, path)), path, fd, frame, hook.pass(), true));
+            cases.push((
+                Some((hook, path)),
+                path,
+                fd,
+                frame.clone(),
+                hook.pass(),
+                true,
+            ));
         }
     }
-    let mut samples: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    let mut out = vec![0u8; 512];
-    // Interleaved: every run measures every case once, so drift on this
-    // shared machine hits all of them alike.
-    for _ in 0..config.runs {
-        for (key, label, fd, frame, verdict, cache_off) in &cases {
-            if *cache_off {
-                cache(false)?;
-            }
-            let run = raw::test_run(*fd, frame, &mut out, config.repeat);
-            if *cache_off {
-                cache(true)?;
-            }
-            let run = run?;
-            ensure!(run.retval == *verdict, "{label}: verdict {}", run.retval);
-            let name = key.map_or(label.to_string(), |(h, p)| format!("{} {p}", h.short()));
-            let entry = samples.entry(name).or_default();
-            entry.0.push(f64::from(run.kernel_ns));
-            entry.1.push(run.wall_ns);
-        }
-    }
-    let mut take = |name: &str| samples.get_mut(name).map(median_stat).unwrap_or_default();
-    let floor = take("XDP floor");
-    let tc_floor = take("tc floor");
-    let mut repeat = BTreeMap::new();
-    for &(hook, _) in programs {
-        for path in REPEAT_PATHS {
-            repeat.insert((hook, path), take(&format!("{} {path}", hook.short())));
-        }
-    }
+    Ok(cases)
+}
 
-    // New flows: one call per SYN, each from a new source port, so every
-    // call creates a flow (repeat would turn the 2nd run into an
-    // established hit). The floor and the established path are measured
-    // the same way, interleaved, for a like-for-like ratio.
+/// Medians of one count's repeat-1 runs.
+struct SingleResult {
+    floor: Stat,
+    paths: BTreeMap<(Hook, &'static str), Stat>,
+}
+
+/// New flows: one call per SYN, each from a new source port, so every
+/// call creates a flow (repeat would turn the 2nd run into an established
+/// hit). The floor, the established path and the source-NATed path are
+/// measured the same way, interleaved, for a like-for-like ratio.
+fn measure_single(
+    config: &Config,
+    lab: &CountLab,
+    floors: &Floors,
+    ifindex: u32,
+) -> Result<SingleResult> {
+    let programs = lab.programs();
+    let (frames, routed) = (&lab.frames, &lab.routed);
+    let reference = &frames[&Hook::Tc].established;
+    let mut out = vec![0u8; 512];
     let backends = new_flow_backends();
     let mut single: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut record = |name: String, run: &raw::Run| {
@@ -700,7 +810,7 @@ fn measure_count(
         e.1.push(run.wall_ns);
     };
     for i in 0..config.new_flows {
-        for &(hook, fd) in programs {
+        for &(hook, fd) in &programs {
             // Distinct clients per hook: each SYN is new to the shared map.
             let n = i * HOOKS.len() + hook.index();
             let sport = 1024 + (n % 60_000) as u16;
@@ -740,22 +850,14 @@ fn measure_count(
         record("XDP floor".into(), &run);
     }
     let mut take = |name: &str| single.get_mut(name).map(median_stat).unwrap_or_default();
-    let floor_single = take("XDP floor");
-    let mut single_stats = BTreeMap::new();
-    for &(hook, _) in programs {
+    let floor = take("XDP floor");
+    let mut paths = BTreeMap::new();
+    for &(hook, _) in &programs {
         for &path in hook.single_paths() {
-            single_stats.insert((hook, path), take(&format!("{} {path}", hook.short())));
+            paths.insert((hook, path), take(&format!("{} {path}", hook.short())));
         }
     }
-    Ok(CountResult {
-        services: 0,
-        program_time: Duration::ZERO,
-        floor,
-        floor_single,
-        tc_floor,
-        repeat,
-        single: single_stats,
-    })
+    Ok(SingleResult { floor, paths })
 }
 fn write_plots(docs: &Path, pp: &PerPacket) -> Result<()> {
     let groups: Vec<String> = pp
@@ -1035,14 +1137,17 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
     );
     let _ = writeln!(
         md,
-        "Method: every case is run with repeat = {} ({} runs, interleaved, median). The kernel \
+        "Method: every case is run with repeat = {} ({} runs, median). The datapaths of all \
+         Service counts are loaded and programmed first, then each run measures every case of \
+         every count once (interleaved), so drift and bursts of load on this shared machine hit \
+         all counts alike rather than whichever count was being measured then. The kernel \
          reports the average time per repeat in whole nanoseconds (`bpf_test_timer`, which \
          leaves out time spent rescheduled); the bench also records wall time around the \
          syscall divided by repeat (in parentheses). Ratios use the kernel numbers. The \
          scaling targets compare a path's cost at the largest and the smallest count; its \
-         ratio to the floor is shown beside it (that would cancel the machine's drift between \
-         counts measured minutes apart, but the floor, about 22 whole ns, itself moves by 1-2 \
-         ns between counts).\n",
+         ratio to the floor is shown beside it (the floor, about 22 whole ns, moves by 1-2 ns \
+         between counts). New flows are measured count after count, each on its own \
+         datapath.\n",
         config.repeat, config.runs
     );
     let _ = writeln!(
@@ -1248,9 +1353,9 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
                 let (from, to) = (first.ns(hook, path, single), last.ns(hook, path, single));
                 // The target's own terms: the cost itself (the verdict).
                 // Relative to the floor measured beside it, the machine's
-                // drift between counts measured minutes apart would cancel,
-                // but the floor's own spread between counts (1-2 ns of
-                // about 22, whole ns) comes in instead: shown as a check.
+                // drift between counts would cancel, but the floor's own
+                // spread between counts (1-2 ns of about 22, whole ns)
+                // comes in instead: shown as a check.
                 let growth = to / from - 1.0;
                 let normalized =
                     last.ratio(hook, path, single) / first.ratio(hook, path, single) - 1.0;
