@@ -442,7 +442,8 @@ fn per_packet(config: &Config) -> Result<PerPacket> {
 /// One Service count's datapath, programmed, with its programs and the
 /// frames its paths are measured with (flows established through it).
 struct CountLab {
-    services: usize,
+    /// Index into `Config::service_counts`.
+    count: usize,
     program_time: Duration,
     lab: Lab,
     programs: Vec<(Hook, std::os::fd::OwnedFd)>,
@@ -468,62 +469,78 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
         tc: raw::load_empty_tc_program().context("loading the empty tc program")?,
     };
     let mut sizes = BTreeMap::new();
-    // Every count's datapath is up at once, so that the repeat runs can
-    // take turns between the counts.
+    // Every count's datapaths are up at once, so that the repeat runs can
+    // take turns between the counts; several per count, because one load
+    // can run a path 10-30% slower or faster than another load of the same
+    // object with the same maps (where its code and data land), which is
+    // not what the counts compare.
     let mut labs = Vec::new();
-    for &services in &config.service_counts {
-        eprintln!("bench:   {services} Services: programming");
-        let mut lab = Lab::load(&format!("pp{services}"), per_packet_sizes())?;
-        let state = per_packet_state(services);
-        let start = Instant::now();
-        lab.apply(&mut Syncer::new(), &state)?;
-        let program_time = start.elapsed();
-        let mut programs = Vec::new();
-        for hook in HOOKS {
-            let info = match hook {
-                Hook::Tc => lab.datapath.pod_program().info(),
-                Hook::Xdp => lab.datapath.xdp_program().info(),
-                Hook::TcExternal => lab.datapath.external_tc_program().info(),
-            };
-            let info = info.with_context(|| format!("reading {}'s info", hook.program()))?;
-            sizes.insert(hook, program_size(&info));
-            let fd = match hook {
-                Hook::Tc => lab.datapath.pod_program().fd(),
-                Hook::Xdp => lab.datapath.xdp_program().fd(),
-                Hook::TcExternal => lab.datapath.external_tc_program().fd(),
-            };
-            let fd = fd.with_context(|| format!("{}'s fd", hook.program()))?;
-            programs.push((hook, fd.as_fd().try_clone_to_owned()?));
-        }
-        let mut frames = BTreeMap::new();
-        let mut routed = BTreeMap::new();
-        for (hook, fd) in &programs {
-            frames.insert(*hook, prepare(*hook, fd.as_fd())?);
-            if hook.single_paths().contains(&ROUTED_PATH) {
-                routed.insert(*hook, prepare_routed(*hook, fd.as_fd(), ifindex)?);
+    for (count, &services) in config.service_counts.iter().enumerate() {
+        for instance in 0..config.datapaths_per_count {
+            eprintln!(
+                "bench:   {services} Services: programming datapath {}",
+                instance + 1
+            );
+            let mut lab = Lab::load(&format!("pp{services}-{instance}"), per_packet_sizes())?;
+            let state = per_packet_state(services);
+            let start = Instant::now();
+            lab.apply(&mut Syncer::new(), &state)?;
+            let program_time = start.elapsed();
+            let mut programs = Vec::new();
+            for hook in HOOKS {
+                let info = match hook {
+                    Hook::Tc => lab.datapath.pod_program().info(),
+                    Hook::Xdp => lab.datapath.xdp_program().info(),
+                    Hook::TcExternal => lab.datapath.external_tc_program().info(),
+                };
+                let info = info.with_context(|| format!("reading {}'s info", hook.program()))?;
+                sizes.insert(hook, program_size(&info));
+                let fd = match hook {
+                    Hook::Tc => lab.datapath.pod_program().fd(),
+                    Hook::Xdp => lab.datapath.xdp_program().fd(),
+                    Hook::TcExternal => lab.datapath.external_tc_program().fd(),
+                };
+                let fd = fd.with_context(|| format!("{}'s fd", hook.program()))?;
+                programs.push((hook, fd.as_fd().try_clone_to_owned()?));
             }
+            let mut frames = BTreeMap::new();
+            let mut routed = BTreeMap::new();
+            for (hook, fd) in &programs {
+                frames.insert(*hook, prepare(*hook, fd.as_fd())?);
+                if hook.single_paths().contains(&ROUTED_PATH) {
+                    routed.insert(*hook, prepare_routed(*hook, fd.as_fd(), ifindex)?);
+                }
+            }
+            labs.push(CountLab {
+                count,
+                program_time,
+                lab,
+                programs,
+                frames,
+                routed,
+            });
         }
-        labs.push(CountLab {
-            services,
-            program_time,
-            lab,
-            programs,
-            frames,
-            routed,
-        });
     }
     eprintln!(
-        "bench:   repeat = {}, {} runs, every count in turn",
+        "bench:   repeat = {}, {} runs, every datapath in turn",
         config.repeat, config.runs
     );
     let repeats = measure_repeat(config, &mut labs, &floors)?;
     let mut counts = Vec::new();
-    for (lab, repeat) in labs.iter().zip(repeats) {
-        eprintln!("bench:   {} Services: new flows", lab.services);
-        let single = measure_single(config, lab, &floors, ifindex)?;
+    for (count, (&services, repeat)) in config.service_counts.iter().zip(repeats).enumerate() {
+        eprintln!("bench:   {services} Services: new flows");
+        let mut single = Samples::new();
+        let mut program_times = Vec::new();
+        for lab in labs.iter().filter(|l| l.count == count) {
+            let flows = config.new_flows.div_ceil(config.datapaths_per_count);
+            measure_single(lab, flows, &floors, ifindex, &mut single)?;
+            program_times.push(lab.program_time);
+        }
+        program_times.sort();
+        let single = single_medians(&mut single);
         counts.push(CountResult {
-            services: lab.services,
-            program_time: lab.program_time,
+            services,
+            program_time: program_times[program_times.len() / 2],
             floor: repeat.floor,
             tc_floor: repeat.tc_floor,
             repeat: repeat.paths,
@@ -681,15 +698,22 @@ fn measure_repeat(
     floors: &Floors,
 ) -> Result<Vec<RepeatResult>> {
     let mut out = vec![0u8; 512];
-    let mut samples: Vec<Samples> = labs.iter().map(|_| Samples::new()).collect();
+    // Pooled per count: every datapath of a count adds its runs.
+    let mut samples: Vec<Samples> = config
+        .service_counts
+        .iter()
+        .map(|_| Samples::new())
+        .collect();
     for _ in 0..config.runs {
-        for (count, samples) in labs.iter_mut().zip(samples.iter_mut()) {
+        for count in labs.iter_mut() {
             let CountLab {
+                count,
                 lab,
                 programs,
                 frames,
                 ..
             } = count;
+            let samples = &mut samples[*count];
             for (key, label, fd, frame, verdict, cache_off) in
                 repeat_cases(programs, frames, floors)?
             {
@@ -710,12 +734,12 @@ fn measure_repeat(
         }
     }
     let mut results = Vec::new();
-    for (lab, mut samples) in labs.iter().zip(samples) {
+    for mut samples in samples {
         let mut take = |name: &str| samples.get_mut(name).map(median_stat).unwrap_or_default();
         let mut paths = BTreeMap::new();
-        for (hook, _) in &lab.programs {
+        for hook in HOOKS {
             for path in REPEAT_PATHS {
-                paths.insert((*hook, path), take(&format!("{} {path}", hook.short())));
+                paths.insert((hook, path), take(&format!("{} {path}", hook.short())));
             }
         }
         results.push(RepeatResult {
@@ -792,24 +816,25 @@ struct SingleResult {
 /// call creates a flow (repeat would turn the 2nd run into an established
 /// hit). The floor, the established path and the source-NATed path are
 /// measured the same way, interleaved, for a like-for-like ratio.
+/// `flows` SYNs through `lab`'s programs; the times go to `single`.
 fn measure_single(
-    config: &Config,
     lab: &CountLab,
+    flows: usize,
     floors: &Floors,
     ifindex: u32,
-) -> Result<SingleResult> {
+    single: &mut Samples,
+) -> Result<()> {
     let programs = lab.programs();
     let (frames, routed) = (&lab.frames, &lab.routed);
     let reference = &frames[&Hook::Tc].established;
     let mut out = vec![0u8; 512];
     let backends = new_flow_backends();
-    let mut single: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut record = |name: String, run: &raw::Run| {
         let e = single.entry(name).or_default();
         e.0.push(f64::from(run.kernel_ns));
         e.1.push(run.wall_ns);
     };
-    for i in 0..config.new_flows {
+    for i in 0..flows {
         for &(hook, fd) in &programs {
             // Distinct clients per hook: each SYN is new to the shared map.
             let n = i * HOOKS.len() + hook.index();
@@ -849,15 +874,20 @@ fn measure_single(
         let run = raw::test_run(floors.xdp.as_fd(), reference, &mut out, 1)?;
         record("XDP floor".into(), &run);
     }
+    Ok(())
+}
+
+/// The medians of one count's repeat-1 samples.
+fn single_medians(single: &mut Samples) -> SingleResult {
     let mut take = |name: &str| single.get_mut(name).map(median_stat).unwrap_or_default();
     let floor = take("XDP floor");
     let mut paths = BTreeMap::new();
-    for &(hook, _) in &programs {
+    for hook in HOOKS {
         for &path in hook.single_paths() {
             paths.insert((hook, path), take(&format!("{} {path}", hook.short())));
         }
     }
-    Ok(SingleResult { floor, paths })
+    SingleResult { floor, paths }
 }
 fn write_plots(docs: &Path, pp: &PerPacket) -> Result<()> {
     let groups: Vec<String> = pp
@@ -1137,18 +1167,21 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
     );
     let _ = writeln!(
         md,
-        "Method: every case is run with repeat = {} ({} runs, median). The datapaths of all \
-         Service counts are loaded and programmed first, then each run measures every case of \
-         every count once (interleaved), so drift and bursts of load on this shared machine hit \
-         all counts alike rather than whichever count was being measured then. The kernel \
+        "Method: every case is run with repeat = {} ({} runs, median). Each Service count \
+         gets {} datapaths, loaded and programmed alike (one load can run a path 10-30% slower \
+         or faster than another load of the same object and maps, by where its code and data \
+         land, which is not what the counts compare), and all of them are up before the \
+         measuring starts. Each run then measures every case on every datapath once \
+         (interleaved), so drift and bursts of load on this shared machine hit all counts \
+         alike; a count's figure is the median of its datapaths' runs together. The kernel \
          reports the average time per repeat in whole nanoseconds (`bpf_test_timer`, which \
          leaves out time spent rescheduled); the bench also records wall time around the \
          syscall divided by repeat (in parentheses). Ratios use the kernel numbers. The \
          scaling targets compare a path's cost at the largest and the smallest count; its \
          ratio to the floor is shown beside it (the floor, about 22 whole ns, moves by 1-2 ns \
-         between counts). New flows are measured count after count, each on its own \
-         datapath.\n",
-        config.repeat, config.runs
+         between counts). New flows are measured count after count, shared out between the \
+         count's datapaths. The programming time is the median of the count's datapaths.\n",
+        config.repeat, config.runs, config.datapaths_per_count
     );
     let _ = writeln!(
         md,
