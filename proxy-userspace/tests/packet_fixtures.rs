@@ -1787,6 +1787,13 @@ fn non_service_traffic_passes_byte_identical() {
     );
 }
 
+/// A SYN from `client_port` to the VIP's port 80 gets `expect`.
+fn syn_to_vip(lab: &mut Lab, client_port: u16, expect: Expect, what: &str) {
+    let syn = tcp(client(client_port), (VIP, 80), Tcp::Syn, &[]);
+    let out = lab.run(&syn);
+    ok(check(&fixture("SYN to a VIP", syn, expect), &out), what);
+}
+
 /// With `CONFIG_FLAG_ADDRESS_MARKERS` a packet to an address without an
 /// address marker passes at once, without a frontend lookup; without the
 /// flag (a datapath loaded over an older kproxy's maps, before the first
@@ -1794,11 +1801,6 @@ fn non_service_traffic_passes_byte_identical() {
 #[test]
 fn an_address_without_its_marker_is_no_service_once_markers_are_announced() {
     let mut lab = Lab::new();
-    let syn_to_vip = |lab: &mut Lab, client_port: u16, expect: Expect, what: &str| {
-        let syn = tcp(client(client_port), (VIP, 80), Tcp::Syn, &[]);
-        let out = lab.run(&syn);
-        ok(check(&fixture("SYN to a VIP", syn, expect), &out), what);
-    };
     syn_to_vip(
         &mut lab,
         41100,
@@ -1832,11 +1834,6 @@ fn an_address_without_its_marker_is_no_service_once_markers_are_announced() {
 fn a_destination_whose_address_filter_bit_is_clear_is_no_service() {
     use proxy_userspace::{address_filter::AddressFilterBits, sync::MapWriter as _};
     let mut lab = Lab::new();
-    let syn_to_vip = |lab: &mut Lab, client_port: u16, expect: Expect, what: &str| {
-        let syn = tcp(client(client_port), (VIP, 80), Tcp::Syn, &[]);
-        let out = lab.run(&syn);
-        ok(check(&fixture("SYN to a VIP", syn, expect), &out), what);
-    };
     syn_to_vip(
         &mut lab,
         41200,

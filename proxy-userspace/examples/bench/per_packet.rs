@@ -780,27 +780,23 @@ fn repeat_cases<'a>(
     for (hook, fd) in programs {
         let (hook, fd) = (*hook, fd.as_fd());
         let paths = frames[&hook].paths();
-        for (path, frame) in paths {
-            cases.push((
+        let mut push = |path, frame: &[u8], cache_off| {
+            let case = (
                 Some((hook, path)),
                 path,
                 fd,
-                frame.clone(),
+                frame.to_vec(),
                 hook.pass(),
-                false,
-            ));
+                cache_off,
+            );
+            cases.push(case);
+        };
+        for (path, frame) in paths {
+            push(path, frame, false);
         }
         for (path, like) in CONNTRACK_PATHS {
             let frame = paths.iter().find(|(p, _)| *p == like).map(|(_, f)| *f);
-            let frame = frame.context("the frame of a conntrack path")?;
-            cases.push((
-                Some((hook, path)),
-                path,
-                fd,
-                frame.clone(),
-                hook.pass(),
-                true,
-            ));
+            push(path, frame.context("the frame of a conntrack path")?, true);
         }
     }
     Ok(cases)
