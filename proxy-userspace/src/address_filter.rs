@@ -21,6 +21,9 @@ impl std::fmt::Debug for AddressFilterBits {
 }
 
 impl AddressFilterBits {
+    /// Bits in all.
+    pub const BITS: u32 = (ADDRESS_FILTER_WORDS * 64) as u32;
+
     /// The filter of `addresses` (16-byte map form). IPv6 addresses have no
     /// bit: the datapath tests IPv4 destinations only.
     pub fn of<'a>(addresses: impl IntoIterator<Item = &'a [u8; 16]>) -> Self {

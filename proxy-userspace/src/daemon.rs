@@ -17,6 +17,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
+use crate::address_filter::AddressFilterBits;
 use crate::conntrack;
 use crate::datapath::{Datapath, MapSizes, XdpMode};
 use crate::healthcheck::{HealthCheckServers, HealthCheckSpec};
@@ -423,6 +424,15 @@ impl SyncState {
             mirror.rev_nat.len(),
             config.map_sizes.rev_nat,
         );
+        if let Some(filter) = &mirror.address_filter {
+            // Bits set over all bits: the share of other addresses whose
+            // packets still take the address-marker lookup.
+            metrics.set_map(
+                proxy_common::ADDRESS_FILTER_MAP,
+                filter.bits_set() as usize,
+                AddressFilterBits::BITS,
+            );
+        }
     }
 
     /// kube-proxy's network programming latency: from the EndpointSlice

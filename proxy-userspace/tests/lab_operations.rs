@@ -95,6 +95,12 @@ fn health_metrics_and_proxy_mode_are_served() {
     );
     let ratio = metric_value(&metrics, "kproxy_map_fill_ratio{map=\"SERVICES_V1\"}").unwrap();
     assert!(ratio > 0.0 && ratio < 0.01, "{ratio}");
+    // The address filter: one bit for the one frontend address, of 2^22.
+    let filter = "{map=\"ADDRESS_FILTER_V1\"}";
+    let bits = metric_value(&metrics, &format!("kproxy_map_entries{filter}"));
+    assert_eq!(bits, Some(1.0), "{metrics}");
+    let ratio = metric_value(&metrics, &format!("kproxy_map_fill_ratio{filter}")).unwrap();
+    assert_eq!(ratio, 1.0 / f64::from(1u32 << 22));
     // Every connection's SYN, ACK, data... went through DNAT.
     let dnat = metric_value(&metrics, "kproxy_datapath_packets_total{reason=\"dnat\"}").unwrap();
     assert!(dnat >= 10.0, "dnat={dnat}\n{metrics}");
