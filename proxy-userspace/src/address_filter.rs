@@ -12,11 +12,13 @@ use proxy_common::{address_filter_slot, AddressFilter, ADDRESS_FILTER_WORDS};
 #[derive(Clone, PartialEq, Eq)]
 pub struct AddressFilterBits {
     words: Box<[u64]>,
+    /// How many of them are set.
+    set: u32,
 }
 
 impl std::fmt::Debug for AddressFilterBits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AddressFilterBits({} bits set)", self.bits_set())
+        write!(f, "AddressFilterBits({} bits set)", self.set)
     }
 }
 
@@ -27,23 +29,11 @@ impl AddressFilterBits {
     /// The filter of `addresses` (16-byte map form). IPv6 addresses have no
     /// bit: the datapath tests IPv4 destinations only.
     pub fn of<'a>(addresses: impl IntoIterator<Item = &'a [u8; 16]>) -> Self {
-        let words = vec![0u64; ADDRESS_FILTER_WORDS].into_boxed_slice();
-        let mut filter = Self { words };
-        filter.insert_all(addresses);
-        filter
-    }
-
-    /// Sets the bits of `addresses`; whether any was clear.
-    pub fn insert_all<'a>(&mut self, addresses: impl IntoIterator<Item = &'a [u8; 16]>) -> bool {
-        let mut changed = false;
+        let mut filter = Self::from_words(vec![0u64; ADDRESS_FILTER_WORDS]);
         for addr in addresses {
-            if let Some(v4) = Ipv6Addr::from(*addr).to_ipv4_mapped() {
-                let (word, bit) = address_filter_slot(u32::from(v4));
-                changed |= self.words[word] & bit == 0;
-                self.words[word] |= bit;
-            }
+            filter.insert(addr);
         }
-        changed
+        filter
     }
 
     /// The filter as read from the map (`ADDRESS_FILTER_WORDS` words).
@@ -53,27 +43,61 @@ impl AddressFilterBits {
             ADDRESS_FILTER_WORDS,
             "an address filter's words"
         );
+        let set = words.iter().map(|w| w.count_ones()).sum();
         Self {
             words: words.into_boxed_slice(),
+            set,
         }
+    }
+
+    /// This filter with the bits of `addresses` set too; `None` when it has
+    /// them all already (no copy made).
+    pub fn with<'a>(&self, addresses: impl IntoIterator<Item = &'a [u8; 16]>) -> Option<Self> {
+        let mut missing = addresses.into_iter().filter(|a| !self.holds(a)).peekable();
+        missing.peek()?;
+        let mut wider = self.clone();
+        for addr in missing {
+            wider.insert(addr);
+        }
+        Some(wider)
     }
 
     /// Whether the datapath would take `addr` for a possible frontend.
     pub fn may_hold(&self, addr: Ipv4Addr) -> bool {
-        let (word, bit) = address_filter_slot(u32::from(addr));
-        self.words[word] & bit != 0
+        self.holds(&proxy_common::ipv4_mapped(addr.octets()))
+    }
+
+    /// Whether `addr` (16-byte map form) has its bit; an IPv6 address
+    /// needs none.
+    fn holds(&self, addr: &[u8; 16]) -> bool {
+        slot(addr).is_none_or(|(word, bit)| self.words[word] & bit != 0)
+    }
+
+    fn insert(&mut self, addr: &[u8; 16]) {
+        if let Some((word, bit)) = slot(addr) {
+            if self.words[word] & bit == 0 {
+                self.words[word] |= bit;
+                self.set += 1;
+            }
+        }
     }
 
     /// Bits set: over the 2^22 in all, the share of other addresses that
     /// take the address-marker lookup.
     pub fn bits_set(&self) -> u32 {
-        self.words.iter().map(|w| w.count_ones()).sum()
+        self.set
     }
 
     /// The map value.
     pub fn value(&self) -> &AddressFilter {
         bytemuck::from_bytes(bytemuck::cast_slice(&self.words))
     }
+}
+
+/// An IPv4-mapped address's word and bit; `None` for IPv6.
+fn slot(addr: &[u8; 16]) -> Option<(usize, u64)> {
+    let v4 = Ipv6Addr::from(*addr).to_ipv4_mapped()?;
+    Some(address_filter_slot(u32::from(v4)))
 }
 
 #[cfg(test)]

@@ -802,14 +802,8 @@ impl Syncer {
         let mut entries = Vec::new();
         let mut markers: BTreeSet<[u8; 16]> = BTreeSet::new();
         let mut addresses: BTreeSet<[u8; 16]> = BTreeSet::new();
-        // Whether each touched address had a frontend before: the filter
-        // changes only when one gains its first or loses its last.
-        let mut had_frontend: HashMap<[u8; 16], bool> = HashMap::new();
         for key in keys {
             let addr = addr_bytes(key.ip);
-            had_frontend
-                .entry(addr)
-                .or_insert_with(|| self.address_users.get(&addr).is_some_and(|n| *n > 0));
             if let Some(old) = applied.remove(key) {
                 self.ids.release_port(&old.service);
                 self.entries -= if old.kind.is_external() { 2 } else { 1 };
@@ -837,11 +831,17 @@ impl Syncer {
                 applied.insert(*key, new.clone());
             }
         }
-        let gained = had_frontend
+        let has_frontend = |users: &HashMap<[u8; 16], usize>, addr: &[u8; 16]| {
+            users.get(addr).is_some_and(|n| *n > 0)
+        };
+        let wanted = addresses
             .iter()
-            .filter(|(_, had)| !**had)
-            .map(|(addr, _)| addr);
-        self.widen_address_filter(writer, gained, &mut report);
+            .filter(|a| has_frontend(&self.address_users, a));
+        let wanted: Vec<&[u8; 16]> = wanted.collect();
+        self.widen_address_filter(writer, wanted, &mut report);
+        let lost_one = addresses
+            .iter()
+            .any(|a| !has_frontend(&self.address_users, a));
 
         let mut keep: HashSet<ServiceKey> = HashSet::new();
         let mut keep_ranges: HashSet<SourceRangeKey> = HashSet::new();
@@ -913,10 +913,8 @@ impl Syncer {
             .copied()
             .collect();
         self.delete_ranges(writer, stale, &mut report);
-        let addresses_changed = had_frontend
-            .iter()
-            .any(|(addr, had)| self.address_users.get(addr).is_some_and(|n| *n > 0) != *had);
-        if addresses_changed || self.mirror.contents.address_filter.is_none() {
+        // A bit clears only when an address lost its last frontend.
+        if lost_one || self.mirror.contents.address_filter.is_none() {
             self.write_address_filter(writer, &mut report);
         }
 
@@ -991,25 +989,22 @@ impl Syncer {
     }
 
     /// Before the frontends' writes: sets the bits of `adding` (addresses
-    /// that may get their first frontend) in the filter the map holds, so
-    /// that no frontend's entries are there while its bit is clear. Bits of
+    /// whose frontends are about to be written) in the filter the map holds
+    /// where one is clear, so that no frontend's entries are there while
+    /// its bit is clear. Bits of
     /// addresses on their way out stay until `write_address_filter`. A
     /// filter the syncer does not know (`None`: the datapath does not
     /// trust it) is left to `write_address_filter`.
     fn widen_address_filter<'a>(
         &mut self,
         writer: &mut impl MapWriter,
-        adding: impl Iterator<Item = &'a [u8; 16]>,
+        adding: impl IntoIterator<Item = &'a [u8; 16]>,
         report: &mut SyncReport,
     ) {
-        let Some(current) = &self.mirror.contents.address_filter else {
-            return;
-        };
-        let mut wider = current.clone();
-        if !wider.insert_all(adding) {
-            return;
+        let current = self.mirror.contents.address_filter.as_ref();
+        if let Some(wider) = current.and_then(|f| f.with(adding)) {
+            self.put_address_filter(writer, wider, report);
         }
-        self.put_address_filter(writer, wider, report);
     }
 
     /// Writes the address filter of the current frontend addresses unless
