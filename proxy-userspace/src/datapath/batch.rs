@@ -29,21 +29,16 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Runs one batch command. The kernel writes how many entries it handled
-/// back into `attr.count` when it succeeds and when it stops at an entry
-/// (ENOENT, ENOSPC); on any other error `count` is what was passed.
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+/// Runs one `bpf()` command with `attr`, a member of `union bpf_attr`
+/// (`BatchAttr`, `ElemAttr`). A batch command writes how many entries it
+/// handled back into `attr.count` when it succeeds and when it stops at an
+/// entry (ENOENT, ENOSPC); on any other error `count` is what was passed.
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the
-    // pointers in it name buffers that outlive the call and hold `count`
-    // keys (and values) of the map's own sizes (see `check`).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
+    // pointers in it name buffers that outlive the call and hold the keys
+    // (and values) of the map's own sizes the command reads or writes (see
+    // `check` and `lookup_array_into`).
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>()) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -210,6 +205,8 @@ pub(super) fn lookup_array_into(
             expected,
         });
     }
+    // The key is a u32 (an array's), the value buffer the map's value
+    // size (checked above).
     let mut attr = ElemAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         _pad: 0,
@@ -217,22 +214,5 @@ pub(super) fn lookup_array_into(
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the
-    // key points at a u32 (an array's key) and the value at a buffer of the
-    // map's value size (checked above), both outliving the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_ELEM,
-            &mut attr as *mut ElemAttr,
-            size_of::<ElemAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(syscall_error(
-            "bpf_map_lookup_elem",
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map_err(|e| syscall_error("bpf_map_lookup_elem", e))
 }
