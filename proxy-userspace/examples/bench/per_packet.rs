@@ -672,7 +672,7 @@ type Case<'a> = (
     Option<(Hook, &'static str)>,
     &'static str,
     BorrowedFd<'a>,
-    Vec<u8>,
+    &'a [u8],
     u32,
     // Run with the flow cache off.
     bool,
@@ -720,7 +720,7 @@ fn measure_repeat(
                 if cache_off {
                     set_flow_cache(&mut lab.datapath, false)?;
                 }
-                let run = raw::test_run(fd, &frame, &mut out, config.repeat);
+                let run = raw::test_run(fd, frame, &mut out, config.repeat);
                 if cache_off {
                     set_flow_cache(&mut lab.datapath, true)?;
                 }
@@ -755,16 +755,16 @@ fn measure_repeat(
 /// frame, which they do not look at), then every path of every program.
 fn repeat_cases<'a>(
     programs: &'a [(Hook, std::os::fd::OwnedFd)],
-    frames: &BTreeMap<Hook, Frames>,
+    frames: &'a BTreeMap<Hook, Frames>,
     floors: &'a Floors,
 ) -> Result<Vec<Case<'a>>> {
-    let reference = frames[&Hook::Tc].established.clone();
+    let reference = &frames[&Hook::Tc].established;
     let mut cases: Vec<Case<'a>> = vec![
         (
             None,
             "XDP floor",
             floors.xdp.as_fd(),
-            reference.clone(),
+            reference,
             raw::XDP_PASS,
             false,
         ),
@@ -780,16 +780,8 @@ fn repeat_cases<'a>(
     for (hook, fd) in programs {
         let (hook, fd) = (*hook, fd.as_fd());
         let paths = frames[&hook].paths();
-        let mut push = |path, frame: &[u8], cache_off| {
-            let case = (
-                Some((hook, path)),
-                path,
-                fd,
-                frame.to_vec(),
-                hook.pass(),
-                cache_off,
-            );
-            cases.push(case);
+        let mut push = |path, frame: &'a [u8], cache_off| {
+            cases.push((Some((hook, path)), path, fd, frame, hook.pass(), cache_off));
         };
         for (path, frame) in paths {
             push(path, frame, false);
