@@ -669,6 +669,16 @@ pub struct DatapathConfig {
     pub clock_offset_ns: u64,
 }
 
+/// Placeholders the eBPF object carries where aya 0.14 cannot emit a kfunc
+/// call or a CO-RE field offset; userspace patches them before loading
+/// (`proxy-userspace/src/datapath/kfunc.rs`). The immediate of a
+/// `call` that stands for the `bpf_cast_to_kern_ctx` kfunc.
+pub const KFUNC_CAST_TO_KERN_CTX_PLACEHOLDER: i32 = 0x6b66_0001;
+/// The offset of a one-byte load from the kernel's `struct sk_buff` that
+/// stands for the byte holding `ip_summed`; the instruction after it, a
+/// right shift by 0, takes the field's bit position within that byte.
+pub const SKB_IP_SUMMED_OFF_PLACEHOLDER: i16 = 0x7ff1;
+
 /// Every frontend address has its address marker in the services map (the
 /// daemon sets this once a sync wrote them all): a packet to an address
 /// without one is no Service's, and one lookup says so. Until then (a

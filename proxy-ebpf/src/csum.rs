@@ -51,6 +51,14 @@ pub fn apply(check: u16, change: u64) -> u16 {
     fold((!check) as u64 + change)
 }
 
+/// A CHECKSUM_PARTIAL skb's L4 checksum field `sum` (the pseudo-header's
+/// sum, not inverted: the device or the stack finishes it) updated by the
+/// sum of some `change4`, as the kernel's `inet_proto_csum_replace4` does.
+#[inline(always)]
+pub fn add_to_sum(sum: u16, change: u64) -> u16 {
+    !fold(sum as u64 + change)
+}
+
 /// The one's complement sum of two 32-bit words, as one 32-bit word (the
 /// carry added back in): what the pair adds to a checksum.
 #[inline(always)]

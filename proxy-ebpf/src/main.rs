@@ -2,6 +2,8 @@
 //! the service path; every error ends in an explicit verdict.
 #![no_std]
 #![no_main]
+// `asm!` for BPF: the placeholders in `skb.rs`.
+#![feature(asm_experimental_arch)]
 
 mod clock;
 mod csum;
@@ -15,6 +17,7 @@ mod parse;
 mod reject;
 mod route;
 mod service;
+mod skb;
 
 use aya_ebpf::{
     macros::{classifier, xdp},

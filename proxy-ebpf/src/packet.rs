@@ -25,6 +25,7 @@ use crate::{
     reject,
     route::{self, Route},
     service::Nat,
+    skb,
 };
 
 pub trait Packet {
@@ -85,38 +86,41 @@ impl Packet for TcContext {
     }
 
     /// Addresses, ports and the IPv4 header checksum (never offloaded)
-    /// written in place; the L4 checksum through `bpf_l4_csum_replace`,
-    /// which knows the skb's checksum state: a locally sent packet's
-    /// CHECKSUM_PARTIAL holds only the pseudo-header sum, which takes the
-    /// address change and not the port change. Hence two calls at most,
-    /// one for the addresses (pseudo-header) and one for the ports, each
-    /// covering both sides as one 32-bit word before and after.
+    /// written in place; the L4 checksum by the skb's checksum state
+    /// (`skb::ip_summed`):
+    /// - none yet verified, or verified (`CHECKSUM_NONE`,
+    ///   `CHECKSUM_UNNECESSARY`): the field holds the whole checksum, which
+    ///   takes every change, in place as at XDP;
+    /// - `CHECKSUM_PARTIAL` (sent by a local socket, here a pod's, for the
+    ///   device or the stack to finish): the field holds only the
+    ///   pseudo-header's sum, which takes the address change and not the
+    ///   port change, in place;
+    /// - `CHECKSUM_COMPLETE` (the device summed the packet into
+    ///   `skb->csum`, which must follow the pseudo-header change), or a
+    ///   kernel where the state cannot be read: `bpf_l4_csum_replace`,
+    ///   which handles every state; two calls, one for the addresses
+    ///   (pseudo-header) and one for the ports, each covering both sides
+    ///   as one 32-bit word before and after.
+    ///
+    /// The two helper calls cost more than the rest of an established
+    /// packet's work (docs/BENCHMARKS.md, part 1).
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool {
         let Some(change) = write_in_place(self, flow, nat) else {
             return false;
         };
-        let check_off = flow.l4_check_off();
-        // A zero UDP checksum means "none": the kernel leaves it zero.
-        let mangled = if flow.proto == PROTO_UDP {
-            BPF_F_MARK_MANGLED_0 as u64
-        } else {
-            0
-        };
-        let (addrs, ports) = (change.addrs, change.ports);
-        (addrs.0 == addrs.1
-            || self
-                .l4_csum_replace(
-                    check_off,
-                    addrs.0 as u64,
-                    addrs.1 as u64,
-                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-                )
-                .is_ok())
-            && (ports.0 == ports.1
-                || self
-                    .l4_csum_replace(check_off, ports.0 as u64, ports.1 as u64, mangled | 4)
-                    .is_ok())
+        match skb::ip_summed(self) {
+            Some(skb::CHECKSUM_NONE | skb::CHECKSUM_UNNECESSARY) => {
+                write_l4_check(self, flow, change.sum(), false)
+            }
+            Some(skb::CHECKSUM_PARTIAL) => write_l4_check(
+                self,
+                flow,
+                csum::change4(change.addrs.0, change.addrs.1),
+                true,
+            ),
+            _ => l4_csum_by_helper(self, flow, &change),
+        }
     }
 
     /// The egress interface only: `bpf_redirect_neigh` resolves the next
@@ -263,6 +267,63 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
     u32::from_ne_bytes([s0, s1, d0, d1])
 }
 
+/// Brings the L4 checksum in line with `change` through
+/// `bpf_l4_csum_replace`, whatever the skb's checksum state (see
+/// `TcContext::rewrite`).
+#[inline(always)]
+fn l4_csum_by_helper(ctx: &TcContext, flow: &Flow, change: &Change) -> bool {
+    let check_off = flow.l4_check_off();
+    // A zero UDP checksum means "none": the kernel leaves it zero.
+    let mangled = if flow.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let (addrs, ports) = (change.addrs, change.ports);
+    (addrs.0 == addrs.1
+        || ctx
+            .l4_csum_replace(
+                check_off,
+                addrs.0 as u64,
+                addrs.1 as u64,
+                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+            )
+            .is_ok())
+        && (ports.0 == ports.1
+            || ctx
+                .l4_csum_replace(check_off, ports.0 as u64, ports.1 as u64, mangled | 4)
+                .is_ok())
+}
+
+/// Adds `change` (unfolded) to the L4 checksum in place (RFC 1624):
+/// `pseudo_sum`, a CHECKSUM_PARTIAL skb's field, which holds the
+/// pseudo-header's sum itself rather than the inverted sum of everything.
+/// A zero UDP checksum means "none" and stays zero; a computed zero is
+/// sent as 0xffff.
+#[inline(always)]
+fn write_l4_check<P: Packet>(ctx: &P, flow: &Flow, change: u64, pseudo_sum: bool) -> bool {
+    let Some(at) = bytes_at(ctx, flow.l4_check_off(), 2) else {
+        return false;
+    };
+    // SAFETY: inside the checked span.
+    unsafe {
+        let check: u16 = field(at, 0);
+        if flow.proto == PROTO_UDP && check == 0 {
+            return true;
+        }
+        let mut check = if pseudo_sum {
+            csum::add_to_sum(check, change)
+        } else {
+            csum::apply(check, change)
+        };
+        if flow.proto == PROTO_UDP && check == 0 {
+            check = 0xffff;
+        }
+        set_field(at, 0, check);
+    }
+    true
+}
+
 #[inline(always)]
 fn ingress_ifindex_tc(ctx: &TcContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
@@ -300,25 +361,10 @@ impl Packet for XdpContext {
     /// checksum takes every change, folded once.
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool {
-        let Some(check) = bytes_at(self, flow.l4_check_off(), 2) else {
-            return false;
-        };
         let Some(change) = write_in_place(self, flow, nat) else {
             return false;
         };
-        // SAFETY: inside the checked span.
-        unsafe {
-            let mut l4_check: u16 = field(check, 0);
-            // A zero UDP checksum means "none": leave it zero.
-            if !(flow.proto == PROTO_UDP && l4_check == 0) {
-                l4_check = csum::apply(l4_check, change.sum());
-                if flow.proto == PROTO_UDP && l4_check == 0 {
-                    l4_check = 0xffff;
-                }
-                set_field(check, 0, l4_check);
-            }
-        }
-        true
+        write_l4_check(self, flow, change.sum(), false)
     }
 
     /// Only a route back out of the interface the frame came in on

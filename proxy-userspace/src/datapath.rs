@@ -33,6 +33,9 @@ use crate::address_filter::AddressFilterBits;
 use crate::sync::{MapContents, MapWriter, SourceRangeKey, WriteError};
 
 mod batch;
+mod kfunc;
+
+pub use kfunc::{KfuncError, SkbChecksumState};
 
 /// The eBPF object built by build.rs (aya-build) and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -52,6 +55,8 @@ pub enum DatapathError {
         "loading the eBPF object failed: {0}; if a pinned map has an incompatible layout, run `kproxy cleanup --bpf-pin-path ...` first"
     )]
     Load(#[from] EbpfError),
+    #[error("preparing the eBPF object for this kernel: {0}")]
+    Kfunc(#[from] KfuncError),
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
@@ -157,6 +162,22 @@ pub struct Datapath {
     /// The backend epoch every config write carries (see
     /// `proxy_common::CONFIG_BACKEND_EPOCH_SHIFT`).
     backend_epoch: u8,
+    /// Where the tc programs read an skb's checksum state; `None`: they
+    /// update L4 checksums through helpers (see `kfunc`).
+    skb_checksum: Option<SkbChecksumState>,
+}
+
+/// How the tc programs keep an L4 checksum right when they rewrite a
+/// packet (see `datapath/kfunc.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SkbChecksum {
+    /// Read the skb's checksum state and update the checksum in place,
+    /// where the kernel allows it (its BTF and the `bpf_cast_to_kern_ctx`
+    /// kfunc); through the `bpf_l4_csum_replace` helper otherwise.
+    #[default]
+    Read,
+    /// Always through the helper (what a kernel without BTF gets).
+    Helpers,
 }
 
 /// The datapath's clock: CLOCK_MONOTONIC at tick resolution as
@@ -329,6 +350,41 @@ fn measure_with_retries(program: &Xdp) -> Result<JiffyClock, ClockError> {
     }
 }
 
+/// The embedded object, patched for `state` (see `kfunc`), with its three
+/// packet programs loaded.
+fn load_programs(
+    loader: &mut EbpfLoader<'_>,
+    state: Option<&SkbChecksumState>,
+) -> Result<Ebpf, DatapathError> {
+    let object = kfunc::patch(EBPF_OBJECT, state)?;
+    let mut ebpf = loader.load(&bytemuck::cast_slice(&object)[..EBPF_OBJECT.len()])?;
+    for name in [TC_POD_PROGRAM, TC_EXTERNAL_PROGRAM] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    let name = XDP_EXTERNAL_PROGRAM;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    xdp.load()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    Ok(ebpf)
+}
+
 /// How often the clock is measured before the datapath falls back to the
 /// coarse clock.
 const CLOCK_TRIES: u32 = 5;
@@ -343,6 +399,15 @@ impl Datapath {
     /// `pin_dir`. Maps that already exist there are reused with their
     /// contents: this is how a restarted kproxy keeps established flows.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
+        Self::load_with(pin_dir, sizes, SkbChecksum::Read)
+    }
+
+    /// [`Datapath::load`], choosing how the tc programs update checksums.
+    pub fn load_with(
+        pin_dir: &Path,
+        sizes: MapSizes,
+        skb_checksum: SkbChecksum,
+    ) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -360,37 +425,39 @@ impl Datapath {
             .map_max_entries(CONNTRACK_MAP, sizes.conntrack)
             .map_max_entries(MAGLEV_MAP, sizes.maglev)
             .map_max_entries(AFFINITY_MAP, sizes.affinity);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [TC_POD_PROGRAM, TC_EXTERNAL_PROGRAM] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        let name = XDP_EXTERNAL_PROGRAM;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        xdp.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let mut state = match skb_checksum {
+            SkbChecksum::Read => SkbChecksumState::probe()
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        error = %e,
+                        "tc programs update L4 checksums through bpf_l4_csum_replace (slower)"
+                    )
+                })
+                .ok(),
+            SkbChecksum::Helpers => None,
+        };
+        let ebpf = match load_programs(&mut loader, state.as_ref()) {
+            Ok(ebpf) => ebpf,
+            // A kernel whose BTF names the kfunc but whose verifier does
+            // not take it from a tc program: the helper path still works.
+            Err(e) if state.is_some() => {
+                tracing::warn!(
+                    error = %e,
+                    "loading with the skb checksum state read failed; tc programs update L4 checksums through bpf_l4_csum_replace (slower)"
+                );
+                state = None;
+                load_programs(&mut loader, None)?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut ebpf = ebpf;
         let clock = measure_clock(&mut ebpf);
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             clock,
             backend_epoch: 0,
+            skb_checksum: state,
         };
         // A new epoch: a restarted kproxy cannot know which backends went
         // away while none ran, so every UDP flow re-checks its backend once.
@@ -413,6 +480,12 @@ impl Datapath {
             }
         }
         Ok(datapath)
+    }
+
+    /// Where the tc programs read an skb's checksum state (they update L4
+    /// checksums in place); `None`: through the checksum helper.
+    pub fn skb_checksum_state(&self) -> Option<SkbChecksumState> {
+        self.skb_checksum
     }
 
     /// Carries the flows of the conntrack maps an older kproxy pinned
