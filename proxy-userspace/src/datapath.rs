@@ -450,6 +450,13 @@ impl Datapath {
             }
             Err(e) => return Err(e),
         };
+        if let Some(state) = &state {
+            tracing::info!(
+                ip_summed_byte = state.byte,
+                ip_summed_shift = state.shift,
+                "tc programs read the skb checksum state (bpf_cast_to_kern_ctx) and update L4 checksums in place"
+            );
+        }
         let mut ebpf = ebpf;
         let clock = measure_clock(&mut ebpf);
         let mut datapath = Self {

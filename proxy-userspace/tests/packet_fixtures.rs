@@ -37,11 +37,13 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use proxy_common::stat;
-use proxy_userspace::datapath::{self, Datapath, MapSizes, PinnedMaps};
+use proxy_userspace::datapath::{self, Datapath, MapSizes, PinnedMaps, SkbChecksum};
 use proxy_userspace::model::{
     Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, ServicePortName,
 };
 use proxy_userspace::sync::Syncer;
+
+mod raw_bpf;
 
 // tc verdicts (linux/pkt_cls.h).
 const TC_ACT_OK: u32 = 0;
@@ -223,9 +225,14 @@ impl Lab {
 
     /// Loads a fresh datapath (empty conntrack) programmed with `services`.
     fn with_services(services: &DesiredState) -> Self {
+        Self::with_checksum(services, SkbChecksum::Read)
+    }
+
+    /// The same, its tc programs updating checksums as `skb_checksum` says.
+    fn with_checksum(services: &DesiredState, skb_checksum: SkbChecksum) -> Self {
         require_root_and_btf();
         let pins = PinDir::new();
-        let mut datapath = Datapath::load(&pins.path, MapSizes::default())
+        let mut datapath = Datapath::load_with(&pins.path, MapSizes::default(), skb_checksum)
             .unwrap_or_else(|e| panic!("loading the datapath at {}: {e}", pins.path.display()));
         let flags;
         {
@@ -1323,6 +1330,105 @@ fn with_udp_checksum(mut frame: Vec<u8>, checksum: u16) -> Vec<u8> {
 /// datapath's back keeps its flows until a new epoch starts (userspace
 /// starts one after every sync that deleted map entries, and deletes such
 /// flows itself), and the next datagram then finds it gone.
+/// One TCP and one UDP flow through `VIP`, both ways, as the tc program's
+/// rewrites see them: a new flow, established packets (flow cache) and
+/// replies (reverse NAT), and a datagram whose checksum becomes zero.
+fn checksum_flows() -> Vec<(&'static str, Vec<u8>)> {
+    let (t, u) = (client(41000), client(46000));
+    vec![
+        ("SYN", tcp(t, (VIP, 80), Tcp::Syn, &[])),
+        ("SYN-ACK", tcp(WEB_BACKEND, t, Tcp::SynAck, &[])),
+        (
+            "ACK with data",
+            tcp(t, (VIP, 80), Tcp::Ack, b"GET / HTTP/1.1\r\n\r\n"),
+        ),
+        ("response", tcp(WEB_BACKEND, t, Tcp::Ack, &[0x5a; 700])),
+        ("ACK", tcp(t, (VIP, 80), Tcp::Ack, &[])),
+        ("UDP query", udp(u, (VIP, 53), b"\x12\x34 query")),
+        ("UDP answer", udp(DNS_BACKEND, u, b"\x12\x34 answer")),
+        (
+            "UDP whose checksum becomes zero",
+            udp_translating_to_checksum_zero(client(46001)),
+        ),
+    ]
+}
+
+/// BPF_PROG_TEST_RUN flag (Linux 6.11): the skb is CHECKSUM_COMPLETE, with
+/// `skb->csum` the sum of the packet, and the run fails with EBADMSG when
+/// the program leaves `skb->csum` out of step with the packet it returns.
+const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// Runs `frame` through the pod program as a CHECKSUM_COMPLETE skb.
+fn run_complete(lab: &mut Lab, frame: &[u8]) -> std::io::Result<Outcome> {
+    use std::os::fd::AsFd as _;
+    let program = lab.program();
+    let fd = program.fd().expect("the pod program is loaded");
+    let mut out = vec![0u8; frame.len() + 256];
+    let run = raw_bpf::test_run_with(
+        fd.as_fd(),
+        frame,
+        &mut out,
+        &raw_bpf::RunOptions {
+            repeat: 1,
+            flags: BPF_F_TEST_SKB_CHECKSUM_COMPLETE,
+            ..Default::default()
+        },
+    )?;
+    out.truncate(run.out_len);
+    Ok(Outcome {
+        verdict: run.retval,
+        frame: out,
+    })
+}
+
+/// The tc programs read the skb's checksum state and write the L4
+/// checksum in place where they can (CHECKSUM_NONE here, what a test run's
+/// skb is), and leave a CHECKSUM_COMPLETE skb to `bpf_l4_csum_replace`,
+/// which keeps `skb->csum` in step. Every packet comes out exactly as a
+/// datapath that always takes the helper makes it. (CHECKSUM_PARTIAL, a
+/// local socket's packet, cannot be made by a test run: the lab test
+/// `checksums_finished_in_software_are_right` covers it.)
+#[test]
+fn tc_checksums_are_right_in_every_skb_checksum_state() {
+    let mut in_place = Lab::new();
+    assert!(
+        in_place.datapath.skb_checksum_state().is_some(),
+        "this kernel has BTF and the bpf_cast_to_kern_ctx kfunc: the tc programs must read the skb's checksum state"
+    );
+    let mut helper = Lab::with_checksum(&lab_services(), SkbChecksum::Helpers);
+    assert_eq!(helper.datapath.skb_checksum_state(), None);
+    let (mut complete, mut complete_helper) = (
+        Lab::new(),
+        Lab::with_checksum(&lab_services(), SkbChecksum::Helpers),
+    );
+    for (what, frame) in checksum_flows() {
+        let out = in_place.run(&frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+        assert_ne!(out.frame, frame, "{what} is rewritten");
+        ok(verify_ipv4_checksum(&out.frame), what);
+        ok(verify_l4_checksum(&out.frame), what);
+        let by_helper = helper.run(&frame);
+        assert_eq!(
+            (by_helper.verdict, hex(&by_helper.frame)),
+            (out.verdict, hex(&out.frame)),
+            "{what}: in place and through the helper"
+        );
+        for (lab, how) in [
+            (&mut complete, "read state"),
+            (&mut complete_helper, "helper"),
+        ] {
+            let done = run_complete(lab, &frame).unwrap_or_else(|e| {
+                panic!("{what} as a CHECKSUM_COMPLETE skb ({how}): {e} (EBADMSG: skb->csum left stale)")
+            });
+            assert_eq!(
+                (done.verdict, hex(&done.frame)),
+                (out.verdict, hex(&out.frame)),
+                "{what} as a CHECKSUM_COMPLETE skb ({how})"
+            );
+        }
+    }
+}
+
 #[test]
 fn udp_flows_recheck_their_backend_once_per_backend_epoch() {
     use proxy_common::{ipv4_mapped, ConntrackKey, PROTO_UDP as UDP};
