@@ -1511,10 +1511,14 @@ fn why_text(pp: &PerPacket) -> String {
          BPF-to-BPF call): {:.2}x the floor at XDP, {:.2}x at tc. The profile above splits \
          the established (cached) path's samples: kproxy's own BPF code {:.0}% at tc / {:.0}% \
          at XDP (header parsing with bounds checks, the cache probe, rewrite arithmetic), \
-         hash-map work {:.0}% / {:.0}%, the rest the tc rewrite's `bpf_l4_csum_replace` (two \
-         per translated packet: only the kernel knows the skb's checksum state, and a locally \
-         sent packet's CHECKSUM_PARTIAL takes the address change but not the port change) and \
-         the test-run loop; at tc a test run also builds an skb (the tc floor column). New flows (one syscall per SYN): hash-map work is {:.0}% at tc / {:.0}% at XDP \
+         hash-map work {:.0}% / {:.0}%, the rest the test-run loop; at tc a test run also \
+         builds an skb (the tc floor column). The tc rewrite updates the L4 checksum in place \
+         like XDP's: it reads the skb's checksum state (`skb->ip_summed`, through the \
+         `bpf_cast_to_kern_ctx` kfunc, which the verifier turns into a register move) and \
+         updates the whole checksum of a CHECKSUM_NONE or CHECKSUM_UNNECESSARY skb (a test \
+         run's) and only the pseudo-header sum of a pod's CHECKSUM_PARTIAL one; a \
+         CHECKSUM_COMPLETE skb still takes `bpf_l4_csum_replace`, which keeps `skb->csum` in \
+         step. New flows (one syscall per SYN): hash-map work is {:.0}% at tc / {:.0}% at XDP \
          of those samples, kproxy's code {:.0}% / {:.0}%, and most of the rest is the syscall \
          (entry, copying the frame, building the test context). The map work is the \
          conntrack miss and two LRU inserts, each walking a bucket and taking an LRU element \
@@ -1554,7 +1558,11 @@ fn why_text(pp: &PerPacket) -> String {
          ns at XDP and 620 to 400 ns at tc external once each keeps its own slot; at tc a \
          source-NATed packet's rewrite now makes two `bpf_l4_csum_replace` calls instead of \
          four and lowers the TTL in place instead of with two helpers (400 to 230 ns; \
-         `--quick` runs of the builds side by side). Header \
+         `--quick` runs of the builds side by side). Reading the skb's checksum state took \
+         the last two `bpf_l4_csum_replace` calls off the tc rewrite, and with them the \
+         reload of every packet pointer after a helper that may move the data: tc \
+         established from 117 to 62 ns (4.5x to 2.5x a floor of 26 ns), tc established \
+         without a cache slot from 162 to 111 ns (`--quick` runs side by side). Header \
          fields are read and written with one load or store each: LLVM's BPF backend split \
          every unaligned read into byte loads, shifts and spills (the parser went from about \
          240 instructions to 60), addresses travel as one 32-bit word instead of four bytes, \
@@ -1563,9 +1571,8 @@ fn why_text(pp: &PerPacket) -> String {
          BPF-to-BPF call and its return cost more than their work (only new flows, routed \
          packets and rare paths still call out, to keep each call chain's stack within 512 \
          bytes). Before these, the established path cost 12x the floor at tc; the XDP program \
-         was first measured at 13x. What is left is mostly structural: at tc two \
-         `bpf_l4_csum_replace` calls (one would need the skb's checksum state, which tc cannot \
-         read) and the skb the test run builds, for new flows the cold cache lines of two \
+         was first measured at 13x. What is left is mostly structural: at tc the skb the test \
+         run builds, for new flows the cold cache lines of two \
          inserts, and for a packet without a cache slot the conntrack hash lookup (the data \
          structure every kube-proxy replacement uses for conntrack). The floor itself \
          is the test-run loop calling an empty program; the established path's own work (its \
