@@ -16,7 +16,7 @@ pub const BACKENDS_MAP: &str = "BACKENDS_V1";
 pub const REV_NAT_MAP: &str = "REV_NAT_V1";
 /// IPv4 flows (`ConntrackKey4`).
 pub const CONNTRACK_MAP: &str = "CONNTRACK4_V1";
-pub const STATS_MAP: &str = "STATS_V2";
+pub const STATS_MAP: &str = "STATS_V3";
 pub const CONFIG_MAP: &str = "CONFIG_V3";
 pub const AFFINITY_MAP: &str = "AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "MAGLEV_V1";
@@ -40,11 +40,12 @@ pub const ADDRESS_FILTER_MAP: &str = "ADDRESS_FILTER_V1";
 /// flows of `CONNTRACK_V3` and `CONNTRACK_V2` over into the current map
 /// (see `ConntrackKey4::from_mapped`, `ConntrackKeyV2`); those of
 /// `CONNTRACK_V1` cannot be.
-pub const LEGACY_MAPS: [&str; 7] = [
+pub const LEGACY_MAPS: [&str; 8] = [
     "CONNTRACK_V1",
     "CONNTRACK_V2",
     CONNTRACK_V3_MAP,
     "STATS_V1",
+    "STATS_V2",
     "FRAGMENTS_V1",
     "CONFIG_V1",
     "CONFIG_V2",
@@ -241,7 +242,7 @@ pub const DEFAULT_TCP_CLOSED_TIMEOUT_NS: u64 = 10 * NS_PER_SEC;
 pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Indexes into the per-CPU `STATS_V2` array.
+/// Indexes into the per-CPU `STATS_V3` array (`STATS_V2` had one fewer).
 pub mod stat {
     /// Packets rewritten towards a backend (DNAT).
     pub const DNAT: u32 = 0;
@@ -298,10 +299,15 @@ pub mod stat {
     /// their translation in this CPU's flow cache slot (`FLOW_CACHE_V1`;
     /// a slot another flow still uses is left to it).
     pub const FLOW_CACHE_FILL: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// Packets whose L4 checksum a tc rewrite updated through the
+    /// `bpf_l4_csum_replace` helper rather than in place: a
+    /// CHECKSUM_COMPLETE skb, or every rewrite where the datapath could
+    /// not read the skb's checksum state (see `proxy-ebpf/src/skb.rs`).
+    pub const CSUM_HELPER: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names for metrics and `kproxy status`, by index.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 25] = [
         "dnat",
         "rev_nat",
         "ct_created",
@@ -326,6 +332,7 @@ pub mod stat {
         "ttl_exceeded",
         "fib_lookup",
         "flow_cache_fill",
+        "csum_helper",
     ];
 }
 

@@ -33,7 +33,7 @@ pub static CONNTRACK: LruHashMap<
     { CONNTRACK_MAX_ENTRIES as usize },
 > = LruHashMap::new();
 
-#[btf_map(name = "STATS_V2")]
+#[btf_map(name = "STATS_V3")]
 pub static STATS: PerCpuArray<u64, { proxy_common::stat::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "AFFINITY_V1")]

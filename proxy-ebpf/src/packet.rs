@@ -14,10 +14,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use proxy_common::{LOOPBACK_IFINDEX, PROTO_UDP};
+use proxy_common::{stat, LOOPBACK_IFINDEX, PROTO_UDP};
 
 use crate::{
     csum, frag, icmp,
+    maps::count,
     parse::{
         bytes_at, field, ipv4_header, set_field, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF,
         IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
@@ -102,8 +103,9 @@ impl Packet for TcContext {
     ///   (pseudo-header) and one for the ports, each covering both sides
     ///   as one 32-bit word before and after.
     ///
-    /// The two helper calls cost more than the rest of an established
-    /// packet's work (docs/BENCHMARKS.md, part 1).
+    /// The two helper calls (a call, a return and a reload of every packet
+    /// pointer each) were about half of an established packet's time at
+    /// tc (docs/BENCHMARKS.md, part 1, measures both ways).
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, nat: &Nat) -> bool {
         let Some(change) = write_in_place(self, flow, nat) else {
@@ -119,7 +121,10 @@ impl Packet for TcContext {
                 csum::change4(change.addrs.0, change.addrs.1),
                 true,
             ),
-            _ => l4_csum_by_helper(self, flow, &change),
+            _ => {
+                count(stat::CSUM_HELPER);
+                l4_csum_by_helper(self, flow, &change)
+            }
         }
     }
 

@@ -24,40 +24,44 @@ pub const CHECKSUM_PARTIAL: u64 = 3;
 
 /// The skb's `ip_summed`, or `None` where userspace could not patch the
 /// placeholders in (no BTF, no kfunc).
+///
+/// One `asm!` block, so the call, the null test, the load and the shift
+/// always come out together and in this order, which is what userspace
+/// looks for: `call PLACEHOLDER; out = 4; if r0 == 0 goto +3;
+/// out = *(u8 *)(r0 + PLACEHOLDER); out >>= 0; out &= 3`.
 #[inline(always)]
 pub fn ip_summed(ctx: &TcContext) -> Option<u64> {
-    let skb: u64;
+    let state: u64;
     // SAFETY: the placeholder `call` becomes `bpf_cast_to_kern_ctx(ctx)`
-    // (r1 in, r0 out; r1-r5 clobbered as for any call) or `r0 = 0`.
+    // (r1 in, r0 out, r1-r5 clobbered as for any call) or `r0 = 0`; the
+    // load reads the kernel's sk_buff, which the verifier checks against
+    // its BTF (and turns into a fault-safe load), at the offset and shift
+    // patched to `ip_summed`'s byte and bit position. `state` is written
+    // after the call only, so any register but r0 will do.
     unsafe {
         asm!(
             "call {placeholder}",
+            "{state} = 4",
+            "if r0 == 0 goto +3",
+            "{state} = *(u8 *)(r0 + {off})",
+            "{state} >>= 0",
+            "{state} &= 3",
             placeholder = const KFUNC_CAST_TO_KERN_CTX_PLACEHOLDER,
+            off = const SKB_IP_SUMMED_OFF_PLACEHOLDER,
+            state = out(reg) state,
             inlateout("r1") ctx.skb.skb as u64 => _,
-            lateout("r0") skb,
+            lateout("r0") _,
             lateout("r2") _,
             lateout("r3") _,
             lateout("r4") _,
             lateout("r5") _,
-            options(nostack, pure, nomem),
+            options(nostack, readonly),
         );
     }
-    if skb == 0 {
-        return None;
+    // 4: not read.
+    if state > 3 {
+        None
+    } else {
+        Some(state)
     }
-    let byte: u64;
-    // SAFETY: a load from the kernel's sk_buff, which the verifier checks
-    // against its BTF (and turns into a fault-safe load); the offset and
-    // the shift are patched to `ip_summed`'s byte and bit position.
-    unsafe {
-        asm!(
-            "{byte} = *(u8 *)({skb} + {off})",
-            "{byte} >>= 0",
-            skb = in(reg) skb,
-            byte = out(reg) byte,
-            off = const SKB_IP_SUMMED_OFF_PLACEHOLDER,
-            options(nostack, pure, readonly),
-        );
-    }
-    Some(byte & 3)
 }

@@ -351,13 +351,15 @@ fn measure_with_retries(program: &Xdp) -> Result<JiffyClock, ClockError> {
 }
 
 /// The embedded object, patched for `state` (see `kfunc`), with its three
-/// packet programs loaded.
+/// packet programs loaded; and whether its tc programs read the skb's
+/// checksum state.
 fn load_programs(
     loader: &mut EbpfLoader<'_>,
     state: Option<&SkbChecksumState>,
-) -> Result<Ebpf, DatapathError> {
-    let object = kfunc::patch(EBPF_OBJECT, state)?;
-    let mut ebpf = loader.load(&bytemuck::cast_slice(&object)[..EBPF_OBJECT.len()])?;
+) -> Result<(Ebpf, bool), DatapathError> {
+    let patched = kfunc::patch(EBPF_OBJECT, state)?;
+    let object = &bytemuck::cast_slice(&patched.words)[..EBPF_OBJECT.len()];
+    let mut ebpf = loader.load(object)?;
     for name in [TC_POD_PROGRAM, TC_EXTERNAL_PROGRAM] {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -382,7 +384,7 @@ fn load_programs(
         .map_err(|source| DatapathError::Program { name, source })?;
     xdp.load()
         .map_err(|source| DatapathError::Program { name, source })?;
-    Ok(ebpf)
+    Ok((ebpf, patched.reads_state))
 }
 
 /// How often the clock is measured before the datapath falls back to the
@@ -437,16 +439,26 @@ impl Datapath {
             SkbChecksum::Helpers => None,
         };
         let ebpf = match load_programs(&mut loader, state.as_ref()) {
-            Ok(ebpf) => ebpf,
+            Ok((ebpf, reads_state)) => {
+                if state.is_some() && !reads_state {
+                    tracing::warn!(
+                        "this build's eBPF object does not read the skb checksum state everywhere; tc programs update L4 checksums through bpf_l4_csum_replace (slower) where it does not"
+                    );
+                    state = None;
+                }
+                ebpf
+            }
             // A kernel whose BTF names the kfunc but whose verifier does
             // not take it from a tc program: the helper path still works.
-            Err(e) if state.is_some() => {
+            // (Other errors, a pinned map of another layout say, would
+            // only fail again.)
+            Err(e @ DatapathError::Program { .. }) if state.is_some() => {
                 tracing::warn!(
                     error = %e,
                     "loading with the skb checksum state read failed; tc programs update L4 checksums through bpf_l4_csum_replace (slower)"
                 );
                 state = None;
-                load_programs(&mut loader, None)?
+                load_programs(&mut loader, None)?.0
             }
             Err(e) => return Err(e),
         };

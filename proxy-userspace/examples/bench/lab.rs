@@ -14,8 +14,13 @@ pub struct Lab {
 
 impl Lab {
     pub fn load(tag: &str, sizes: MapSizes) -> Result<Self> {
+        Self::load_with(tag, sizes, SkbChecksum::Read)
+    }
+
+    /// The same, its tc programs updating checksums as `skb_checksum` says.
+    pub fn load_with(tag: &str, sizes: MapSizes, skb_checksum: SkbChecksum) -> Result<Self> {
         let pins = PathBuf::from(format!("/run/kproxy-bench-{}-{tag}", std::process::id()));
-        match Datapath::load(&pins, sizes) {
+        match Datapath::load_with(&pins, sizes, skb_checksum) {
             Ok(datapath) => Ok(Self { datapath, pins }),
             // A load that failed half way (say, a program the verifier
             // refuses) may have pinned maps and mounted the pin dir already.

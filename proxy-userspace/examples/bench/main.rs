@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use etherparse::{PacketBuilder, TcpHeader};
 use nix::mount::{umount2, MntFlags};
-use proxy_userspace::datapath::{self, Datapath, MapSizes};
+use proxy_userspace::datapath::{self, Datapath, MapSizes, SkbChecksum};
 use proxy_userspace::model::{
     Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, ServicePortName,
 };

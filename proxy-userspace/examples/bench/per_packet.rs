@@ -409,7 +409,20 @@ struct PerPacket {
     /// Where the time goes, per hook and path, at the largest count.
     profiles: Vec<Profile>,
     profile_error: Option<String>,
+    /// The tc paths with the L4 checksum in place and through the helper.
+    checksum: Vec<ChecksumRow>,
 }
+
+/// One tc path, its checksum updated in place (the skb's checksum state
+/// read) and through `bpf_l4_csum_replace`, side by side.
+struct ChecksumRow {
+    path: &'static str,
+    in_place: Stat,
+    helper: Stat,
+}
+
+/// The tc paths whose rewrite the checksum update is part of.
+const CHECKSUM_PATHS: [&str; 4] = ["established", "reply", "UDP established", "UDP reply"];
 
 /// Part 1: measures, writes the plots into `docs`, renders the section.
 pub fn run(config: &Config, docs: &Path) -> Result<Section> {
@@ -556,12 +569,87 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
             Err(e) => profile_error = Some(format!("{e:#}")),
         }
     }
+    // Their maps are large: unloaded before the comparison loads two more.
+    drop(labs);
+    let checksum = checksum_paths(config, &floors)?;
     Ok(PerPacket {
         counts,
         sizes,
         profiles,
         profile_error,
+        checksum,
     })
+}
+
+/// `kproxy_tc_pod`'s rewrite paths on two datapaths of the smallest count,
+/// one reading the skb's checksum state (the default) and one always
+/// updating the L4 checksum through `bpf_l4_csum_replace` (what a kernel
+/// without BTF or the kfunc gets), the runs interleaved.
+fn checksum_paths(config: &Config, floors: &Floors) -> Result<Vec<ChecksumRow>> {
+    let services = config.service_counts[0];
+    eprintln!("bench:   {services} Services: tc checksum in place and through the helper");
+    let mut labs = Vec::new();
+    for (mode, tag) in [
+        (SkbChecksum::Read, "csum-read"),
+        (SkbChecksum::Helpers, "csum-helper"),
+    ] {
+        let mut lab = Lab::load_with(tag, per_packet_sizes(), mode)?;
+        ensure!(
+            (mode == SkbChecksum::Read) == lab.datapath.skb_checksum_state().is_some(),
+            "the in-place datapath must read the skb's checksum state on this kernel (see the log)"
+        );
+        lab.apply(&mut Syncer::new(), &per_packet_state(services))?;
+        let fd = lab
+            .datapath
+            .pod_program()
+            .fd()
+            .context("kproxy_tc_pod's fd")?
+            .as_fd()
+            .try_clone_to_owned()?;
+        let frames = prepare(Hook::Tc, fd.as_fd())?;
+        labs.push((lab, fd, frames));
+    }
+    let mut out = vec![0u8; 512];
+    let mut samples = Samples::new();
+    for _ in 0..config.runs {
+        for (mode, (_, fd, frames)) in ["in place", "helper"].into_iter().zip(&labs) {
+            for (path, frame) in frames.paths() {
+                if !CHECKSUM_PATHS.contains(&path) {
+                    continue;
+                }
+                let run = raw::test_run(fd.as_fd(), frame, &mut out, config.repeat)?;
+                ensure!(
+                    run.retval == TC_ACT_OK,
+                    "tc {path} ({mode}): verdict {}",
+                    run.retval
+                );
+                let entry = samples.entry(format!("{mode} {path}")).or_default();
+                entry.0.push(f64::from(run.kernel_ns));
+                entry.1.push(run.wall_ns);
+            }
+        }
+        // The floor beside them, as in every other table.
+        let reference = &labs[0].2.established;
+        let run = raw::test_run(floors.xdp.as_fd(), reference, &mut out, config.repeat)?;
+        let entry = samples.entry("XDP floor".into()).or_default();
+        entry.0.push(f64::from(run.kernel_ns));
+        entry.1.push(run.wall_ns);
+    }
+    let mut take = |name: &str| samples.get_mut(name).map(median_stat).unwrap_or_default();
+    let floor = take("XDP floor");
+    let mut rows = vec![ChecksumRow {
+        path: "XDP floor",
+        in_place: floor,
+        helper: floor,
+    }];
+    for path in CHECKSUM_PATHS {
+        rows.push(ChecksumRow {
+            path,
+            in_place: take(&format!("in place {path}")),
+            helper: take(&format!("helper {path}")),
+        });
+    }
+    Ok(rows)
 }
 
 /// Turns a datapath's flow cache on or off.
@@ -1408,6 +1496,7 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
             config.service_counts
         );
     }
+    md.push_str(&checksum_text(config, pp));
     md.push_str(&profile_text(pp));
     Section {
         markdown: md,
@@ -1421,6 +1510,41 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
                 .into(),
         ],
     }
+}
+
+/// The tc checksum comparison's table.
+fn checksum_text(config: &Config, pp: &PerPacket) -> String {
+    let mut md = String::new();
+    let Some(floor) = pp.checksum.first().map(|r| r.in_place.kernel_ns) else {
+        return md;
+    };
+    let _ = writeln!(
+        md,
+        "\n### tc: the L4 checksum in place and through `bpf_l4_csum_replace` ({} Services)\n\n\
+         `kproxy_tc_pod` reads the skb's checksum state (`skb->ip_summed`, through the \
+         `bpf_cast_to_kern_ctx` kfunc, patched in from the kernel's BTF at load) and updates the \
+         L4 checksum in place; on a kernel where it cannot (no BTF, no kfunc) it takes \
+         `bpf_l4_csum_replace`, two calls per rewrite, for every packet. Two more datapaths of \
+         the smallest count, one each way, measured side by side (repeat = {}, {} runs \
+         interleaved, median; a test run's skb is CHECKSUM_NONE, whose whole checksum either \
+         way updates).\n\n\
+         | path | in place (ns) | helper (ns) | in place / floor | helper / floor | helper / in place |\n\
+         |---|---|---|---|---|---|",
+        config.service_counts[0], config.repeat, config.runs
+    );
+    for row in &pp.checksum[1..] {
+        let (a, b) = (row.in_place.kernel_ns, row.helper.kernel_ns);
+        let _ = writeln!(
+            md,
+            "| tc {} | {a:.0} | {b:.0} | {:.2}x | {:.2}x | {:.2}x |",
+            row.path,
+            a / floor,
+            b / floor,
+            b / a
+        );
+    }
+    let _ = writeln!(md, "\nXDP floor in these runs: {floor:.0} ns.");
+    md
 }
 
 /// The profile table: the top symbols of each path.
