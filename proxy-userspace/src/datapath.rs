@@ -361,30 +361,29 @@ fn load_programs(
     let object = &bytemuck::cast_slice(&patched.words)[..EBPF_OBJECT.len()];
     let mut ebpf = loader.load(object)?;
     for name in [TC_POD_PROGRAM, TC_EXTERNAL_PROGRAM] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        program
+        program_mut::<SchedClassifier>(&mut ebpf, name)?
             .load()
             .map_err(|source| DatapathError::Program { name, source })?;
     }
     let name = XDP_EXTERNAL_PROGRAM;
-    let xdp: &mut Xdp = ebpf
-        .program_mut(name)
+    program_mut::<Xdp>(&mut ebpf, name)?
+        .load()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    Ok((ebpf, patched.reads_state))
+}
+
+/// Program `name` of `ebpf`, as the program type it must be.
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(DatapathError::Program {
             name,
             source: ProgramError::UnexpectedProgramType,
         })?
         .try_into()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    xdp.load()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    Ok((ebpf, patched.reads_state))
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 /// How often the clock is measured before the datapath falls back to the
