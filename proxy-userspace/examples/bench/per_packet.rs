@@ -1648,7 +1648,16 @@ fn why_text(pp: &PerPacket) -> String {
          conntrack miss and two LRU inserts, each walking a bucket and taking an LRU element \
          that are cold in the cache (`lookup_nulls_elem_raw`, `htab_lru_map_update_elem`, \
          `bpf_lru_pop_free`); a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) was measured and did not \
-         help (its lock is not what a single-threaded insert pays for).\n\n\
+         help (its lock is not what a single-threaded insert pays for). Diagnostic builds that \
+         skip the inserts for the new-flow Service only (not kept; `--quick` runs side by side, \
+         repeat-1 floor 120 ns): tc new flow 1122-1142 ns with both inserts, 881-1022 without \
+         the reply entry's, 661 without either (5.5x the floor, against 9.4x); XDP 1073-1102, \
+         832-962 and 612-621. The two inserts are about 470 ns, nearly half of a new flow's \
+         cost over the floor; the rest is the conntrack miss, the marker, frontend, slot, \
+         backend and open-flow-count hash lookups (each with its calls and return thunks) and \
+         the calls into the new-flow functions. Both entries are needed: the reply entry is \
+         what reverse-NATs the backend's answers, and the conntrack map is an LRU hash by \
+         design (a full plain hash map would refuse new flows instead of evicting idle ones).\n\n\
          What got this far (profile-driven fixes, each checked with the packet fixtures and \
          the lab tests): the eBPF object called a byte-at-a-time `memset` to build every \
          IPv4-mapped conntrack key and to zero the parsed-header struct, and a byte-at-a-time \
