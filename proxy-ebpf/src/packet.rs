@@ -112,10 +112,10 @@ impl Packet for TcContext {
             return false;
         };
         match skb::ip_summed(self) {
-            Some(skb::CHECKSUM_NONE | skb::CHECKSUM_UNNECESSARY) => {
+            skb::CHECKSUM_NONE | skb::CHECKSUM_UNNECESSARY => {
                 write_l4_check(self, flow, change.sum(), false)
             }
-            Some(skb::CHECKSUM_PARTIAL) => write_l4_check(
+            skb::CHECKSUM_PARTIAL => write_l4_check(
                 self,
                 flow,
                 csum::change4(change.addrs.0, change.addrs.1),

@@ -9,7 +9,8 @@
 //! `SKB_IP_SUMMED_OFF_PLACEHOLDER`) that userspace patches from the
 //! running kernel's BTF before loading (`datapath/kfunc.rs`). On a kernel
 //! without them it patches the call into `r0 = 0`: `ip_summed` then
-//! returns `None`, and the rewrite takes the checksum helpers as before.
+//! returns `NOT_READ`, and the rewrite takes the checksum helpers as
+//! before.
 
 use core::arch::asm;
 
@@ -17,20 +18,23 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{KFUNC_CAST_TO_KERN_CTX_PLACEHOLDER, SKB_IP_SUMMED_OFF_PLACEHOLDER};
 
 /// `skb->ip_summed` values (include/linux/skbuff.h); the fourth,
-/// `CHECKSUM_COMPLETE` (2), is left to the checksum helper.
+/// `CHECKSUM_COMPLETE` (2), is left to the checksum helper, like
+/// [`NOT_READ`].
 pub const CHECKSUM_NONE: u64 = 0;
 pub const CHECKSUM_UNNECESSARY: u64 = 1;
 pub const CHECKSUM_PARTIAL: u64 = 3;
-
-/// The skb's `ip_summed`, or `None` where userspace could not patch the
+/// What [`ip_summed`] returns where userspace could not patch the
 /// placeholders in (no BTF, no kfunc).
+pub const NOT_READ: u64 = 4;
+
+/// The skb's `ip_summed`, or [`NOT_READ`].
 ///
 /// One `asm!` block, so the call, the null test, the load and the shift
 /// always come out together and in this order, which is what userspace
-/// looks for: `call PLACEHOLDER; out = 4; if r0 == 0 goto +3;
+/// looks for: `call PLACEHOLDER; out = NOT_READ; if r0 == 0 goto +3;
 /// out = *(u8 *)(r0 + PLACEHOLDER); out >>= 0; out &= 3`.
 #[inline(always)]
-pub fn ip_summed(ctx: &TcContext) -> Option<u64> {
+pub fn ip_summed(ctx: &TcContext) -> u64 {
     let state: u64;
     // SAFETY: the placeholder `call` becomes `bpf_cast_to_kern_ctx(ctx)`
     // (r1 in, r0 out, r1-r5 clobbered as for any call) or `r0 = 0`; the
@@ -41,13 +45,14 @@ pub fn ip_summed(ctx: &TcContext) -> Option<u64> {
     unsafe {
         asm!(
             "call {placeholder}",
-            "{state} = 4",
+            "{state} = {not_read}",
             "if r0 == 0 goto +3",
             "{state} = *(u8 *)(r0 + {off})",
             "{state} >>= 0",
             "{state} &= 3",
             placeholder = const KFUNC_CAST_TO_KERN_CTX_PLACEHOLDER,
             off = const SKB_IP_SUMMED_OFF_PLACEHOLDER,
+            not_read = const NOT_READ,
             state = out(reg) state,
             inlateout("r1") ctx.skb.skb as u64 => _,
             lateout("r0") _,
@@ -58,10 +63,5 @@ pub fn ip_summed(ctx: &TcContext) -> Option<u64> {
             options(nostack, readonly),
         );
     }
-    // 4: not read.
-    if state > 3 {
-        None
-    } else {
-        Some(state)
-    }
+    state
 }

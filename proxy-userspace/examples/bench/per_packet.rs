@@ -410,7 +410,13 @@ struct PerPacket {
     profiles: Vec<Profile>,
     profile_error: Option<String>,
     /// The tc paths with the L4 checksum in place and through the helper.
-    checksum: Vec<ChecksumRow>,
+    checksum: ChecksumComparison,
+}
+
+/// The tc rewrite paths both ways, and the floor measured beside them.
+struct ChecksumComparison {
+    floor: Stat,
+    rows: Vec<ChecksumRow>,
 }
 
 /// One tc path, its checksum updated in place (the skb's checksum state
@@ -585,7 +591,7 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
 /// one reading the skb's checksum state (the default) and one always
 /// updating the L4 checksum through `bpf_l4_csum_replace` (what a kernel
 /// without BTF or the kfunc gets), the runs interleaved.
-fn checksum_paths(config: &Config, floors: &Floors) -> Result<Vec<ChecksumRow>> {
+fn checksum_paths(config: &Config, floors: &Floors) -> Result<ChecksumComparison> {
     let services = config.service_counts[0];
     eprintln!("bench:   {services} Services: tc checksum in place and through the helper");
     let mut labs = Vec::new();
@@ -623,33 +629,32 @@ fn checksum_paths(config: &Config, floors: &Floors) -> Result<Vec<ChecksumRow>> 
                     "tc {path} ({mode}): verdict {}",
                     run.retval
                 );
-                let entry = samples.entry(format!("{mode} {path}")).or_default();
-                entry.0.push(f64::from(run.kernel_ns));
-                entry.1.push(run.wall_ns);
+                record(&mut samples, format!("{mode} {path}"), &run);
             }
         }
         // The floor beside them, as in every other table.
         let reference = &labs[0].2.established;
         let run = raw::test_run(floors.xdp.as_fd(), reference, &mut out, config.repeat)?;
-        let entry = samples.entry("XDP floor".into()).or_default();
-        entry.0.push(f64::from(run.kernel_ns));
-        entry.1.push(run.wall_ns);
+        record(&mut samples, "XDP floor".into(), &run);
     }
     let mut take = |name: &str| samples.get_mut(name).map(median_stat).unwrap_or_default();
     let floor = take("XDP floor");
-    let mut rows = vec![ChecksumRow {
-        path: "XDP floor",
-        in_place: floor,
-        helper: floor,
-    }];
-    for path in CHECKSUM_PATHS {
-        rows.push(ChecksumRow {
+    let rows = CHECKSUM_PATHS
+        .into_iter()
+        .map(|path| ChecksumRow {
             path,
             in_place: take(&format!("in place {path}")),
             helper: take(&format!("helper {path}")),
-        });
-    }
-    Ok(rows)
+        })
+        .collect();
+    Ok(ChecksumComparison { floor, rows })
+}
+
+/// Adds one run's kernel and wall-clock times to `name`'s samples.
+fn record(samples: &mut Samples, name: String, run: &raw::Run) {
+    let entry = samples.entry(name).or_default();
+    entry.0.push(f64::from(run.kernel_ns));
+    entry.1.push(run.wall_ns);
 }
 
 /// Turns a datapath's flow cache on or off.
@@ -815,9 +820,7 @@ fn measure_repeat(
                 let run = run?;
                 ensure!(run.retval == verdict, "{label}: verdict {}", run.retval);
                 let name = key.map_or(label.to_string(), |(h, p)| format!("{} {p}", h.short()));
-                let entry = samples.entry(name).or_default();
-                entry.0.push(f64::from(run.kernel_ns));
-                entry.1.push(run.wall_ns);
+                record(samples, name, &run);
             }
         }
     }
@@ -905,11 +908,6 @@ fn measure_single(
     let reference = &frames[&Hook::Tc].established;
     let mut out = vec![0u8; 512];
     let backends = new_flow_backends();
-    let mut record = |name: String, run: &raw::Run| {
-        let e = single.entry(name).or_default();
-        e.0.push(f64::from(run.kernel_ns));
-        e.1.push(run.wall_ns);
-    };
     for i in 0..flows {
         for &(hook, fd) in &programs {
             // Distinct clients per hook: each SYN is new to the shared map.
@@ -933,9 +931,9 @@ fn measure_single(
                     hook.program()
                 );
             }
-            record(format!("{} new flow", hook.short()), &run);
+            record(single, format!("{} new flow", hook.short()), &run);
             let run = raw::test_run(fd, &frames[&hook].established, &mut out, 1)?;
-            record(format!("{} established", hook.short()), &run);
+            record(single, format!("{} established", hook.short()), &run);
             if let Some(frame) = routed.get(&hook) {
                 let run = run_routed(hook, fd, frame, ifindex, &mut out)?;
                 ensure!(
@@ -944,11 +942,11 @@ fn measure_single(
                     hook.program(),
                     run.retval
                 );
-                record(format!("{} {ROUTED_PATH}", hook.short()), &run);
+                record(single, format!("{} {ROUTED_PATH}", hook.short()), &run);
             }
         }
         let run = raw::test_run(floors.xdp.as_fd(), reference, &mut out, 1)?;
-        record("XDP floor".into(), &run);
+        record(single, "XDP floor".into(), &run);
     }
     Ok(())
 }
@@ -1515,9 +1513,7 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
 /// The tc checksum comparison's table.
 fn checksum_text(config: &Config, pp: &PerPacket) -> String {
     let mut md = String::new();
-    let Some(floor) = pp.checksum.first().map(|r| r.in_place.kernel_ns) else {
-        return md;
-    };
+    let floor = pp.checksum.floor.kernel_ns;
     let _ = writeln!(
         md,
         "\n### tc: the L4 checksum in place and through `bpf_l4_csum_replace` ({} Services)\n\n\
@@ -1532,7 +1528,7 @@ fn checksum_text(config: &Config, pp: &PerPacket) -> String {
          |---|---|---|---|---|---|",
         config.service_counts[0], config.repeat, config.runs
     );
-    for row in &pp.checksum[1..] {
+    for row in &pp.checksum.rows {
         let (a, b) = (row.in_place.kernel_ns, row.helper.kernel_ns);
         let _ = writeln!(
             md,

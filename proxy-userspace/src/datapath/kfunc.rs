@@ -79,7 +79,7 @@ impl SkbChecksumState {
                 _ => None,
             })
             .ok_or(KfuncError::NoField("no struct sk_buff"))?;
-        let (bit, size) = find_member(btf, &sk_buff, "ip_summed", 0, 4)?
+        let (bit, size) = find_member(btf, &sk_buff, "ip_summed", 0, 4)
             .ok_or(KfuncError::NoField("not found"))?;
         if size != Some(2) {
             return Err(KfuncError::NoField("not a 2-bit field"));
@@ -115,22 +115,22 @@ fn find_member(
     name: &str,
     base: u32,
     depth: u32,
-) -> Result<Option<(u32, Option<u32>)>, KfuncError> {
+) -> Option<(u32, Option<u32>)> {
     for member in &ty.members {
         let bit = base + member.bit_offset();
         let member_name = btf.resolve_name(member).unwrap_or_default();
         if member_name == name {
-            return Ok(Some((bit, member.bitfield_size().filter(|s| *s != 0))));
+            return Some((bit, member.bitfield_size().filter(|s| *s != 0)));
         }
         if member_name.is_empty() && depth > 0 {
             if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(member) {
-                if let Some(found) = find_member(btf, &inner, name, bit, depth - 1)? {
-                    return Ok(Some(found));
+                if let Some(found) = find_member(btf, &inner, name, bit, depth - 1) {
+                    return Some(found);
                 }
             }
         }
     }
-    Ok(None)
+    None
 }
 
 /// The object, patched (see [`patch`]).
