@@ -13,11 +13,11 @@ use super::*;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 const BACKENDS: usize = 3;
@@ -102,16 +102,31 @@ impl Plan {
 
 /// One measurement round of one mode at one Service count.
 struct Round {
-    latencies: Vec<Duration>,
+    /// Connection setup times with one thread as client and server
+    /// (`one_thread_setup`): the network path, no wake-ups.
+    one_thread: Vec<Duration>,
+    /// Connection setup times from a client thread to the backends' server
+    /// threads: the path plus thread wake-ups on this VM's 2 vCPUs.
+    threads: Vec<Duration>,
     requests_per_s: f64,
     conns_per_s: f64,
     failures: usize,
 }
 
+/// Which connection setup measurement a figure is from.
+#[derive(Clone, Copy)]
+enum Setup {
+    OneThread,
+    Threads,
+}
+
 impl Round {
     /// This round's percentile `p` of connection setup time, in µs.
-    fn percentile_us(&self, p: f64) -> f64 {
-        let mut v = self.latencies.clone();
+    fn percentile_us(&self, setup: Setup, p: f64) -> f64 {
+        let mut v = match setup {
+            Setup::OneThread => self.one_thread.clone(),
+            Setup::Threads => self.threads.clone(),
+        };
         if v.is_empty() {
             return f64::NAN;
         }
@@ -135,29 +150,40 @@ struct Cell {
     unavailable: Option<String>,
 }
 
+impl Round {
+    fn p50_us(&self) -> f64 {
+        self.percentile_us(Setup::OneThread, 0.50)
+    }
+    fn p99_us(&self) -> f64 {
+        self.percentile_us(Setup::OneThread, 0.99)
+    }
+    fn threads_p50_us(&self) -> f64 {
+        self.percentile_us(Setup::Threads, 0.50)
+    }
+    fn threads_p99_us(&self) -> f64 {
+        self.percentile_us(Setup::Threads, 0.99)
+    }
+    fn requests(&self) -> f64 {
+        self.requests_per_s
+    }
+    fn conns(&self) -> f64 {
+        self.conns_per_s
+    }
+}
+
+/// A figure of one round (`Round::p99_us`, `Round::requests`, ...).
+type Figure = fn(&Round) -> f64;
+
 impl Cell {
-    fn median(&self, f: impl Fn(&Round) -> f64) -> f64 {
+    /// Median over the rounds of a round's figure (for a percentile: a
+    /// burst from another tenant spoils one round's tail, not the figure).
+    fn median(&self, f: Figure) -> f64 {
         let mut v: Vec<f64> = self.rounds.iter().map(f).collect();
         median(&mut v)
     }
-    /// Median over the rounds of each round's percentile `p` of connection
-    /// setup time, in µs (a burst from another tenant spoils one round's
-    /// tail, not the figure).
-    fn percentile_us(&self, p: f64) -> f64 {
-        self.median(|r| r.percentile_us(p))
-    }
-    fn p50_us(&self) -> f64 {
-        self.percentile_us(0.50)
-    }
-    fn p99_us(&self) -> f64 {
-        self.percentile_us(0.99)
-    }
-    fn requests(&self) -> f64 {
-        self.median(|r| r.requests_per_s)
-    }
     /// The interquartile range of `f` over the rounds, relative to its
     /// median: how much a figure moves between rounds on this machine.
-    fn spread(&self, f: impl Fn(&Round) -> f64) -> f64 {
+    fn spread(&self, f: Figure) -> f64 {
         let mut v: Vec<f64> = self.rounds.iter().map(f).collect();
         if v.len() < 4 {
             return f64::NAN;
@@ -165,9 +191,6 @@ impl Cell {
         v.sort_by(f64::total_cmp);
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
         (at(0.75) - at(0.25)) / median(&mut v)
-    }
-    fn conns(&self) -> f64 {
-        self.median(|r| r.conns_per_s)
     }
     fn failures(&self) -> usize {
         self.rounds.iter().map(|r| r.failures).sum()
@@ -484,10 +507,19 @@ impl Topology {
         Ok(())
     }
 
-    /// One round: latency, keep-alive throughput, new-connection rate.
+    /// One round: latency (one thread, then server threads), keep-alive
+    /// throughput, new-connection rate.
     fn measure(&self, plan: &Plan) -> Result<Round> {
+        let (one_thread, mut failures) = self.one_thread_setups(plan)?;
+        ensure!(
+            one_thread.len() * 10 >= plan.latency_conns * 9,
+            "{} of {} one-thread connections through {} failed",
+            failures,
+            plan.latency_conns,
+            self.mode.name()
+        );
         let targets = &self.target;
-        let (latencies, mut failures) = self.client.run(|| {
+        let (latencies, f0) = self.client.run(|| {
             // Warm-up, not timed.
             for n in 0..10 {
                 if let Ok(mut s) = connect(targets[n % targets.len()]) {
@@ -519,13 +551,52 @@ impl Topology {
         );
         let (requests, f1) = self.parallel(plan.run_for, false)?;
         let (conns, f2) = self.parallel(plan.run_for, true)?;
-        failures += f1 + f2;
+        failures += f0 + f1 + f2;
         Ok(Round {
-            latencies,
+            one_thread,
+            threads: latencies,
             requests_per_s: requests,
             conns_per_s: conns,
             failures,
         })
+    }
+
+    /// `plan.latency_conns` connection setups (after 10 untimed), each with
+    /// one thread as both ends (`one_thread_setup`), the backend servers'
+    /// workers parked meanwhile. Returns (setup times, failures).
+    fn one_thread_setups(&self, plan: &Plan) -> Result<(Vec<Duration>, usize)> {
+        let parked = self
+            .servers
+            .iter()
+            .map(Server::park)
+            .collect::<Result<Vec<_>>>()?;
+        let listeners: [&TcpListener; BACKENDS] =
+            std::array::from_fn(|k| &self.servers[k].listener);
+        let targets = &self.target;
+        let measured = self.client.run(|| {
+            for n in 0..10 {
+                let _ = one_thread_setup(targets[n % targets.len()], &listeners);
+            }
+            let mut latencies = Vec::with_capacity(plan.latency_conns);
+            let mut failures = 0;
+            for n in 0..plan.latency_conns {
+                match one_thread_setup(targets[n % targets.len()], &listeners) {
+                    Ok(took) => latencies.push(took),
+                    Err(err) => {
+                        if failures == 0 {
+                            eprintln!(
+                                "bench: connections: {}: a one-thread connection failed: {err}",
+                                self.mode.name()
+                            );
+                        }
+                        failures += 1;
+                    }
+                }
+            }
+            (latencies, failures)
+        });
+        drop(parked);
+        measured
     }
 
     /// PARALLEL client threads for `run_for`: request/response on one
@@ -614,6 +685,55 @@ fn exchange(s: &mut TcpStream) -> io::Result<()> {
     s.read_exact(&mut buf)
 }
 
+/// One new connection with this thread as both ends, timed from before
+/// `connect()` to the answer read: connect, send the request, accept it on
+/// whichever backend's listener it reached, read it, answer, read the
+/// answer. The packets cross the lab in softirq on this CPU within each
+/// syscall (veth delivers through the local backlog), so nothing waits for
+/// another thread to be scheduled: the time is the network path (veths,
+/// routing, the proxy, TCP) and the syscalls, without the wake-ups the
+/// threaded measurement also pays.
+fn one_thread_setup(
+    to: SocketAddrV4,
+    listeners: &[&TcpListener; BACKENDS],
+) -> io::Result<Duration> {
+    let start = Instant::now();
+    let mut client = connect(to)?;
+    client.write_all(&[b'q'; REQUEST])?;
+    let mut conn = accept_any(listeners, start + IO_TIMEOUT)?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut request = [0u8; REQUEST];
+    conn.read_exact(&mut request)?;
+    conn.write_all(&[b'r'; RESPONSE])?;
+    let mut response = [0u8; RESPONSE];
+    client.read_exact(&mut response)?;
+    let took = start.elapsed();
+    abort(client);
+    Ok(took)
+}
+
+/// Accepts the next connection on any of `listeners` (nonblocking ones),
+/// waiting in poll() until `deadline`.
+fn accept_any(listeners: &[&TcpListener; BACKENDS], deadline: Instant) -> io::Result<TcpStream> {
+    let fds = listeners.map(|l| l.as_raw_fd());
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        for (listener, ready) in listeners.iter().zip(poll_in(&fds, left)) {
+            if ready {
+                match listener.accept() {
+                    Ok((conn, _)) => return Ok(conn),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
 /// Closes with an RST (SO_LINGER 0): no TIME_WAIT, so thousands of
 /// sequential connections never run out of ports.
 fn abort(s: TcpStream) {
@@ -633,26 +753,65 @@ fn abort(s: TcpStream) {
     }
 }
 
-/// A backend pod's TCP server on :8080: WORKERS threads blocked in accept,
-/// each answering every REQUEST-byte request with RESPONSE bytes until the
-/// client closes.
+/// A backend pod's TCP server on :8080: WORKERS threads waiting on the
+/// listener, each answering every REQUEST-byte request with RESPONSE bytes
+/// until the client closes. The workers can be parked (`Server::park`) so
+/// the one-thread probe accepts on the same listener itself. Idle workers
+/// sleep in poll() and parked ones on a condition variable: no periodic
+/// wake-ups to disturb what is measured.
 struct Server {
     stop: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     listener: TcpListener,
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Parks a server's workers. `closed` asks them to park; `wake` (an
+/// eventfd, readable while closed) gets them out of poll(); each counts
+/// itself in `parked` and waits on `open` until released. Once all are
+/// counted, none of them touches the listener.
+struct Gate {
+    closed: Mutex<bool>,
+    open: Condvar,
+    parked: AtomicUsize,
+    wake: OwnedFd,
+}
+
+/// A safety net only: poll() and the parked wait are woken explicitly.
+const WORKER_WAIT: Duration = Duration::from_secs(1);
+
 impl Server {
     fn start(pod: &Ns) -> Result<Self> {
         let listener = pod.run(|| TcpListener::bind(("0.0.0.0", BACKEND_PORT)))??;
+        // Workers poll() before accept: a nonblocking accept that loses the
+        // race to another worker returns instead of blocking.
+        listener.set_nonblocking(true)?;
+        // SAFETY: eventfd takes no pointers; the fd is checked and owned.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        ensure!(wake >= 0, "eventfd: {}", io::Error::last_os_error());
+        let gate = Arc::new(Gate {
+            closed: Mutex::new(false),
+            open: Condvar::new(),
+            parked: AtomicUsize::new(0),
+            // SAFETY: a new fd that nothing else owns.
+            wake: unsafe { OwnedFd::from_raw_fd(wake) },
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for _ in 0..WORKERS {
             let listener = listener.try_clone()?;
-            let stop = stop.clone();
+            let (stop, gate) = (stop.clone(), gate.clone());
             threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::SeqCst) {
+                    if gate.wait_while_closed(&stop) {
+                        continue;
+                    }
+                    let fds = [listener.as_raw_fd(), gate.wake.as_raw_fd()];
+                    if !poll_in(&fds, WORKER_WAIT)[0] || gate.is_closed() {
+                        continue;
+                    }
                     if let Ok((conn, _)) = listener.accept() {
+                        // The listener's O_NONBLOCK is not inherited.
                         serve(conn, &stop);
                     }
                 }
@@ -660,10 +819,94 @@ impl Server {
         }
         Ok(Self {
             stop,
+            gate,
             listener,
             threads,
         })
     }
+
+    /// Parks every worker (a bounded wait); the guard releases them.
+    fn park(&self) -> Result<Parked<'_>> {
+        *self.gate.closed.lock().expect("gate lock") = true;
+        let parked = Parked(self);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the eventfd.
+        unsafe { libc::write(self.gate.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while self.gate.parked.load(Ordering::SeqCst) < self.threads.len() {
+            ensure!(
+                Instant::now() < deadline,
+                "a backend server's workers did not park within {IO_TIMEOUT:?} ({} of {})",
+                self.gate.parked.load(Ordering::SeqCst),
+                self.threads.len()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(parked)
+    }
+}
+
+impl Gate {
+    fn is_closed(&self) -> bool {
+        *self.closed.lock().expect("gate lock")
+    }
+
+    /// If the gate is closed, counts this worker parked and waits until it
+    /// opens (or `stop`); returns whether it waited.
+    fn wait_while_closed(&self, stop: &AtomicBool) -> bool {
+        let mut closed = self.closed.lock().expect("gate lock");
+        if !*closed {
+            return false;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while *closed && !stop.load(Ordering::SeqCst) {
+            closed = self
+                .open
+                .wait_timeout(closed, WORKER_WAIT)
+                .expect("gate lock")
+                .0;
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Opens the gate: drains the eventfd first, so the released workers'
+    /// poll() sleeps again.
+    fn release(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer (nonblocking).
+        unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        *self.closed.lock().expect("gate lock") = false;
+        self.open.notify_all();
+    }
+}
+
+/// Workers parked; released on drop.
+struct Parked<'a>(&'a Server);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.gate.release();
+    }
+}
+
+/// Waits up to `timeout` for any of `fds` to be readable (or hung up);
+/// returns which are.
+fn poll_in<const N: usize>(fds: &[RawFd; N], timeout: Duration) -> [bool; N] {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: N valid pollfds for the duration of the call.
+    let ready = unsafe {
+        libc::poll(
+            polled.as_mut_ptr(),
+            N as libc::nfds_t,
+            timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int,
+        )
+    };
+    polled.map(|p| ready > 0 && p.revents != 0)
 }
 
 fn serve(mut conn: TcpStream, stop: &AtomicBool) {
@@ -690,8 +933,9 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool) {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wakes every thread blocked in accept (Linux returns EINVAL).
+        self.stop.store(true, Ordering::SeqCst);
+        self.gate.open.notify_all();
+        // Wakes every worker waiting in poll (accept then fails with EINVAL).
         // SAFETY: the listener's fd is open until self drops.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         // Bounded: a thread still stuck after 5 s is left behind, not waited for.
@@ -901,12 +1145,24 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
          from other tenants of this shared VM hits all modes alike. Per round and mode:\n\n\
          - **connection setup**: {} sequential new TCP connections (after 10 untimed), each \
          timed from before `connect()` to the completed first request/response; closed with \
-         SO_LINGER 0 (RST, no TIME_WAIT). p50 and p99 of each round, then the median of the \
-         rounds ({} connections per mode and count in all).\n\
+         SO_LINGER 0 (RST, no TIME_WAIT). One thread drives both ends: it connects from the \
+         client pod, sends the request, accepts the connection on the backend's listener \
+         (the servers' workers parked meanwhile), reads and answers it, and reads the \
+         answer. Every packet crosses the lab in softirq on that CPU within the syscall that \
+         sent it (veth delivers through the local backlog), so the time is the network path \
+         (veths, routing, the proxy, the TCP handshake) and the syscalls, with no thread \
+         waiting to be scheduled. p50 and p99 of each round, then the median of the rounds \
+         ({} connections per mode and count in all).\n\
+         - **with server threads**: the same again from a client thread to the backends' \
+         server threads, so each connection also pays two thread wake-ups on this VM's 2 \
+         shared vCPUs: closer to real pods, and a tail that is mostly the scheduler's.\n\
          - **keep-alive requests/s**: {PARALLEL} threads, one connection each, \
          request/response in a loop for {:.1} s; the figure is the median of the rounds.\n\
          - **new connections/s**: {PARALLEL} threads, each a loop of new connection + one \
-         request/response + RST for {:.1} s; median of the rounds.\n",
+         request/response + RST for {:.1} s; median of the rounds.\n\n\
+         Ratios and targets compare each round's turns with each other (the median over the \
+         rounds of the round's ratio): the turns of one round ran back to back, so load that \
+         moves whole rounds cancels out.\n",
         or_missing_version(),
         plan.rounds,
         plan.latency_conns,
@@ -921,28 +1177,35 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     );
     let _ = writeln!(
         md,
-        "| Services | mode | programming | setup p50 (µs) | setup p99 (µs) | keep-alive requests/s | new connections/s | failures |\n\
-         |---|---|---|---|---|---|---|---|"
+        "| Services | mode | programming | setup p50 (µs) | setup p99 (µs) | with server threads: setup p50 (µs) | p99 (µs) | keep-alive requests/s | new connections/s | failures |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     );
     for &count in &plan.counts {
         for (m, mode) in MODES.iter().enumerate() {
             let cell = &results[&(count, m)];
             if let Some(why) = &cell.unavailable {
-                let _ = writeln!(md, "| {count} | {} | {} |  |  |  |  |  |", mode.name(), why);
+                let _ = writeln!(
+                    md,
+                    "| {count} | {} | {} |  |  |  |  |  |  |  |",
+                    mode.name(),
+                    why
+                );
                 continue;
             }
             let _ = writeln!(
                 md,
-                "| {count} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {count} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
                 mode.name(),
                 cell.programming.map_or("-".to_owned(), |p| match p.sync {
                     Some(sync) => format!("{:.0} ms (sync {:.0} ms)", ms(p.wall), ms(sync)),
                     None => format!("{:.0} ms", ms(p.wall)),
                 }),
-                cell.p50_us(),
-                cell.p99_us(),
-                cell.requests(),
-                cell.conns(),
+                cell.median(Round::p50_us),
+                cell.median(Round::p99_us),
+                cell.median(Round::threads_p50_us),
+                cell.median(Round::threads_p99_us),
+                cell.median(Round::requests),
+                cell.median(Round::conns),
                 cell.failures()
             );
         }
@@ -954,28 +1217,30 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     let get = |count: usize, m: usize| results.get(&(count, m)).filter(|c| c.ok());
     let _ = writeln!(
         md,
-        "### Ratios (other mode / kproxy; for latency above 1 means kproxy is faster, for \
-         throughput below 1 means kproxy does more)\n\n\
-         | Services | p99 iptables / kproxy | p99 nftables / kproxy | p50 iptables / kproxy | p50 nftables / kproxy | requests/s iptables / kproxy | requests/s nftables / kproxy | new conns/s iptables / kproxy | new conns/s nftables / kproxy |\n\
-         |---|---|---|---|---|---|---|---|---|"
+        "### Ratios (other mode / kproxy, median of the rounds' ratios; for latency above 1 \
+         means kproxy is faster, for throughput below 1 means kproxy does more)\n\n\
+         | Services | p99 iptables / kproxy | p99 nftables / kproxy | p50 iptables / kproxy | p50 nftables / kproxy | with server threads: p99 iptables / kproxy | p99 nftables / kproxy | requests/s iptables / kproxy | requests/s nftables / kproxy | new conns/s iptables / kproxy | new conns/s nftables / kproxy |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let ratio = |a: Option<&Cell>, b: Option<&Cell>, f: &dyn Fn(&Cell) -> f64| match (a, b) {
-        (Some(a), Some(b)) => format!("{:.2}x", f(a) / f(b)),
+    let ratio = |a: Option<&Cell>, b: Option<&Cell>, f: Figure| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}x", paired(a, b, f)),
         _ => "n/a".to_owned(),
     };
     for &count in &plan.counts {
         let k = get(count, kp);
         let _ = writeln!(
             md,
-            "| {count} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            ratio(get(count, ipt), k, &Cell::p99_us),
-            ratio(get(count, nft), k, &Cell::p99_us),
-            ratio(get(count, ipt), k, &Cell::p50_us),
-            ratio(get(count, nft), k, &Cell::p50_us),
-            ratio(get(count, ipt), k, &Cell::requests),
-            ratio(get(count, nft), k, &Cell::requests),
-            ratio(get(count, ipt), k, &Cell::conns),
-            ratio(get(count, nft), k, &Cell::conns),
+            "| {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            ratio(get(count, ipt), k, Round::p99_us),
+            ratio(get(count, nft), k, Round::p99_us),
+            ratio(get(count, ipt), k, Round::p50_us),
+            ratio(get(count, nft), k, Round::p50_us),
+            ratio(get(count, ipt), k, Round::threads_p99_us),
+            ratio(get(count, nft), k, Round::threads_p99_us),
+            ratio(get(count, ipt), k, Round::requests),
+            ratio(get(count, nft), k, Round::requests),
+            ratio(get(count, ipt), k, Round::conns),
+            ratio(get(count, nft), k, Round::conns),
         );
     }
     let _ = writeln!(md);
@@ -1005,9 +1270,16 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         &format!("p99 setup at {big} Services: iptables / kproxy >= 2"),
         &format!("connection p99 vs iptables at {big} Services"),
         i_big.zip(k_big).map(|(i, k)| {
-            let r = i.p99_us() / k.p99_us();
+            let r = paired(i, k, Round::p99_us);
             (
-                format!("{r:.2}x ({:.0} vs {:.0} µs)", i.p99_us(), k.p99_us()),
+                format!(
+                    "{r:.2}x ({:.0} vs {:.0} µs); with server threads {:.2}x ({:.0} vs {:.0} µs)",
+                    i.median(Round::p99_us),
+                    k.median(Round::p99_us),
+                    paired(i, k, Round::threads_p99_us),
+                    i.median(Round::threads_p99_us),
+                    k.median(Round::threads_p99_us),
+                ),
                 r >= 2.0,
             )
         }),
@@ -1016,20 +1288,27 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         &format!("p99 setup at {big} Services: kproxy no worse than nftables"),
         &format!("connection p99 vs nftables at {big} Services"),
         n_big.zip(k_big).map(|(n, k)| {
-            let r = n.p99_us() / k.p99_us();
+            let r = paired(n, k, Round::p99_us);
             (
-                format!("{r:.2}x ({:.0} vs {:.0} µs)", n.p99_us(), k.p99_us()),
-                k.p99_us() <= n.p99_us() * (1.0 + NOISE),
+                format!(
+                    "{r:.2}x ({:.0} vs {:.0} µs); with server threads {:.2}x ({:.0} vs {:.0} µs)",
+                    n.median(Round::p99_us),
+                    k.median(Round::p99_us),
+                    paired(n, k, Round::threads_p99_us),
+                    n.median(Round::threads_p99_us),
+                    k.median(Round::threads_p99_us),
+                ),
+                r * (1.0 + NOISE) >= 1.0,
             )
         }),
     );
-    let worst = |f: &dyn Fn(&Cell) -> f64| -> Option<(String, bool)> {
+    let worst = |f: Figure| -> Option<(String, bool)> {
         let mut worst: Option<(f64, usize, &str)> = None;
         for &count in &plan.counts {
             let k = get(count, kp)?;
             for (m, name) in [(ipt, "iptables"), (nft, "nftables")] {
                 if let Some(other) = get(count, m) {
-                    let r = f(k) / f(other);
+                    let r = paired(k, other, f);
                     if worst.is_none_or(|w| r < w.0) {
                         worst = Some((r, count, name));
                     }
@@ -1046,12 +1325,12 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     target(
         "keep-alive requests/s: kproxy no worse than iptables or nftables (every count)",
         "keep-alive throughput",
-        worst(&Cell::requests),
+        worst(Round::requests),
     );
     target(
         "new connections/s: kproxy no worse than iptables or nftables (every count)",
         "new-connection rate",
-        worst(&Cell::conns),
+        worst(Round::conns),
     );
     let _ = writeln!(md);
 
@@ -1067,10 +1346,12 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     for &count in &plan.counts {
         groups.push(format!("{count}: p50"));
         groups.push(format!("{count}: p99"));
+        groups.push(format!("{count}: p99, threads"));
         for (m, s) in p50s.iter_mut().enumerate() {
             let cell = get(count, m);
-            s.1.push(cell.map_or(f64::NAN, Cell::p50_us));
-            s.1.push(cell.map_or(f64::NAN, Cell::p99_us));
+            for f in [Round::p50_us, Round::p99_us, Round::threads_p99_us] {
+                s.1.push(cell.map_or(f64::NAN, |c| c.median(f)));
+            }
         }
     }
     let svg = bar_chart(
@@ -1086,8 +1367,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         throughput_groups.push(format!("{count}: new conn/s"));
         for (m, s) in throughput.iter_mut().enumerate() {
             let cell = get(count, m);
-            s.1.push(cell.map_or(f64::NAN, Cell::requests));
-            s.1.push(cell.map_or(f64::NAN, Cell::conns));
+            s.1.push(cell.map_or(f64::NAN, |c| c.median(Round::requests)));
+            s.1.push(cell.map_or(f64::NAN, |c| c.median(Round::conns)));
         }
     }
     let svg2 = bar_chart(
@@ -1111,16 +1392,22 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         let _ = writeln!(why, "Connections (section 2), from this run's figures:\n");
         let floor = get(big, direct);
         let growth = |m: usize| -> Option<(f64, f64)> {
-            Some((get(small, m)?.p50_us(), get(big, m)?.p50_us()))
+            Some((
+                get(small, m)?.median(Round::p50_us),
+                get(big, m)?.median(Round::p50_us),
+            ))
         };
         if let Some(f) = floor {
             let _ = writeln!(
                 why,
-                "- The floor (no proxy at all) is {:.0} µs p50 / {:.0} µs p99 at {big} Services: \
-                 two veth hops each way, the handshake, one request/response, and thread \
-                 wake-ups on 2 shared vCPUs. Every mode pays it; a proxy can only add to it.",
-                f.p50_us(),
-                f.p99_us()
+                "- The floor (no proxy at all) is {:.0} µs p50 / {:.0} µs p99 at {big} Services \
+                 (with server threads {:.0} / {:.0} µs): two veth hops each way, the handshake, \
+                 one request/response, the syscalls (and the wake-ups). Every mode pays it; a \
+                 proxy can only add to it.",
+                f.median(Round::p50_us),
+                f.median(Round::p99_us),
+                f.median(Round::threads_p50_us),
+                f.median(Round::threads_p99_us),
             );
         }
         for (m, name) in [
@@ -1134,7 +1421,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
                     "- {name}: p50 {a:.0} µs at {small} Service(s), {b:.0} µs at {big} \
                      ({:+.0} µs from the Service count; {:+.0} µs over the floor at {big}).",
                     b - a,
-                    b - f.p50_us()
+                    b - f.median(Round::p50_us)
                 );
             }
         }
@@ -1148,17 +1435,16 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
                  rule here (iptables-nft bytecode), while kproxy's lookup is one hash probe at \
                  any count. That makes iptables {:.2}x slower than kproxy at p50. At p99 the \
                  ratio is {:.2}x because the tail is not the proxy: the floor's own p99 is \
-                 {:.0} µs, {:.1}x its p50 (client and server threads waiting for one of 2 \
-                 shared vCPUs, softirq work landing on the busy one), and every mode carries \
-                 that tail. A 2x p99 ratio needs the scan to cost as much as the whole tail, \
-                 i.e. far more Services, or a quieter machine with more cores: even a proxy \
-                 that cost nothing would show iptables / floor = {:.2}x here.",
+                 {:.0} µs, {:.1}x its p50 (interrupts and other tenants of this 2-vCPU VM; with \
+                 server threads also their wake-ups), and every mode carries that tail. A 2x \
+                 p99 ratio needs the scan to cost as much as the whole tail: even a proxy that \
+                 cost nothing would show iptables / floor = {:.2}x here.",
                 big / 2,
-                i.p50_us() / k.p50_us(),
-                i.p99_us() / k.p99_us(),
-                f.p99_us(),
-                f.p99_us() / f.p50_us(),
-                i.p99_us() / f.p99_us(),
+                paired(i, k, Round::p50_us),
+                paired(i, k, Round::p99_us),
+                f.median(Round::p99_us),
+                f.median(Round::p99_us) / f.median(Round::p50_us),
+                paired(i, f, Round::p99_us),
             );
         }
         let _ = writeln!(
@@ -1174,7 +1460,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         );
         // Round by round: a round measures every mode back to back, so the
         // same round's turns share the load that moves whole rounds.
-        let ahead = |other: usize, f: &dyn Fn(&Round) -> f64, lower_is_better: bool| {
+        let ahead = |other: usize, f: Figure, lower_is_better: bool| {
             let (k, o) = (get(big, kp)?, get(big, other)?);
             (k.rounds.len() == o.rounds.len()).then(|| {
                 let wins = k
@@ -1193,13 +1479,11 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
                 format!("{wins} of {}", k.rounds.len())
             })
         };
-        let p99 = |r: &Round| r.percentile_us(0.99);
-        let requests = |r: &Round| r.requests_per_s;
         if let (Some(p_ipt), Some(p_nft), Some(r_ipt), Some(r_nft)) = (
-            ahead(ipt, &p99, true),
-            ahead(nft, &p99, true),
-            ahead(ipt, &requests, false),
-            ahead(nft, &requests, false),
+            ahead(ipt, Round::p99_us, true),
+            ahead(nft, Round::p99_us, true),
+            ahead(ipt, Round::requests, false),
+            ahead(nft, Round::requests, false),
         ) {
             let _ = writeln!(
                 why,
@@ -1214,7 +1498,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             .iter()
             .filter_map(|&count| {
                 let pct = |m: usize| {
-                    get(count, m).map_or(f64::NAN, |c| c.spread(|r| r.requests_per_s) * 100.0)
+                    get(count, m).map_or(f64::NAN, |c| c.spread(Round::requests) * 100.0)
                 };
                 get(count, kp)?;
                 Some(format!(
@@ -1236,6 +1520,19 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     section.markdown = md;
     section.why = why;
     section
+}
+
+/// The median over the rounds of `f(a's round) / f(b's round)`. The two
+/// turns of a round ran back to back, so the load that moves whole rounds
+/// on this shared VM cancels out of each ratio.
+fn paired(a: &Cell, b: &Cell, f: Figure) -> f64 {
+    let mut ratios: Vec<f64> = a
+        .rounds
+        .iter()
+        .zip(&b.rounds)
+        .map(|(x, y)| f(x) / f(y))
+        .collect();
+    median(&mut ratios)
 }
 
 fn or_missing_version() -> String {
