@@ -105,10 +105,14 @@ struct Round {
     /// Connection setup times with one thread as client and server
     /// (`one_thread_setup`): the network path, no wake-ups.
     one_thread: Vec<Duration>,
+    /// Requests/s on one keep-alive connection, one thread as both ends
+    /// (`one_thread_requests`).
+    one_thread_requests_per_s: f64,
     /// Connection setup times from a client thread to the backends' server
     /// threads: the path plus thread wake-ups on this VM's 2 vCPUs.
     threads: Vec<Duration>,
-    requests_per_s: f64,
+    /// PARALLEL client threads to the server threads.
+    threads_requests_per_s: f64,
     conns_per_s: f64,
     failures: usize,
 }
@@ -164,7 +168,10 @@ impl Round {
         self.percentile_us(Setup::Threads, 0.99)
     }
     fn requests(&self) -> f64 {
-        self.requests_per_s
+        self.one_thread_requests_per_s
+    }
+    fn threads_requests(&self) -> f64 {
+        self.threads_requests_per_s
     }
     fn conns(&self) -> f64 {
         self.conns_per_s
@@ -507,10 +514,10 @@ impl Topology {
         Ok(())
     }
 
-    /// One round: latency (one thread, then server threads), keep-alive
-    /// throughput, new-connection rate.
+    /// One round: latency and keep-alive requests with one thread, then
+    /// with server threads, and the new-connection rate.
     fn measure(&self, plan: &Plan) -> Result<Round> {
-        let (one_thread, mut failures) = self.one_thread_setups(plan)?;
+        let (one_thread, mut failures, one_thread_requests_per_s) = self.one_thread(plan)?;
         ensure!(
             one_thread.len() * 10 >= plan.latency_conns * 9,
             "{} of {} one-thread connections through {} failed",
@@ -554,17 +561,20 @@ impl Topology {
         failures += f0 + f1 + f2;
         Ok(Round {
             one_thread,
+            one_thread_requests_per_s,
             threads: latencies,
-            requests_per_s: requests,
+            threads_requests_per_s: requests,
             conns_per_s: conns,
             failures,
         })
     }
 
-    /// `plan.latency_conns` connection setups (after 10 untimed), each with
-    /// one thread as both ends (`one_thread_setup`), the backend servers'
-    /// workers parked meanwhile. Returns (setup times, failures).
-    fn one_thread_setups(&self, plan: &Plan) -> Result<(Vec<Duration>, usize)> {
+    /// With one thread as both ends and the backend servers' workers parked:
+    /// `plan.latency_conns` connection setups (after 10 untimed; see
+    /// `one_thread_setup`), then requests on one keep-alive connection for
+    /// `plan.run_for` (`one_thread_requests`). Returns (setup times,
+    /// failures, requests/s).
+    fn one_thread(&self, plan: &Plan) -> Result<(Vec<Duration>, usize, f64)> {
         let parked = self
             .servers
             .iter()
@@ -590,13 +600,26 @@ impl Topology {
                             );
                         }
                         failures += 1;
+                        // Its server side may still wait in a listener's
+                        // queue: the next connection must not accept it.
+                        for listener in listeners {
+                            while listener.accept().is_ok() {}
+                        }
                     }
                 }
             }
-            (latencies, failures)
+            let requests = one_thread_requests(targets[0], &listeners, plan.run_for);
+            (latencies, failures, requests)
         });
         drop(parked);
-        measured
+        let (latencies, failures, requests) = measured?;
+        let requests = requests.with_context(|| {
+            format!(
+                "one-thread keep-alive requests through {}",
+                self.mode.name()
+            )
+        })?;
+        Ok((latencies, failures, requests))
     }
 
     /// PARALLEL client threads for `run_for`: request/response on one
@@ -711,6 +734,41 @@ fn one_thread_setup(
     let took = start.elapsed();
     abort(client);
     Ok(took)
+}
+
+/// Requests/s on one keep-alive connection for `run_for`, this thread as
+/// both ends (after 10 untimed): send the request, read it on the server
+/// side, answer, read the answer. Like `one_thread_setup`, no thread waits
+/// to be scheduled, so the time per request is the established path of
+/// four segments through the lab and the proxy, and the syscalls.
+fn one_thread_requests(
+    to: SocketAddrV4,
+    listeners: &[&TcpListener; BACKENDS],
+    run_for: Duration,
+) -> io::Result<f64> {
+    let mut client = connect(to)?;
+    let mut conn = accept_any(listeners, Instant::now() + IO_TIMEOUT)?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    let (mut request, mut response) = ([0u8; REQUEST], [0u8; RESPONSE]);
+    let mut one = || -> io::Result<()> {
+        client.write_all(&[b'q'; REQUEST])?;
+        conn.read_exact(&mut request)?;
+        conn.write_all(&[b'r'; RESPONSE])?;
+        client.read_exact(&mut response)
+    };
+    for _ in 0..10 {
+        one()?;
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < run_for {
+        one()?;
+        done += 1;
+    }
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    abort(client);
+    Ok(rate)
 }
 
 /// Accepts the next connection on any of `listeners` (nonblocking ones),
@@ -1153,13 +1211,17 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
          (veths, routing, the proxy, the TCP handshake) and the syscalls, with no thread \
          waiting to be scheduled. p50 and p99 of each round, then the median of the rounds \
          ({} connections per mode and count in all).\n\
-         - **with server threads**: the same again from a client thread to the backends' \
-         server threads, so each connection also pays two thread wake-ups on this VM's 2 \
-         shared vCPUs: closer to real pods, and a tail that is mostly the scheduler's.\n\
-         - **keep-alive requests/s**: {PARALLEL} threads, one connection each, \
-         request/response in a loop for {:.1} s; the figure is the median of the rounds.\n\
-         - **new connections/s**: {PARALLEL} threads, each a loop of new connection + one \
-         request/response + RST for {:.1} s; median of the rounds.\n\n\
+         - **keep-alive requests/s**: the same thread, one connection, request/response in a \
+         loop for {:.1} s: the established path (four segments through the proxy per \
+         request) and the syscalls; median of the rounds.\n\
+         - **with server threads**: the same again from client threads to the backends' \
+         server threads, closer to real pods: each connection setup pays two thread \
+         wake-ups on this VM's 2 shared vCPUs (a tail that is mostly the scheduler's), and \
+         keep-alive requests/s come from {PARALLEL} client threads, one connection each, \
+         for {:.1} s, where the scheduling of 8 threads on 2 vCPUs moves a round's figure \
+         by tens of percent.\n\
+         - **new connections/s**: {PARALLEL} client threads, each a loop of new connection + \
+         one request/response + RST for {:.1} s; median of the rounds.\n\n\
          Ratios and targets compare each round's turns with each other (the median over the \
          rounds of the round's ratio): the turns of one round ran back to back, so load that \
          moves whole rounds cancels out.\n",
@@ -1167,6 +1229,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         plan.rounds,
         plan.latency_conns,
         plan.latency_conns * plan.rounds,
+        plan.run_for.as_secs_f64(),
         plan.run_for.as_secs_f64(),
         plan.run_for.as_secs_f64(),
     );
@@ -1177,8 +1240,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     );
     let _ = writeln!(
         md,
-        "| Services | mode | programming | setup p50 (µs) | setup p99 (µs) | with server threads: setup p50 (µs) | p99 (µs) | keep-alive requests/s | new connections/s | failures |\n\
-         |---|---|---|---|---|---|---|---|---|---|"
+        "| Services | mode | programming | setup p50 (µs) | setup p99 (µs) | keep-alive requests/s | with server threads: setup p50 (µs) | p99 (µs) | keep-alive requests/s ({PARALLEL} threads) | new connections/s ({PARALLEL} threads) | failures |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for &count in &plan.counts {
         for (m, mode) in MODES.iter().enumerate() {
@@ -1186,7 +1249,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             if let Some(why) = &cell.unavailable {
                 let _ = writeln!(
                     md,
-                    "| {count} | {} | {} |  |  |  |  |  |  |  |",
+                    "| {count} | {} | {} |  |  |  |  |  |  |  |  |",
                     mode.name(),
                     why
                 );
@@ -1194,7 +1257,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             }
             let _ = writeln!(
                 md,
-                "| {count} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {count} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
                 mode.name(),
                 cell.programming.map_or("-".to_owned(), |p| match p.sync {
                     Some(sync) => format!("{:.0} ms (sync {:.0} ms)", ms(p.wall), ms(sync)),
@@ -1202,9 +1265,10 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
                 }),
                 cell.median(Round::p50_us),
                 cell.median(Round::p99_us),
+                cell.median(Round::requests),
                 cell.median(Round::threads_p50_us),
                 cell.median(Round::threads_p99_us),
-                cell.median(Round::requests),
+                cell.median(Round::threads_requests),
                 cell.median(Round::conns),
                 cell.failures()
             );
@@ -1219,8 +1283,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         md,
         "### Ratios (other mode / kproxy, median of the rounds' ratios; for latency above 1 \
          means kproxy is faster, for throughput below 1 means kproxy does more)\n\n\
-         | Services | p99 iptables / kproxy | p99 nftables / kproxy | p50 iptables / kproxy | p50 nftables / kproxy | with server threads: p99 iptables / kproxy | p99 nftables / kproxy | requests/s iptables / kproxy | requests/s nftables / kproxy | new conns/s iptables / kproxy | new conns/s nftables / kproxy |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|"
+         | Services | p99 iptables / kproxy | p99 nftables / kproxy | p50 iptables / kproxy | p50 nftables / kproxy | requests/s iptables / kproxy | requests/s nftables / kproxy | with server threads: p99 iptables / kproxy | p99 nftables / kproxy | requests/s iptables / kproxy | requests/s nftables / kproxy | new conns/s iptables / kproxy | new conns/s nftables / kproxy |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let ratio = |a: Option<&Cell>, b: Option<&Cell>, f: Figure| match (a, b) {
         (Some(a), Some(b)) => format!("{:.2}x", paired(a, b, f)),
@@ -1230,15 +1294,17 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         let k = get(count, kp);
         let _ = writeln!(
             md,
-            "| {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             ratio(get(count, ipt), k, Round::p99_us),
             ratio(get(count, nft), k, Round::p99_us),
             ratio(get(count, ipt), k, Round::p50_us),
             ratio(get(count, nft), k, Round::p50_us),
-            ratio(get(count, ipt), k, Round::threads_p99_us),
-            ratio(get(count, nft), k, Round::threads_p99_us),
             ratio(get(count, ipt), k, Round::requests),
             ratio(get(count, nft), k, Round::requests),
+            ratio(get(count, ipt), k, Round::threads_p99_us),
+            ratio(get(count, nft), k, Round::threads_p99_us),
+            ratio(get(count, ipt), k, Round::threads_requests),
+            ratio(get(count, nft), k, Round::threads_requests),
             ratio(get(count, ipt), k, Round::conns),
             ratio(get(count, nft), k, Round::conns),
         );
@@ -1302,7 +1368,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             )
         }),
     );
-    let worst = |f: Figure| -> Option<(String, bool)> {
+    // The lowest kproxy / other ratio of `f` over the counts and modes.
+    let worst = |f: Figure| -> Option<(f64, String)> {
         let mut worst: Option<(f64, usize, &str)> = None;
         for &count in &plan.counts {
             let k = get(count, kp)?;
@@ -1317,20 +1384,28 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         }
         worst.map(|(r, count, name)| {
             (
+                r,
                 format!("worst kproxy / {name} = {r:.2}x at {count} Services"),
-                r >= 1.0 - NOISE,
             )
         })
     };
     target(
         "keep-alive requests/s: kproxy no worse than iptables or nftables (every count)",
         "keep-alive throughput",
-        worst(Round::requests),
+        worst(Round::requests).map(|(r, text)| {
+            let threads = worst(Round::threads_requests).map_or(String::new(), |(_, t)| {
+                format!("; with {PARALLEL} client threads {t}")
+            });
+            (format!("{text}{threads}"), r >= 1.0 - NOISE)
+        }),
     );
     target(
-        "new connections/s: kproxy no worse than iptables or nftables (every count)",
+        &format!(
+            "new connections/s ({PARALLEL} threads): kproxy no worse than iptables or nftables \
+             (every count)"
+        ),
         "new-connection rate",
-        worst(Round::conns),
+        worst(Round::conns).map(|(r, text)| (text, r >= 1.0 - NOISE)),
     );
     let _ = writeln!(md);
 
@@ -1364,15 +1439,17 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     let mut throughput = empty_series();
     for &count in &plan.counts {
         throughput_groups.push(format!("{count}: keep-alive req/s"));
-        throughput_groups.push(format!("{count}: new conn/s"));
+        throughput_groups.push(format!("{count}: keep-alive req/s, {PARALLEL} threads"));
+        throughput_groups.push(format!("{count}: new conn/s, {PARALLEL} threads"));
         for (m, s) in throughput.iter_mut().enumerate() {
             let cell = get(count, m);
-            s.1.push(cell.map_or(f64::NAN, |c| c.median(Round::requests)));
-            s.1.push(cell.map_or(f64::NAN, |c| c.median(Round::conns)));
+            for f in [Round::requests, Round::threads_requests, Round::conns] {
+                s.1.push(cell.map_or(f64::NAN, |c| c.median(f)));
+            }
         }
     }
     let svg2 = bar_chart(
-        &format!("Throughput from {PARALLEL} client threads, by Service count (higher is better)"),
+        "Throughput by Service count (higher is better)",
         "per second",
         &throughput_groups,
         &throughput,
@@ -1482,8 +1559,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         if let (Some(p_ipt), Some(p_nft), Some(r_ipt), Some(r_nft)) = (
             ahead(ipt, Round::p99_us, true),
             ahead(nft, Round::p99_us, true),
-            ahead(ipt, Round::requests, false),
-            ahead(nft, Round::requests, false),
+            ahead(ipt, Round::threads_requests, false),
+            ahead(nft, Round::threads_requests, false),
         ) {
             let _ = writeln!(
                 why,
@@ -1498,7 +1575,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             .iter()
             .filter_map(|&count| {
                 let pct = |m: usize| {
-                    get(count, m).map_or(f64::NAN, |c| c.spread(Round::requests) * 100.0)
+                    get(count, m).map_or(f64::NAN, |c| c.spread(Round::threads_requests) * 100.0)
                 };
                 get(count, kp)?;
                 Some(format!(
