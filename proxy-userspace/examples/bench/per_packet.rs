@@ -1643,8 +1643,10 @@ fn why_text(pp: &PerPacket) -> String {
          (entry, copying the frame, building the test context). The map work is the \
          conntrack miss and two LRU inserts, each walking a bucket and taking an LRU element \
          that are cold in the cache (`lookup_nulls_elem_raw`, `htab_lru_map_update_elem`, \
-         `bpf_lru_pop_free`); a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) was measured and did not \
-         help (its lock is not what a single-threaded insert pays for). Diagnostic builds that \
+         `bpf_lru_pop_free`); a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) for conntrack made new \
+         flows slower, not faster (its lock is not what a single-threaded insert pays for; \
+         `--quick` runs side by side: 9.4-9.8x the floor at tc against 8.7-9.0x). Diagnostic \
+         builds that \
          skip the inserts for the new-flow Service only (not kept; `--quick` runs side by side, \
          repeat-1 floor 120 ns): tc new flow 1122-1142 ns with both inserts, 881-1022 without \
          the reply entry's, 661 without either (5.5x the floor, against 9.4x); XDP 1073-1102, \
