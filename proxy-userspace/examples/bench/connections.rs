@@ -1408,6 +1408,27 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         worst(Round::conns).map(|(r, text)| (text, r >= 1.0 - NOISE)),
     );
     let _ = writeln!(md);
+    if let (Some(f), Some(k), Some(i)) = (get(big, direct), k_big, i_big) {
+        let _ = writeln!(
+            md,
+            "The targets are judged on the one-thread figures: they hold the network path and \
+             the proxy's work and nothing else. With server threads every connection also \
+             waits for two thread wake-ups on 2 shared vCPUs: the floor's own p99 is then {:.0} \
+             µs, {:.1}x its p50 (against {:.1}x with one thread), a tail every mode carries, so \
+             iptables / kproxy at p99 is {:.2}x there, while what iptables adds over kproxy at \
+             p50 is about the same in both ({:.0} µs with one thread, {:.0} µs with server \
+             threads, at {big} Services). The keep-alive requests/s of {PARALLEL} client \
+             threads move by {:.0}% between rounds (kproxy at {big} Services; interquartile \
+             range over the median), more than the modes differ.\n",
+            f.median(Round::threads_p99_us),
+            f.median(Round::threads_p99_us) / f.median(Round::threads_p50_us),
+            f.median(Round::p99_us) / f.median(Round::p50_us),
+            paired(i, k, Round::threads_p99_us),
+            i.median(Round::p50_us) - k.median(Round::p50_us),
+            i.median(Round::threads_p50_us) - k.median(Round::threads_p50_us),
+            k.spread(Round::threads_requests) * 100.0,
+        );
+    }
 
     // Plots.
     let empty_series = || -> Vec<(String, Vec<f64>)> {
