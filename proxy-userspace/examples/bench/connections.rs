@@ -137,24 +137,6 @@ impl Round {
         v.sort();
         v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
     }
-}
-
-/// A mode at a Service count: programming time and rounds, or why not.
-/// Time to program a mode: the tool's wall time, or kproxy's start to its
-/// first full sync plus the sync's own time from its log.
-#[derive(Clone, Copy)]
-struct Programming {
-    wall: Duration,
-    sync: Option<Duration>,
-}
-
-struct Cell {
-    programming: Option<Programming>,
-    rounds: Vec<Round>,
-    unavailable: Option<String>,
-}
-
-impl Round {
     fn p50_us(&self) -> f64 {
         self.percentile_us(Setup::OneThread, 0.50)
     }
@@ -176,6 +158,21 @@ impl Round {
     fn conns(&self) -> f64 {
         self.conns_per_s
     }
+}
+
+/// A mode at a Service count: programming time and rounds, or why not.
+/// Time to program a mode: the tool's wall time, or kproxy's start to its
+/// first full sync plus the sync's own time from its log.
+#[derive(Clone, Copy)]
+struct Programming {
+    wall: Duration,
+    sync: Option<Duration>,
+}
+
+struct Cell {
+    programming: Option<Programming>,
+    rounds: Vec<Round>,
+    unavailable: Option<String>,
 }
 
 /// A figure of one round (`Round::p99_us`, `Round::requests`, ...).
@@ -552,7 +549,7 @@ impl Topology {
         ensure!(
             latencies.len() * 10 >= plan.latency_conns * 9,
             "{} of {} connections through {} failed",
-            failures,
+            f0,
             plan.latency_conns,
             self.mode.name()
         );
@@ -583,6 +580,8 @@ impl Topology {
         let listeners: [&TcpListener; BACKENDS] =
             std::array::from_fn(|k| &self.servers[k].listener);
         let targets = &self.target;
+        // Whatever the threaded phases left queued is not the probe's.
+        drain(&listeners);
         let measured = self.client.run(|| {
             for n in 0..10 {
                 let _ = one_thread_setup(targets[n % targets.len()], &listeners);
@@ -600,11 +599,6 @@ impl Topology {
                             );
                         }
                         failures += 1;
-                        // Its server side may still wait in a listener's
-                        // queue: the next connection must not accept it.
-                        for listener in listeners {
-                            while listener.accept().is_ok() {}
-                        }
                     }
                 }
             }
@@ -720,6 +714,19 @@ fn one_thread_setup(
     to: SocketAddrV4,
     listeners: &[&TcpListener; BACKENDS],
 ) -> io::Result<Duration> {
+    let took = one_thread_setup_once(to, listeners);
+    if took.is_err() {
+        // Its server side may still wait in a listener's queue: the next
+        // connection must not accept it.
+        drain(listeners);
+    }
+    took
+}
+
+fn one_thread_setup_once(
+    to: SocketAddrV4,
+    listeners: &[&TcpListener; BACKENDS],
+) -> io::Result<Duration> {
     let start = Instant::now();
     let mut client = connect(to)?;
     client.write_all(&[b'q'; REQUEST])?;
@@ -739,8 +746,9 @@ fn one_thread_setup(
 /// Requests/s on one keep-alive connection for `run_for`, this thread as
 /// both ends (after 10 untimed): send the request, read it on the server
 /// side, answer, read the answer. Like `one_thread_setup`, no thread waits
-/// to be scheduled, so the time per request is the established path of
-/// four segments through the lab and the proxy, and the syscalls.
+/// to be scheduled, so the time per request is the established path (a
+/// request and a response segment, ACKs riding on them or delayed, each
+/// through the node and the proxy) and the syscalls.
 fn one_thread_requests(
     to: SocketAddrV4,
     listeners: &[&TcpListener; BACKENDS],
@@ -769,6 +777,13 @@ fn one_thread_requests(
     let rate = done as f64 / start.elapsed().as_secs_f64();
     abort(client);
     Ok(rate)
+}
+
+/// Accepts and closes every connection queued on `listeners`.
+fn drain(listeners: &[&TcpListener; BACKENDS]) {
+    for listener in listeners {
+        while listener.accept().is_ok() {}
+    }
 }
 
 /// Accepts the next connection on any of `listeners` (nonblocking ones),
@@ -813,10 +828,10 @@ fn abort(s: TcpStream) {
 
 /// A backend pod's TCP server on :8080: WORKERS threads waiting on the
 /// listener, each answering every REQUEST-byte request with RESPONSE bytes
-/// until the client closes. The workers can be parked (`Server::park`) so
-/// the one-thread probe accepts on the same listener itself. Idle workers
-/// sleep in poll() and parked ones on a condition variable: no periodic
-/// wake-ups to disturb what is measured.
+/// until the client closes. A new connection wakes one idle worker, as a
+/// blocking accept would (`Waiter`). The workers can be parked
+/// (`Server::park`) so the one-thread probe accepts on the same listener
+/// itself.
 struct Server {
     stop: Arc<AtomicBool>,
     gate: Arc<Gate>,
@@ -825,9 +840,9 @@ struct Server {
 }
 
 /// Parks a server's workers. `closed` asks them to park; `wake` (an
-/// eventfd, readable while closed) gets them out of poll(); each counts
-/// itself in `parked` and waits on `open` until released. Once all are
-/// counted, none of them touches the listener.
+/// eventfd, readable from `wake_all` until `release`) gets them out of
+/// their wait; each counts itself in `parked` and waits on `open` until
+/// released. Once all are counted, none of them touches the listener.
 struct Gate {
     closed: Mutex<bool>,
     open: Condvar,
@@ -835,14 +850,15 @@ struct Gate {
     wake: OwnedFd,
 }
 
-/// A safety net only: poll() and the parked wait are woken explicitly.
+/// A safety net only: workers are woken explicitly to park, to go on and
+/// to stop, so at most one wake-up per worker and second is periodic.
 const WORKER_WAIT: Duration = Duration::from_secs(1);
 
 impl Server {
     fn start(pod: &Ns) -> Result<Self> {
         let listener = pod.run(|| TcpListener::bind(("0.0.0.0", BACKEND_PORT)))??;
-        // Workers poll() before accept: a nonblocking accept that loses the
-        // race to another worker returns instead of blocking.
+        // A worker woken for a connection another one took (or the probe
+        // did) gets WouldBlock instead of blocking in accept.
         listener.set_nonblocking(true)?;
         // SAFETY: eventfd takes no pointers; the fd is checked and owned.
         let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -858,14 +874,14 @@ impl Server {
         let mut threads = Vec::new();
         for _ in 0..WORKERS {
             let listener = listener.try_clone()?;
+            let waiter = Waiter::new(&listener, &gate.wake)?;
             let (stop, gate) = (stop.clone(), gate.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     if gate.wait_while_closed(&stop) {
                         continue;
                     }
-                    let fds = [listener.as_raw_fd(), gate.wake.as_raw_fd()];
-                    if !poll_in(&fds, WORKER_WAIT)[0] || gate.is_closed() {
+                    if !waiter.wait(WORKER_WAIT) || gate.is_closed() {
                         continue;
                     }
                     if let Ok((conn, _)) = listener.accept() {
@@ -887,9 +903,7 @@ impl Server {
     fn park(&self) -> Result<Parked<'_>> {
         *self.gate.closed.lock().expect("gate lock") = true;
         let parked = Parked(self);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to the eventfd.
-        unsafe { libc::write(self.gate.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        self.gate.wake_all()?;
         let deadline = Instant::now() + IO_TIMEOUT;
         while self.gate.parked.load(Ordering::SeqCst) < self.threads.len() {
             ensure!(
@@ -907,6 +921,18 @@ impl Server {
 impl Gate {
     fn is_closed(&self) -> bool {
         *self.closed.lock().expect("gate lock")
+    }
+
+    /// Makes the eventfd readable: every worker's wait returns.
+    fn wake_all(&self) -> io::Result<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the eventfd.
+        let written = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        if written == 8 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// If the gate is closed, counts this worker parked and waits until it
@@ -929,7 +955,7 @@ impl Gate {
     }
 
     /// Opens the gate: drains the eventfd first, so the released workers'
-    /// poll() sleeps again.
+    /// waits sleep again.
     fn release(&self) {
         let mut count = [0u8; 8];
         // SAFETY: reads at most 8 bytes into a live buffer (nonblocking).
@@ -945,6 +971,64 @@ struct Parked<'a>(&'a Server);
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
         self.0.gate.release();
+    }
+}
+
+/// A worker's wait: an epoll instance of its own with the listener
+/// registered `EPOLLEXCLUSIVE`, so a new connection wakes one waiting
+/// worker and not all of them (poll() on a shared listener would wake
+/// every idle worker for each connection), and the gate's eventfd, which
+/// wakes them all.
+struct Waiter {
+    epoll: OwnedFd,
+    listener: RawFd,
+}
+
+impl Waiter {
+    fn new(listener: &TcpListener, wake: &OwnedFd) -> io::Result<Self> {
+        // SAFETY: no pointers; the fd is checked and then owned.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let listener = listener.as_raw_fd();
+        for (fd, events) in [
+            (listener, libc::EPOLLIN | libc::EPOLLEXCLUSIVE),
+            (wake.as_raw_fd(), libc::EPOLLIN),
+        ] {
+            let mut event = libc::epoll_event {
+                events: events as u32,
+                u64: fd as u64,
+            };
+            // SAFETY: valid fds and a live event for the call.
+            if unsafe {
+                libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut event)
+            } < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self { epoll, listener })
+    }
+
+    /// Waits up to `timeout`; returns whether the listener is readable.
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // SAFETY: room for 2 events, as passed.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                2,
+                timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int,
+            )
+        };
+        let listener = self.listener as u64;
+        events[..n.max(0) as usize]
+            .iter()
+            .any(|e| ({ e.u64 }) == listener)
     }
 }
 
@@ -992,8 +1076,12 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool) {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Every waiting worker returns and sees `stop`: the eventfd for
+        // those in their epoll wait, the condition variable (under its lock,
+        // so none misses it) for parked ones.
+        let _ = self.gate.wake_all();
+        drop(self.gate.closed.lock());
         self.gate.open.notify_all();
-        // Wakes every worker waiting in poll (accept then fails with EINVAL).
         // SAFETY: the listener's fd is open until self drops.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         // Bounded: a thread still stuck after 5 s is left behind, not waited for.
@@ -1212,19 +1300,22 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
          waiting to be scheduled. p50 and p99 of each round, then the median of the rounds \
          ({} connections per mode and count in all).\n\
          - **keep-alive requests/s**: the same thread, one connection, request/response in a \
-         loop for {:.1} s: the established path (four segments through the proxy per \
-         request) and the syscalls; median of the rounds.\n\
+         loop for {:.1} s: the established path (a request and a response segment through \
+         the node and the proxy, ACKs riding on them or delayed) and the syscalls; median of \
+         the rounds.\n\
          - **with server threads**: the same again from client threads to the backends' \
-         server threads, closer to real pods: each connection setup pays two thread \
-         wake-ups on this VM's 2 shared vCPUs (a tail that is mostly the scheduler's), and \
-         keep-alive requests/s come from {PARALLEL} client threads, one connection each, \
-         for {:.1} s, where the scheduling of 8 threads on 2 vCPUs moves a round's figure \
-         by tens of percent.\n\
+         server threads, closer to real pods: each connection setup also pays two thread \
+         wake-ups on this VM's 2 shared vCPUs (the backend's workers wait in epoll with the \
+         listener registered `EPOLLEXCLUSIVE`, so one of them wakes per connection, as with \
+         a blocking accept), and keep-alive requests/s come from {PARALLEL} client threads, \
+         one connection each, for {:.1} s (8 threads on 2 vCPUs: how much that moves \
+         between rounds is under the targets).\n\
          - **new connections/s**: {PARALLEL} client threads, each a loop of new connection + \
          one request/response + RST for {:.1} s; median of the rounds.\n\n\
          Ratios and targets compare each round's turns with each other (the median over the \
-         rounds of the round's ratio): the turns of one round ran back to back, so load that \
-         moves whole rounds cancels out.\n",
+         rounds of the round's ratio): the turns of one round ran within seconds of each \
+         other, so load that moves whole rounds cancels out. The µs beside a ratio are the \
+         medians in the table above, which can differ slightly from the median ratio.\n",
         or_missing_version(),
         plan.rounds,
         plan.latency_conns,
@@ -1332,40 +1423,33 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         }
     };
     let (k_big, i_big, n_big) = (get(big, kp), get(big, ipt), get(big, nft));
+    // (other / kproxy p99 with one thread, the measured text).
+    let p99_vs_kproxy = |other: &Cell, k: &Cell| {
+        let r = paired(other, k, Round::p99_us);
+        let text = format!(
+            "{r:.2}x ({:.0} vs {:.0} µs); with server threads {:.2}x ({:.0} vs {:.0} µs)",
+            other.median(Round::p99_us),
+            k.median(Round::p99_us),
+            paired(other, k, Round::threads_p99_us),
+            other.median(Round::threads_p99_us),
+            k.median(Round::threads_p99_us),
+        );
+        (r, text)
+    };
     target(
         &format!("p99 setup at {big} Services: iptables / kproxy >= 2"),
         &format!("connection p99 vs iptables at {big} Services"),
         i_big.zip(k_big).map(|(i, k)| {
-            let r = paired(i, k, Round::p99_us);
-            (
-                format!(
-                    "{r:.2}x ({:.0} vs {:.0} µs); with server threads {:.2}x ({:.0} vs {:.0} µs)",
-                    i.median(Round::p99_us),
-                    k.median(Round::p99_us),
-                    paired(i, k, Round::threads_p99_us),
-                    i.median(Round::threads_p99_us),
-                    k.median(Round::threads_p99_us),
-                ),
-                r >= 2.0,
-            )
+            let (r, text) = p99_vs_kproxy(i, k);
+            (text, r >= 2.0)
         }),
     );
     target(
         &format!("p99 setup at {big} Services: kproxy no worse than nftables"),
         &format!("connection p99 vs nftables at {big} Services"),
         n_big.zip(k_big).map(|(n, k)| {
-            let r = paired(n, k, Round::p99_us);
-            (
-                format!(
-                    "{r:.2}x ({:.0} vs {:.0} µs); with server threads {:.2}x ({:.0} vs {:.0} µs)",
-                    n.median(Round::p99_us),
-                    k.median(Round::p99_us),
-                    paired(n, k, Round::threads_p99_us),
-                    n.median(Round::threads_p99_us),
-                    k.median(Round::threads_p99_us),
-                ),
-                r * (1.0 + NOISE) >= 1.0,
-            )
+            let (r, text) = p99_vs_kproxy(n, k);
+            (text, r * (1.0 + NOISE) >= 1.0)
         }),
     );
     // The lowest kproxy / other ratio of `f` over the counts and modes.
@@ -1376,7 +1460,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             for (m, name) in [(ipt, "iptables"), (nft, "nftables")] {
                 if let Some(other) = get(count, m) {
                     let r = paired(k, other, f);
-                    if worst.is_none_or(|w| r < w.0) {
+                    // A NaN (no comparable rounds) is the worst of all.
+                    if worst.is_none_or(|w| r.is_nan() || r < w.0) {
                         worst = Some((r, count, name));
                     }
                 }
@@ -1411,22 +1496,23 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     if let (Some(f), Some(k), Some(i)) = (get(big, direct), k_big, i_big) {
         let _ = writeln!(
             md,
-            "The targets are judged on the one-thread figures: they hold the network path and \
-             the proxy's work and nothing else. With server threads every connection also \
-             waits for two thread wake-ups on 2 shared vCPUs: the floor's own p99 is then {:.0} \
-             µs, {:.1}x its p50 (against {:.1}x with one thread), a tail every mode carries, so \
-             iptables / kproxy at p99 is {:.2}x there, while what iptables adds over kproxy at \
-             p50 is about the same in both ({:.0} µs with one thread, {:.0} µs with server \
-             threads, at {big} Services). The keep-alive requests/s of {PARALLEL} client \
-             threads move by {:.0}% between rounds (kproxy at {big} Services; interquartile \
-             range over the median), more than the modes differ.\n",
+            "The latency and keep-alive targets are judged on the one-thread figures: they hold \
+             the network path and the proxy's work and nothing else. With server threads every \
+             connection also waits for two thread wake-ups on 2 shared vCPUs: there the floor is \
+             {:.0} / {:.0} µs p50 / p99 (one thread: {:.0} / {:.0}), and iptables / kproxy at \
+             p99 is {:.2}x. What iptables adds over kproxy at p50 at {big} Services: {:.0} µs \
+             with one thread, {:.0} µs with server threads. The keep-alive requests/s of \
+             {PARALLEL} client threads move by {:.0}% between rounds (kproxy at {big} Services; \
+             interquartile range over the median), against {:.0}% with one thread.\n",
+            f.median(Round::threads_p50_us),
             f.median(Round::threads_p99_us),
-            f.median(Round::threads_p99_us) / f.median(Round::threads_p50_us),
-            f.median(Round::p99_us) / f.median(Round::p50_us),
+            f.median(Round::p50_us),
+            f.median(Round::p99_us),
             paired(i, k, Round::threads_p99_us),
             i.median(Round::p50_us) - k.median(Round::p50_us),
             i.median(Round::threads_p50_us) - k.median(Round::threads_p50_us),
             k.spread(Round::threads_requests) * 100.0,
+            k.spread(Round::requests) * 100.0,
         );
     }
 
@@ -1438,12 +1524,12 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             .collect()
     };
     let mut groups = Vec::new();
-    let mut p50s = empty_series();
+    let mut latency = empty_series();
     for &count in &plan.counts {
         groups.push(format!("{count}: p50"));
         groups.push(format!("{count}: p99"));
         groups.push(format!("{count}: p99, threads"));
-        for (m, s) in p50s.iter_mut().enumerate() {
+        for (m, s) in latency.iter_mut().enumerate() {
             let cell = get(count, m);
             for f in [Round::p50_us, Round::p99_us, Round::threads_p99_us] {
                 s.1.push(cell.map_or(f64::NAN, |c| c.median(f)));
@@ -1454,7 +1540,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         "New TCP connection + first request, by Service count (lower is better)",
         "microseconds",
         &groups,
-        &p50s,
+        &latency,
     );
     let mut throughput_groups = Vec::new();
     let mut throughput = empty_series();
@@ -1552,9 +1638,9 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
              for conntrack on every packet. kproxy runs its tc program on every packet of \
              both directions instead (a conntrack-map lookup and the rewrite: section 1's tc \
              established and reply paths), so keep-alive throughput compares two per-packet fast \
-             paths of similar cost; on this shared VM (other tenants' builds and lab tests run \
-             at the same time) the spread between rounds is as large as the differences \
-             between modes, so a keep-alive miss here is noise unless it repeats."
+             paths of similar cost, a small part of each request's syscalls and veth hops; \
+             on this shared VM (other tenants' builds and lab tests run at the same time) a \
+             keep-alive miss within a few percent is noise unless it repeats."
         );
         // Round by round: a round measures every mode back to back, so the
         // same round's turns share the load that moves whole rounds.
@@ -1580,8 +1666,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         if let (Some(p_ipt), Some(p_nft), Some(r_ipt), Some(r_nft)) = (
             ahead(ipt, Round::p99_us, true),
             ahead(nft, Round::p99_us, true),
-            ahead(ipt, Round::threads_requests, false),
-            ahead(nft, Round::threads_requests, false),
+            ahead(ipt, Round::requests, false),
+            ahead(nft, Round::requests, false),
         ) {
             let _ = writeln!(
                 why,
@@ -1596,7 +1682,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             .iter()
             .filter_map(|&count| {
                 let pct = |m: usize| {
-                    get(count, m).map_or(f64::NAN, |c| c.spread(Round::threads_requests) * 100.0)
+                    get(count, m).map_or(f64::NAN, |c| c.spread(Round::requests) * 100.0)
                 };
                 get(count, kp)?;
                 Some(format!(
@@ -1609,7 +1695,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
             .collect();
         let _ = writeln!(
             why,
-            "- How far keep-alive requests/s move between rounds in this run (interquartile \
+            "- How far one-thread keep-alive requests/s move between rounds in this run (interquartile \
              range of the {} rounds over their median), per Service count: {}.",
             plan.rounds,
             spreads.join("; ")
@@ -1620,10 +1706,14 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
     section
 }
 
-/// The median over the rounds of `f(a's round) / f(b's round)`. The two
-/// turns of a round ran back to back, so the load that moves whole rounds
-/// on this shared VM cancels out of each ratio.
+/// The median over the rounds of `f(a's round) / f(b's round)` (NaN when
+/// the two do not have the same rounds). The turns of a round ran within
+/// seconds of each other, so the load that moves whole rounds on this
+/// shared VM cancels out of each ratio.
 fn paired(a: &Cell, b: &Cell, f: Figure) -> f64 {
+    if a.rounds.len() != b.rounds.len() {
+        return f64::NAN;
+    }
     let mut ratios: Vec<f64> = a
         .rounds
         .iter()
