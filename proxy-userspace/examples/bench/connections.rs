@@ -1381,24 +1381,21 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         (Some(a), Some(b)) => format!("{:.2}x", paired(a, b, f)),
         _ => "n/a".to_owned(),
     };
+    let figures: [Figure; 6] = [
+        Round::p99_us,
+        Round::p50_us,
+        Round::requests,
+        Round::threads_p99_us,
+        Round::threads_requests,
+        Round::conns,
+    ];
     for &count in &plan.counts {
         let k = get(count, kp);
-        let _ = writeln!(
-            md,
-            "| {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            ratio(get(count, ipt), k, Round::p99_us),
-            ratio(get(count, nft), k, Round::p99_us),
-            ratio(get(count, ipt), k, Round::p50_us),
-            ratio(get(count, nft), k, Round::p50_us),
-            ratio(get(count, ipt), k, Round::requests),
-            ratio(get(count, nft), k, Round::requests),
-            ratio(get(count, ipt), k, Round::threads_p99_us),
-            ratio(get(count, nft), k, Round::threads_p99_us),
-            ratio(get(count, ipt), k, Round::threads_requests),
-            ratio(get(count, nft), k, Round::threads_requests),
-            ratio(get(count, ipt), k, Round::conns),
-            ratio(get(count, nft), k, Round::conns),
-        );
+        let cells: Vec<String> = figures
+            .iter()
+            .flat_map(|&f| [ratio(get(count, ipt), k, f), ratio(get(count, nft), k, f)])
+            .collect();
+        let _ = writeln!(md, "| {count} | {} |", cells.join(" | "));
     }
     let _ = writeln!(md);
 
@@ -1502,8 +1499,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
              {:.0} / {:.0} µs p50 / p99 (one thread: {:.0} / {:.0}), and iptables / kproxy at \
              p99 is {:.2}x. What iptables adds over kproxy at p50 at {big} Services: {:.0} µs \
              with one thread, {:.0} µs with server threads. The keep-alive requests/s of \
-             {PARALLEL} client threads move by {:.0}% between rounds (kproxy at {big} Services; \
-             interquartile range over the median), against {:.0}% with one thread.\n",
+             {PARALLEL} client threads move by {:.1}% between rounds (kproxy at {big} Services; \
+             interquartile range over the median), against {:.1}% with one thread.\n",
             f.median(Round::threads_p50_us),
             f.median(Round::threads_p99_us),
             f.median(Round::p50_us),
