@@ -514,87 +514,43 @@ impl Topology {
     /// One round: latency and keep-alive requests with one thread, then
     /// with server threads, and the new-connection rate.
     fn measure(&self, plan: &Plan) -> Result<Round> {
-        let (one_thread, mut failures, one_thread_requests_per_s) = self.one_thread(plan)?;
-        ensure!(
-            one_thread.len() * 10 >= plan.latency_conns * 9,
-            "{} of {} one-thread connections through {} failed",
-            failures,
-            plan.latency_conns,
-            self.mode.name()
-        );
-        let targets = &self.target;
-        let (latencies, f0) = self.client.run(|| {
-            // Warm-up, not timed.
-            for n in 0..10 {
-                if let Ok(mut s) = connect(targets[n % targets.len()]) {
-                    let _ = exchange(&mut s);
-                    abort(s);
-                }
-            }
-            let mut latencies = Vec::with_capacity(plan.latency_conns);
-            let mut failures = 0;
-            for n in 0..plan.latency_conns {
-                let to = targets[n % targets.len()];
-                let start = Instant::now();
-                match connect(to).and_then(|mut s| exchange(&mut s).map(|()| s)) {
-                    Ok(s) => {
-                        latencies.push(start.elapsed());
-                        abort(s);
-                    }
-                    Err(_) => failures += 1,
-                }
-            }
-            (latencies, failures)
-        })?;
-        ensure!(
-            latencies.len() * 10 >= plan.latency_conns * 9,
-            "{} of {} connections through {} failed",
-            f0,
-            plan.latency_conns,
-            self.mode.name()
-        );
-        let (requests, f1) = self.parallel(plan.run_for, false)?;
-        let (conns, f2) = self.parallel(plan.run_for, true)?;
-        failures += f0 + f1 + f2;
+        let (one_thread, f0, one_thread_requests_per_s) = self.one_thread(plan)?;
+        let (threads, f1) = self.timed_setups(plan, "connections", threaded_setup)?;
+        let (requests, f2) = self.parallel(plan.run_for, false)?;
+        let (conns, f3) = self.parallel(plan.run_for, true)?;
         Ok(Round {
             one_thread,
             one_thread_requests_per_s,
-            threads: latencies,
+            threads,
             threads_requests_per_s: requests,
             conns_per_s: conns,
-            failures,
+            failures: f0 + f1 + f2 + f3,
         })
     }
 
-    /// With one thread as both ends and the backend servers' workers parked:
-    /// `plan.latency_conns` connection setups (after 10 untimed; see
-    /// `one_thread_setup`), then requests on one keep-alive connection for
-    /// `plan.run_for` (`one_thread_requests`). Returns (setup times,
-    /// failures, requests/s).
-    fn one_thread(&self, plan: &Plan) -> Result<(Vec<Duration>, usize, f64)> {
-        let parked = self
-            .servers
-            .iter()
-            .map(Server::park)
-            .collect::<Result<Vec<_>>>()?;
-        let listeners: [&TcpListener; BACKENDS] =
-            std::array::from_fn(|k| &self.servers[k].listener);
+    /// `plan.latency_conns` connection setups from the client pod, each
+    /// timed by `setup` (after 10 untimed), the targets in turn; fails when
+    /// more than a tenth of them fail. Returns (setup times, failures).
+    fn timed_setups(
+        &self,
+        plan: &Plan,
+        what: &str,
+        setup: impl Fn(SocketAddrV4) -> io::Result<Duration> + Sync,
+    ) -> Result<(Vec<Duration>, usize)> {
         let targets = &self.target;
-        // Whatever the threaded phases left queued is not the probe's.
-        drain(&listeners);
-        let measured = self.client.run(|| {
+        let (times, failures) = self.client.run(|| {
             for n in 0..10 {
-                let _ = one_thread_setup(targets[n % targets.len()], &listeners);
+                let _ = setup(targets[n % targets.len()]);
             }
-            let mut latencies = Vec::with_capacity(plan.latency_conns);
+            let mut times = Vec::with_capacity(plan.latency_conns);
             let mut failures = 0;
             for n in 0..plan.latency_conns {
-                match one_thread_setup(targets[n % targets.len()], &listeners) {
-                    Ok(took) => latencies.push(took),
+                match setup(targets[n % targets.len()]) {
+                    Ok(took) => times.push(took),
                     Err(err) => {
                         if failures == 0 {
                             eprintln!(
-                                "bench: connections: {}: a one-thread connection failed: {err}",
+                                "bench: connections: {}: one of the {what} failed: {err}",
                                 self.mode.name()
                             );
                         }
@@ -602,18 +558,44 @@ impl Topology {
                     }
                 }
             }
-            let requests = one_thread_requests(targets[0], &listeners, plan.run_for);
-            (latencies, failures, requests)
-        });
-        drop(parked);
-        let (latencies, failures, requests) = measured?;
-        let requests = requests.with_context(|| {
-            format!(
-                "one-thread keep-alive requests through {}",
-                self.mode.name()
-            )
+            (times, failures)
         })?;
-        Ok((latencies, failures, requests))
+        ensure!(
+            times.len() * 10 >= plan.latency_conns * 9,
+            "{failures} of {} {what} through {} failed",
+            plan.latency_conns,
+            self.mode.name()
+        );
+        Ok((times, failures))
+    }
+
+    /// With one thread as both ends and the backend servers' workers parked:
+    /// connection setups (`one_thread_setup`), then requests on one
+    /// keep-alive connection for `plan.run_for` (`one_thread_requests`).
+    /// Returns (setup times, failures, requests/s).
+    fn one_thread(&self, plan: &Plan) -> Result<(Vec<Duration>, usize, f64)> {
+        let _parked = self
+            .servers
+            .iter()
+            .map(Server::park)
+            .collect::<Result<Vec<_>>>()?;
+        let listeners: [&TcpListener; BACKENDS] =
+            std::array::from_fn(|k| &self.servers[k].listener);
+        // Whatever the threaded phases left queued is not the probe's.
+        drain(&listeners);
+        let (times, failures) = self.timed_setups(plan, "one-thread connections", |to| {
+            one_thread_setup(to, &listeners)
+        })?;
+        let requests = self
+            .client
+            .run(|| one_thread_requests(self.target[0], &listeners, plan.run_for))?
+            .with_context(|| {
+                format!(
+                    "one-thread keep-alive requests through {}",
+                    self.mode.name()
+                )
+            })?;
+        Ok((times, failures, requests))
     }
 
     /// PARALLEL client threads for `run_for`: request/response on one
@@ -694,6 +676,17 @@ fn connect(to: SocketAddrV4) -> io::Result<TcpStream> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(s)
+}
+
+/// One new connection from this thread to the backends' server threads,
+/// timed from before `connect()` to the answer read.
+fn threaded_setup(to: SocketAddrV4) -> io::Result<Duration> {
+    let start = Instant::now();
+    let mut s = connect(to)?;
+    exchange(&mut s)?;
+    let took = start.elapsed();
+    abort(s);
+    Ok(took)
 }
 
 fn exchange(s: &mut TcpStream) -> io::Result<()> {
