@@ -76,7 +76,7 @@ pub static FLOW_CACHE: PerCpuArray<FlowCacheSlot, { FLOW_CACHE_SLOTS as usize }>
 pub static FLOW_GEN: Array<u32, { FLOW_CACHE_SLOTS as usize }> = Array::new();
 
 /// Bit `address_filter_slot` of every IPv4 frontend address (see
-/// `service::no_service_at`).
+/// `service::destination`).
 #[btf_map(name = "ADDRESS_FILTER_V1")]
 pub static ADDRESS_FILTER: Array<AddressFilter, 1> = Array::new();
 

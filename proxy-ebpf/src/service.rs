@@ -19,10 +19,11 @@ use core::mem::MaybeUninit;
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
     addr_eq, address_filter_slot, stat, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey,
-    SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_FILTER, CONFIG_FLAG_ADDRESS_MARKERS,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
+    ServiceValue, SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_FILTER,
+    CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT,
+    CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX,
+    PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -95,11 +96,12 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         tracked::<EXTERNAL>(flow, config, now, &cache, &mut nat)
     };
     if tracked == NOT_TRACKED {
-        if no_service_at(config, flow.daddr) {
-            return P::PASS;
-        }
-        let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
-        let verdict = open_new::<P, EXTERNAL>(ctx, flow, now, from_host, &mut nat);
+        let frontend = match destination::<EXTERNAL>(config, flow) {
+            Destination::NoService => return P::PASS,
+            Destination::Frontend(frontend) => Some(frontend),
+            Destination::Undecided => None,
+        };
+        let verdict = open_new::<P, EXTERNAL>(ctx, flow, now, frontend, &mut nat);
         if verdict == REJECT {
             return ctx.reject(flow);
         }
@@ -112,21 +114,51 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
     finish(ctx, flow, &nat)
 }
 
-/// Whether a packet no flow knows is no Service's, whatever its port (most
-/// of what a node carries), here in the entry point, before any call.
-/// First the address filter: a clear bit says so with one load and no
-/// hash lookup. A set bit (a frontend address, or one sharing its bit)
-/// leaves it to the address marker, which every frontend address has.
-/// Until userspace says the filter and the markers are complete (a
-/// datapath loaded over an older kproxy's maps), `new_flow` looks the
-/// frontend up first.
+/// What the entry point learns of the destination of a packet no flow
+/// knows, before any call.
+enum Destination {
+    /// No frontend has this address, whatever the port (most of what a
+    /// node carries): the packet is not ours.
+    NoService,
+    /// This hook's frontend for the packet's address, port and protocol,
+    /// handed to `new_flow` so a new flow looks it up once.
+    Frontend(&'static ServiceValue),
+    /// A frontend address without this hook's frontend for the port (an
+    /// unknown port to reject, a ClusterIP reached from outside), or maps
+    /// an older kproxy filled: `new_flow` decides.
+    Undecided,
+}
+
+/// First the address filter: a clear bit says "no Service" with one load
+/// and no hash lookup. A set bit (a frontend address, or one sharing its
+/// bit) leads to the frontend lookup, which a new flow needs anyway; only
+/// when that misses does the address marker, which every frontend address
+/// has, tell the rest apart. Until userspace says the filter and the
+/// markers are complete (a datapath loaded over an older kproxy's maps),
+/// `new_flow` decides.
 #[inline(always)]
-fn no_service_at(config: &DatapathConfig, daddr: Ipv4) -> bool {
-    if config.flags & CONFIG_FLAG_ADDRESS_FILTER != 0 && !may_be_frontend(daddr) {
-        return true;
+fn destination<const EXTERNAL: bool>(config: &DatapathConfig, flow: &Flow) -> Destination {
+    if config.flags & CONFIG_FLAG_ADDRESS_FILTER != 0 && !may_be_frontend(flow.daddr) {
+        return Destination::NoService;
     }
-    config.flags & CONFIG_FLAG_ADDRESS_MARKERS != 0
-        && unsafe { SERVICES.get(ServiceKey::address_marker(mapped(daddr))) }.is_none()
+    let daddr = mapped(flow.daddr);
+    let scope = if EXTERNAL {
+        SCOPE_EXTERNAL
+    } else {
+        SCOPE_INTERNAL
+    };
+    let mut key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
+    if let Some(frontend) = unsafe { SERVICES.get(&key) } {
+        return Destination::Frontend(frontend);
+    }
+    // The marker's key in place of the frontend's: one key in the entry
+    // point's frame, which every path adds to.
+    key = ServiceKey::address_marker(daddr);
+    if config.flags & CONFIG_FLAG_ADDRESS_MARKERS != 0 && unsafe { SERVICES.get(&key) }.is_none() {
+        Destination::NoService
+    } else {
+        Destination::Undecided
+    }
 }
 
 /// The address filter's bit for `daddr` is set. An array lookup, which the
@@ -150,13 +182,14 @@ fn open_new<P: Packet, const EXTERNAL: bool>(
     ctx: &P,
     flow: &Flow,
     now: u64,
-    from_host: bool,
+    frontend: Option<&ServiceValue>,
     nat: &mut Nat,
 ) -> i64 {
+    let from_host = !EXTERNAL && ctx.ingress_ifindex() == LOOPBACK_IFINDEX;
     // Uninitialised until `new_flow` opens the flow: zeroing it first is a
     // byte-wise `memset` call in BPF, paid by every untracked packet.
     let mut pending = MaybeUninit::<Pending>::uninit();
-    match new_flow::<EXTERNAL>(flow, now, from_host, pending.as_mut_ptr()) {
+    match new_flow::<EXTERNAL>(flow, now, from_host, frontend, pending.as_mut_ptr()) {
         NewFlow::Verdict(Verdict::Pass) => return P::PASS as i64,
         NewFlow::Verdict(Verdict::Drop) => return P::DROP as i64,
         // Rejected by the entry point: `reject` builds its reply in a large
@@ -403,15 +436,17 @@ enum NewFlow {
     Open,
 }
 
-/// A packet with no tracked flow: look the frontend up (internal scope at
-/// the pod hook, external scope at the external hook), apply source ranges
-/// and policy, pick a backend. A separate BPF function so that its keys
-/// and values do not add to the established-flow path's stack frame.
+/// A packet with no tracked flow: take the frontend the entry point found,
+/// or look it up (internal scope at the pod hook, external scope at the
+/// external hook, then a ClusterIP reached from outside), apply source
+/// ranges and policy, pick a backend. A separate BPF function so that its
+/// keys and values do not add to the established-flow path's stack frame.
 #[inline(never)]
 fn new_flow<const EXTERNAL: bool>(
     flow: &Flow,
     now: u64,
     from_host: bool,
+    known: Option<&ServiceValue>,
     pending: *mut Pending,
 ) -> NewFlow {
     let saddr = mapped(flow.saddr);
@@ -427,7 +462,10 @@ fn new_flow<const EXTERNAL: bool>(
     // comes back through us (SPEC 5). External frontends always have an
     // external-scope entry, so only ClusterIPs get here.
     let mut cluster_ip_from_outside = false;
-    let mut found = unsafe { SERVICES.get(&frontend_key) };
+    let mut found = match known {
+        Some(frontend) => Some(frontend),
+        None => unsafe { SERVICES.get(&frontend_key) },
+    };
     if EXTERNAL && found.is_none() {
         frontend_key.scope = SCOPE_INTERNAL;
         found = unsafe { SERVICES.get(&frontend_key) };

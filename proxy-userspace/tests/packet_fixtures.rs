@@ -1915,41 +1915,58 @@ fn non_service_traffic_passes_byte_identical() {
     );
 }
 
-/// A SYN from `client_port` to the VIP's port 80 gets `expect`.
-fn syn_to_vip(lab: &mut Lab, client_port: u16, expect: Expect, what: &str) {
-    let syn = tcp(client(client_port), (VIP, 80), Tcp::Syn, &[]);
+/// A SYN from `client_port` to the VIP's `port` gets `expect`.
+fn syn_to_vip_port(lab: &mut Lab, client_port: u16, port: u16, expect: Expect, what: &str) {
+    let syn = tcp(client(client_port), (VIP, port), Tcp::Syn, &[]);
     let out = lab.run(&syn);
     ok(check(&fixture("SYN to a VIP", syn, expect), &out), what);
 }
 
-/// With `CONFIG_FLAG_ADDRESS_MARKERS` a packet to an address without an
-/// address marker passes at once, without a frontend lookup; without the
-/// flag (a datapath loaded over an older kproxy's maps, before the first
-/// sync wrote the markers) the frontend is looked up first, as before.
+/// A SYN from `client_port` to the VIP's port 80 gets `expect`.
+fn syn_to_vip(lab: &mut Lab, client_port: u16, expect: Expect, what: &str) {
+    syn_to_vip_port(lab, client_port, 80, expect, what);
+}
+
+/// The entry point looks a new flow's frontend up first (the new flow
+/// needs it anyway); only when that misses does the address marker decide,
+/// with `CONFIG_FLAG_ADDRESS_MARKERS`, that a packet to an address without
+/// one is no Service's and passes at once. Without the flag (a datapath
+/// loaded over an older kproxy's maps, before the first sync wrote the
+/// markers) the new-flow path decides, and rejects an unknown port of a
+/// VIP, as before.
 #[test]
 fn an_address_without_its_marker_is_no_service_once_markers_are_announced() {
     let mut lab = Lab::new();
-    syn_to_vip(
+    syn_to_vip_port(
         &mut lab,
         41100,
-        Expect::Dnat(WEB_BACKEND),
-        "served with its address marker",
+        81,
+        Expect::Reject,
+        "an unknown port of a VIP with its address marker: rejected",
     );
     lab.delete_service_entry(&proxy_common::ServiceKey::address_marker(
         proxy_common::ipv4_mapped(VIP),
     ));
-    syn_to_vip(
+    syn_to_vip_port(
         &mut lab,
         41101,
+        81,
         Expect::Untouched,
-        "without its address marker, the VIP is taken for no Service's",
+        "without its address marker, the VIP's unknown port is taken for no Service's",
     );
-    set_datapath_flags(&mut lab.datapath, 0);
     syn_to_vip(
         &mut lab,
         41102,
         Expect::Dnat(WEB_BACKEND),
-        "markers not announced: the frontend is looked up first",
+        "the frontend is found before the marker is asked",
+    );
+    set_datapath_flags(&mut lab.datapath, 0);
+    syn_to_vip_port(
+        &mut lab,
+        41103,
+        81,
+        Expect::Reject,
+        "markers not announced: the new-flow path rejects the unknown port",
     );
 }
 

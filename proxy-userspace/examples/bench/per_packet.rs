@@ -1651,8 +1651,8 @@ fn why_text(pp: &PerPacket) -> String {
          repeat-1 floor 120 ns): tc new flow 1122-1142 ns with both inserts, 881-1022 without \
          the reply entry's, 661 without either (5.5x the floor, against 9.4x); XDP 1073-1102, \
          832-962 and 612-621. The two inserts are about 470 ns, nearly half of a new flow's \
-         cost over the floor; the rest is the conntrack miss, the marker, frontend, slot, \
-         backend and open-flow-count hash lookups (each with its calls and return thunks) and \
+         cost over the floor; the rest is the conntrack miss, the frontend, slot, backend and \
+         open-flow-count hash lookups (each with its calls and return thunks) and \
          the calls into the new-flow functions. Both entries are needed: the reply entry is \
          what reverse-NATs the backend's answers, and the conntrack map is an LRU hash by \
          design (a full plain hash map would refuse new flows instead of evicting idle ones).\n\n\
@@ -1676,7 +1676,13 @@ fn why_text(pp: &PerPacket) -> String {
          the address filter (`CONFIG_FLAG_ADDRESS_FILTER`, one bit per frontend address in an \
          array the verifier inlines) after one load, most of the time without the marker \
          lookup: non-service from about 86 to 67 ns at tc and 79 to 58 ns at XDP in `--quick` \
-         runs side by side, and no longer dependent on the services map's fill. A UDP flow \
+         runs side by side, and no longer dependent on the services map's fill. A new flow's \
+         frontend is looked up in the entry point in place of the address marker, which is \
+         asked only when that lookup misses: one hash lookup less per new flow (tc from 1062 \
+         to 982-1002 ns, XDP from 1022 to 942-952 ns, `--quick` runs side by side with the \
+         build before it). The open-flow counts of the least-connection schedulers in an \
+         array the verifier inlines, instead of a hash map, measured no different (992 against \
+         982-1002 ns at tc) and were left as they are. A UDP flow \
          re-checks that its backend is still programmed once per backend epoch instead of for \
          every datagram (before, each datagram paid a second hash lookup: 96 against 65 ns at \
          XDP in a `--quick` run). The flow cache took the conntrack lookup off most \
