@@ -1646,15 +1646,19 @@ fn why_text(pp: &PerPacket) -> String {
          `bpf_lru_pop_free`); a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) for conntrack made new \
          flows slower, not faster (its lock is not what a single-threaded insert pays for; \
          `--quick` runs side by side: 9.4-9.8x the floor at tc against 8.7-9.0x). Diagnostic \
-         builds that \
-         skip the inserts for the new-flow Service only (not kept; `--quick` runs side by side, \
-         repeat-1 floor 120 ns): tc new flow 1122-1142 ns with both inserts, 881-1022 without \
-         the reply entry's, 661 without either (5.5x the floor, against 9.4x); XDP 1073-1102, \
-         832-962 and 612-621. The two inserts are about 470 ns, nearly half of a new flow's \
-         cost over the floor; the rest is the conntrack miss, the frontend, slot, backend and \
-         open-flow-count hash lookups (each with its calls and return thunks) and \
-         the calls into the new-flow functions. Both entries are needed: the reply entry is \
-         what reverse-NATs the backend's answers, and the conntrack map is an LRU hash by \
+         builds (not kept; `--quick` runs side by side with the build as it is, repeat-1 \
+         floor 120 ns): skipping both inserts for the new-flow Service only, a new flow took \
+         561 ns at tc and 511 at XDP (4.7x and 4.3x the floor), against 992 and 951 with \
+         them (8.3x and 7.9x): the two inserts are about 435 ns, half of a new flow's cost \
+         over the floor, and without them the target would hold with room to spare. A \
+         conntrack map that is a plain preallocated hash map instead of the LRU hash took \
+         1001-1012 ns at tc and 962-972 at XDP, no less: what the inserts pay is not the LRU's \
+         bookkeeping but writing two entries, each into a bucket and an element cold in the \
+         cache, of a table sized for 262144 flows. The rest is the conntrack miss, the \
+         frontend, slot, backend and open-flow-count hash lookups (each with its calls and \
+         return thunks) and the calls into the new-flow functions. Both entries are needed: \
+         the reply entry is what reverse-NATs the backend's answers, and the conntrack map is \
+         an LRU hash by \
          design (a full plain hash map would refuse new flows instead of evicting idle ones).\n\n\
          What got this far (profile-driven fixes, each checked with the packet fixtures and \
          the lab tests): the eBPF object called a byte-at-a-time `memset` to build every \
