@@ -687,10 +687,10 @@ pub const KFUNC_CAST_TO_KERN_CTX_PLACEHOLDER: i32 = 0x6b66_0001;
 pub const SKB_IP_SUMMED_OFF_PLACEHOLDER: i16 = 0x7ff1;
 
 /// Every frontend address has its address marker in the services map (the
-/// daemon sets this once a sync wrote them all): a packet to an address
-/// without one is no Service's, and one lookup says so. Until then (a
-/// datapath loaded over an older kproxy's maps) the frontend is looked up
-/// first, as before.
+/// daemon sets this once a sync wrote them all): a packet whose frontend
+/// lookup missed, to an address without one, is no Service's, and passes
+/// then. Until then (a datapath loaded over an older kproxy's maps) the
+/// new-flow path decides, as before.
 pub const CONFIG_FLAG_ADDRESS_MARKERS: u64 = 1 << 0;
 /// The flow cache (`FLOW_CACHE_V1`) is off: every packet of a tracked flow
 /// reads its conntrack entry (`kproxy run --no-flow-cache`; the benchmark
@@ -699,8 +699,8 @@ pub const CONFIG_FLAG_NO_FLOW_CACHE: u64 = 1 << 1;
 /// `ADDRESS_FILTER_V1` holds the bit of every IPv4 frontend address (the
 /// daemon sets this once a sync wrote it): a packet whose destination's
 /// bit is clear is no Service's without any hash lookup. A set bit only
-/// says "maybe" (another address may share it): the address marker
-/// decides.
+/// says "maybe" (another address may share it): the frontend lookup and,
+/// when that misses, the address marker decide.
 pub const CONFIG_FLAG_ADDRESS_FILTER: u64 = 1 << 2;
 /// Bits 8-15 of the flags: the backend epoch. Userspace starts a new one
 /// (adds one) after every sync that deleted map entries, and whenever it
@@ -797,7 +797,8 @@ mod pod {
 
 /// Words of [`AddressFilter`]: 2^22 bits (512 KiB). At 100 000 frontend
 /// addresses about 2.4% of the bits are set, so about 2.4% of the other
-/// addresses share a bit with one and take the address-marker lookup.
+/// addresses share a bit with one and take the frontend and address-marker
+/// lookups.
 pub const ADDRESS_FILTER_WORDS: usize = 1 << 16;
 
 /// The value of `ADDRESS_FILTER_V1` (one entry): bit

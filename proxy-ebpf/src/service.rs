@@ -121,21 +121,24 @@ enum Destination {
     /// node carries): the packet is not ours.
     NoService,
     /// This hook's frontend for the packet's address, port and protocol,
-    /// handed to `new_flow` so a new flow looks it up once.
+    /// handed to `new_flow`: a new flow looks it up once.
     Frontend(&'static ServiceValue),
-    /// A frontend address without this hook's frontend for the port (an
-    /// unknown port to reject, a ClusterIP reached from outside), or maps
-    /// an older kproxy filled: `new_flow` decides.
+    /// No frontend in this hook's scope, but the address is a frontend's
+    /// (another port of a VIP or a node address, a ClusterIP reached from
+    /// outside), or the markers are not known to be complete (maps an
+    /// older kproxy filled): `new_flow` decides.
     Undecided,
 }
 
-/// First the address filter: a clear bit says "no Service" with one load
-/// and no hash lookup. A set bit (a frontend address, or one sharing its
-/// bit) leads to the frontend lookup, which a new flow needs anyway; only
-/// when that misses does the address marker, which every frontend address
-/// has, tell the rest apart. Until userspace says the filter and the
-/// markers are complete (a datapath loaded over an older kproxy's maps),
-/// `new_flow` decides.
+/// First the address filter, if userspace says it is complete: a clear
+/// bit says "no Service" with one load and no hash lookup. A set bit (a
+/// frontend address, or one sharing its bit) leads to the frontend lookup
+/// in this hook's scope, which a new flow needs anyway. Only when that
+/// misses does the address marker, which every frontend address has, tell
+/// the rest apart, once userspace says the markers are complete (until
+/// then, a datapath loaded over an older kproxy's maps, `new_flow`
+/// decides). A packet that is no Service's but whose address shares a bit
+/// with a frontend's pays both lookups.
 #[inline(always)]
 fn destination<const EXTERNAL: bool>(config: &DatapathConfig, flow: &Flow) -> Destination {
     if config.flags & CONFIG_FLAG_ADDRESS_FILTER != 0 && !may_be_frontend(flow.daddr) {
@@ -436,17 +439,18 @@ enum NewFlow {
     Open,
 }
 
-/// A packet with no tracked flow: take the frontend the entry point found,
-/// or look it up (internal scope at the pod hook, external scope at the
-/// external hook, then a ClusterIP reached from outside), apply source
-/// ranges and policy, pick a backend. A separate BPF function so that its
-/// keys and values do not add to the established-flow path's stack frame.
+/// A packet with no tracked flow: take the frontend the entry point found
+/// in this hook's scope (internal at the pod hook, external at the external
+/// hook); without one, a ClusterIP reached from outside or an unknown port
+/// of a VIP. Then apply source ranges and policy, pick a backend. A
+/// separate BPF function so that its keys and values do not add to the
+/// established-flow path's stack frame.
 #[inline(never)]
 fn new_flow<const EXTERNAL: bool>(
     flow: &Flow,
     now: u64,
     from_host: bool,
-    known: Option<&ServiceValue>,
+    in_scope: Option<&ServiceValue>,
     pending: *mut Pending,
 ) -> NewFlow {
     let saddr = mapped(flow.saddr);
@@ -456,16 +460,15 @@ fn new_flow<const EXTERNAL: bool>(
     } else {
         SCOPE_INTERNAL
     };
+    // Kept for the backend slots' keys (`lb::select`).
     let mut frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
     // A ClusterIP reached from outside the cluster (a router sends the
     // Service range to this node): served, and source-NATed so the reply
     // comes back through us (SPEC 5). External frontends always have an
     // external-scope entry, so only ClusterIPs get here.
     let mut cluster_ip_from_outside = false;
-    let mut found = match known {
-        Some(frontend) => Some(frontend),
-        None => unsafe { SERVICES.get(&frontend_key) },
-    };
+    // `destination` looked this scope up already: `None` is its miss.
+    let mut found = in_scope;
     if EXTERNAL && found.is_none() {
         frontend_key.scope = SCOPE_INTERNAL;
         found = unsafe { SERVICES.get(&frontend_key) };

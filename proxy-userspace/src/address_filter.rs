@@ -1,7 +1,7 @@
 //! The address filter (`ADDRESS_FILTER_V1`): one bit per hash of every
 //! IPv4 frontend address. A packet no flow knows whose destination's bit is
 //! clear is no Service's, and the datapath passes it after one array load
-//! instead of a hash lookup of its address marker. Pure: `sync` decides
+//! instead of hash lookups of its frontend and address marker. Pure: `sync` decides
 //! when to write it, `datapath` writes it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -83,7 +83,7 @@ impl AddressFilterBits {
     }
 
     /// Bits set: over the 2^22 in all, the share of other addresses that
-    /// take the address-marker lookup.
+    /// take the frontend and address-marker lookups.
     pub fn bits_set(&self) -> u32 {
         self.set
     }

@@ -426,7 +426,7 @@ impl SyncState {
         );
         if let Some(filter) = &mirror.address_filter {
             // Bits set over all bits: the share of other addresses whose
-            // packets still take the address-marker lookup.
+            // packets still take the frontend and address-marker lookups.
             metrics.set_map(
                 proxy_common::ADDRESS_FILTER_MAP,
                 filter.bits_set() as usize,

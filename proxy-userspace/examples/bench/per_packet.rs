@@ -1643,22 +1643,26 @@ fn why_text(pp: &PerPacket) -> String {
          (entry, copying the frame, building the test context). The map work is the \
          conntrack miss and two LRU inserts, each walking a bucket and taking an LRU element \
          that are cold in the cache (`lookup_nulls_elem_raw`, `htab_lru_map_update_elem`, \
-         `bpf_lru_pop_free`); a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) for conntrack made new \
-         flows slower, not faster (its lock is not what a single-threaded insert pays for; \
-         `--quick` runs side by side: 9.4-9.8x the floor at tc against 8.7-9.0x). Diagnostic \
-         builds (not kept; `--quick` runs side by side with the build as it is, repeat-1 \
-         floor 120 ns): skipping both inserts for the new-flow Service only, a new flow took \
-         561 ns at tc and 511 at XDP (4.7x and 4.3x the floor), against 992 and 951 with \
-         them (8.3x and 7.9x): the two inserts are about 435 ns, half of a new flow's cost \
-         over the floor, and without them the target would hold with room to spare. A \
-         conntrack map that is a plain preallocated hash map instead of the LRU hash took \
-         1001-1012 ns at tc and 962-972 at XDP, no less: what the inserts pay is not the LRU's \
-         bookkeeping but writing two entries, each into a bucket and an element cold in the \
-         cache, of a table sized for 262144 flows. The rest is the conntrack miss, the \
-         frontend, slot, backend and open-flow-count hash lookups (each with its calls and \
-         return thunks) and the calls into the new-flow functions. Both entries are needed: \
-         the reply entry is what reverse-NATs the backend's answers, and the conntrack map is \
-         an LRU hash by \
+         `bpf_lru_pop_free`). Diagnostic builds (not kept; `--quick` runs side by side with \
+         the build as it is, repeat-1 floor 120 ns): skipping both inserts for the new-flow \
+         Service only, a new flow took 561 ns at tc and 511 at XDP (4.7x and 4.3x the floor) \
+         where the build as it is took 992 and 951 in the run after it (8.3x and 7.9x; other \
+         runs of the same build gave up to 1042 and 1001). The two inserts are about 435 ns, \
+         half of a new flow's cost over the floor, and without them the 6x new-flow \
+         target would hold; the rest is the conntrack miss, the frontend, slot, backend and \
+         open-flow-count hash lookups (each with its calls and return thunks) and the calls \
+         into the new-flow functions. A conntrack map that is a plain preallocated hash map \
+         instead of the LRU hash took 1001-1012 ns at tc and 962-972 at XDP, no less: what an \
+         insert pays is not the LRU's bookkeeping but the table's memory, a bucket and an \
+         element seldom in the cache among 262144 entries (two per flow). On an earlier \
+         build, a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) for conntrack made new flows slower, \
+         not faster (9.4-9.8x the floor at tc against 8.7-9.0x for the build of the time). \
+         Keeping the open-flow counts of the least-connection schedulers in an array the \
+         verifier inlines instead of a hash map changed nothing the bench resolves (tc new \
+         flow 992 ns with the array, 982-1002 without, in runs that drift by 3%) and was not \
+         kept. Both entries are \
+         needed: the reply entry is what reverse-NATs the backend's answers, and the conntrack \
+         map is an LRU hash by \
          design (a full plain hash map would refuse new flows instead of evicting idle ones).\n\n\
          What got this far (profile-driven fixes, each checked with the packet fixtures and \
          the lab tests): the eBPF object called a byte-at-a-time `memset` to build every \
@@ -1678,15 +1682,16 @@ fn why_text(pp: &PerPacket) -> String {
          packet to an address no frontend has passes after one address-marker lookup \
          (`CONFIG_FLAG_ADDRESS_MARKERS`), done in the entry point before any call, and since \
          the address filter (`CONFIG_FLAG_ADDRESS_FILTER`, one bit per frontend address in an \
-         array the verifier inlines) after one load, most of the time without the marker \
+         array the verifier inlines) after one load, most of the time without any hash \
          lookup: non-service from about 86 to 67 ns at tc and 79 to 58 ns at XDP in `--quick` \
          runs side by side, and no longer dependent on the services map's fill. A new flow's \
-         frontend is looked up in the entry point in place of the address marker, which is \
-         asked only when that lookup misses: one hash lookup less per new flow (tc from 1062 \
-         to 982-1002 ns, XDP from 1022 to 942-952 ns, `--quick` runs side by side with the \
-         build before it). The open-flow counts of the least-connection schedulers in an \
-         array the verifier inlines, instead of a hash map, measured no different (992 against \
-         982-1002 ns at tc) and were left as they are. A UDP flow \
+         frontend is now looked up in the entry point in place of the address marker, which \
+         is asked only when that lookup misses: one hash lookup less per new flow, about 3% \
+         (tc 1031-1062 ns before, 1002-1042 after; XDP 992-1021 before, 952-1001 after; two \
+         `--quick` runs of each of the build before it and two builds with the change, \
+         interleaved: as much as a quick run drifts from the next), at the price of a frontend miss before the marker miss for a \
+         packet that is no Service's but shares its address-filter bit with a frontend's. A \
+         UDP flow \
          re-checks that its backend is still programmed once per backend epoch instead of for \
          every datagram (before, each datagram paid a second hash lookup: 96 against 65 ns at \
          XDP in a `--quick` run). The flow cache took the conntrack lookup off most \
