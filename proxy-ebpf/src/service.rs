@@ -145,12 +145,7 @@ fn destination<const EXTERNAL: bool>(config: &DatapathConfig, flow: &Flow) -> De
         return Destination::NoService;
     }
     let daddr = mapped(flow.daddr);
-    let scope = if EXTERNAL {
-        SCOPE_EXTERNAL
-    } else {
-        SCOPE_INTERNAL
-    };
-    let mut key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
+    let mut key = frontend_key::<EXTERNAL>(flow);
     if let Some(frontend) = unsafe { SERVICES.get(&key) } {
         return Destination::Frontend(frontend);
     }
@@ -162,6 +157,18 @@ fn destination<const EXTERNAL: bool>(config: &DatapathConfig, flow: &Flow) -> De
     } else {
         Destination::Undecided
     }
+}
+
+/// The key of the packet's frontend in this hook's scope: internal at the
+/// pod hook, external at the external hook.
+#[inline(always)]
+fn frontend_key<const EXTERNAL: bool>(flow: &Flow) -> ServiceKey {
+    let scope = if EXTERNAL {
+        SCOPE_EXTERNAL
+    } else {
+        SCOPE_INTERNAL
+    };
+    ServiceKey::new(mapped(flow.daddr), flow.dport, flow.proto, scope, 0)
 }
 
 /// The address filter's bit for `daddr` is set. An array lookup, which the
@@ -455,13 +462,8 @@ fn new_flow<const EXTERNAL: bool>(
 ) -> NewFlow {
     let saddr = mapped(flow.saddr);
     let daddr = mapped(flow.daddr);
-    let scope = if EXTERNAL {
-        SCOPE_EXTERNAL
-    } else {
-        SCOPE_INTERNAL
-    };
     // Kept for the backend slots' keys (`lb::select`).
-    let mut frontend_key = ServiceKey::new(daddr, flow.dport, flow.proto, scope, 0);
+    let mut frontend_key = frontend_key::<EXTERNAL>(flow);
     // A ClusterIP reached from outside the cluster (a router sends the
     // Service range to this node): served, and source-NATed so the reply
     // comes back through us (SPEC 5). External frontends always have an
