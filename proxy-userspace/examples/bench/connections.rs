@@ -13,12 +13,16 @@ use super::*;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 const BACKENDS: usize = 3;
 const BACKEND_PORT: u16 = 8080;
@@ -348,12 +352,15 @@ fn endpoint_sets(count: usize) -> Vec<Vec<[u8; 4]>> {
         .collect()
 }
 
-/// One mode's lab. Fields drop in order: servers stop, kproxy stops and its
-/// pins go, then the namespaces.
+/// One mode's lab. Fields drop in order: the listeners close, kproxy stops
+/// and its pins go, then the namespaces.
 struct Topology {
     mode: Mode,
     target: Vec<SocketAddrV4>,
-    servers: Vec<Server>,
+    /// Each backend pod's listener on :8080 (nonblocking). Server threads
+    /// answer on them only while a threaded phase runs (`Servers`); the
+    /// one-thread probe accepts on them itself.
+    listeners: [TcpListener; BACKENDS],
     kproxy: Option<Kproxy>,
     client: Ns,
     backends: Vec<Ns>,
@@ -385,10 +392,12 @@ fn setup(
     for k in 0..BACKENDS {
         backends.push(Ns::new(&format!("{tag}-b{k}"))?);
     }
+    let listeners = backends.iter().map(listen).collect::<Result<Vec<_>>>()?;
+    let listeners: [TcpListener; BACKENDS] = listeners.try_into().expect("one per backend");
     let mut topo = Topology {
         mode,
         target: Vec::new(),
-        servers: Vec::new(),
+        listeners,
         kproxy: None,
         client,
         backends,
@@ -397,10 +406,6 @@ fn setup(
     topo.attach_pod(None, [198, 18, 1, 2])?;
     for k in 0..BACKENDS {
         topo.attach_pod(Some(k), backend_ip(k))?;
-    }
-    for k in 0..BACKENDS {
-        let server = Server::start(&topo.backends[k])?;
-        topo.servers.push(server);
     }
     let (vip, port) = service_vip(measured_index(count));
     topo.target = match mode {
@@ -447,6 +452,7 @@ fn setup(
         }
     };
     // Every path works before anything is timed.
+    let servers = Servers::start(&topo.listeners)?;
     topo.client.run(|| -> Result<()> {
         for n in 0..20 {
             let to = topo.target[n % topo.target.len()];
@@ -456,6 +462,7 @@ fn setup(
         }
         Ok(())
     })??;
+    drop(servers);
     Ok(Some((topo, programming)))
 }
 
@@ -515,6 +522,7 @@ impl Topology {
     /// with server threads, and the new-connection rate.
     fn measure(&self, plan: &Plan) -> Result<Round> {
         let (one_thread, f0, one_thread_requests_per_s) = self.one_thread(plan)?;
+        let _servers = Servers::start(&self.listeners)?;
         let (threads, f1) = self.timed_setups(plan, "connections", threaded_setup)?;
         let (requests, f2) = self.parallel(plan.run_for, false)?;
         let (conns, f3) = self.parallel(plan.run_for, true)?;
@@ -569,18 +577,12 @@ impl Topology {
         Ok((times, failures))
     }
 
-    /// With one thread as both ends and the backend servers' workers parked:
+    /// With one thread as both ends and no server threads running:
     /// connection setups (`one_thread_setup`), then requests on one
     /// keep-alive connection for `plan.run_for` (`one_thread_requests`).
     /// Returns (setup times, failures, requests/s).
     fn one_thread(&self, plan: &Plan) -> Result<(Vec<Duration>, usize, f64)> {
-        let _parked = self
-            .servers
-            .iter()
-            .map(Server::park)
-            .collect::<Result<Vec<_>>>()?;
-        let listeners: [&TcpListener; BACKENDS] =
-            std::array::from_fn(|k| &self.servers[k].listener);
+        let listeners: [&TcpListener; BACKENDS] = std::array::from_fn(|k| &self.listeners[k]);
         // Whatever the threaded phases left queued is not the probe's.
         drain(&listeners);
         let (times, failures) = self.timed_setups(plan, "one-thread connections", |to| {
@@ -723,14 +725,8 @@ fn one_thread_setup_once(
     let start = Instant::now();
     let mut client = connect(to)?;
     client.write_all(&[b'q'; REQUEST])?;
-    let mut conn = accept_any(listeners, start + IO_TIMEOUT)?;
-    conn.set_nodelay(true)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    let mut request = [0u8; REQUEST];
-    conn.read_exact(&mut request)?;
-    conn.write_all(&[b'r'; RESPONSE])?;
-    let mut response = [0u8; RESPONSE];
-    client.read_exact(&mut response)?;
+    let mut conn = accept_probe(listeners, start + IO_TIMEOUT)?;
+    answer(&mut conn, &mut client)?;
     let took = start.elapsed();
     abort(client);
     Ok(took)
@@ -748,15 +744,10 @@ fn one_thread_requests(
     run_for: Duration,
 ) -> io::Result<f64> {
     let mut client = connect(to)?;
-    let mut conn = accept_any(listeners, Instant::now() + IO_TIMEOUT)?;
-    conn.set_nodelay(true)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    let (mut request, mut response) = ([0u8; REQUEST], [0u8; RESPONSE]);
+    let mut conn = accept_probe(listeners, Instant::now() + IO_TIMEOUT)?;
     let mut one = || -> io::Result<()> {
         client.write_all(&[b'q'; REQUEST])?;
-        conn.read_exact(&mut request)?;
-        conn.write_all(&[b'r'; RESPONSE])?;
-        client.read_exact(&mut response)
+        answer(&mut conn, &mut client)
     };
     for _ in 0..10 {
         one()?;
@@ -772,6 +763,26 @@ fn one_thread_requests(
     Ok(rate)
 }
 
+/// The probe's server side: its connection accepted on whichever backend's
+/// listener it reached, with TCP_NODELAY as the server threads set it, and
+/// a read timeout.
+fn accept_probe(listeners: &[&TcpListener; BACKENDS], deadline: Instant) -> io::Result<TcpStream> {
+    let conn = accept_any(listeners, deadline)?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    Ok(conn)
+}
+
+/// The server side reads the request `client` sent and answers it; the
+/// client reads the answer.
+fn answer(conn: &mut TcpStream, client: &mut TcpStream) -> io::Result<()> {
+    let mut request = [0u8; REQUEST];
+    conn.read_exact(&mut request)?;
+    conn.write_all(&[b'r'; RESPONSE])?;
+    let mut response = [0u8; RESPONSE];
+    client.read_exact(&mut response)
+}
+
 /// Accepts and closes every connection queued on `listeners`.
 fn drain(listeners: &[&TcpListener; BACKENDS]) {
     for listener in listeners {
@@ -782,13 +793,18 @@ fn drain(listeners: &[&TcpListener; BACKENDS]) {
 /// Accepts the next connection on any of `listeners` (nonblocking ones),
 /// waiting in poll() until `deadline`.
 fn accept_any(listeners: &[&TcpListener; BACKENDS], deadline: Instant) -> io::Result<TcpStream> {
-    let fds = listeners.map(|l| l.as_raw_fd());
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        for (listener, ready) in listeners.iter().zip(poll_in(&fds, left)) {
+        let mut fds = listeners.map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        // At least a millisecond: a shorter wait would spin.
+        let timeout =
+            PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+        poll(&mut fds, timeout)?;
+        let ready = fds.map(|fd| fd.any().unwrap_or(false));
+        for (listener, ready) in listeners.iter().zip(ready) {
             if ready {
                 match listener.accept() {
                     Ok((conn, _)) => return Ok(conn),
@@ -819,229 +835,87 @@ fn abort(s: TcpStream) {
     }
 }
 
-/// A backend pod's TCP server on :8080: WORKERS threads waiting on the
-/// listener, each answering every REQUEST-byte request with RESPONSE bytes
-/// until the client closes. A new connection wakes one idle worker, as a
-/// blocking accept would (`Waiter`). The workers can be parked
-/// (`Server::park`) so the one-thread probe accepts on the same listener
-/// itself.
-struct Server {
+/// A backend pod's listener on :8080, nonblocking: a server thread woken
+/// for a connection another one took (or the probe did) gets WouldBlock
+/// instead of blocking in accept.
+fn listen(pod: &Ns) -> Result<TcpListener> {
+    let listener = pod.run(|| TcpListener::bind(("0.0.0.0", BACKEND_PORT)))??;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// The backend pods' servers: WORKERS threads per listener, each answering
+/// every REQUEST-byte request with RESPONSE bytes until the client closes.
+/// Each waits in an epoll of its own with its listener registered
+/// `EPOLLEXCLUSIVE`, so a new connection wakes one idle thread, as a
+/// blocking accept would (poll() on a shared listener would wake every idle
+/// one), and on `stop_fd`, which wakes all of them to stop. Stopped and
+/// joined on drop, so the one-thread probe has the listeners to itself.
+struct Servers {
     stop: Arc<AtomicBool>,
-    gate: Arc<Gate>,
-    listener: TcpListener,
+    stop_fd: EventFd,
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Parks a server's workers. `closed` asks them to park; `wake` (an
-/// eventfd, readable from `wake_all` until `release`) gets them out of
-/// their wait; each counts itself in `parked` and waits on `open` until
-/// released. Once all are counted, none of them touches the listener.
-struct Gate {
-    closed: Mutex<bool>,
-    open: Condvar,
-    parked: AtomicUsize,
-    wake: OwnedFd,
-}
-
-/// A safety net only: workers are woken explicitly to park, to go on and
-/// to stop, so at most one wake-up per worker and second is periodic.
+/// A safety net only: threads are woken explicitly to stop.
 const WORKER_WAIT: Duration = Duration::from_secs(1);
 
-impl Server {
-    fn start(pod: &Ns) -> Result<Self> {
-        let listener = pod.run(|| TcpListener::bind(("0.0.0.0", BACKEND_PORT)))??;
-        // A worker woken for a connection another one took (or the probe
-        // did) gets WouldBlock instead of blocking in accept.
-        listener.set_nonblocking(true)?;
-        // SAFETY: eventfd takes no pointers; the fd is checked and owned.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        ensure!(wake >= 0, "eventfd: {}", io::Error::last_os_error());
-        let gate = Arc::new(Gate {
-            closed: Mutex::new(false),
-            open: Condvar::new(),
-            parked: AtomicUsize::new(0),
-            // SAFETY: a new fd that nothing else owns.
-            wake: unsafe { OwnedFd::from_raw_fd(wake) },
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for _ in 0..WORKERS {
-            let listener = listener.try_clone()?;
-            let waiter = Waiter::new(&listener, &gate.wake)?;
-            let (stop, gate) = (stop.clone(), gate.clone());
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if gate.wait_while_closed(&stop) {
-                        continue;
+impl Servers {
+    fn start(listeners: &[TcpListener; BACKENDS]) -> Result<Self> {
+        let mut servers = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            stop_fd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
+            threads: Vec::new(),
+        };
+        for listener in listeners {
+            for _ in 0..WORKERS {
+                // Everything that can fail before the thread exists: a
+                // failure here drops `servers`, which stops the others.
+                let listener = listener.try_clone()?;
+                let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+                let readable = EpollFlags::EPOLLIN;
+                epoll.add(
+                    &listener,
+                    EpollEvent::new(readable | EpollFlags::EPOLLEXCLUSIVE, 0),
+                )?;
+                epoll.add(&servers.stop_fd, EpollEvent::new(readable, 1))?;
+                let stop = servers.stop.clone();
+                servers.threads.push(std::thread::spawn(move || {
+                    let mut events = [EpollEvent::empty(); 2];
+                    let wait = EpollTimeout::try_from(WORKER_WAIT).expect("a 1 s timeout fits");
+                    while !stop.load(Ordering::SeqCst) {
+                        let n = epoll.wait(&mut events, wait).unwrap_or(0);
+                        if !events[..n].iter().any(|e| e.data() == 0) {
+                            continue;
+                        }
+                        if let Ok((conn, _)) = listener.accept() {
+                            // The listener's O_NONBLOCK is not inherited.
+                            serve(conn, &stop);
+                        }
                     }
-                    if !waiter.wait(WORKER_WAIT) || gate.is_closed() {
-                        continue;
-                    }
-                    if let Ok((conn, _)) = listener.accept() {
-                        // The listener's O_NONBLOCK is not inherited.
-                        serve(conn, &stop);
-                    }
-                }
-            }));
-        }
-        Ok(Self {
-            stop,
-            gate,
-            listener,
-            threads,
-        })
-    }
-
-    /// Parks every worker (a bounded wait); the guard releases them.
-    fn park(&self) -> Result<Parked<'_>> {
-        *self.gate.closed.lock().expect("gate lock") = true;
-        let parked = Parked(self);
-        self.gate.wake_all()?;
-        let deadline = Instant::now() + IO_TIMEOUT;
-        while self.gate.parked.load(Ordering::SeqCst) < self.threads.len() {
-            ensure!(
-                Instant::now() < deadline,
-                "a backend server's workers did not park within {IO_TIMEOUT:?} ({} of {})",
-                self.gate.parked.load(Ordering::SeqCst),
-                self.threads.len()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(parked)
-    }
-}
-
-impl Gate {
-    fn is_closed(&self) -> bool {
-        *self.closed.lock().expect("gate lock")
-    }
-
-    /// Makes the eventfd readable: every worker's wait returns.
-    fn wake_all(&self) -> io::Result<()> {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to the eventfd.
-        let written = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
-        if written == 8 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// If the gate is closed, counts this worker parked and waits until it
-    /// opens (or `stop`); returns whether it waited.
-    fn wait_while_closed(&self, stop: &AtomicBool) -> bool {
-        let mut closed = self.closed.lock().expect("gate lock");
-        if !*closed {
-            return false;
-        }
-        self.parked.fetch_add(1, Ordering::SeqCst);
-        while *closed && !stop.load(Ordering::SeqCst) {
-            closed = self
-                .open
-                .wait_timeout(closed, WORKER_WAIT)
-                .expect("gate lock")
-                .0;
-        }
-        self.parked.fetch_sub(1, Ordering::SeqCst);
-        true
-    }
-
-    /// Opens the gate: drains the eventfd first, so the released workers'
-    /// waits sleep again.
-    fn release(&self) {
-        let mut count = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer (nonblocking).
-        unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
-        *self.closed.lock().expect("gate lock") = false;
-        self.open.notify_all();
-    }
-}
-
-/// Workers parked; released on drop.
-struct Parked<'a>(&'a Server);
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.gate.release();
-    }
-}
-
-/// A worker's wait: an epoll instance of its own with the listener
-/// registered `EPOLLEXCLUSIVE`, so a new connection wakes one waiting
-/// worker and not all of them (poll() on a shared listener would wake
-/// every idle worker for each connection), and the gate's eventfd, which
-/// wakes them all.
-struct Waiter {
-    epoll: OwnedFd,
-    listener: RawFd,
-}
-
-impl Waiter {
-    fn new(listener: &TcpListener, wake: &OwnedFd) -> io::Result<Self> {
-        // SAFETY: no pointers; the fd is checked and then owned.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new fd that nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-        let listener = listener.as_raw_fd();
-        for (fd, events) in [
-            (listener, libc::EPOLLIN | libc::EPOLLEXCLUSIVE),
-            (wake.as_raw_fd(), libc::EPOLLIN),
-        ] {
-            let mut event = libc::epoll_event {
-                events: events as u32,
-                u64: fd as u64,
-            };
-            // SAFETY: valid fds and a live event for the call.
-            if unsafe {
-                libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut event)
-            } < 0
-            {
-                return Err(io::Error::last_os_error());
+                }));
             }
         }
-        Ok(Self { epoll, listener })
-    }
-
-    /// Waits up to `timeout`; returns whether the listener is readable.
-    fn wait(&self, timeout: Duration) -> bool {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
-        // SAFETY: room for 2 events, as passed.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.epoll.as_raw_fd(),
-                events.as_mut_ptr(),
-                2,
-                timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int,
-            )
-        };
-        let listener = self.listener as u64;
-        events[..n.max(0) as usize]
-            .iter()
-            .any(|e| ({ e.u64 }) == listener)
+        Ok(servers)
     }
 }
 
-/// Waits up to `timeout` for any of `fds` to be readable (or hung up);
-/// returns which are.
-fn poll_in<const N: usize>(fds: &[RawFd; N], timeout: Duration) -> [bool; N] {
-    let mut polled = fds.map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    // SAFETY: N valid pollfds for the duration of the call.
-    let ready = unsafe {
-        libc::poll(
-            polled.as_mut_ptr(),
-            N as libc::nfds_t,
-            timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int,
-        )
-    };
-    polled.map(|p| ready > 0 && p.revents != 0)
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Readable from now on: every waiting thread returns and sees `stop`.
+        let _ = self.stop_fd.write(1);
+        // Bounded: a thread still stuck after 5 s is left behind, not waited for.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !self.threads.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 fn serve(mut conn: TcpStream, stop: &AtomicBool) {
@@ -1062,30 +936,6 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool) {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
             Err(_) => return,
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Every waiting worker returns and sees `stop`: the eventfd for
-        // those in their epoll wait, the condition variable (under its lock,
-        // so none misses it) for parked ones.
-        let _ = self.gate.wake_all();
-        drop(self.gate.closed.lock());
-        self.gate.open.notify_all();
-        // SAFETY: the listener's fd is open until self drops.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        // Bounded: a thread still stuck after 5 s is left behind, not waited for.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !self.threads.iter().all(|t| t.is_finished()) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for t in self.threads.drain(..) {
-            if t.is_finished() {
-                let _ = t.join();
-            }
         }
     }
 }
@@ -1286,7 +1136,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
          timed from before `connect()` to the completed first request/response; closed with \
          SO_LINGER 0 (RST, no TIME_WAIT). One thread drives both ends: it connects from the \
          client pod, sends the request, accepts the connection on the backend's listener \
-         (the servers' workers parked meanwhile), reads and answers it, and reads the \
+         (no server threads run meanwhile), reads and answers it, and reads the \
          answer. Every packet crosses the lab in softirq on that CPU within the syscall that \
          sent it (veth delivers through the local backlog), so the time is the network path \
          (veths, routing, the proxy, the TCP handshake) and the syscalls, with no thread \
@@ -1301,7 +1151,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
          wake-ups on this VM's 2 shared vCPUs (the backend's workers wait in epoll with the \
          listener registered `EPOLLEXCLUSIVE`, so one of them wakes per connection, as with \
          a blocking accept), and keep-alive requests/s come from {PARALLEL} client threads, \
-         one connection each, for {:.1} s (8 threads on 2 vCPUs: how much that moves \
+         one connection each, for {:.1} s ({} threads on 2 vCPUs: how much that moves \
          between rounds is under the targets).\n\
          - **new connections/s**: {PARALLEL} client threads, each a loop of new connection + \
          one request/response + RST for {:.1} s; median of the rounds.\n\n\
@@ -1315,6 +1165,7 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         plan.latency_conns * plan.rounds,
         plan.run_for.as_secs_f64(),
         plan.run_for.as_secs_f64(),
+        2 * PARALLEL,
         plan.run_for.as_secs_f64(),
     );
     let _ = writeln!(
@@ -1636,11 +1487,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
         // same round's turns share the load that moves whole rounds.
         let ahead = |other: usize, f: Figure, lower_is_better: bool| {
             let (k, o) = (get(big, kp)?, get(big, other)?);
-            (k.rounds.len() == o.rounds.len()).then(|| {
-                let wins = k
-                    .rounds
-                    .iter()
-                    .zip(&o.rounds)
+            round_pairs(k, o).map(|pairs| {
+                let wins = pairs
                     .filter(|(kr, or)| {
                         let (k, o) = (f(kr), f(or));
                         if lower_is_better {
@@ -1701,16 +1549,19 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
 /// seconds of each other, so the load that moves whole rounds on this
 /// shared VM cancels out of each ratio.
 fn paired(a: &Cell, b: &Cell, f: Figure) -> f64 {
-    if a.rounds.len() != b.rounds.len() {
+    let Some(pairs) = round_pairs(a, b) else {
         return f64::NAN;
-    }
-    let mut ratios: Vec<f64> = a
-        .rounds
-        .iter()
-        .zip(&b.rounds)
-        .map(|(x, y)| f(x) / f(y))
-        .collect();
+    };
+    let mut ratios: Vec<f64> = pairs.map(|(x, y)| f(x) / f(y)).collect();
     median(&mut ratios)
+}
+
+/// Two cells' rounds side by side, or None when their counts differ.
+fn round_pairs<'a>(
+    a: &'a Cell,
+    b: &'a Cell,
+) -> Option<impl Iterator<Item = (&'a Round, &'a Round)>> {
+    (a.rounds.len() == b.rounds.len()).then(|| a.rounds.iter().zip(&b.rounds))
 }
 
 fn or_missing_version() -> String {
