@@ -107,13 +107,13 @@ impl Plan {
 /// One measurement round of one mode at one Service count.
 struct Round {
     /// Connection setup times with one thread as client and server
-    /// (`one_thread_setup`): the network path, no wake-ups.
+    /// (`one_thread_setup`): the network path, no wake-ups. Sorted.
     one_thread: Vec<Duration>,
     /// Requests/s on one keep-alive connection, one thread as both ends
     /// (`one_thread_requests`).
     one_thread_requests_per_s: f64,
     /// Connection setup times from a client thread to the backends' server
-    /// threads: the path plus thread wake-ups on this VM's 2 vCPUs.
+    /// threads: the path plus thread wake-ups on this VM's 2 vCPUs. Sorted.
     threads: Vec<Duration>,
     /// PARALLEL client threads to the server threads.
     threads_requests_per_s: f64,
@@ -131,15 +131,11 @@ enum Setup {
 impl Round {
     /// This round's percentile `p` of connection setup time, in µs.
     fn percentile_us(&self, setup: Setup, p: f64) -> f64 {
-        let mut v = match setup {
-            Setup::OneThread => self.one_thread.clone(),
-            Setup::Threads => self.threads.clone(),
+        let sorted = match setup {
+            Setup::OneThread => &self.one_thread,
+            Setup::Threads => &self.threads,
         };
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v.sort();
-        v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
+        percentile(sorted, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
     }
     fn p50_us(&self) -> f64 {
         self.percentile_us(Setup::OneThread, 0.50)
@@ -521,9 +517,11 @@ impl Topology {
     /// One round: latency and keep-alive requests with one thread, then
     /// with server threads, and the new-connection rate.
     fn measure(&self, plan: &Plan) -> Result<Round> {
-        let (one_thread, f0, one_thread_requests_per_s) = self.one_thread(plan)?;
+        let (mut one_thread, f0, one_thread_requests_per_s) = self.one_thread(plan)?;
         let _servers = Servers::start(&self.listeners)?;
-        let (threads, f1) = self.timed_setups(plan, "connections", threaded_setup)?;
+        let (mut threads, f1) = self.timed_setups(plan, "connections", threaded_setup)?;
+        one_thread.sort();
+        threads.sort();
         let (requests, f2) = self.parallel(plan.run_for, false)?;
         let (conns, f3) = self.parallel(plan.run_for, true)?;
         Ok(Round {

@@ -206,6 +206,12 @@ fn median(values: &mut [f64]) -> f64 {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
+/// The nearest-rank percentile `p` (0..=1) of `sorted` (ascending), or
+/// None when it is empty.
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[(last as f64 * p).round() as usize])
+}
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

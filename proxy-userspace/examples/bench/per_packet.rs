@@ -384,6 +384,33 @@ struct CountResult {
     tc_floor: Stat,
     repeat: BTreeMap<(Hook, &'static str), Stat>,
     single: BTreeMap<(Hook, &'static str), Stat>,
+    new_flow_spread: BTreeMap<Hook, Spread>,
+}
+
+/// How the kernel-measured times of one path's repeat-1 calls spread.
+#[derive(Clone, Copy, Default)]
+struct Spread {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    mean: f64,
+    /// The share of calls that took more than three times the median.
+    over_3x: f64,
+}
+
+impl Spread {
+    fn of(sorted: &[f64]) -> Self {
+        let p = |q| percentile(sorted, q).unwrap_or(f64::NAN);
+        let p50 = p(0.5);
+        let n = sorted.len() as f64;
+        Self {
+            p50,
+            p90: p(0.9),
+            p99: p(0.99),
+            mean: sorted.iter().sum::<f64>() / n,
+            over_3x: sorted.iter().filter(|&&t| t > 3.0 * p50).count() as f64 / n,
+        }
+    }
 }
 
 impl CountResult {
@@ -565,6 +592,7 @@ fn per_packet_in_netns(config: &Config, ifindex: u32) -> Result<PerPacket> {
             repeat: repeat.paths,
             floor_single: single.floor,
             single: single.paths,
+            new_flow_spread: single.new_flow_spread,
         });
     }
     let mut profiles = Vec::new();
@@ -889,6 +917,7 @@ fn repeat_cases<'a>(
 struct SingleResult {
     floor: Stat,
     paths: BTreeMap<(Hook, &'static str), Stat>,
+    new_flow_spread: BTreeMap<Hook, Spread>,
 }
 
 /// New flows: one call per SYN, each from a new source port, so every
@@ -951,6 +980,67 @@ fn measure_single(
     Ok(())
 }
 
+/// The spread of the new-flow calls' times, and what makes their tail.
+fn new_flow_spread_table(pp: &PerPacket) -> String {
+    let mut md = String::from(
+        "\n### New flows: the spread of one call's time (repeat = 1, kernel-measured ns)\n\n",
+    );
+    let _ = write!(md, "| Services |");
+    for hook in HOOKS {
+        let h = hook.short();
+        let _ = write!(
+            md,
+            " {h} p50 | {h} p90 | {h} p99 | {h} mean | {h} calls over 3x p50 |"
+        );
+    }
+    let _ = writeln!(md, "\n|---|{}", "---|".repeat(5 * HOOKS.len()));
+    for c in &pp.counts {
+        let _ = write!(md, "| {} |", c.services);
+        for hook in HOOKS {
+            let s = c.new_flow_spread.get(&hook).copied().unwrap_or_default();
+            let _ = write!(
+                md,
+                " {:.0} | {:.0} | {:.0} | {:.0} | {:.2}% |",
+                s.p50,
+                s.p90,
+                s.p99,
+                s.mean,
+                100.0 * s.over_3x
+            );
+        }
+        let _ = writeln!(md);
+    }
+    let worst = pp
+        .counts
+        .iter()
+        .flat_map(|c| c.new_flow_spread.values())
+        .map(|s| s.over_3x)
+        .fold(0.0, f64::max);
+    let _ = writeln!(
+        md,
+        "\nThe targets use the median. The tail above it is the conntrack LRU's refill: \
+         the LRU hash (`BPF_MAP_TYPE_LRU_HASH`, one LRU for all CPUs) hands each CPU free \
+         elements in batches of 128 (`LOCAL_FREE_TARGET` in the kernel's \
+         `kernel/bpf/bpf_lru_list.c`). Taking a batch holds the global LRU lock while it moves \
+         the CPU's recently used elements to the global lists, rotates them (checking up to \
+         128 elements' reference bits) and moves 128 free elements over, all cold in the \
+         cache. A new flow takes two elements, so one new flow in 64 ({:.2}%) pays for a \
+         refill: at most {:.2}% of the calls here took more than three times the median, \
+         which puts them at p99, and the mean carries the refills shared out over every flow. \
+         With `BPF_F_NO_COMMON_LRU` (a separate LRU per CPU) the refills go: in a diagnostic \
+         build (not kept; four `--quick` runs interleaved with the build as it is) the tc new \
+         flow's p99 was 2.2-2.3 µs instead of 8.1, its mean the same (1216-1347 ns against \
+         1257-1309), its median 2-15% higher. kproxy keeps the common LRU, as Cilium does for \
+         its conntrack maps: a per-CPU LRU splits the preallocated elements between the CPUs \
+         for good, so a CPU that takes a burst of new flows (one busy NIC queue) evicts its \
+         own live flows while the table as a whole has room, and a connection whose entry is \
+         evicted breaks.",
+        100.0 / 64.0,
+        100.0 * worst,
+    );
+    md
+}
+
 /// The medians of one count's repeat-1 samples.
 fn single_medians(single: &mut Samples) -> SingleResult {
     let mut take = |name: &str| single.get_mut(name).map(median_stat).unwrap_or_default();
@@ -961,7 +1051,19 @@ fn single_medians(single: &mut Samples) -> SingleResult {
             paths.insert((hook, path), take(&format!("{} {path}", hook.short())));
         }
     }
-    SingleResult { floor, paths }
+    // `take` sorted the samples.
+    let new_flow_spread = HOOKS
+        .iter()
+        .filter_map(|&hook| {
+            let (kernel, _) = single.get(&format!("{} new flow", hook.short()))?;
+            Some((hook, Spread::of(kernel)))
+        })
+        .collect();
+    SingleResult {
+        floor,
+        paths,
+        new_flow_spread,
+    }
 }
 fn write_plots(docs: &Path, pp: &PerPacket) -> Result<()> {
     let groups: Vec<String> = pp
@@ -1388,6 +1490,7 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         }
         let _ = writeln!(md);
     }
+    md.push_str(&new_flow_spread_table(pp));
     let _ = writeln!(
         md,
         "\n### Ratios to the floor (empty XDP program) measured in the same run\n"
@@ -1649,15 +1752,19 @@ fn why_text(pp: &PerPacket) -> String {
          where the build as it is took 992 and 951 in the run after it (8.3x and 7.9x; other \
          runs of the same build gave up to 1042 and 1001). The two inserts are about 435 ns, \
          half of a new flow's cost over the floor, and without them the 6x new-flow \
-         target would hold; the rest is the conntrack miss, the frontend, slot, backend and \
+         target would hold. Skipping only the reply entry's insert, which is the most a \
+         design with one entry per flow could save, a new flow took 7.9-8.4x the floor at tc \
+         and 7.4-7.8x at XDP where the build as it is took 8.9-10.6x and 8.4-10.1x (four \
+         `--quick` runs interleaved, in an hour when this VM was slow: repeat-1 floor \
+         120-160 ns): one insert is about 1.5x the floor, so such a design would still miss \
+         6x. The rest is the conntrack miss, the frontend, slot, backend and \
          open-flow-count hash lookups (each with its calls and return thunks) and the calls \
          into the new-flow functions. A conntrack map that is a plain preallocated hash map \
          instead of the LRU hash took 1001-1012 ns at tc and 962-972 at XDP, no less: what an \
          insert pays is not the LRU's bookkeeping but the table's memory, a bucket and an \
-         element seldom in the cache among 262144 entries (two per flow). On an earlier \
-         build, a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) for conntrack made new flows slower, \
-         not faster (9.4-9.8x the floor at tc against 8.7-9.0x for the build of the time). \
-         Keeping the open-flow counts of the least-connection schedulers in an array the \
+         element seldom in the cache among 262144 entries (two per flow). A per-CPU LRU \
+         (`BPF_F_NO_COMMON_LRU`) for conntrack makes the median new flow slower, not faster \
+         (see the spread of the new flows above). Keeping the open-flow counts of the least-connection schedulers in an array the \
          verifier inlines instead of a hash map changed nothing the bench resolves (tc new \
          flow 992 ns with the array, 982-1002 without, in runs that drift by 3%) and was not \
          kept. Both entries are \
