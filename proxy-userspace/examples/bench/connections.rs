@@ -578,7 +578,7 @@ impl Topology {
     /// With one thread as both ends and no server threads running:
     /// connection setups (`one_thread_setup`), then requests on one
     /// keep-alive connection for `plan.run_for` (`one_thread_requests`).
-    /// Returns (setup times, failures, requests/s).
+    /// Returns (setup times, failures of both, requests/s).
     fn one_thread(&self, plan: &Plan) -> Result<(Vec<Duration>, usize, f64)> {
         let listeners: [&TcpListener; BACKENDS] = std::array::from_fn(|k| &self.listeners[k]);
         // Whatever the threaded phases left queued is not the probe's.
@@ -586,7 +586,7 @@ impl Topology {
         let (times, failures) = self.timed_setups(plan, "one-thread connections", |to| {
             one_thread_setup(to, &listeners)
         })?;
-        let requests = self
+        let (requests, request_failures) = self
             .client
             .run(|| one_thread_requests(self.target[0], &listeners, plan.run_for))?
             .with_context(|| {
@@ -595,7 +595,7 @@ impl Topology {
                     self.mode.name()
                 )
             })?;
-        Ok((times, failures, requests))
+        Ok((times, failures + request_failures, requests))
     }
 
     /// PARALLEL client threads for `run_for`: request/response on one
@@ -735,12 +735,49 @@ fn one_thread_setup_once(
 /// side, answer, read the answer. Like `one_thread_setup`, no thread waits
 /// to be scheduled, so the time per request is the established path (a
 /// request and a response segment, ACKs riding on them or delayed, each
-/// through the node and the proxy) and the syscalls.
+/// through the node and the proxy) and the syscalls. A failed request (a
+/// reset, the timeout) is counted and the loop goes on on a new connection;
+/// the rate is over the time up to each connection's last answered request.
+/// Fails when no request was answered. Returns (requests/s, failures).
 fn one_thread_requests(
     to: SocketAddrV4,
     listeners: &[&TcpListener; BACKENDS],
     run_for: Duration,
-) -> io::Result<f64> {
+) -> io::Result<(f64, usize)> {
+    let deadline = Instant::now() + run_for;
+    let (mut done, mut busy, mut failures) = (0u64, Duration::ZERO, 0usize);
+    let mut last_error = None;
+    while Instant::now() < deadline && failures < 3 {
+        if let Err(err) = keep_alive_requests(to, listeners, deadline, &mut done, &mut busy) {
+            if failures == 0 {
+                eprintln!("bench: connections: a one-thread keep-alive request failed: {err}");
+            }
+            failures += 1;
+            last_error = Some(err);
+            // Its server side may still wait in a listener's queue.
+            drain(listeners);
+        }
+    }
+    match (done, last_error) {
+        (0, Some(err)) => Err(err),
+        (0, None) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no keep-alive request was answered in time",
+        )),
+        _ => Ok((done as f64 / busy.as_secs_f64(), failures)),
+    }
+}
+
+/// One connection of `one_thread_requests`: requests until `deadline`,
+/// each answered one added to `done`, and the time from the first timed
+/// request to the last answered one to `busy`.
+fn keep_alive_requests(
+    to: SocketAddrV4,
+    listeners: &[&TcpListener; BACKENDS],
+    deadline: Instant,
+    done: &mut u64,
+    busy: &mut Duration,
+) -> io::Result<()> {
     let mut client = connect(to)?;
     let mut conn = accept_probe(listeners, Instant::now() + IO_TIMEOUT)?;
     let mut one = || -> io::Result<()> {
@@ -751,14 +788,20 @@ fn one_thread_requests(
         one()?;
     }
     let start = Instant::now();
-    let mut done = 0u64;
-    while start.elapsed() < run_for {
-        one()?;
-        done += 1;
-    }
-    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let mut answered = start;
+    let result = loop {
+        if answered >= deadline {
+            break Ok(());
+        }
+        if let Err(err) = one() {
+            break Err(err);
+        }
+        *done += 1;
+        answered = Instant::now();
+    };
+    *busy += answered - start;
     abort(client);
-    Ok(rate)
+    result
 }
 
 /// The probe's server side: its connection accepted on whichever backend's
@@ -1143,7 +1186,8 @@ fn render(plan: &Plan, results: &Results, docs: &Path) -> Section {
          - **keep-alive requests/s**: the same thread, one connection, request/response in a \
          loop for {:.1} s: the established path (a request and a response segment through \
          the node and the proxy, ACKs riding on them or delayed) and the syscalls; median of \
-         the rounds.\n\
+         the rounds. A request that fails is counted (the failures column, with failed \
+         connections) and the loop goes on on a new connection.\n\
          - **with server threads**: the same again from client threads to the backends' \
          server threads, closer to real pods: each connection setup also pays two thread \
          wake-ups on this VM's 2 shared vCPUs (the backend's workers wait in epoll with the \
