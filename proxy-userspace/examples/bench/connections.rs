@@ -517,11 +517,9 @@ impl Topology {
     /// One round: latency and keep-alive requests with one thread, then
     /// with server threads, and the new-connection rate.
     fn measure(&self, plan: &Plan) -> Result<Round> {
-        let (mut one_thread, f0, one_thread_requests_per_s) = self.one_thread(plan)?;
+        let (one_thread, f0, one_thread_requests_per_s) = self.one_thread(plan)?;
         let _servers = Servers::start(&self.listeners)?;
-        let (mut threads, f1) = self.timed_setups(plan, "connections", threaded_setup)?;
-        one_thread.sort();
-        threads.sort();
+        let (threads, f1) = self.timed_setups(plan, "connections", threaded_setup)?;
         let (requests, f2) = self.parallel(plan.run_for, false)?;
         let (conns, f3) = self.parallel(plan.run_for, true)?;
         Ok(Round {
@@ -536,7 +534,8 @@ impl Topology {
 
     /// `plan.latency_conns` connection setups from the client pod, each
     /// timed by `setup` (after 10 untimed), the targets in turn; fails when
-    /// more than a tenth of them fail. Returns (setup times, failures).
+    /// more than a tenth of them fail. Returns (setup times, sorted;
+    /// failures).
     fn timed_setups(
         &self,
         plan: &Plan,
@@ -564,6 +563,7 @@ impl Topology {
                     }
                 }
             }
+            times.sort();
             (times, failures)
         })?;
         ensure!(
