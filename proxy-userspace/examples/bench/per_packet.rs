@@ -1761,7 +1761,7 @@ fn why_text(pp: &PerPacket) -> String {
          runs of the same build gave up to 1042 and 1001). The two inserts are about 435 ns, \
          half of a new flow's cost over the floor, and without them the 6x new-flow \
          target would hold. Skipping only the reply entry's insert, which is the most a \
-         design with one entry per flow could save, a new flow took 7.9-8.4x the floor at tc \
+         design with one entry per flow could save, a new flow took 8.0-8.4x the floor at tc \
          and 7.4-7.8x at XDP where the build as it is took 8.9-10.6x and 8.4-10.1x (four \
          `--quick` runs interleaved, in an hour when this VM was slow: repeat-1 floor \
          120-160 ns): one insert is about 1.5x the floor, so such a design would still miss \
