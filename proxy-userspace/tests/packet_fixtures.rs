@@ -36,7 +36,7 @@ use nix::mount::{umount2, MntFlags};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use proxy_common::stat;
+use proxy_common::{stat, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use proxy_userspace::datapath::{self, Datapath, MapSizes, PinnedMaps, SkbChecksum};
 use proxy_userspace::model::{
     Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, ServicePortName,
@@ -2304,7 +2304,7 @@ struct Mutation {
 
 fn mutations() -> impl Strategy<Value = Mutation> {
     (
-        0u8..16,
+        0u8..(8 + PROPTEST_BASES as u8),
         prop::collection::vec((any::<bool>(), any::<Index>(), 1u8..=255), 0..5),
         prop::option::weighted(0.3, any::<Index>()),
         any::<bool>(),
@@ -2317,8 +2317,11 @@ fn mutations() -> impl Strategy<Value = Mutation> {
         })
 }
 
-fn proptest_bases() -> Vec<Vec<u8>> {
-    vec![
+/// `proptest_bases` and the hairpin reply the test builds.
+const PROPTEST_BASES: usize = 10;
+
+fn proptest_bases() -> [Vec<u8>; PROPTEST_BASES - 1] {
+    [
         tcp(client(46000), (VIP, 80), Tcp::Syn, &[]),
         tcp_with_options(client(46001), (VIP, 80), &OPTIONS_IHL6, Tcp::Syn, b"hi"),
         tcp(
@@ -2332,6 +2335,8 @@ fn proptest_bases() -> Vec<Vec<u8>> {
         tcp(client(46005), (VIP_EMPTY, 80), Tcp::Syn, &[]),
         udp(client(46006), (VIP_EMPTY, 53), b"nobody home"),
         tcp(WEB_BACKEND, client(46000), Tcp::SynAck, &[]),
+        // A pod that reaches its own Service and is picked: hairpin.
+        tcp((HAIRPIN_POD.0, 46007), (VIP_HAIRPIN, 80), Tcp::Syn, &[]),
     ]
 }
 
@@ -2447,13 +2452,26 @@ fn check_rewrite(input: &[u8], output: &[u8]) -> Result<(), String> {
     let dst_changed = view.dst(input) != view.dst(output) || dport_in != dport_out;
     let to_dst = (view.dst(output), dport_out);
     let to_src = (view.src(output), sport_out);
+    let snat_port = |port| (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port);
+    // Hairpin: a backend that reached its own Service and was picked gets
+    // its flow source-NATed to the VIP and a port of the SNAT range, and
+    // its answers from that port back.
+    let hairpin_forward = all_backends().contains(&to_dst)
+        && to_dst.0 == view.src(input)
+        && to_src.0 == view.dst(input)
+        && snat_port(sport_out);
+    let hairpin_reply = FRONTENDS.contains(&to_src)
+        && to_src.0 == view.dst(input)
+        && to_dst.0 == view.src(input)
+        && snat_port(dport_in);
     match (src_changed, dst_changed) {
         (false, true) if all_backends().contains(&to_dst) => {}
         (true, false) if FRONTENDS.contains(&to_src) => {}
+        (true, true) if hairpin_forward || hairpin_reply => {}
         (false, false) => {}
         _ => {
             return Err(format!(
-                "rewrite to {}:{} -> {}:{} is neither a DNAT to a backend nor a reverse NAT to a frontend",
+                "rewrite to {}:{} -> {}:{} is neither a DNAT to a backend, a reverse NAT to a frontend nor a hairpin",
                 addr(to_src.0),
                 to_src.1,
                 addr(to_dst.0),
@@ -2499,14 +2517,26 @@ fn check_rewrite(input: &[u8], output: &[u8]) -> Result<(), String> {
 #[test]
 fn mutated_and_truncated_packets_never_break_checksums() {
     let mut lab = Lab::new();
-    let bases = proptest_bases();
-    // Prime conntrack so the reply base takes the reverse-NAT path, and
+    let mut bases = proptest_bases().to_vec();
+    // Prime conntrack so the reply bases take the reverse-NAT path, and
     // make sure each unmutated base passes the same checks.
+    let mut last = None;
     for base in &bases {
         let out = lab.run(base);
         check_any(base, &out).unwrap_or_else(|e| panic!("unmutated base: {e}"));
         assert_ne!(out.frame, *base, "every base is rewritten or rejected");
+        last = Some(out.frame);
     }
+    // The hairpin pod's answer, to the VIP and the port its flow got.
+    let hairpin = last.expect("the hairpin base ran");
+    let view = Ipv4View::parse(&hairpin).expect("the hairpin SYN went out as IPv4");
+    let (snat_port, _) = view.ports(&hairpin);
+    let reply = tcp(HAIRPIN_POD, (VIP_HAIRPIN, snat_port), Tcp::SynAck, &[]);
+    let out = lab.run(&reply);
+    check_any(&reply, &out).unwrap_or_else(|e| panic!("hairpin reply: {e}"));
+    assert_ne!(out.frame, reply, "the hairpin reply is reverse-NATed");
+    bases.push(reply);
+    assert_eq!(bases.len(), PROPTEST_BASES);
 
     let program = lab.program();
     // ~200 cases run in well under a second.
