@@ -100,6 +100,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         ignored: Vec::new(),
     };
     let mut config = FileConfig::default();
+    // Older configs have the sync periods only in the section of the mode
+    // (`iptables`, `ipvs`, `nftables`; no mode is iptables): that
+    // section's apply where the top-level fields are not set.
+    let mode_section = match str_of(&root, "mode").unwrap_or_default() {
+        "" => "iptables",
+        mode => mode,
+    };
+    let (mut section_sync, mut section_min_sync) = (None, None);
     for (key, value) in &root {
         let key = key.as_str().unwrap_or_default();
         match key {
@@ -121,15 +129,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             "metricsBindAddress" => config.metrics_bind_address = reader.string(key, value)?,
             "syncPeriod" => config.sync_period = reader.duration(key, value)?,
             "minSyncPeriod" => config.min_sync_period = reader.duration(key, value)?,
-            "iptables" => {
-                // Older configs put the sync periods under the mode's section.
+            "iptables" | "ipvs" | "nftables" => {
+                let applies = key == mode_section;
                 reader.section(key, value, |r, k, v| match k {
-                    "syncPeriod" => {
-                        config.sync_period = config.sync_period.or(r.duration(k, v)?);
+                    "syncPeriod" if applies => {
+                        section_sync = r.duration(k, v)?;
                         Ok(true)
                     }
-                    "minSyncPeriod" => {
-                        config.min_sync_period = config.min_sync_period.or(r.duration(k, v)?);
+                    "minSyncPeriod" if applies => {
+                        section_min_sync = r.duration(k, v)?;
                         Ok(true)
                     }
                     _ => Ok(false),
@@ -154,7 +162,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                         _ => return Ok(false),
                     };
                     // 0 means "leave the system's value" in kube-proxy: our default.
-                    *slot = r.duration(k, v)?.filter(|d| !d.is_zero());
+                    *slot = r.duration(k, v)?;
                     Ok(true)
                 })?;
             }
@@ -173,6 +181,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             }
         }
     }
+    config.sync_period = config.sync_period.or(section_sync);
+    config.min_sync_period = config.min_sync_period.or(section_min_sync);
     Ok(Loaded {
         config,
         ignored: reader.ignored,
@@ -183,10 +193,14 @@ fn str_of<'a>(map: &'a Mapping, key: &str) -> Option<&'a str> {
     map.get(key).and_then(Value::as_str)
 }
 
+/// Not set: null, or a Go zero value (kubeadm writes every field, most of
+/// them as `""`, `0`, `0s` or `false`), or a collection of those.
 fn is_empty(value: &Value) -> bool {
     match value {
         Value::Null => true,
-        Value::String(s) => s.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty() || parse_go_duration(s).is_ok_and(|d| d.is_zero()),
         Value::Sequence(s) => s.is_empty(),
         Value::Mapping(m) => m.values().all(is_empty),
         _ => false,
@@ -207,9 +221,12 @@ impl Reader<'_> {
         }
     }
 
+    /// An empty string is not set: the file is a Go struct, where "" is
+    /// the zero value kube-proxy replaces with its default.
     fn string(&self, key: &str, value: &Value) -> Result<Option<String>, ConfigError> {
         match value {
             Value::Null => Ok(None),
+            Value::String(s) if s.is_empty() => Ok(None),
             Value::String(s) => Ok(Some(s.clone())),
             other => Err(self.err(key, format!("expected a string, found {other:?}"))),
         }
@@ -230,12 +247,13 @@ impl Reader<'_> {
         }
     }
 
+    /// A zero duration is not set either: kube-proxy defaults it (`0s`
+    /// sync periods are what kubeadm writes).
     fn duration(&self, key: &str, value: &Value) -> Result<Option<Duration>, ConfigError> {
         match self.string(key, value)? {
             None => Ok(None),
-            Some(s) if s.is_empty() => Ok(None),
             Some(s) => parse_go_duration(&s)
-                .map(Some)
+                .map(|d| Some(d).filter(|d| !d.is_zero()))
                 .map_err(|m| self.err(key, m)),
         }
     }
@@ -314,7 +332,7 @@ nodePortAddresses: [primary]
             c.kubeconfig.as_deref(),
             Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
         );
-        assert_eq!(c.hostname_override.as_deref(), Some(""));
+        assert_eq!(c.hostname_override, None, "\"\" is not a name");
         let ignored = loaded.ignored.join(",");
         for field in [
             "bindAddress",
@@ -330,10 +348,99 @@ nodePortAddresses: [primary]
 
     #[test]
     fn top_level_sync_periods_win_over_the_iptables_section() {
-        let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriod: 30s\nminSyncPeriod: 0s\niptables:\n  syncPeriod: 5m0s\n";
+        let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriod: 30s\nminSyncPeriod: 0s\niptables:\n  syncPeriod: 5m0s\n  minSyncPeriod: 3s\n";
         let c = parse(Path::new("c.yaml"), text).unwrap().config;
         assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
-        assert_eq!(c.min_sync_period, Some(Duration::ZERO));
+        // A zero top-level field is unset (kube-proxy defaults it): the
+        // section's value applies.
+        assert_eq!(c.min_sync_period, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn the_sync_periods_of_the_configured_mode_apply() {
+        let text = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\niptables:\n  syncPeriod: 5m0s\nnftables:\n  syncPeriod: 45s\n  minSyncPeriod: 2s\n";
+        let loaded = parse(Path::new("c.yaml"), text).unwrap();
+        assert_eq!(loaded.config.sync_period, Some(Duration::from_secs(45)));
+        assert_eq!(loaded.config.min_sync_period, Some(Duration::from_secs(2)));
+        assert!(
+            loaded.ignored.iter().any(|f| f == "iptables.syncPeriod"),
+            "{:?}",
+            loaded.ignored
+        );
+    }
+
+    /// What `kubeadm` writes into the kube-proxy ConfigMap (trimmed of the
+    /// logging and winkernel sections): every field, most of them Go zero
+    /// values that kube-proxy replaces with its defaults.
+    const KUBEADM_GENERATED: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: ""
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+metricsBindAddress: ""
+mode: ""
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForAlpha: ""
+"#;
+
+    #[test]
+    fn a_kubeadm_generated_config_leaves_kproxy_its_defaults() {
+        let loaded = parse(Path::new("config.conf"), KUBEADM_GENERATED).unwrap();
+        assert_eq!(
+            loaded.config,
+            FileConfig {
+                cluster_cidrs: vec!["10.244.0.0/16".into()],
+                kubeconfig: Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf")),
+                ..FileConfig::default()
+            }
+        );
+        // Only what is set to something kproxy does not do is reported.
+        assert_eq!(loaded.ignored, ["bindAddress"]);
     }
 
     #[test]

@@ -68,8 +68,9 @@ struct RunArgs {
     /// `dir:PATH` (a directory of Service/EndpointSlice/Node YAML) or `kube`.
     #[arg(long)]
     source: String,
-    /// This node's name; decides which endpoints are local. [default: hostname]
-    #[arg(long, env = "NODE_NAME")]
+    /// This node's name; decides which endpoints are local. [default: the
+    /// config file's `hostnameOverride`, else $NODE_NAME, else the hostname]
+    #[arg(long)]
     hostname_override: Option<String>,
     /// External interfaces (NodePort, LoadBalancer, externalIPs from
     /// outside): XDP plus tc ingress. Must exist at start.
@@ -97,7 +98,9 @@ struct RunArgs {
     /// A KubeProxyConfiguration file; the fields that apply are used.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Pod CIDRs, comma-separated (traffic from outside them is off-cluster).
+    /// Accepted for kube-proxy compatibility and not used: pods' traffic is
+    /// told apart by the interface it arrives on (--pod-interfaces), and
+    /// ClusterIP traffic arriving on --interfaces is always source-NATed.
     #[arg(long)]
     cluster_cidr: Option<String>,
     /// Addresses NodePorts answer on: CIDRs or `primary`.
@@ -285,42 +288,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if pod_interfaces.is_empty() {
         tracing::warn!("no --pod-interfaces given: ClusterIP traffic from pods is not intercepted");
     }
-    let node_name = match args
-        .hostname_override
-        .clone()
-        .or(file.hostname_override.clone())
-        .filter(|n| !n.is_empty())
-    {
+    let node_name = match first_set([
+        args.hostname_override.clone(),
+        file.hostname_override.clone(),
+        std::env::var("NODE_NAME").ok(),
+    ]) {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
-    let healthz = args
-        .healthz_bind_address
-        .clone()
-        .or(file.healthz_bind_address.clone())
-        .unwrap_or_else(|| "0.0.0.0:10256".into());
-    let metrics = args
-        .metrics_bind_address
-        .clone()
-        .or(file.metrics_bind_address.clone())
-        .unwrap_or_else(|| "127.0.0.1:10249".into());
-    let cluster_cidrs: Vec<String> = match &args.cluster_cidr {
-        Some(c) => c
-            .split(',')
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        None => file.cluster_cidrs.clone(),
-    };
+    let healthz = first_set([
+        args.healthz_bind_address.clone(),
+        file.healthz_bind_address.clone(),
+    ]);
+    let metrics = first_set([
+        args.metrics_bind_address.clone(),
+        file.metrics_bind_address.clone(),
+    ]);
+    if let Some(cidrs) = first_set([args.cluster_cidr.clone()])
+        .or_else(|| Some(file.cluster_cidrs.join(",")).filter(|c| !c.is_empty()))
+    {
+        tracing::info!(
+            cluster_cidr = %cidrs,
+            "--cluster-cidr / clusterCIDR is accepted and not used: pods' traffic is told apart by its interface (--pod-interfaces), and ClusterIP traffic arriving on --interfaces is always source-NATed"
+        );
+    }
     let nodeport_addresses = args
         .nodeport_addresses
         .clone()
         .unwrap_or(file.nodeport_addresses.clone());
-    tracing::info!(
-        cluster_cidrs = ?cluster_cidrs,
-        nodeport_addresses = ?nodeport_addresses,
-        "--cluster-cidr is accepted but not needed: ClusterIP traffic arriving from outside on --interfaces is always source-NATed"
-    );
     let config = DaemonConfig {
         source,
         model: ModelConfig {
@@ -393,8 +388,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         conntrack_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),
         nodeport_addresses: nodeport_addresses.clone(),
-        healthz_bind_address: parse_bind(&healthz, "--healthz-bind-address")?,
-        metrics_bind_address: parse_bind(&metrics, "--metrics-bind-address")?,
+        healthz_bind_address: bind_address(healthz, "--healthz-bind-address", HEALTHZ_DEFAULT)?,
+        metrics_bind_address: bind_address(metrics, "--metrics-bind-address", METRICS_DEFAULT)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -403,14 +398,72 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(daemon::run(config))
 }
 
-/// kube-proxy accepts `IP:PORT`, and `:PORT` meaning all addresses.
-fn parse_bind(value: &str, flag: &str) -> anyhow::Result<std::net::SocketAddr> {
-    let value = if value.starts_with(':') {
-        format!("0.0.0.0{value}")
-    } else {
-        value.to_owned()
+/// The first of `values` that is set and not empty: a flag, then the
+/// config file (where kube-proxy reads "" as its default), then the rest.
+fn first_set<const N: usize>(values: [Option<String>; N]) -> Option<String> {
+    values.into_iter().flatten().find(|v| !v.trim().is_empty())
+}
+
+const HEALTHZ_DEFAULT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 10256);
+const METRICS_DEFAULT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 10249);
+
+/// A bind address as kube-proxy takes it: `IP:PORT`, `:PORT` (all
+/// addresses), or an IP alone (the default port). `None`: the default.
+fn bind_address(
+    value: Option<String>,
+    flag: &str,
+    default: std::net::SocketAddr,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let Some(value) = value else {
+        return Ok(default);
     };
-    value
-        .parse()
-        .with_context(|| format!("{flag}: `{value}` is not IP:PORT"))
+    let value = value.trim();
+    if let Ok(ip) = value.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, default.port()));
+    }
+    match value.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}").parse(),
+        None => value.parse(),
+    }
+    .with_context(|| format!("{flag}: `{value}` is not IP:PORT, :PORT or IP"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_values_fall_through_to_the_next_source() {
+        let set = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            first_set([None, set(""), set("node-b")]).as_deref(),
+            Some("node-b")
+        );
+        assert_eq!(
+            first_set([set("node-a"), set("node-b")]).as_deref(),
+            Some("node-a")
+        );
+        assert_eq!(first_set([set(" "), None]), None);
+    }
+
+    #[test]
+    fn bind_addresses_take_kube_proxys_forms() {
+        let bind = |v: Option<&str>| {
+            bind_address(
+                v.map(str::to_owned),
+                "--healthz-bind-address",
+                HEALTHZ_DEFAULT,
+            )
+            .map(|a| a.to_string())
+        };
+        assert_eq!(bind(None).unwrap(), "0.0.0.0:10256");
+        assert_eq!(bind(Some(":9000")).unwrap(), "0.0.0.0:9000");
+        assert_eq!(bind(Some("198.18.0.1")).unwrap(), "198.18.0.1:10256");
+        assert_eq!(bind(Some("::")).unwrap(), "[::]:10256");
+        assert_eq!(bind(Some("[2001:db8::1]:80")).unwrap(), "[2001:db8::1]:80");
+        let err = bind(Some("localhost:80")).unwrap_err().to_string();
+        assert!(err.contains("--healthz-bind-address"), "{err}");
+    }
 }
