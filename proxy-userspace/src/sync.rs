@@ -365,16 +365,70 @@ impl Mirror {
 
 /// The ids the syncer hands out, kept across applies: backend
 /// (addr, port, proto) -> backend id, frontend entry (its slot-0 key) ->
-/// rev-NAT id, Service port -> port id.
+/// rev-NAT id, affinity group -> port id.
 #[derive(Default)]
 struct Ids {
     backends: HashMap<([u8; 16], u16, u8), u32>,
     backend_alloc: IdAllocator,
     frontends: HashMap<ServiceKey, u32>,
     rev_nat_alloc: IdAllocator,
-    /// Port id and how many planned frontends belong to the Service port.
-    ports: HashMap<ServicePortName, (u32, usize)>,
+    /// Port id and how many planned frontend entries belong to the group.
+    ports: HashMap<AffinityGroup, (u32, usize)>,
     port_alloc: IdAllocator,
+}
+
+/// The frontend entries that share session affinity (slot 0's `backend_id`,
+/// the key of the affinity map): one Service port's entries that pick from
+/// the same endpoint set. kube-proxy keeps affinity per policy chain, so a
+/// backend a client got from the cluster set (a NodePort reached from a
+/// pod) never steers that client's flows to a Local-policy entry of the
+/// same port (the ClusterIP with `internalTrafficPolicy: Local`, the
+/// NodePort from outside with `externalTrafficPolicy: Local`) to a remote
+/// endpoint, nor the other way round.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AffinityGroup {
+    service: ServicePortName,
+    local_set: bool,
+}
+
+/// One map entry of a frontend: the scope it serves, the endpoint set it
+/// picks from, whether it drops (rather than rejects) when that set is
+/// empty, and its affinity group.
+struct ScopeEntry<'a> {
+    scope: u8,
+    set: &'a [crate::model::Backend],
+    drop_when_empty: bool,
+    group: AffinityGroup,
+}
+
+/// Traffic from pods and this node always gets Cluster behaviour
+/// (kube-proxy's short-circuit for external frontends); traffic from
+/// outside (external scope, the XDP path) gets the external policy's set.
+/// ClusterIP frontends have one, internal, entry.
+fn scope_entries(frontend: &crate::model::Frontend) -> Vec<ScopeEntry<'_>> {
+    let group = |local_set| AffinityGroup {
+        service: frontend.service.clone(),
+        local_set,
+    };
+    let policy_entry = |scope| ScopeEntry {
+        scope,
+        set: &frontend.backends,
+        drop_when_empty: frontend.drop_when_empty,
+        group: group(frontend.policy_local),
+    };
+    if frontend.kind.is_external() {
+        vec![
+            ScopeEntry {
+                scope: SCOPE_INTERNAL,
+                set: &frontend.cluster_backends,
+                drop_when_empty: false,
+                group: group(false),
+            },
+            policy_entry(SCOPE_EXTERNAL),
+        ]
+    } else {
+        vec![policy_entry(SCOPE_INTERNAL)]
+    }
 }
 
 impl Ids {
@@ -401,19 +455,21 @@ impl Ids {
                 frontends.entry(key).or_insert(*id);
             }
         }
-        // Service port ids live in slot 0's `backend_id`: recover them per
-        // frontend, so a restart keeps affinity entries meaningful.
-        // An id goes to one Service port only (the first in key order), even
-        // if a frontend moved to another Service since it was written.
-        let mut ports: HashMap<ServicePortName, (u32, usize)> = HashMap::new();
+        // Port ids live in slot 0's `backend_id`: recover them per
+        // frontend entry, so a restart keeps affinity entries meaningful.
+        // An id goes to one affinity group only (the first in key order),
+        // even if a frontend moved to another Service since it was written.
+        let mut ports: HashMap<AffinityGroup, (u32, usize)> = HashMap::new();
         let mut claimed_ports: HashSet<u32> = HashSet::new();
         for (key, frontend) in &desired.frontends {
-            if ports.contains_key(&frontend.service) {
-                continue;
-            }
-            if let Some(v) = mirror.services.get(&slot0_key(key, SCOPE_INTERNAL)) {
-                if v.backend_id != 0 && claimed_ports.insert(v.backend_id) {
-                    ports.insert(frontend.service.clone(), (v.backend_id, 0));
+            for entry in scope_entries(frontend) {
+                if ports.contains_key(&entry.group) {
+                    continue;
+                }
+                if let Some(v) = mirror.services.get(&slot0_key(key, entry.scope)) {
+                    if v.backend_id != 0 && claimed_ports.insert(v.backend_id) {
+                        ports.insert(entry.group, (v.backend_id, 0));
+                    }
                 }
             }
         }
@@ -433,23 +489,38 @@ impl Ids {
         }
     }
 
-    fn port_id(&mut self, service: &ServicePortName) -> u32 {
-        if let Some((id, users)) = self.ports.get_mut(service) {
+    /// The port id of `group`, for one more planned frontend entry.
+    fn port_id(&mut self, group: &AffinityGroup) -> u32 {
+        if let Some((id, users)) = self.ports.get_mut(group) {
             *users += 1;
             return *id;
         }
         let id = self.port_alloc.allocate();
-        self.ports.insert(service.clone(), (id, 1));
+        self.ports.insert(group.clone(), (id, 1));
         id
     }
 
-    /// One planned frontend of `service` is gone.
-    fn release_port(&mut self, service: &ServicePortName) {
-        if let Some((id, users)) = self.ports.get_mut(service) {
+    /// The port ids of every entry of `frontend`, for a planned frontend.
+    fn take_ports(&mut self, frontend: &crate::model::Frontend) {
+        for entry in scope_entries(frontend) {
+            self.port_id(&entry.group);
+        }
+    }
+
+    /// A planned frontend is gone: its entries release their port ids.
+    fn release_ports(&mut self, frontend: &crate::model::Frontend) {
+        for entry in scope_entries(frontend) {
+            self.release_port(&entry.group);
+        }
+    }
+
+    /// One planned frontend entry of `group` is gone.
+    fn release_port(&mut self, group: &AffinityGroup) {
+        if let Some((id, users)) = self.ports.get_mut(group) {
             *users = users.saturating_sub(1);
             if *users == 0 {
                 let id = *id;
-                self.ports.remove(service);
+                self.ports.remove(group);
                 self.port_alloc.release(id);
             }
         }
@@ -466,19 +537,13 @@ fn plan_frontend(
 ) {
     let addr = addr_bytes(key.ip);
     let proto = key.protocol.number();
-    // Traffic from pods and this node always gets Cluster behaviour
-    // (kube-proxy's short-circuit for external frontends); traffic
-    // from outside (external scope, the XDP path) gets the external
-    // policy's set. ClusterIP frontends have one, internal, entry.
-    let scopes: Vec<(u8, &[crate::model::Backend], bool)> = if frontend.kind.is_external() {
-        vec![
-            (SCOPE_INTERNAL, &frontend.cluster_backends, false),
-            (SCOPE_EXTERNAL, &frontend.backends, frontend.drop_when_empty),
-        ]
-    } else {
-        vec![(SCOPE_INTERNAL, &frontend.backends, frontend.drop_when_empty)]
-    };
-    for (scope, set, drop_when_empty) in scopes {
+    for ScopeEntry {
+        scope,
+        set,
+        drop_when_empty,
+        group,
+    } in scope_entries(frontend)
+    {
         let slot0_key = ServiceKey::new(addr, key.port, proto, scope, 0);
         let rev_nat_id = *ids
             .frontends
@@ -515,7 +580,7 @@ fn plan_frontend(
             ));
         }
         let count = u16::try_from(set.len()).unwrap_or(u16::MAX);
-        let port_id = ids.port_id(&frontend.service);
+        let port_id = ids.port_id(&group);
         let maglev_table = (frontend.algorithm == Algorithm::Maglev && !backends.is_empty())
             .then(|| maglev_table(set, &backends));
         // Source ranges restrict traffic from outside to LB IPs
@@ -774,7 +839,7 @@ impl Syncer {
         self.vip_users.clear();
         self.address_users.clear();
         for (key, frontend) in &desired.frontends {
-            self.ids.port_id(&frontend.service);
+            self.ids.take_ports(frontend);
             let addr = addr_bytes(key.ip);
             if frontend.kind == crate::model::FrontendKind::ClusterIp {
                 *self.vip_users.entry(addr).or_default() += 1;
@@ -805,7 +870,7 @@ impl Syncer {
         for key in keys {
             let addr = addr_bytes(key.ip);
             if let Some(old) = applied.remove(key) {
-                self.ids.release_port(&old.service);
+                self.ids.release_ports(&old);
                 self.entries -= if old.kind.is_external() { 2 } else { 1 };
                 if old.kind == crate::model::FrontendKind::ClusterIp {
                     if let Some(n) = self.vip_users.get_mut(&addr) {
@@ -1612,6 +1677,84 @@ mod tests {
         let range_delete = first_op(&maps.ops, |o| o.starts_with("delete source range"));
         assert!(slot0_put < range_delete, "{:?}", maps.ops);
         assert_eq!(&maps.contents, syncer.mirror());
+    }
+
+    /// Affinity (slot 0's port id) is shared by the entries of one Service
+    /// port that pick from one set: a backend remembered from the cluster
+    /// set must not steer a Local-policy entry to a remote endpoint.
+    #[test]
+    fn affinity_is_shared_per_service_port_and_endpoint_set() {
+        let (local, remote) = (
+            Backend {
+                local: true,
+                ..backend(2)
+            },
+            backend(3),
+        );
+        let mut desired = DesiredState::default();
+        let service = ServicePortName {
+            namespace: "ns".into(),
+            name: "svc".into(),
+            port_name: String::new(),
+        };
+        // ClusterIP with internalTrafficPolicy Local, NodePort with
+        // externalTrafficPolicy Cluster, LoadBalancer with Local.
+        let frontend = |kind, policy_local: bool| {
+            let mut fe = Frontend::new(service.clone(), kind, vec![local, remote]);
+            fe.affinity_timeout = Some(30);
+            if policy_local {
+                fe.policy_local = true;
+                fe.backends = vec![local];
+            }
+            fe
+        };
+        let (cluster_ip, node_port, lb) = (key(50, 80), key(51, 30080), key(52, 80));
+        desired
+            .frontends
+            .insert(cluster_ip, frontend(FrontendKind::ClusterIp, true));
+        desired
+            .frontends
+            .insert(node_port, frontend(FrontendKind::NodePort, false));
+        desired
+            .frontends
+            .insert(lb, frontend(FrontendKind::LoadBalancer, true));
+        let port_id = |maps: &FakeMaps, k: FrontendKey, scope| {
+            let key = ServiceKey::new(addr_bytes(k.ip), k.port, 6, scope, 0);
+            maps.contents.services[&key].backend_id
+        };
+        let groups = |maps: &FakeMaps| {
+            let local_set = [
+                port_id(maps, cluster_ip, SCOPE_INTERNAL),
+                port_id(maps, lb, SCOPE_EXTERNAL),
+            ];
+            let cluster_set = [
+                port_id(maps, node_port, SCOPE_INTERNAL),
+                port_id(maps, node_port, SCOPE_EXTERNAL),
+                port_id(maps, lb, SCOPE_INTERNAL),
+            ];
+            assert!(local_set.iter().all(|id| *id == local_set[0] && *id != 0));
+            assert!(cluster_set
+                .iter()
+                .all(|id| *id == cluster_set[0] && *id != 0));
+            assert_ne!(local_set[0], cluster_set[0], "one group per endpoint set");
+            (local_set[0], cluster_set[0])
+        };
+        let mut maps = FakeMaps::default();
+        let mut syncer = Syncer::new();
+        syncer.apply(&mut maps, &desired);
+        let ids = groups(&maps);
+        // A restarted kproxy keeps both ids (its clients keep their backends).
+        let mut restarted = Syncer::new();
+        restarted.reload(&maps).unwrap();
+        restarted.apply(&mut maps, &desired);
+        assert_eq!(groups(&maps), ids);
+        // Removing the Local frontends frees the local group's id; the
+        // NodePort keeps its own.
+        desired.frontends.remove(&cluster_ip);
+        desired.frontends.remove(&lb);
+        restarted.apply(&mut maps, &desired);
+        assert_eq!(port_id(&maps, node_port, SCOPE_INTERNAL), ids.1);
+        assert_eq!(restarted.ids.ports.len(), 1, "the local group is released");
     }
 
     #[test]
