@@ -27,7 +27,10 @@ pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES_V1";
 /// Each CPU's recent FIB answers ([`RouteCacheSlot`]).
 pub const ROUTE_CACHE_MAP: &str = "ROUTE_CACHE_V1";
 /// Each CPU's recent translations of tracked flows ([`FlowCacheSlot`]).
-pub const FLOW_CACHE_MAP: &str = "FLOW_CACHE_V1";
+pub const FLOW_CACHE_MAP: &str = "FLOW_CACHE_V2";
+/// Each CPU's packets and bytes per frontend entry ([`FrontendStats`],
+/// indexed by the entry's rev-NAT id).
+pub const FRONTEND_STATS_MAP: &str = "FRONTEND_STATS_V1";
 /// One generation number per flow cache index (`u32`), shared by all CPUs:
 /// a new conntrack entry bumps its tuple's, which retires every CPU's
 /// cached translation of that tuple.
@@ -40,7 +43,7 @@ pub const ADDRESS_FILTER_MAP: &str = "ADDRESS_FILTER_V1";
 /// flows of `CONNTRACK_V3` and `CONNTRACK_V2` over into the current map
 /// (see `ConntrackKey4::from_mapped`, `ConntrackKeyV2`); those of
 /// `CONNTRACK_V1` cannot be.
-pub const LEGACY_MAPS: [&str; 8] = [
+pub const LEGACY_MAPS: [&str; 9] = [
     "CONNTRACK_V1",
     "CONNTRACK_V2",
     CONNTRACK_V3_MAP,
@@ -49,6 +52,7 @@ pub const LEGACY_MAPS: [&str; 8] = [
     "FRAGMENTS_V1",
     "CONFIG_V1",
     "CONFIG_V2",
+    "FLOW_CACHE_V1",
 ];
 
 /// `CONNTRACK_V3`: the conntrack map before it was split by address family,
@@ -93,7 +97,7 @@ impl ConntrackKeyV2 {
 }
 
 /// Every map kproxy pins, in the order `kproxy cleanup` removes them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     REV_NAT_MAP,
@@ -110,6 +114,7 @@ pub const ALL_MAPS: [&str; 16] = [
     FLOW_CACHE_MAP,
     FLOW_GEN_MAP,
     ADDRESS_FILTER_MAP,
+    FRONTEND_STATS_MAP,
 ];
 
 /// Default capacities; userspace may override them at load time.
@@ -296,7 +301,7 @@ pub mod stat {
     /// others were answered by the route cache, `ROUTE_CACHE_V1`).
     pub const FIB_LOOKUP: u32 = 22;
     /// Packets of tracked flows that read their conntrack entry and left
-    /// their translation in this CPU's flow cache slot (`FLOW_CACHE_V1`;
+    /// their translation in this CPU's flow cache slot (`FLOW_CACHE_V2`;
     /// a slot another flow still uses is left to it).
     pub const FLOW_CACHE_FILL: u32 = 23;
     /// Packets whose L4 checksum a tc rewrite updated through the
@@ -440,7 +445,7 @@ pub struct RouteCacheSlot {
     pub looked_up_ns: u64,
 }
 
-/// One slot of the per-CPU flow cache (`FLOW_CACHE_V1`): how the last
+/// One slot of the per-CPU flow cache (`FLOW_CACHE_V2`): how the last
 /// packet of a tracked flow with this tuple was translated, so the next
 /// ones skip the conntrack hash lookup. Valid while `generation` is the
 /// tuple's in `FLOW_GEN_V1`, `backend_epoch` the datapath's, and for
@@ -469,6 +474,23 @@ pub struct FlowCacheSlot {
     pub _pad: [u8; 2],
     /// The tuple's generation in `FLOW_GEN_V1` when filled.
     pub generation: u32,
+    /// The flow's frontend entry (its rev-NAT id), whose
+    /// [`FrontendStats`] the packet counts in.
+    pub frontend: u32,
+    pub _pad2: u32,
+}
+
+/// Value of `FRONTEND_STATS_V1`, a per-CPU array indexed by a frontend
+/// entry's rev-NAT id (0 unused): the packets the datapath translated for
+/// the frontend, both directions (to its backends and their replies), and
+/// their bytes (L2 frame at XDP, the skb at tc). Userspace sums the CPUs;
+/// an id's counters are zeroed when the id is released.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FrontendStats {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Value of the fragments map: the addresses the first fragment got (a
@@ -692,7 +714,7 @@ pub const SKB_IP_SUMMED_OFF_PLACEHOLDER: i16 = 0x7ff1;
 /// then. Until then (a datapath loaded over an older kproxy's maps) the
 /// new-flow path decides, as before.
 pub const CONFIG_FLAG_ADDRESS_MARKERS: u64 = 1 << 0;
-/// The flow cache (`FLOW_CACHE_V1`) is off: every packet of a tracked flow
+/// The flow cache (`FLOW_CACHE_V2`) is off: every packet of a tracked flow
 /// reads its conntrack entry (`kproxy run --no-flow-cache`; the benchmark
 /// measures both ways).
 pub const CONFIG_FLAG_NO_FLOW_CACHE: u64 = 1 << 1;
@@ -762,7 +784,8 @@ const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 const _: () = assert!(core::mem::size_of::<RouteCacheSlot>() == 40);
 const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 56);
+const _: () = assert!(core::mem::size_of::<FrontendStats>() == 16);
 const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(FLOW_CACHE_TTL_NS <= u32::MAX as u64);
 const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
@@ -791,6 +814,7 @@ mod pod {
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for AddressFilter {}
+    unsafe impl aya::Pod for FrontendStats {}
     unsafe impl bytemuck::Zeroable for AddressFilter {}
     unsafe impl bytemuck::Pod for AddressFilter {}
 }

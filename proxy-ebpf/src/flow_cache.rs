@@ -7,7 +7,7 @@
 //! those calls cost more than the rest of an established packet's work
 //! (docs/BENCHMARKS.md, part 1). An array lookup the verifier inlines into
 //! the program costs a few instructions. So each CPU keeps, in
-//! `FLOW_CACHE_V1`, a direct-mapped table indexed by a hash of the tuple:
+//! `FLOW_CACHE_V2`, a direct-mapped table indexed by a hash of the tuple:
 //! the last translation of each tracked flow it saw, which the next
 //! packets of that flow reuse without the lookup.
 //!
@@ -40,12 +40,13 @@ use crate::{
 };
 
 /// Word offsets in a slot: key (two words), `filled_ns`, the addresses,
-/// ports and `ttl_ns`, flags, epoch and generation.
+/// ports and `ttl_ns`, flags, epoch and generation, the frontend.
 const KEY: usize = 0;
 const FILLED: usize = 16;
 const ADDRS: usize = 24;
 const PORTS_TTL: usize = 32;
 const FLAGS_GEN: usize = 40;
+const FRONTEND: usize = 48;
 const _: () = {
     assert!(core::mem::offset_of!(FlowCacheSlot, filled_ns) == FILLED);
     assert!(core::mem::offset_of!(FlowCacheSlot, saddr) == ADDRS);
@@ -56,6 +57,7 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowCacheSlot, flags) == FLAGS_GEN);
     assert!(core::mem::offset_of!(FlowCacheSlot, backend_epoch) == FLAGS_GEN + 1);
     assert!(core::mem::offset_of!(FlowCacheSlot, generation) == FLAGS_GEN + 4);
+    assert!(core::mem::offset_of!(FlowCacheSlot, frontend) == FRONTEND);
 };
 
 /// A packet's place in the cache: its tuple's index, and its generation,
@@ -128,6 +130,7 @@ impl Probe {
         nat.dport = (ports_ttl >> 16) as u16;
         nat.route_out = flags & FLOW_CACHE_ROUTE_OUT != 0;
         nat.to_host = flags & FLOW_CACHE_TO_HOST != 0;
+        nat.frontend = unsafe { field::<u64>(slot, FRONTEND) } as u32;
         count(if flags & FLOW_CACHE_REPLY != 0 {
             stat::REV_NAT
         } else {
@@ -231,6 +234,7 @@ fn fill_slot(probe: u64, flow: &Flow, nat: &Nat, how: u32, now: u64) -> bool {
             FLAGS_GEN,
             flags as u64 | (config.backend_epoch() as u64) << 8 | (probe >> 32) << 32,
         );
+        set_field(slot, FRONTEND, nat.frontend as u64);
     }
     true
 }

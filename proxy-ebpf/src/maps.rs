@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AddressFilter, AffinityKey, AffinityValue, BackendValue, ConntrackKey4, ConntrackValue,
-    DatapathConfig, FlowCacheSlot, FragmentKey, FragmentValue, MaglevKey, RevNatValue,
-    RouteCacheSlot, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAX_ENTRIES,
+    DatapathConfig, FlowCacheSlot, FragmentKey, FragmentValue, FrontendStats, MaglevKey,
+    RevNatValue, RouteCacheSlot, ServiceKey, ServiceValue, SourceRange, AFFINITY_MAX_ENTRIES,
     BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FLOW_CACHE_SLOTS, FRAGMENTS_MAX_ENTRIES,
     MAGLEV_MAX_ENTRIES, REV_NAT_MAX_ENTRIES, ROUTE_CACHE_SLOTS, SERVICES_MAX_ENTRIES,
     SOURCE_RANGES_MAX_ENTRIES,
@@ -67,8 +67,15 @@ pub static ROUTE_CACHE: PerCpuArray<RouteCacheSlot, { ROUTE_CACHE_SLOTS as usize
     PerCpuArray::new();
 
 /// Each CPU's last translations of tracked flows (see `flow_cache.rs`).
-#[btf_map(name = "FLOW_CACHE_V1")]
+#[btf_map(name = "FLOW_CACHE_V2")]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheSlot, { FLOW_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Each CPU's packets and bytes per frontend entry (rev-NAT id); one more
+/// than the rev-NAT map's capacity, as ids start at 1 (userspace sizes
+/// both).
+#[btf_map(name = "FRONTEND_STATS_V1")]
+pub static FRONTEND_STATS: PerCpuArray<FrontendStats, { REV_NAT_MAX_ENTRIES as usize + 1 }> =
     PerCpuArray::new();
 
 /// One generation per flow cache index, shared by all CPUs.
@@ -100,6 +107,20 @@ static DEFAULT_CONFIG: DatapathConfig = DatapathConfig {
 #[inline(always)]
 pub fn config() -> &'static DatapathConfig {
     CONFIG.get(0).unwrap_or(&DEFAULT_CONFIG)
+}
+
+/// Counts one translated packet of `len` bytes for frontend entry
+/// `frontend` (an array lookup the verifier inlines; an id past the array
+/// is not counted).
+#[inline(always)]
+pub fn count_frontend(frontend: u32, len: usize) {
+    if let Some(stats) = FRONTEND_STATS.get_ptr_mut(frontend) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += len as u64;
+        }
+    }
 }
 
 /// Bumps one per-CPU counter (see `proxy_common::stat`).

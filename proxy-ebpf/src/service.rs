@@ -29,7 +29,9 @@ use proxy_common::{
 use crate::{
     clock::now_ns,
     flow_cache, lb,
-    maps::{config, count, ADDRESS_FILTER, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
+    maps::{
+        config, count, count_frontend, ADDRESS_FILTER, BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES,
+    },
     packet::{decrement_ttl, Packet},
     parse::{
         clear_addr, mapped, parse, unmapped, Flow, Ipv4, Skip, TCP_FLAG_ACK, TCP_FLAG_FIN,
@@ -56,6 +58,9 @@ pub struct Nat {
     /// A reply at the external hook to a flow this node's own process
     /// opened: handed to the stack through `lo`.
     pub to_host: bool,
+    /// The flow's frontend entry (rev-NAT id): the packet counts in its
+    /// `FRONTEND_STATS_V1` once it is rewritten.
+    pub frontend: u32,
 }
 
 #[inline(always)]
@@ -87,6 +92,7 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
         dport: flow.dport,
         route_out: false,
         to_host: false,
+        frontend: 0,
     };
     // Most packets belong to a flow this CPU translated moments ago.
     let cache = flow_cache::Probe::new(flow, config);
@@ -240,6 +246,7 @@ fn finish<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
         return finish_routed(ctx, flow, nat);
     }
     if rewrite(ctx, flow, nat) {
+        count_frontend(nat.frontend, ctx.len());
         P::PASS
     } else {
         P::DROP
@@ -273,6 +280,7 @@ fn finish_routed<P: Packet>(ctx: &P, flow: &Flow, nat: &Nat) -> i32 {
     if !rewrite(ctx, flow, nat) {
         return P::DROP;
     }
+    count_frontend(nat.frontend, ctx.len());
     if flow.first_fragment {
         ctx.remember_fragment(flow);
     }
@@ -339,6 +347,7 @@ fn tracked<const EXTERNAL: bool>(
 
     // A reply from a backend of a tracked flow: restore the service address.
     let reply = entry.direction == CT_DIR_REPLY;
+    nat.frontend = entry.rev_nat_id;
     if reply {
         if flow_expired(entry, flow, CT_DIR_FORWARD, config, now) {
             // Un-NATing it would leak the backend's address to the client,
@@ -631,6 +640,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
     count(stat::DNAT);
     nat.daddr = pending.backend_addr;
     nat.dport = pending.backend_port;
+    nat.frontend = pending.rev_nat_id;
     true
 }
 

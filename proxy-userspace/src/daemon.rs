@@ -21,8 +21,8 @@ use crate::address_filter::AddressFilterBits;
 use crate::conntrack;
 use crate::datapath::{Datapath, MapSizes, XdpMode};
 use crate::healthcheck::{HealthCheckServers, HealthCheckSpec};
-use crate::model::{self, namespace_of, ModelConfig, Snapshot};
-use crate::server::{self, Health, KindLabel, Metrics};
+use crate::model::{self, namespace_of, DesiredState, ModelConfig, Snapshot};
+use crate::server::{self, FrontendServices, Health, KindLabel, Metrics};
 use crate::source::{dir, kube as kube_source};
 use crate::sync::{Changes, SyncReport, Syncer};
 
@@ -321,6 +321,7 @@ impl SyncState {
         let changes = syncer.changes(desired);
         let (udp_before, affinity_before) = members(syncer.mirror(), &changes);
         let report = syncer.apply_changes(&mut datapath.maps()?, desired, &changes);
+        name_frontends(&metrics.frontend_services, desired, &changes);
         // Once every frontend address has its marker and its bit in the
         // address filter, the datapath may pass a packet to any other
         // address without a frontend lookup; while one is missing (a
@@ -777,6 +778,29 @@ fn attach_interfaces(
         }
     }
     datapath.forget_missing_interfaces(attached);
+}
+
+/// Keeps the Service labels of the per-frontend metrics in step with the
+/// frontends an apply planned: all of them, or only the changed ones.
+fn name_frontends(names: &FrontendServices, desired: &DesiredState, changes: &Changes) {
+    let mut names = names.write().unwrap_or_else(|e| e.into_inner());
+    match changes {
+        Changes::All => {
+            *names = desired
+                .frontends
+                .iter()
+                .map(|(key, frontend)| (*key, frontend.service.clone()))
+                .collect();
+        }
+        Changes::Frontends(keys) => {
+            for key in keys {
+                match desired.frontends.get(key) {
+                    Some(frontend) => names.insert(*key, frontend.service.clone()),
+                    None => names.remove(key),
+                };
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::xdp::XdpLink;
@@ -21,11 +21,12 @@ use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use proxy_common::{
     AddressFilter, AffinityKey, AffinityValue, BackendValue, ConntrackKey, ConntrackKey4,
-    ConntrackKeyV2, ConntrackValue, DatapathConfig, MaglevKey, RevNatValue, ServiceKey,
-    ServiceValue, SourceRange, ADDRESS_FILTER_MAP, AFFINITY_MAP, ALL_MAPS, BACKENDS_MAP,
-    BACKEND_CONNS_MAP, CLOCK_PROGRAM, CONFIG_MAP, CONNTRACK_MAP, CONNTRACK_V2_MAP,
-    CONNTRACK_V3_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP, SERVICES_MAP,
-    SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM, XDP_EXTERNAL_PROGRAM,
+    ConntrackKeyV2, ConntrackValue, DatapathConfig, FrontendStats, MaglevKey, RevNatValue,
+    ServiceKey, ServiceValue, SourceRange, ADDRESS_FILTER_MAP, AFFINITY_MAP, ALL_MAPS,
+    BACKENDS_MAP, BACKEND_CONNS_MAP, CLOCK_PROGRAM, CONFIG_MAP, CONNTRACK_MAP, CONNTRACK_V2_MAP,
+    CONNTRACK_V3_MAP, FRONTEND_STATS_MAP, LEGACY_MAPS, MAGLEV_MAP, REV_NAT_MAP, RR_MAP,
+    SERVICES_MAP, SOURCE_RANGES_MAP, STATS_MAP, TC_EXTERNAL_PROGRAM, TC_POD_PROGRAM,
+    XDP_EXTERNAL_PROGRAM,
 };
 use thiserror::Error;
 
@@ -423,6 +424,8 @@ impl Datapath {
             .map_max_entries(SERVICES_MAP, sizes.services)
             .map_max_entries(BACKENDS_MAP, sizes.backends)
             .map_max_entries(REV_NAT_MAP, sizes.rev_nat)
+            // Indexed by rev-NAT id, which starts at 1.
+            .map_max_entries(FRONTEND_STATS_MAP, sizes.rev_nat.saturating_add(1))
             .map_max_entries(CONNTRACK_MAP, sizes.conntrack)
             .map_max_entries(MAGLEV_MAP, sizes.maglev)
             .map_max_entries(AFFINITY_MAP, sizes.affinity);
@@ -895,7 +898,7 @@ impl Datapath {
     /// Deletes conntrack entries, in batches; returns how many were there
     /// (a key evicted or deleted by the datapath meanwhile is skipped).
     /// Then starts a new backend epoch, which retires every CPU's flow
-    /// cache (`FLOW_CACHE_V1`): no packet is translated from a copy of a
+    /// cache (`FLOW_CACHE_V2`): no packet is translated from a copy of a
     /// deleted entry.
     pub fn delete_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize, DatapathError> {
         // A key that is not IPv4 has no entry in the IPv4 map.
@@ -1071,6 +1074,8 @@ pub struct BpfMaps<'a> {
     backend_conns: BpfHashMap<&'a mut MapData, u32, u64>,
     source_ranges: LpmTrie<&'a mut MapData, SourceRange, u8>,
     address_filter: Array<&'a mut MapData, AddressFilter>,
+    /// Per-frontend counters, zeroed when a frontend's id is released.
+    frontend_stats: PerCpuArray<&'a mut MapData, FrontendStats>,
     /// The descriptors of the hash maps `read_all` reads in batches (which
     /// aya does not wrap), owned by the maps above.
     read_fds: ReadFds,
@@ -1094,6 +1099,7 @@ impl<'a> BpfMaps<'a> {
         let mut backend_conns = None;
         let mut source_ranges = None;
         let mut address_filter = None;
+        let mut frontend_stats = None;
         for (name, map) in ebpf.maps_mut() {
             match name {
                 SERVICES_MAP => services = Some(map),
@@ -1104,6 +1110,7 @@ impl<'a> BpfMaps<'a> {
                 BACKEND_CONNS_MAP => backend_conns = Some(map),
                 SOURCE_RANGES_MAP => source_ranges = Some(map),
                 ADDRESS_FILTER_MAP => address_filter = Some(map),
+                FRONTEND_STATS_MAP => frontend_stats = Some(map),
                 _ => {}
             }
         }
@@ -1148,6 +1155,10 @@ impl<'a> BpfMaps<'a> {
                 address_filter.ok_or_else(|| missing(ADDRESS_FILTER_MAP))?,
             )
             .map_err(wrap(ADDRESS_FILTER_MAP))?,
+            frontend_stats: PerCpuArray::try_from(
+                frontend_stats.ok_or_else(|| missing(FRONTEND_STATS_MAP))?,
+            )
+            .map_err(wrap(FRONTEND_STATS_MAP))?,
         })
     }
 }
@@ -1246,7 +1257,19 @@ impl MapWriter for BpfMaps<'_> {
 
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), WriteError> {
         ignore_missing(self.rev_nat.remove(&id)).map_err(|e| write_err(REV_NAT_MAP, e))?;
-        ignore_missing(self.rr.remove(&id)).map_err(|e| write_err(RR_MAP, e))
+        ignore_missing(self.rr.remove(&id)).map_err(|e| write_err(RR_MAP, e))?;
+        // The next frontend given this id counts from zero.
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .and_then(|cpus| PerCpuValues::try_from(vec![FrontendStats::default(); cpus]))
+            .map_err(|e| WriteError {
+                map: FRONTEND_STATS_MAP,
+                full: false,
+                message: format!("counting the possible CPUs: {e}"),
+            })?;
+        self.frontend_stats
+            .set(id, zero, 0)
+            .map_err(|e| write_err(FRONTEND_STATS_MAP, e))
     }
 
     fn put_maglev(&mut self, key: &MaglevKey, backend_id: u32) -> Result<(), WriteError> {
@@ -1387,6 +1410,32 @@ impl PinnedMaps {
         let array: Array<MapData, DatapathConfig> =
             Array::try_from(Map::Array(data)).map_err(wrap)?;
         array.get(&0, 0).map_err(wrap)
+    }
+
+    /// Packets and bytes of every frontend entry (traffic from pods and
+    /// this node, and from outside, are entries of their own), summed over
+    /// the CPUs, with the frontend each entry serves.
+    pub fn frontend_stats(&self) -> Result<Vec<(RevNatValue, FrontendStats)>, DatapathError> {
+        let entries: Vec<(u32, RevNatValue)> = self.read(REV_NAT_MAP)?;
+        let name = FRONTEND_STATS_MAP;
+        let wrap = |source| DatapathError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join(name)).map_err(wrap)?;
+        let array: PerCpuArray<MapData, FrontendStats> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(wrap)?;
+        entries
+            .into_iter()
+            .map(|(id, frontend)| {
+                let per_cpu = array.get(&id, 0).map_err(wrap)?;
+                let total =
+                    per_cpu
+                        .iter()
+                        .fold(FrontendStats::default(), |sum, cpu| FrontendStats {
+                            packets: sum.packets + cpu.packets,
+                            bytes: sum.bytes + cpu.bytes,
+                        });
+                Ok((frontend, total))
+            })
+            .collect()
     }
 
     /// Per-reason datapath counters, summed over CPUs.

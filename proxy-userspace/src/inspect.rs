@@ -36,6 +36,12 @@ fn protocol_name(proto: u8) -> String {
         .unwrap_or_else(|| proto.to_string())
 }
 
+/// A frontend as `kproxy services` and the metrics name it:
+/// `198.18.0.10:80/TCP`, `[2001:db8::a]:80/UDP`.
+pub fn frontend_name(ip: IpAddr, port: u16, proto: u8) -> String {
+    format!("{}/{}", SocketAddr::new(ip, port), protocol_name(proto))
+}
+
 /// Frontends with their backends, in slot order.
 pub fn services(contents: &MapContents) -> Vec<ServiceListing> {
     let mut out = Vec::new();
@@ -64,12 +70,11 @@ pub fn services(contents: &MapContents) -> Vec<ServiceListing> {
             };
             backends.push(BackendListing { id, address, state });
         }
-        let protocol = protocol_name(key.proto);
         out.push(ServiceListing {
-            frontend: format!("{}/{}", SocketAddr::new(ip, key.port), protocol),
+            frontend: frontend_name(ip, key.port, key.proto),
             ip,
             port: key.port,
-            protocol,
+            protocol: protocol_name(key.proto),
             scope: if key.scope == SCOPE_EXTERNAL {
                 "external"
             } else {

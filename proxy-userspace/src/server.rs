@@ -2,9 +2,10 @@
 //! `/proxyMode` (on `--metrics-bind-address`), with kube-proxy's semantics
 //! and names where they apply.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
@@ -23,6 +24,7 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use crate::datapath::PinnedMaps;
+use crate::model::{FrontendKey, ServicePortName};
 
 /// Proxy health as kube-proxy's ProxierHealthServer defines it: unhealthy
 /// when a queued change has waited longer than `timeout` (2 x syncPeriod)
@@ -122,7 +124,13 @@ pub struct Metrics {
     pub sync_errors: Family<KindLabel, Counter>,
     pub conntrack_entries: Gauge,
     pub conntrack_deleted: Family<KindLabel, Counter>,
+    /// The Service port of each programmed frontend, which the daemon keeps
+    /// current after every sync: the per-frontend counters' labels.
+    pub frontend_services: FrontendServices,
 }
+
+/// Which Service port each frontend belongs to.
+pub type FrontendServices = Arc<RwLock<HashMap<FrontendKey, ServicePortName>>>;
 
 impl Metrics {
     /// `pin_dir`: where the datapath counters are read at each scrape.
@@ -198,7 +206,14 @@ impl Metrics {
             "Conntrack entries deleted by kproxy, by kind (expired, udp_backend_gone)",
             conntrack_deleted.clone(),
         );
-        registry.register_collector(Box::new(DatapathCounters { pin_dir }));
+        let frontend_services = FrontendServices::default();
+        registry.register_collector(Box::new(DatapathCounters {
+            pin_dir: pin_dir.clone(),
+        }));
+        registry.register_collector(Box::new(FrontendCounters {
+            pin_dir,
+            services: frontend_services.clone(),
+        }));
         Self {
             registry,
             sync_duration,
@@ -213,6 +228,7 @@ impl Metrics {
             sync_errors,
             conntrack_entries,
             conntrack_deleted,
+            frontend_services,
         }
     }
 
@@ -266,6 +282,82 @@ impl Collector for DatapathCounters {
                 reason: name.to_owned(),
             };
             ConstCounter::new(value).encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `kproxy_frontend_packets_total` and `kproxy_frontend_bytes_total`,
+/// read from `FRONTEND_STATS_V1` at each scrape: per frontend (address,
+/// port, protocol), its traffic from pods, this node and outside together.
+#[derive(Debug)]
+struct FrontendCounters {
+    pin_dir: PathBuf,
+    services: FrontendServices,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrontendLabel {
+    frontend: String,
+    namespace: String,
+    service: String,
+    port: String,
+}
+
+impl Collector for FrontendCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(entries) = PinnedMaps::open(&self.pin_dir).and_then(|m| m.frontend_stats()) else {
+            return Ok(());
+        };
+        let mut totals: BTreeMap<FrontendKey, proxy_common::FrontendStats> = BTreeMap::new();
+        for (frontend, stats) in entries {
+            let Some(protocol) = crate::model::Protocol::from_number(frontend.proto) else {
+                continue;
+            };
+            let key = FrontendKey {
+                ip: crate::sync::addr_from_bytes(frontend.addr),
+                port: frontend.port,
+                protocol,
+            };
+            let total = totals.entry(key).or_default();
+            total.packets += stats.packets;
+            total.bytes += stats.bytes;
+        }
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let labelled: Vec<(FrontendLabel, proxy_common::FrontendStats)> = totals
+            .into_iter()
+            .map(|(key, stats)| {
+                let service = services.get(&key);
+                let label = FrontendLabel {
+                    frontend: crate::inspect::frontend_name(
+                        key.ip,
+                        key.port,
+                        key.protocol.number(),
+                    ),
+                    namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+                    service: service.map(|s| s.name.clone()).unwrap_or_default(),
+                    port: service.map(|s| s.port_name.clone()).unwrap_or_default(),
+                };
+                (label, stats)
+            })
+            .collect();
+        drop(services);
+        for (name, help, value) in [
+            (
+                "kproxy_frontend_packets",
+                "Packets the datapath translated for a frontend, both directions",
+                (|s: &proxy_common::FrontendStats| s.packets) as fn(&_) -> u64,
+            ),
+            (
+                "kproxy_frontend_bytes",
+                "Bytes of the packets the datapath translated for a frontend, both directions",
+                |s: &proxy_common::FrontendStats| s.bytes,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (label, stats) in &labelled {
+                ConstCounter::new(value(stats)).encode(family.encode_family(label)?)?;
+            }
         }
         Ok(())
     }

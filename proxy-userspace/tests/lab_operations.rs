@@ -104,6 +104,31 @@ fn health_metrics_and_proxy_mode_are_served() {
     // Every connection's SYN, ACK, data... went through DNAT.
     let dnat = metric_value(&metrics, "kproxy_datapath_packets_total{reason=\"dnat\"}").unwrap();
     assert!(dnat >= 10.0, "dnat={dnat}\n{metrics}");
+    // Per frontend, under its Service's name: those packets and the
+    // replies (reverse NAT), and their bytes; the idle UDP frontend has none.
+    let frontend = |name: &str, frontend: &str, port: &str| {
+        let labels = format!(
+            "{{frontend=\"{frontend}\",namespace=\"lab\",service=\"echo\",port=\"{port}\"}}"
+        );
+        metric_value(&metrics, &format!("{name}{labels}"))
+            .unwrap_or_else(|| panic!("{name}{labels} missing:\n{metrics}"))
+    };
+    let rev_nat = metric_value(
+        &metrics,
+        "kproxy_datapath_packets_total{reason=\"rev_nat\"}",
+    )
+    .unwrap();
+    let packets = frontend("kproxy_frontend_packets_total", "198.19.0.10:80/TCP", "tcp");
+    assert_eq!(packets, dnat + rev_nat, "{metrics}");
+    let bytes = frontend("kproxy_frontend_bytes_total", "198.19.0.10:80/TCP", "tcp");
+    assert!(
+        bytes >= packets * 54.0,
+        "{bytes} bytes in {packets} packets"
+    );
+    assert_eq!(
+        frontend("kproxy_frontend_packets_total", "198.19.0.10:53/UDP", "udp"),
+        0.0
+    );
 }
 
 #[test]

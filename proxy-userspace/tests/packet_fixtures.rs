@@ -1724,6 +1724,68 @@ impl Twin {
 /// selection is not random; a changed backend set makes new connections,
 /// reused ports and UDP flows go elsewhere, which a stale cached
 /// translation would not.
+/// `FRONTEND_STATS_V1`: the packets and bytes a frontend's translated
+/// traffic carried, summed over its entries and CPUs, as the metrics read it.
+fn frontend_stats(pins: &Path, frontend: Addr, proto: u8) -> (u64, u64) {
+    let (ip, port) = frontend;
+    PinnedMaps::open(pins)
+        .and_then(|maps| maps.frontend_stats())
+        .expect("the per-frontend counters")
+        .into_iter()
+        .filter(|(f, _)| f.addr[12..] == ip && f.port == port && f.proto == proto)
+        .fold((0, 0), |(p, b), (_, s)| (p + s.packets, b + s.bytes))
+}
+
+#[test]
+fn every_translated_packet_counts_in_its_frontends_stats() {
+    use proxy_common::PROTO_TCP as TCP;
+    stay_on_this_cpu();
+    let mut lab = Lab::new();
+    let pins = lab.datapath.pin_dir().to_owned();
+    let c = client(41_500);
+    let ack = tcp(c, (VIP, 80), Tcp::Ack, b"data");
+    let reply = tcp(WEB_BACKEND, c, Tcp::Ack, &[0x5a; 300]);
+    // A new flow, a reply on the conntrack path, a client packet that
+    // reads conntrack and fills the flow cache, one that hits the cache,
+    // and a reply from the cache.
+    let frames = [
+        tcp(c, (VIP, 80), Tcp::Syn, &[]),
+        tcp(WEB_BACKEND, c, Tcp::SynAck, &[]),
+        ack.clone(),
+        ack.clone(),
+        reply.clone(),
+        reply,
+    ];
+    let mut expected = (0, 0);
+    for frame in &frames {
+        let out = lab.run(frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "translated and passed");
+        assert_ne!(&out.frame, frame, "translated");
+        expected = (expected.0 + 1, expected.1 + frame.len() as u64);
+        assert_eq!(frontend_stats(&pins, (VIP, 80), TCP), expected);
+    }
+    // Other frontends' and non-service packets are not counted here.
+    let other = tcp(client(41_501), (VIP, 8443), Tcp::Syn, &[]);
+    lab.run(&other);
+    lab.run(&tcp(c, (NOT_A_VIP, 80), Tcp::Ack, &[]));
+    let other_stats = (1, other.len() as u64);
+    assert_eq!(frontend_stats(&pins, (VIP, 8443), TCP), other_stats);
+    assert_eq!(frontend_stats(&pins, (VIP, 80), TCP), expected);
+
+    // A frontend removed and programmed again counts from zero.
+    {
+        let mut maps = lab.datapath.maps().expect("the datapath maps");
+        let mut syncer = Syncer::new();
+        syncer.reload(&maps).expect("reading the maps");
+        let mut without = lab_services();
+        without.frontends.retain(|k, _| k.port != 80);
+        syncer.apply(&mut maps, &without);
+        syncer.apply(&mut maps, &lab_services());
+    }
+    assert_eq!(frontend_stats(&pins, (VIP, 80), TCP), (0, 0));
+    assert_eq!(frontend_stats(&pins, (VIP, 8443), TCP), other_stats);
+}
+
 #[test]
 fn the_flow_cache_never_changes_what_a_packet_gets() {
     stay_on_this_cpu();
@@ -3111,6 +3173,15 @@ fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
         ] {
             assert_eq!(grew(&before, &after, index), 1, "counter {name}");
         }
+        // XDP counts the frame it forwarded for the NodePort.
+        assert_eq!(
+            frontend_stats(
+                &lab.pin_dir(),
+                (NODE_IP, NP_REMOTE),
+                proxy_common::PROTO_TCP
+            ),
+            (1, syn.len() as u64)
+        );
 
         // UDP, with and without a checksum.
         let dgram = from_client(udp(

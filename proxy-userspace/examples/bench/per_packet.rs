@@ -1733,7 +1733,7 @@ fn why_text(pp: &PerPacket) -> String {
          BPF-to-BPF calls and hash lookups, each of which costs a fair part of the whole floor \
          (on this machine every return goes through a return thunk: see the mitigations row \
          above). An established packet whose flow has a slot in its CPU's flow cache \
-         (`FLOW_CACHE_V1`, the \"established\" columns) is translated after two array lookups \
+         (`FLOW_CACHE_V2`, the \"established\" columns) is translated after two array lookups \
          the verifier inlines, with no call at all. One without a slot (the \"conntrack\" \
          columns, measured with the cache off: a flow's first packet on a CPU after 100 ms, or \
          a flow whose slot another flow holds) takes the conntrack hash lookup, whose kernel \
