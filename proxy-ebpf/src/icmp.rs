@@ -2,15 +2,19 @@
 //! unreachable or fragmentation needed about client -> backend packets
 //! (from the backend or a router) are translated back to client -> VIP, and
 //! errors a client sends about a reply (VIP -> client) are translated to the
-//! backend. Each socket then learns of its error (PMTU discovery works).
+//! backend. A source-NATed flow's other end is translated too (the SNAT
+//! address and port back to the client, or the client to them), and at the
+//! external hook the error then leaves by its route, as the flow's packets
+//! do. Each socket then learns of its error (PMTU discovery works).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{stat, ConntrackKey4, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
+use proxy_common::{stat, ConntrackKey4, CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_TCP, PROTO_UDP};
 
 use crate::maps::{count, CONNTRACK};
+use crate::packet::{decrement_ttl, Packet};
 use crate::parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF};
 
 const OK: i32 = TC_ACT_OK as i32;
@@ -23,16 +27,19 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const QUOTED_SOURCE: usize = 0;
 const QUOTED_DESTINATION: usize = 1;
 
+/// `external`: at the external hook, where a source-NATed flow's packets
+/// leave by their route (the error's new source may be this node's own
+/// address, which the stack would drop as a martian).
 #[inline(never)]
-pub fn error(ctx: &TcContext, l4_off: usize) -> i32 {
-    match translate(ctx, l4_off) {
+pub fn error(ctx: &TcContext, l4_off: usize, external: bool) -> i32 {
+    match translate(ctx, l4_off, external) {
         Ok(verdict) => verdict,
         Err(()) => SHOT,
     }
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
+fn translate(ctx: &TcContext, l4_off: usize, external: bool) -> Result<i32, ()> {
     let Ok(icmp) = ctx.load::<[u8; 8]>(l4_off) else {
         return Ok(OK);
     };
@@ -65,32 +72,100 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
         return Ok(OK);
     };
-    let (quoted, outer) = if entry.direction == CT_DIR_REPLY {
-        (QUOTED_DESTINATION, IP_SRC_OFF)
+    let reply = entry.direction == CT_DIR_REPLY;
+    let service_side = if reply {
+        End {
+            quoted: QUOTED_DESTINATION,
+            outer: IP_SRC_OFF,
+            old: inner_dst,
+            old_port: inner_dport,
+        }
     } else {
-        (QUOTED_SOURCE, IP_DST_OFF)
+        End {
+            quoted: QUOTED_SOURCE,
+            outer: IP_DST_OFF,
+            old: inner_src,
+            old_port: inner_sport,
+        }
     };
-    let new = [
-        entry.nat_addr[12],
-        entry.nat_addr[13],
-        entry.nat_addr[14],
-        entry.nat_addr[15],
-    ];
-    let new_port = entry.nat_port;
-    let (old, old_port) = if quoted == QUOTED_DESTINATION {
-        (inner_dst, inner_dport)
-    } else {
-        (inner_src, inner_sport)
-    };
+    rewrite(
+        ctx,
+        l4_off,
+        &service_side,
+        v4(&entry.nat_addr),
+        entry.nat_port,
+    )?;
+    if entry.flags & CT_FLAG_SNAT != 0 {
+        // The other end went through source NAT. From the backend's side
+        // the quote came from the SNAT address and port, to which the
+        // error is addressed: both become the client's. From the client's
+        // side the quote went to the client, and so did, when the client
+        // itself answered, the error: both become the SNAT address and port.
+        let other_side = if reply {
+            End {
+                quoted: QUOTED_SOURCE,
+                outer: IP_DST_OFF,
+                old: inner_src,
+                old_port: inner_sport,
+            }
+        } else {
+            End {
+                quoted: QUOTED_DESTINATION,
+                outer: IP_SRC_OFF,
+                old: inner_dst,
+                old_port: inner_dport,
+            }
+        };
+        rewrite(
+            ctx,
+            l4_off,
+            &other_side,
+            v4(&entry.other_addr),
+            entry.other_port,
+        )?;
+        count(stat::ICMP_REV_NAT);
+        if external {
+            return Ok(route_out(ctx));
+        }
+        return Ok(OK);
+    }
+    count(stat::ICMP_REV_NAT);
+    Ok(OK)
+}
 
+/// One end of the quoted packet being translated: which one, the outer
+/// header's address on the same side, and the address and port it had.
+struct End {
+    quoted: usize,
+    outer: usize,
+    old: [u8; 4],
+    old_port: u16,
+}
+
+#[inline(always)]
+fn v4(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
+/// Rewrites one end of the quote to `new`:`new_port` (the quoted IP
+/// header's checksum, then the ICMP checksum over every quoted byte that
+/// changed: ICMP has no pseudo-header), and the outer address on that side
+/// when it is the quoted end's (the error came from, or goes to, that end).
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    l4_off: usize,
+    end: &End,
+    new: [u8; 4],
+    new_port: u16,
+) -> Result<(), ()> {
+    let inner = l4_off + 8;
     let icmp_check = l4_off + 2;
     let inner_check = inner + 10;
-    let addr_off = inner + 12 + quoted * 4;
-    let port_off = inner + 20 + quoted * 2;
-    let old_addr = u32::from_ne_bytes(old) as u64;
+    let addr_off = inner + 12 + end.quoted * 4;
+    let port_off = inner + 20 + end.quoted * 2;
+    let old_addr = u32::from_ne_bytes(end.old) as u64;
     let new_addr = u32::from_ne_bytes(new) as u64;
-    // The quoted IP header's checksum, then the ICMP checksum over every
-    // quoted byte that changed (ICMP has no pseudo-header).
     let old_check: [u8; 2] = ctx.load(inner_check).map_err(|_| ())?;
     ctx.l3_csum_replace(inner_check, old_addr, new_addr, 4)
         .map_err(|_| ())?;
@@ -105,21 +180,38 @@ fn translate(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     )
     .map_err(|_| ())?;
     ctx.store(addr_off, &new, 0).map_err(|_| ())?;
-    let from_port = u16::from_ne_bytes(old_port.to_be_bytes()) as u64;
+    let from_port = u16::from_ne_bytes(end.old_port.to_be_bytes()) as u64;
     let to_port = u16::from_ne_bytes(new_port.to_be_bytes()) as u64;
     ctx.l4_csum_replace(icmp_check, from_port, to_port, 2)
         .map_err(|_| ())?;
     ctx.store(port_off, &new_port.to_be_bytes(), 0)
         .map_err(|_| ())?;
 
-    // The outer header: the backend's own error comes from the VIP; the
-    // client's error goes to the backend.
-    let outer_addr: [u8; 4] = ctx.load(outer).map_err(|_| ())?;
-    if outer_addr == old {
+    let outer_addr: [u8; 4] = ctx.load(end.outer).map_err(|_| ())?;
+    if outer_addr == end.old {
         ctx.l3_csum_replace(IP_CHECK_OFF, old_addr, new_addr, 4)
             .map_err(|_| ())?;
-        ctx.store(outer, &new, 0).map_err(|_| ())?;
+        ctx.store(end.outer, &new, 0).map_err(|_| ())?;
     }
-    count(stat::ICMP_REV_NAT);
-    Ok(OK)
+    Ok(())
+}
+
+/// Sends the translated error out by the route to its new destination
+/// (FIB lookup, TTL lowered, `bpf_redirect_neigh`), as the external hook
+/// sends a source-NATed flow's packets.
+#[inline(always)]
+fn route_out(ctx: &TcContext) -> i32 {
+    let Ok(dst) = ctx.load::<[u8; 4]>(IP_DST_OFF) else {
+        return SHOT;
+    };
+    let Some(route) = ctx.route(u32::from_ne_bytes(dst)) else {
+        count(stat::NO_ROUTE);
+        return SHOT;
+    };
+    if !decrement_ttl(ctx) {
+        count(stat::TTL_EXCEEDED);
+        return SHOT;
+    }
+    count(stat::XDP_FORWARD);
+    ctx.forward(route)
 }

@@ -58,7 +58,8 @@ pub trait Packet {
     /// flow leaves by its route like the rest of the flow.
     fn later_fragment(&self, id: &FragmentId, route_out: bool) -> i32;
     fn remember_fragment(&self, flow: &Flow);
-    fn icmp_error(&self, l4_off: usize) -> i32;
+    /// `external`: at the external hook (see `icmp::error`).
+    fn icmp_error(&self, l4_off: usize, external: bool) -> i32;
 }
 
 impl Packet for TcContext {
@@ -173,8 +174,8 @@ impl Packet for TcContext {
         frag::remember(self, flow)
     }
     #[inline(always)]
-    fn icmp_error(&self, l4_off: usize) -> i32 {
-        icmp::error(self, l4_off)
+    fn icmp_error(&self, l4_off: usize, external: bool) -> i32 {
+        icmp::error(self, l4_off, external)
     }
 }
 
@@ -420,7 +421,7 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn remember_fragment(&self, _flow: &Flow) {}
     #[inline(always)]
-    fn icmp_error(&self, _l4_off: usize) -> i32 {
+    fn icmp_error(&self, _l4_off: usize, _external: bool) -> i32 {
         Self::PASS
     }
 }

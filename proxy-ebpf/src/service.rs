@@ -74,7 +74,7 @@ pub fn handle<P: Packet, const EXTERNAL: bool>(ctx: &P) -> i32 {
             return P::PASS;
         }
         Err(Skip::Fragment(id)) => return ctx.later_fragment(&id, EXTERNAL),
-        Err(Skip::Icmp { l4_off }) => return ctx.icmp_error(l4_off),
+        Err(Skip::Icmp { l4_off }) => return ctx.icmp_error(l4_off, EXTERNAL),
     };
     // SAFETY: `parse` wrote all of it.
     let flow = unsafe { flow.assume_init_ref() };

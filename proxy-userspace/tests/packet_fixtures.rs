@@ -3112,6 +3112,142 @@ fn grew(before: &[u64], after: &[u64], index: u32) -> u64 {
     after[i] - before[i]
 }
 
+/// An ICMP error from `src` to `dst` quoting `quote` (an IPv4 packet).
+fn icmp_error(src: [u8; 4], dst: [u8; 4], kind: DestUnreachableHeader, quote: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src, dst, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(kind));
+    let mut error = Vec::with_capacity(builder.size(quote.len()));
+    builder
+        .write(&mut error, quote)
+        .expect("building an ICMP error");
+    error
+}
+
+/// `out` is an ICMP error from `src` to `dst`, one hop on (TTL 63), that
+/// quotes a packet `quoted_src` -> `quoted_dst`, with every checksum right.
+fn check_icmp_error(
+    out: &[u8],
+    (src, dst): ([u8; 4], [u8; 4]),
+    (quoted_src, quoted_dst): (Addr, Addr),
+) -> Result<(), String> {
+    let view = Ipv4View::parse(out).ok_or("not IPv4")?;
+    if (view.src(out), view.dst(out)) != (src, dst) {
+        return Err(format!(
+            "the error goes {} -> {}, expected {} -> {}",
+            addr(view.src(out)),
+            addr(view.dst(out)),
+            addr(src),
+            addr(dst)
+        ));
+    }
+    if out[ETH_LEN + 8] != 63 {
+        return Err(format!("TTL {}, expected 63 (forwarded)", out[ETH_LEN + 8]));
+    }
+    ipv4_sum_ok(out)?;
+    let icmp = &out[view.l4..ETH_LEN + view.total];
+    if ones_sum(&[icmp]) != 0xffff {
+        return Err("ICMP checksum wrong".to_owned());
+    }
+    let inner = &icmp[8..];
+    let ihl = usize::from(inner[0] & 0x0f) * 4;
+    if ones_sum(&[&inner[..ihl]]) != 0xffff {
+        return Err("quoted IPv4 header checksum wrong".to_owned());
+    }
+    let port = |at: usize| u16::from_be_bytes([inner[at], inner[at + 1]]);
+    let quoted: (Addr, Addr) = (
+        (inner[12..16].try_into().unwrap(), port(ihl)),
+        (inner[16..20].try_into().unwrap(), port(ihl + 2)),
+    );
+    if quoted != (quoted_src, quoted_dst) {
+        return Err(format!(
+            "the quote names {}:{} -> {}:{}, expected {}:{} -> {}:{}",
+            addr(quoted.0 .0),
+            quoted.0 .1,
+            addr(quoted.1 .0),
+            quoted.1 .1,
+            addr(quoted_src.0),
+            quoted_src.1,
+            addr(quoted_dst.0),
+            quoted_dst.1
+        ));
+    }
+    Ok(())
+}
+
+/// SPEC 7: ICMP errors about a NATed flow are reverse-NATed, source-NATed
+/// flows included: the error reaches the other end in the terms it knows,
+/// by the route the flow's packets take.
+#[test]
+fn icmp_errors_about_a_source_nated_flow_reach_the_other_end() {
+    with_xdp_lab(|lab| {
+        let c = remote_client(40_700);
+        let datagram = from_client(udp(c, node_port(NP_REMOTE), b"query"));
+        let out = lab.run(&datagram);
+        let snat_port = lab
+            .check_new_flow(&datagram, &out, XDP_TX, REMOTE_BACKEND)
+            .unwrap_or_else(|e| panic!("the datagram: {e}"));
+        let snat = (NODE_IP, snat_port);
+        let in0 = lab.in0;
+
+        // The backend's port unreachable about the forwarded datagram
+        // (NODE_IP:snat -> backend) goes to the client, from the NodePort,
+        // about the datagram the client sent.
+        let forwarded = &out.frame[ETH_LEN..];
+        let error = from_backend(icmp_error(
+            REMOTE_BACKEND.0,
+            NODE_IP,
+            DestUnreachableHeader::Port,
+            forwarded,
+        ));
+        let out = lab.run(&error);
+        assert_eq!(out.verdict, XDP_PASS, "XDP leaves ICMP errors to tc");
+        let out = lab.run_tc_on(in0, &error);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed out to the client");
+        ok(
+            check_icmp_error(&out.frame, (NODE_IP, EXT_CLIENT), (c, node_port(NP_REMOTE))),
+            "port unreachable from the backend",
+        );
+
+        // A router on the way to the backend: fragmentation needed. Its
+        // own address stays the source.
+        let router = [198, 18, 60, 254];
+        let error = from_backend(icmp_error(
+            router,
+            NODE_IP,
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            forwarded,
+        ));
+        let out = lab.run_tc_on(in0, &error);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed out to the client");
+        ok(
+            check_icmp_error(&out.frame, (router, EXT_CLIENT), (c, node_port(NP_REMOTE))),
+            "fragmentation needed from a router",
+        );
+
+        // The client's port unreachable about a reply (NodePort -> client)
+        // goes to the backend, from the SNAT address, about the reply the
+        // backend sent.
+        let reply = udp(node_port(NP_REMOTE), c, b"answer");
+        let error = from_client(icmp_error(
+            EXT_CLIENT,
+            NODE_IP,
+            DestUnreachableHeader::Port,
+            &reply[ETH_LEN..],
+        ));
+        let out = lab.run_tc_on(in0, &error);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed out to the backend");
+        ok(
+            check_icmp_error(
+                &out.frame,
+                (NODE_IP, REMOTE_BACKEND.0),
+                (REMOTE_BACKEND, snat),
+            ),
+            "port unreachable from the client",
+        );
+    });
+}
+
 #[test]
 fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
     with_xdp_lab(|lab| {
