@@ -750,12 +750,13 @@ struct ServiceAddresses {
 }
 
 impl ServiceAddresses {
-    /// NodePort, externalIP and LoadBalancer addresses only of the Service's
-    /// own families (`ipFamilies`, else those of its clusterIPs), as
-    /// kube-proxy programs a family only for Services with a clusterIP in it.
+    /// NodePort, externalIP and LoadBalancer addresses only of the families
+    /// of the Service's clusterIPs, as kube-proxy programs a family only for
+    /// Services with a clusterIP in it (`ipFamilies` is not read: it may
+    /// list a family the Service has no clusterIP of).
     fn of(service: &Service, config: &ModelConfig) -> Self {
         let cluster = cluster_ips(service);
-        let families = service_families(service, &cluster);
+        let families: BTreeSet<Family> = cluster.iter().map(|ip| Family::of(*ip)).collect();
         let of_service_family = |ip: &IpAddr| families.contains(&Family::of(*ip));
         let node = config
             .node_addresses
@@ -801,23 +802,6 @@ impl ServiceAddresses {
             targets.extend(ips.map(|&ip| (kind, ip, port)));
         }
         targets
-    }
-}
-
-/// `ipFamilies`, or when it is empty (objects written before dual-stack,
-/// hand-made ones) the families of the clusterIPs.
-fn service_families(service: &Service, cluster_ips: &BTreeSet<IpAddr>) -> BTreeSet<Family> {
-    let listed = service
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.ip_families.as_ref())
-        .filter(|families| !families.is_empty());
-    match listed {
-        Some(families) => families
-            .iter()
-            .filter_map(|family| Family::of_address_type(family))
-            .collect(),
-        None => cluster_ips.iter().map(|ip| Family::of(*ip)).collect(),
     }
 }
 
@@ -1034,6 +1018,8 @@ fn resolve_health_checks(mut checks: Vec<HealthCheck>) -> Vec<HealthCheck> {
 /// Whether kproxy handles this Service at all (SPEC 1.1). Headless and
 /// ExternalName Services have no frontends; labelled ones belong to another
 /// proxy (or, when we have a proxy name, only those with our name are ours).
+/// A Service without any clusterIP is skipped whole, NodePorts, externalIPs
+/// and LoadBalancer IPs included, as kube-proxy's `ShouldSkipService` does.
 pub fn service_is_proxied(service: &Service, config: &ModelConfig) -> bool {
     let labels = service.metadata.labels.as_ref();
     let label = |key: &str| labels.and_then(|labels| labels.get(key));
@@ -1048,30 +1034,46 @@ pub fn service_is_proxied(service: &Service, config: &ModelConfig) -> bool {
     if !ours {
         return false;
     }
-    let Some(spec) = &service.spec else {
-        return true;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let spec = service.spec.as_ref();
+    if spec.and_then(|spec| spec.type_.as_deref()) == Some("ExternalName") {
         return false;
     }
-    let headless = spec.cluster_ip.as_deref() == Some("None")
-        || spec.cluster_ips.iter().flatten().any(|ip| ip == "None");
-    !headless
+    let listed = spec.map(listed_cluster_ips).unwrap_or_default();
+    let headless = spec.and_then(|spec| spec.cluster_ip.as_deref()) == Some("None")
+        || listed.contains(&"None");
+    if headless {
+        return false;
+    }
+    if listed.is_empty() {
+        // The API server always allocates one; a Service without it was
+        // written by hand, most likely for `--source dir:`.
+        tracing::warn!(
+            service = %qualified_name(&service.metadata),
+            "Service has no clusterIP: none of its frontends is served (NodePorts, externalIPs and LoadBalancer IPs neither), as with kube-proxy; set spec.clusterIP to an address of the service CIDR"
+        );
+        return false;
+    }
+    true
 }
 
-/// The ClusterIP frontend addresses: `clusterIPs`, or `clusterIP` for objects
-/// written before dual-stack. Unparseable entries are skipped.
-fn cluster_ips(service: &Service) -> BTreeSet<IpAddr> {
-    let Some(spec) = &service.spec else {
-        return BTreeSet::new();
-    };
+/// The clusterIPs as written, empty entries left out: `clusterIPs`, or
+/// `clusterIP` for objects written before dual-stack.
+fn listed_cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<&str> {
     let listed: Vec<&str> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
-    listed
+    listed.into_iter().filter(|ip| !ip.is_empty()).collect()
+}
+
+/// The ClusterIP frontend addresses ([`listed_cluster_ips`]). Unparseable
+/// entries are skipped.
+fn cluster_ips(service: &Service) -> BTreeSet<IpAddr> {
+    let Some(spec) = &service.spec else {
+        return BTreeSet::new();
+    };
+    listed_cluster_ips(spec)
         .into_iter()
-        .filter(|ip| !ip.is_empty())
         .filter_map(|ip| match ip.parse::<IpAddr>() {
             Ok(ip) => Some(ip),
             Err(_) => {
@@ -1217,8 +1219,8 @@ impl Family {
         }
     }
 
-    /// An EndpointSlice `addressType` or a Service `ipFamilies` entry; FQDN
-    /// (and anything else) has no family.
+    /// An EndpointSlice `addressType`; FQDN (and anything else) has no
+    /// family.
     fn of_address_type(address_type: &str) -> Option<Family> {
         match address_type {
             "IPv4" => Some(Family::V4),

@@ -169,7 +169,7 @@ endpoints: [{addresses: [198.19.0.2]}]
         &["198.18.100.1:80/TCP default/web: -> 198.19.0.2:80"],
     ),
     case(
-        "1.1 a Service without clusterIP has no ClusterIP frontend",
+        "1.1 a Service without clusterIP gets no frontend at all",
         r#"
 kind: Service
 metadata: {name: web}
@@ -179,6 +179,37 @@ kind: EndpointSlice
 metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{port: 80}]
+endpoints: [{addresses: [198.19.0.1]}]
+"#,
+        &[],
+    ),
+    case(
+        "1.1 a NodePort or LoadBalancer Service without clusterIP is skipped, externalIPs and ingress IPs too",
+        r#"
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: [203.0.113.5, "2001:db8:ee::5"]
+  ports: [{port: 80, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: ""
+  clusterIPs: [""]
+  externalIPs: [203.0.113.6]
+  ports: [{port: 80, nodePort: 30081}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}]
+---
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
 endpoints: [{addresses: [198.19.0.1]}]
 "#,
         &[],
@@ -704,6 +735,42 @@ endpoints: [{addresses: ["2001:db8:1::1"]}]
             "198.18.100.1:80/TCP default/web: -> 198.19.0.1:8080",
             "NodePort [2001:db8:ff::10]:30080/TCP default/web: -> [2001:db8:1::1]:8080; snat",
             "[2001:db8:100::1]:80/TCP default/web: -> [2001:db8:1::1]:8080",
+        ],
+    ),
+    case(
+        "2 ipFamilies listing a family without a clusterIP in it: no frontend of that family",
+        r#"
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIPs: [198.18.100.1]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  externalIPs: [203.0.113.5, "2001:db8:ee::5"]
+  ports: [{port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}, {ip: "2001:db8:ee::10"}]
+---
+kind: EndpointSlice
+metadata: {name: web-v4, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [198.19.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["2001:db8:1::1"]}]
+"#,
+        &[
+            "NodePort 192.0.2.10:30080/TCP default/web: -> 198.19.0.1:8080; snat",
+            "NodePort 192.0.2.11:30080/TCP default/web: -> 198.19.0.1:8080; snat",
+            "198.18.100.1:80/TCP default/web: -> 198.19.0.1:8080",
+            "ExternalIP 203.0.113.5:80/TCP default/web: -> 198.19.0.1:8080; snat",
+            "LoadBalancer 203.0.113.10:80/TCP default/web: -> 198.19.0.1:8080; snat",
         ],
     ),
     case(
