@@ -8,7 +8,7 @@ use proxy_userspace::config;
 use proxy_userspace::daemon::{self, DaemonConfig, SourceSpec};
 use proxy_userspace::datapath::{self, MapSizes, PinnedMaps, XdpMode};
 use proxy_userspace::inspect;
-use proxy_userspace::model::{Algorithm, ModelConfig};
+use proxy_userspace::model::{Algorithm, ModelConfig, NodePortAddress};
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kproxy";
 
@@ -312,10 +312,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             "--cluster-cidr / clusterCIDR is accepted and not used: pods' traffic is told apart by its interface (--pod-interfaces), and ClusterIP traffic arriving on --interfaces is always source-NATed"
         );
     }
-    let nodeport_addresses = args
-        .nodeport_addresses
-        .clone()
-        .unwrap_or(file.nodeport_addresses.clone());
+    // `--nodeport-addresses=` is unset, as empty values of the other flags
+    // are (and as kube-proxy reads it: an empty list).
+    let (nodeport_addresses, origin) = match args.nodeport_addresses.clone() {
+        Some(entries) if entries != [""] => (entries, "--nodeport-addresses"),
+        _ => (
+            file.nodeport_addresses.clone(),
+            "nodePortAddresses (--config)",
+        ),
+    };
+    check_nodeport_addresses(&nodeport_addresses, origin)?;
     let config = DaemonConfig {
         source,
         model: ModelConfig {
@@ -398,6 +404,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(daemon::run(config))
 }
 
+/// Refuses, as kube-proxy does at startup, a `--nodeport-addresses` entry
+/// that is neither a CIDR nor `primary`: the model skips such an entry, so
+/// a typo would otherwise leave NodePorts unserved without a word.
+fn check_nodeport_addresses(entries: &[String], origin: &str) -> anyhow::Result<()> {
+    match entries
+        .iter()
+        .find(|entry| NodePortAddress::parse(entry).is_none())
+    {
+        Some(bad) => bail!("{origin}: `{bad}` is neither a CIDR (like 192.0.2.0/24 or 2001:db8::/64; one address is 192.0.2.1/32) nor `primary`"),
+        None => Ok(()),
+    }
+}
+
 /// The first of `values` that is set and not empty: a flag, then the
 /// config file (where kube-proxy reads "" as its default), then the rest.
 fn first_set<const N: usize>(values: [Option<String>; N]) -> Option<String> {
@@ -465,5 +484,29 @@ mod tests {
         assert_eq!(bind(Some("[2001:db8::1]:80")).unwrap(), "[2001:db8::1]:80");
         let err = bind(Some("localhost:80")).unwrap_err().to_string();
         assert!(err.contains("--healthz-bind-address"), "{err}");
+    }
+
+    #[test]
+    fn nodeport_addresses_refuse_what_is_neither_a_cidr_nor_primary() {
+        let check = |entries: &[&str]| {
+            let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            check_nodeport_addresses(&entries, "--nodeport-addresses")
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["primary"]).is_ok());
+        assert!(check(&["192.0.2.0/24", " 2001:db8::/64 ", "0.0.0.0/0"]).is_ok());
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.0/33",
+            "2001:db8::/129",
+            "10.0.0/8",
+            "primray",
+            "",
+        ] {
+            let err = check(&["192.0.2.0/24", bad]).unwrap_err().to_string();
+            assert!(err.contains("--nodeport-addresses"), "{err}");
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
+            assert!(err.contains("CIDR") && err.contains("primary"), "{err}");
+        }
     }
 }

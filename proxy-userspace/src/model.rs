@@ -895,8 +895,10 @@ fn source_ranges(service: &Service) -> Vec<(IpAddr, u8)> {
 
 /// The addresses NodePorts answer on (SPEC 2): this Node's InternalIP and
 /// ExternalIP addresses from `status.addresses`; with `--nodeport-addresses`
-/// only those inside the given CIDRs, or with `primary` the first InternalIP
-/// of each family. Never loopback (**ours**).
+/// only those inside the given CIDRs, or with `primary` the node's primary
+/// address of each family. Never loopback (**ours**). Entries that are not
+/// [`NodePortAddress`]es are skipped here; `kproxy run` refuses them at
+/// startup.
 pub fn nodeport_addresses(nodes: &[Arc<Node>], node_name: &str, filter: &[String]) -> Vec<IpAddr> {
     let Some(node) = nodes
         .iter()
@@ -917,21 +919,32 @@ pub fn nodeport_addresses(nodes: &[Arc<Node>], node_name: &str, filter: &[String
     let mut out: Vec<IpAddr> = if filter.is_empty() {
         listed.iter().map(|(_, ip)| *ip).collect()
     } else {
-        let cidrs: Vec<(IpAddr, u8)> = filter.iter().filter_map(|c| parse_cidr(c.trim())).collect();
-        let primary = filter.iter().any(|f| f.trim() == "primary");
+        let entries: Vec<NodePortAddress> = filter
+            .iter()
+            .filter_map(|entry| NodePortAddress::parse(entry))
+            .collect();
         let mut chosen: Vec<IpAddr> = listed
             .iter()
             .map(|(_, ip)| *ip)
-            .filter(|ip| cidrs.iter().any(|c| cidr_contains(*c, *ip)))
+            .filter(|ip| {
+                entries.iter().any(|entry| {
+                    matches!(*entry, NodePortAddress::Cidr(network, len)
+                        if cidr_contains((network, len), *ip))
+                })
+            })
             .collect();
-        if primary {
+        if entries.contains(&NodePortAddress::Primary) {
+            // As kube-proxy's GetNodeHostIPs: the first InternalIP of each
+            // family, else (a Node with only ExternalIPs of that family)
+            // the first ExternalIP.
             for v4 in [true, false] {
-                if let Some((_, ip)) = listed
-                    .iter()
-                    .find(|(t, ip)| t == "InternalIP" && ip.is_ipv4() == v4)
-                {
-                    chosen.push(*ip);
-                }
+                let first = |address_type: &str| {
+                    listed
+                        .iter()
+                        .find(|(t, ip)| t == address_type && ip.is_ipv4() == v4)
+                        .map(|(_, ip)| *ip)
+                };
+                chosen.extend(first("InternalIP").or_else(|| first("ExternalIP")));
             }
         }
         chosen
@@ -939,6 +952,30 @@ pub fn nodeport_addresses(nodes: &[Arc<Node>], node_name: &str, filter: &[String
     out.sort();
     out.dedup();
     out
+}
+
+/// One `--nodeport-addresses` (`nodePortAddresses`) entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// `primary`: this Node's primary address of each family.
+    Primary,
+    /// The node addresses inside a CIDR: network address (host bits
+    /// cleared) and prefix length.
+    Cidr(IpAddr, u8),
+}
+
+impl NodePortAddress {
+    /// `primary` or a CIDR like `192.0.2.0/24`, surrounding blanks ignored;
+    /// `None` for anything else (a bare address, a prefix too long for its
+    /// family, a typo).
+    pub fn parse(entry: &str) -> Option<Self> {
+        let entry = entry.trim();
+        if entry == "primary" {
+            return Some(NodePortAddress::Primary);
+        }
+        let (network, len) = parse_cidr(entry)?;
+        Some(NodePortAddress::Cidr(network, len))
+    }
 }
 
 fn cidr_contains((network, len): (IpAddr, u8), ip: IpAddr) -> bool {

@@ -2346,3 +2346,75 @@ fn nodeport_addresses_come_from_the_node_filtered_by_flag() {
     assert_eq!(primary, vec![ip("198.18.0.1"), ip("2001:db8::1")]);
     assert!(nodeport_addresses(&snapshot.nodes, "other", &[]).is_empty());
 }
+
+#[test]
+fn primary_falls_back_to_the_first_external_ip_of_a_family_without_internal_ip() {
+    use proxy_userspace::model::nodeport_addresses;
+    let snapshot = snapshot_from_yaml(
+        r#"
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses:
+  - {type: ExternalIP, address: 198.19.1.1}
+  - {type: InternalIP, address: 198.18.0.1}
+  - {type: ExternalIP, address: "2001:db8:e::1"}
+  - {type: ExternalIP, address: "2001:db8:e::2"}
+---
+kind: Node
+metadata: {name: node-b}
+status:
+  addresses:
+  - {type: Hostname, address: node-b}
+  - {type: ExternalIP, address: 198.19.2.2}
+  - {type: ExternalIP, address: 198.19.2.1}
+"#,
+    );
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let primary = |node: &str| nodeport_addresses(&snapshot.nodes, node, &["primary".into()]);
+    assert_eq!(
+        primary("node-a"),
+        vec![ip("198.18.0.1"), ip("2001:db8:e::1")]
+    );
+    assert_eq!(primary("node-b"), vec![ip("198.19.2.2")]);
+}
+
+#[test]
+fn nodeport_addresses_skip_entries_that_are_neither_a_cidr_nor_primary() {
+    use proxy_userspace::model::{nodeport_addresses, NodePortAddress};
+    let snapshot = snapshot_from_yaml(
+        r#"
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses:
+  - {type: InternalIP, address: 198.18.0.1}
+  - {type: ExternalIP, address: 198.19.1.1}
+"#,
+    );
+    let filter: Vec<String> = ["10.0.0.1", "198.19.0.0/33", "bogus", " 198.19.0.0/16 "]
+        .map(str::to_owned)
+        .to_vec();
+    assert_eq!(
+        nodeport_addresses(&snapshot.nodes, "node-a", &filter),
+        vec!["198.19.1.1".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        NodePortAddress::parse(" 198.19.7.7/16"),
+        Some(NodePortAddress::Cidr("198.19.0.0".parse().unwrap(), 16))
+    );
+    assert_eq!(
+        NodePortAddress::parse("primary"),
+        Some(NodePortAddress::Primary)
+    );
+    for bad in [
+        "10.0.0.1",
+        "10.0.0.0/33",
+        "::/129",
+        "10.0.0.0/-1",
+        "Primary",
+        "",
+    ] {
+        assert_eq!(NodePortAddress::parse(bad), None, "{bad}");
+    }
+}
