@@ -923,3 +923,157 @@ impl ServiceKey {
         Self::new(addr, 0, 0, SCOPE_EXTERNAL, 0)
     }
 }
+
+/// SCTP's checksum (RFC 9260, appendix A): CRC32c over the whole SCTP
+/// packet, with no pseudo-header, stored as the little-endian bytes of the
+/// final CRC. A NAT that rewrites only the ports (the first four bytes)
+/// updates it without reading the packet: the CRC is linear, so the new
+/// one is the old one XOR the CRC (initial value 0, no final XOR) of the
+/// four changed bytes followed by as many zero bytes as the rest of the
+/// packet, which is the four bytes' CRC times x^(8n) modulo the
+/// polynomial ([`crc32c::SHIFT`] holds those powers).
+pub mod crc32c {
+    /// The Castagnoli polynomial, bit-reversed (x^0 is bit 31).
+    pub const POLY: u32 = 0x82F6_3B78;
+
+    /// The byte-at-a-time table of the reflected CRC.
+    pub const TABLE: [u32; 256] = table();
+
+    /// `SHIFT[k]` = x^(32k) mod P: what a CRC register becomes over `k`
+    /// zero words is it times this ([`multiply`]). SCTP packets are whole
+    /// words long, and an IPv4 packet is shorter than 64 KiB.
+    pub const SHIFT_WORDS: usize = 16_384;
+    pub static SHIFT: [u32; SHIFT_WORDS] = shift();
+
+    const fn table() -> [u32; 256] {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut crc = i as u32;
+            let mut bit = 0;
+            while bit < 8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ POLY
+                } else {
+                    crc >> 1
+                };
+                bit += 1;
+            }
+            table[i] = crc;
+            i += 1;
+        }
+        table
+    }
+
+    const fn shift() -> [u32; SHIFT_WORDS] {
+        let mut shift = [0u32; SHIFT_WORDS];
+        // x^0; and x^32 mod P is the polynomial's lower terms.
+        shift[0] = 1 << 31;
+        let mut k = 1;
+        while k < SHIFT_WORDS {
+            shift[k] = multiply(shift[k - 1], POLY);
+            k += 1;
+        }
+        shift
+    }
+
+    /// a(x) * b(x) mod P, both bit-reversed (zlib's `multmodp`), in a
+    /// fixed 32 steps.
+    #[inline(always)]
+    pub const fn multiply(a: u32, mut b: u32) -> u32 {
+        let mut product = 0;
+        let mut i = 0;
+        while i < 32 {
+            if a & (1 << (31 - i)) != 0 {
+                product ^= b;
+            }
+            b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+            i += 1;
+        }
+        product
+    }
+
+    /// The CRC (initial value 0, no final XOR) of four bytes, in packet
+    /// order as one native little-endian word.
+    #[inline(always)]
+    pub const fn of_word(word: u32) -> u32 {
+        let bytes = word.to_le_bytes();
+        let mut crc = 0u32;
+        let mut i = 0;
+        while i < 4 {
+            crc = TABLE[((crc ^ bytes[i] as u32) & 0xff) as usize] ^ (crc >> 8);
+            i += 1;
+        }
+        crc
+    }
+
+    /// The stored CRC of an SCTP packet of `len` bytes whose first word
+    /// (the ports, native little-endian load of the packet bytes) changed
+    /// from `old_word` to `new_word`; `None` when `len` is no whole number
+    /// of words or out of range.
+    #[inline(always)]
+    pub fn update(check: u32, len: usize, old_word: u32, new_word: u32) -> Option<u32> {
+        if !len.is_multiple_of(4) || len < 4 || (len - 4) / 4 >= SHIFT_WORDS {
+            return None;
+        }
+        let shift = SHIFT[((len - 4) / 4) & (SHIFT_WORDS - 1)];
+        Some(check ^ multiply(shift, of_word(old_word ^ new_word)))
+    }
+}
+
+#[cfg(test)]
+mod crc32c_tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::crc32c;
+
+    /// CRC32c bit by bit, as RFC 9260 defines it (initial value and final
+    /// XOR all ones).
+    fn crc32c_bitwise(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for byte in data {
+            crc ^= u32::from(*byte);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn rfc_check_value() {
+        // RFC 3720 B.4: 32 bytes of zeros.
+        assert_eq!(crc32c_bitwise(&[0u8; 32]), 0x8A91_36AA);
+    }
+
+    #[test]
+    fn a_port_change_updates_the_crc_as_a_full_recomputation_does() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for words in [1usize, 3, 5, 16, 100, 375, 2304, 16_383] {
+            let len = words * 4;
+            let mut packet: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let old = crc32c_bitwise(&packet);
+            let old_word = u32::from_le_bytes(packet[..4].try_into().unwrap());
+            let new_word = next() as u32;
+            packet[..4].copy_from_slice(&new_word.to_le_bytes());
+            assert_eq!(
+                crc32c::update(old, len, old_word, new_word),
+                Some(crc32c_bitwise(&packet)),
+                "{len} bytes"
+            );
+        }
+        assert_eq!(crc32c::update(0, 6, 1, 2), None, "not whole words");
+        assert_eq!(crc32c::update(0, 65_540, 1, 2), None, "too long");
+    }
+}

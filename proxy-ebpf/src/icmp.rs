@@ -11,7 +11,9 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{stat, ConntrackKey4, CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_TCP, PROTO_UDP};
+use proxy_common::{
+    stat, ConntrackKey4, CT_DIR_REPLY, CT_FLAG_SNAT, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::maps::{count, CONNTRACK};
 use crate::packet::{decrement_ttl, Packet};
@@ -53,8 +55,8 @@ fn translate(ctx: &TcContext, l4_off: usize, external: bool) -> Result<i32, ()> 
     let Ok(ip) = ctx.load::<[u8; 24]>(inner) else {
         return Ok(OK);
     };
-    // The quote must be a plain IPv4 header followed by TCP/UDP ports.
-    if ip[0] != 0x45 || (ip[9] != PROTO_TCP && ip[9] != PROTO_UDP) {
+    // The quote must be a plain IPv4 header followed by TCP/UDP/SCTP ports.
+    if ip[0] != 0x45 || !matches!(ip[9], PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return Ok(OK);
     }
     let inner_src = [ip[12], ip[13], ip[14], ip[15]];

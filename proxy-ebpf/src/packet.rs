@@ -14,14 +14,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use proxy_common::{stat, LOOPBACK_IFINDEX, PROTO_UDP};
+use proxy_common::{crc32c, stat, LOOPBACK_IFINDEX, PROTO_SCTP, PROTO_UDP};
 
 use crate::{
     csum, frag, icmp,
     maps::count,
     parse::{
         bytes_at, field, ipv4_header, set_field, Flow, FragmentId, Ipv4, ETH_LEN, IP_CHECK_OFF,
-        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
+        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, SCTP_CHECK_OFF,
     },
     reject,
     route::{self, Route},
@@ -112,6 +112,11 @@ impl Packet for TcContext {
         let Some(change) = write_in_place(self, flow, nat) else {
             return false;
         };
+        if flow.proto == PROTO_SCTP {
+            // A CHECKSUM_PARTIAL skb's CRC is computed later over the
+            // rewritten packet: updating the field is harmless there.
+            return update_sctp_crc(self, flow, change.ports);
+        }
         match skb::ip_summed(self) {
             skb::CHECKSUM_NONE | skb::CHECKSUM_UNNECESSARY => {
                 write_l4_check(self, flow, change.sum(), false)
@@ -301,6 +306,35 @@ fn l4_csum_by_helper(ctx: &TcContext, flow: &Flow, change: &Change) -> bool {
                 .is_ok())
 }
 
+/// SCTP's CRC32c has no pseudo-header: the address change leaves it as
+/// it is, a port change (`ports`, the first word before and after) takes
+/// `crc32c::update` over the packet's length. A first fragment carries
+/// only part of the packet the CRC covers: left as it is (SCTP avoids IP
+/// fragmentation with its own path MTU discovery). Its own BPF function:
+/// only SCTP packets get here.
+#[inline(never)]
+fn update_sctp_crc<P: Packet>(ctx: &P, flow: &Flow, ports: (u32, u32)) -> bool {
+    if ports.0 == ports.1 || flow.first_fragment {
+        return true;
+    }
+    let Some(ip) = ipv4_header(ctx) else {
+        return false;
+    };
+    // SAFETY: inside the checked IPv4 header.
+    let total_len = u16::from_be(unsafe { field::<u16>(ip, ETH_LEN + 2) }) as usize;
+    let len = total_len.saturating_sub(flow.ip_hdr_len as usize);
+    let Some(at) = bytes_at(ctx, flow.l4_start() + SCTP_CHECK_OFF, 4) else {
+        return false;
+    };
+    // SAFETY: inside the checked span.
+    unsafe {
+        if let Some(check) = crc32c::update(field(at, 0), len, ports.0, ports.1) {
+            set_field(at, 0, check);
+        }
+    }
+    true
+}
+
 /// Adds `change` (unfolded) to the L4 checksum in place (RFC 1624):
 /// `pseudo_sum`, a CHECKSUM_PARTIAL skb's field, which holds the
 /// pseudo-header's sum itself rather than the inverted sum of everything.
@@ -370,6 +404,9 @@ impl Packet for XdpContext {
         let Some(change) = write_in_place(self, flow, nat) else {
             return false;
         };
+        if flow.proto == PROTO_SCTP {
+            return update_sctp_crc(self, flow, change.ports);
+        }
         write_l4_check(self, flow, change.sum(), false)
     }
 

@@ -1,7 +1,7 @@
 //! Header parsing with bounds-checked direct packet access. The parser only
 //! reads; it returns a copy of what the service path needs.
 
-use proxy_common::{ipv4_mapped, PROTO_TCP, PROTO_UDP};
+use proxy_common::{ipv4_mapped, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use crate::packet::Packet;
 
@@ -12,6 +12,10 @@ const ETH_P_IP: u16 = 0x0800;
 const IPV4_MIN_LEN: usize = 20;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+/// SCTP's common header: ports, verification tag, checksum.
+const SCTP_COMMON_LEN: usize = 12;
+/// Offset of the CRC32c in the SCTP common header.
+pub const SCTP_CHECK_OFF: usize = 8;
 /// Largest header span we ever need linear: Ethernet + IPv4 with options + TCP.
 const MAX_HEADERS: usize = ETH_LEN + 60 + TCP_MIN_LEN;
 
@@ -23,7 +27,7 @@ pub const IP_DST_OFF: usize = ETH_LEN + 16;
 
 /// Why a packet was not parsed into a `Flow`.
 pub enum Skip {
-    /// Not IPv4 TCP/UDP: not ours, pass untouched.
+    /// Not IPv4 TCP/UDP/SCTP: not ours, pass untouched.
     NotService,
     /// Headers truncated or inconsistent: pass untouched, count it.
     Malformed,
@@ -227,7 +231,7 @@ pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
     if proto == PROTO_ICMP && frag_offset == 0 {
         return Err(Skip::Icmp { l4_off });
     }
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
         return Err(Skip::NotService);
     }
     if frag_offset != 0 {
@@ -254,6 +258,13 @@ pub fn parse<P: Packet>(ctx: &P, flow: *mut Flow) -> Result<(), Skip> {
             return Err(Skip::Malformed);
         }
         (ports, flags)
+    } else if proto == PROTO_SCTP {
+        let sctp = bytes_at(ctx, l4_off, SCTP_COMMON_LEN).ok_or(Skip::Malformed)?;
+        if l4_len < SCTP_COMMON_LEN {
+            return Err(Skip::Malformed);
+        }
+        // SAFETY: inside the checked SCTP common header.
+        (unsafe { field::<u32>(sctp, 0) }, 0)
     } else {
         let udp = bytes_at(ctx, l4_off, UDP_LEN).ok_or(Skip::Malformed)?;
         // SAFETY: inside the checked UDP header.

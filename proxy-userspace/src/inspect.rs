@@ -128,8 +128,11 @@ pub struct ConntrackListing {
 }
 
 fn state_name(proto: u8, state: u8) -> &'static str {
-    if proto != proxy_common::PROTO_TCP {
-        return "udp";
+    match proto {
+        proxy_common::PROTO_TCP => {}
+        // Tracked like UDP: no states, an idle timeout.
+        proxy_common::PROTO_SCTP => return "sctp",
+        _ => return "udp",
     }
     match state {
         proxy_common::CT_STATE_NEW => "syn_sent",

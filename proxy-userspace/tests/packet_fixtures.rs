@@ -1786,6 +1786,170 @@ fn every_translated_packet_counts_in_its_frontends_stats() {
     assert_eq!(frontend_stats(&pins, (VIP, 8443), TCP), other_stats);
 }
 
+/// CRC32c bit by bit (RFC 9260 appendix A), independent of the datapath's
+/// table-driven update.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet `src` -> `dst` (verification tag 0x01020304) carrying
+/// `chunk`, with its CRC32c.
+fn sctp(src: Addr, dst: Addr, chunk: &[u8]) -> Vec<u8> {
+    let mut segment = Vec::with_capacity(12 + chunk.len());
+    segment.extend_from_slice(&src.1.to_be_bytes());
+    segment.extend_from_slice(&dst.1.to_be_bytes());
+    segment.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    segment.extend_from_slice(&[0; 4]);
+    segment.extend_from_slice(chunk);
+    let crc = crc32c(&segment);
+    segment[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut ip = ipv4_header(src.0, dst.0, &[]);
+    ip.protocol = IpNumber(132);
+    ip.set_payload_len(segment.len()).expect("a small packet");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&NODE_MAC);
+    frame.extend_from_slice(&CLIENT_MAC);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    ip.write(&mut frame).expect("an IPv4 header");
+    frame.extend_from_slice(&segment);
+    frame
+}
+
+/// An SCTP chunk of `kind` with `value` (padded to whole words).
+fn sctp_chunk(kind: u8, value: &[u8]) -> Vec<u8> {
+    let len = 4 + value.len();
+    let mut chunk = vec![kind, 0];
+    chunk.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+    chunk.extend_from_slice(value);
+    chunk.resize(len.next_multiple_of(4), 0);
+    chunk
+}
+
+/// `frame` is an SCTP packet `src` -> `dst` whose CRC32c and IPv4 header
+/// checksum hold.
+fn check_sctp(frame: &[u8], src: Addr, dst: Addr) -> Result<(), String> {
+    ipv4_sum_ok(frame)?;
+    let view = Ipv4View::parse(frame).ok_or("not IPv4")?;
+    let segment = &frame[view.l4..ETH_LEN + view.total];
+    let port = |at: usize| u16::from_be_bytes([segment[at], segment[at + 1]]);
+    let got = ((view.src(frame), port(0)), (view.dst(frame), port(2)));
+    if got != (src, dst) {
+        return Err(format!(
+            "{}:{} -> {}:{}, expected {}:{} -> {}:{}",
+            addr(got.0 .0),
+            got.0 .1,
+            addr(got.1 .0),
+            got.1 .1,
+            addr(src.0),
+            src.1,
+            addr(dst.0),
+            dst.1
+        ));
+    }
+    sctp_crc_ok(frame)
+}
+
+/// The SCTP packet's stored CRC32c is its CRC.
+fn sctp_crc_ok(frame: &[u8]) -> Result<(), String> {
+    let view = Ipv4View::parse(frame).ok_or("not IPv4")?;
+    let segment = &frame[view.l4..ETH_LEN + view.total];
+    let stored = u32::from_le_bytes(segment[8..12].try_into().unwrap());
+    let mut zeroed = segment.to_vec();
+    zeroed[8..12].fill(0);
+    let computed = crc32c(&zeroed);
+    if stored != computed {
+        return Err(format!(
+            "SCTP CRC32c {stored:#010x}, recomputed {computed:#010x}"
+        ));
+    }
+    Ok(())
+}
+
+/// SPEC 7: SCTP Services are served. Addresses are rewritten as for TCP
+/// and UDP; a port rewrite updates the CRC32c, which covers the whole
+/// packet (no pseudo-header); flows are tracked like UDP's.
+#[test]
+fn sctp_is_load_balanced_and_its_crc_follows_a_port_rewrite() {
+    const SCTP_BACKEND: Addr = ([198, 18, 2, 7], 13_868);
+    const SAME_PORT_SCTP_BACKEND: Addr = ([198, 18, 2, 7], 2905);
+    let mut services = lab_services();
+    add_cluster_ip(&mut services, VIP, 3868, Protocol::Sctp, &[SCTP_BACKEND]);
+    add_cluster_ip(
+        &mut services,
+        VIP,
+        2905,
+        Protocol::Sctp,
+        &[SAME_PORT_SCTP_BACKEND],
+    );
+    let mut lab = Lab::with_services(&services);
+    let c = client(42_000);
+    // INIT: tag, a_rwnd, streams, initial TSN.
+    let init = sctp_chunk(1, &[1, 2, 3, 4, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    let init_ack = sctp_chunk(2, &[5, 6, 7, 8, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    // A DATA chunk whose length is no whole word (padded).
+    let data = sctp_chunk(0, &[0x5a; 301]);
+    let cases = [
+        (
+            "INIT to the VIP",
+            sctp(c, (VIP, 3868), &init),
+            c,
+            SCTP_BACKEND,
+        ),
+        (
+            "INIT-ACK from the backend",
+            sctp(SCTP_BACKEND, c, &init_ack),
+            (VIP, 3868),
+            c,
+        ),
+        (
+            "DATA to the VIP",
+            sctp(c, (VIP, 3868), &data),
+            c,
+            SCTP_BACKEND,
+        ),
+        (
+            "DATA again (flow cache)",
+            sctp(c, (VIP, 3868), &data),
+            c,
+            SCTP_BACKEND,
+        ),
+        ("DATA back", sctp(SCTP_BACKEND, c, &data), (VIP, 3868), c),
+    ];
+    for (what, frame, src, dst) in &cases {
+        ok(sctp_crc_ok(frame), "the fixture itself");
+        let out = lab.run(frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{what}: translated and passed");
+        ok(check_sctp(&out.frame, *src, *dst), what);
+    }
+    // The same port behind: only the addresses change, and the CRC with
+    // them not at all.
+    let frame = sctp(client(42_001), (VIP, 2905), &init);
+    let out = lab.run(&frame);
+    ok(
+        check_sctp(&out.frame, client(42_001), SAME_PORT_SCTP_BACKEND),
+        "INIT to a same-port backend",
+    );
+    assert_eq!(
+        out.frame[ETH_LEN + 28..ETH_LEN + 32],
+        frame[ETH_LEN + 28..ETH_LEN + 32]
+    );
+    // An SCTP port no Service has on a known VIP is rejected like TCP's.
+    let out = lab.run(&sctp(client(42_002), (VIP, 9999), &init));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "ICMP port unreachable");
+}
+
 #[test]
 fn the_flow_cache_never_changes_what_a_packet_gets() {
     stay_on_this_cpu();
@@ -2721,7 +2885,7 @@ fn xdp_services() -> DesiredState {
         };
         state.frontends.insert(key, frontend);
     };
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
+    for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
         let mut f = frontend(
             &format!("remote-{}", protocol.as_str().to_lowercase()),
             FrontendKind::NodePort,
@@ -3173,6 +3337,34 @@ fn check_icmp_error(
         ));
     }
     Ok(())
+}
+
+/// An SCTP association to a NodePort whose backend is remote: XDP rewrites
+/// both addresses and both ports (DNAT and SNAT), and the CRC32c follows.
+#[test]
+fn xdp_sctp_to_a_nodeport_is_nated_with_its_crc() {
+    with_xdp_lab(|lab| {
+        let c = remote_client(40_800);
+        let init = sctp_chunk(1, &[1, 2, 3, 4, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+        let out = lab.run(&from_client(sctp(c, node_port(NP_REMOTE), &init)));
+        assert_eq!(out.verdict, XDP_TX, "sent back out to the remote backend");
+        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+        let segment = &out.frame[view.l4..];
+        let snat_port = u16::from_be_bytes([segment[0], segment[1]]);
+        assert!(SNAT_PORTS.contains(&snat_port), "SNAT port {snat_port}");
+        ok(
+            check_sctp(&out.frame, (NODE_IP, snat_port), REMOTE_BACKEND),
+            "INIT to the NodePort",
+        );
+        let init_ack = sctp_chunk(2, &[5, 6, 7, 8, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+        let reply = from_backend(sctp(REMOTE_BACKEND, (NODE_IP, snat_port), &init_ack));
+        let out = lab.run(&reply);
+        assert_eq!(out.verdict, XDP_TX, "sent back out to the client");
+        ok(
+            check_sctp(&out.frame, node_port(NP_REMOTE), c),
+            "INIT-ACK back to the client",
+        );
+    });
 }
 
 /// SPEC 7: ICMP errors about a NATed flow are reverse-NATed, source-NATed
