@@ -117,6 +117,71 @@ fn a_service_created_through_the_api_serves_traffic_within_two_seconds() {
         || r.contains("labelSelector=!service.kubernetes.io/service-proxy-name")));
 }
 
+/// SPEC 1.6: nothing is programmed until the initial lists of Services and
+/// EndpointSlices are both complete. With the Services listed and the
+/// EndpointSlices refused, a kproxy that programmed anyway would program
+/// the Service without endpoints (rejecting its clients).
+#[test]
+fn nothing_is_programmed_before_both_initial_lists_are_complete() {
+    let mut lab = Lab::new(env!("CARGO_BIN_EXE_kproxy"), &["c", "b1"]);
+    lab.start_servers(&["b1"]);
+    let api = ApiServer::start(
+        lab.node
+            .listener_factory(API_ADDR.parse::<SocketAddr>().unwrap()),
+    );
+    api.apply_node(node());
+    api.apply_service(service("echo", VIP_A));
+    api.apply_endpoint_slice(slice("echo", "echo-1", &[lab.pod("b1").ip]));
+    api.refuse_collection("endpointslices", true);
+    let kubeconfig = lab.root.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    lab.source = Some("kube".into());
+    lab.kproxy_args = vec!["--kubeconfig".into(), kubeconfig.display().to_string()];
+    lab.start_kproxy();
+
+    // The Services are listed, the slices refused; the sync their list
+    // wakes must wait rather than program (a kproxy without the gate would
+    // log "synced" there).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after_services = loop {
+        let log = lab.kproxy_log_since_start();
+        let after = log
+            .split_once("initial list complete resource=\"services\"")
+            .map(|(_, after)| after.to_owned());
+        if let Some(after) =
+            after.filter(|a| a.contains("waiting for the initial lists") || a.contains("synced"))
+        {
+            break after;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sync attempt after the Services were listed:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        !after_services.contains("synced"),
+        "a sync ran on a half-loaded world:\n{after_services}"
+    );
+    assert!(api.requests().iter().any(|r| r.contains("endpointslices")));
+    let pinned = proxy_userspace::datapath::PinnedMaps::open(&lab.pin_dir)
+        .and_then(|m| m.contents())
+        .map(|m| no_frontend(&m, VIP_A));
+    assert!(
+        pinned.unwrap_or(true),
+        "the Service was programmed before its EndpointSlices were listed"
+    );
+
+    // Once the list succeeds, the whole world is programmed at once.
+    api.refuse_collection("endpointslices", false);
+    lab.wait_kproxy_ready();
+    lab.wait_maps("echo with its endpoint", Duration::from_secs(10), |m| {
+        has_frontend(m, VIP_A, 1)
+    });
+    let hellos = lab.tcp_hellos("c", SocketAddrV4::new(VIP_A, 80), 5);
+    assert!(hellos.iter().all(|h| h.is_ok()), "{hellos:?}");
+}
+
 #[test]
 fn an_api_outage_keeps_the_datapath_and_changes_apply_after_it() {
     let (lab, api) = kube_lab(&["c", "b1", "b2", "b3"], &["b1", "b2", "b3"], |api| {

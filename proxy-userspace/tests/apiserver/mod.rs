@@ -26,7 +26,8 @@
 //!   object with the new resourceVersion. `uid` is assigned on create and kept on replace.
 //! - `/version`; `Status` JSON errors (400, 404, 405, 410, 504) for everything else.
 //! - Test controls: outage (`stop`/`restart`, connections aborted at once, state kept),
-//!   compaction (`expire_watches`), a request log, an open-watch count.
+//!   compaction (`expire_watches`), one kind's lists and watches refused with 503
+//!   (`refuse_collection`), a request log, an open-watch count.
 //!
 //! Does NOT implement: authentication/authorization (any token or none is accepted), admission,
 //! defaulting, field validation, writes over HTTP (POST/PUT/PATCH/DELETE answer 405: tests mutate
@@ -248,6 +249,17 @@ current-context: apiserver-double
         });
     }
 
+    /// While `refuse` holds, every list and watch of `kind` ("services", "endpointslices",
+    /// "nodes") answers 503 ServiceUnavailable, as an apiserver whose storage for that resource
+    /// is not ready yet does; the other kinds are served.
+    pub fn refuse_collection(&self, kind: &str, refuse: bool) {
+        let index = Kind::ALL
+            .iter()
+            .position(|k| k.plural() == kind)
+            .unwrap_or_else(|| panic!("no collection {kind}"));
+        self.shared.lock().refused[index] = refuse;
+    }
+
     /// Request lines received so far, e.g. `GET /api/v1/services?limit=500`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
@@ -435,6 +447,8 @@ struct State {
     stores: [Arc<Objects>; 3],
     history: VecDeque<Change>,
     requests: Vec<String>,
+    /// Kinds whose lists and watches answer 503 (`refuse_collection`).
+    refused: [bool; 3],
 }
 
 impl State {
@@ -547,6 +561,7 @@ impl Shared {
                 stores: Default::default(),
                 history: VecDeque::new(),
                 requests: Vec::new(),
+                refused: [false; 3],
             }),
             changed: tokio::sync::watch::Sender::new(()),
             open_watches: AtomicUsize::new(0),
@@ -611,6 +626,13 @@ fn handle<B>(shared: &Arc<Shared>, req: Request<B>) -> Response<Body> {
     match route(req.uri().path()) {
         Route::Version => json_response(StatusCode::OK, version_json()),
         Route::Collection { kind, namespace } => {
+            if shared.lock().refused[kind.index()] {
+                return status_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "the apiserver double refuses this collection (refuse_collection)",
+                );
+            }
             let filter = Filter {
                 namespace,
                 labels: params.labels.clone(),
