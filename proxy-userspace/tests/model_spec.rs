@@ -2418,3 +2418,53 @@ status:
         assert_eq!(NodePortAddress::parse(bad), None, "{bad}");
     }
 }
+
+/// SPEC 8: a zone label change on this Node takes effect without a
+/// restart: the incremental model recomputes the hinted Services on the
+/// next update, and only then.
+#[test]
+fn a_zone_label_change_takes_effect_on_the_next_update() {
+    let world = |zone: &str| {
+        snapshot_from_yaml(&format!(
+            r#"
+kind: Node
+metadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: {zone}}}}}
+---
+kind: Service
+metadata: {{name: hinted}}
+spec: {{clusterIP: 198.18.100.1, ports: [{{port: 80}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: hinted-1, labels: {{kubernetes.io/service-name: hinted}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- {{addresses: [198.19.0.1], hints: {{forZones: [{{name: zone-a}}]}}}}
+- {{addresses: [198.19.0.2], hints: {{forZones: [{{name: zone-b}}]}}}}
+"#
+        ))
+    };
+    let config = ModelConfig {
+        node_name: "node-a".into(),
+        ..ModelConfig::default()
+    };
+    let mut model = Model::default();
+    let mut zone_a = world("zone-a");
+    model.update(&zone_a, &config);
+    assert_eq!(
+        render(model.state()),
+        ["198.18.100.1:80/TCP default/hinted: -> 198.19.0.1:8080"]
+    );
+    // The same Node object (the same `Arc`): nothing to recompute.
+    assert_eq!(model.update(&zone_a, &config), ModelUpdate::default());
+
+    // The Node is relabelled: only its object changes.
+    zone_a.nodes = world("zone-b").nodes;
+    let update = model.update(&zone_a, &config);
+    assert_eq!(update.recomputed, 1, "{update:?}");
+    assert_eq!(
+        render(model.state()),
+        ["198.18.100.1:80/TCP default/hinted: -> 198.19.0.2:8080"]
+    );
+    assert_eq!(model.state(), &desired_state(&zone_a, &config));
+}

@@ -1564,6 +1564,89 @@ fn retire_flow_cache(pins: &Path) {
     }
 }
 
+/// SPEC 7: a flow idle past its timeout is gone. Its reply is dropped, not
+/// reverse-NATed (un-NATing it would show the client the backend's
+/// address); a client segment other than a SYN is invalid; a new SYN opens
+/// a new flow, whose reply is translated again.
+#[test]
+fn a_reply_of_an_expired_flow_is_dropped_not_leaked() {
+    use proxy_common::{ConntrackKey4, PROTO_TCP as TCP};
+    let mut lab = Lab::new();
+    let pins = lab.datapath.pin_dir().to_owned();
+    let c = client(41_700);
+    let reply = tcp(WEB_BACKEND, c, Tcp::Ack, b"answer");
+    let stats = |what: u32| {
+        PinnedMaps::open(&pins)
+            .and_then(|maps| maps.stats())
+            .expect("the datapath counters")[what as usize]
+    };
+    lab.run(&tcp(c, (VIP, 80), Tcp::Syn, &[]));
+    lab.run(&tcp(WEB_BACKEND, c, Tcp::SynAck, &[]));
+    lab.run(&tcp(c, (VIP, 80), Tcp::Ack, b"data"));
+    ok(
+        check(
+            &fixture("reply", reply.clone(), Expect::RevNat((VIP, 80))),
+            &lab.run(&reply),
+        ),
+        "a reply of the live flow",
+    );
+
+    // Established flows time out after 1 s, and both directions of this
+    // one were last seen at boot.
+    lab.datapath
+        .write_config(&proxy_common::DatapathConfig {
+            tcp_established_timeout_ns: 1_000_000_000,
+            ..Default::default()
+        })
+        .expect("writing the datapath config");
+    for key in [
+        ConntrackKey4::new(CLIENT_IP, VIP, c.1, 80, TCP),
+        ConntrackKey4::new(WEB_BACKEND.0, CLIENT_IP, WEB_BACKEND.1, c.1, TCP),
+    ] {
+        edit_conntrack_entry(&pins, key, |v| v.last_seen_ns = 1);
+    }
+    retire_flow_cache(&pins);
+
+    let expired = stats(stat::CT_EXPIRED);
+    let out = lab.run(&reply);
+    assert_eq!(
+        out.verdict, TC_ACT_SHOT,
+        "the expired flow's reply is dropped"
+    );
+    assert_eq!(
+        stats(stat::CT_EXPIRED),
+        expired + 1,
+        "counted as ct_expired"
+    );
+    let invalid = stats(stat::INVALID);
+    let out = lab.run(&tcp(c, (VIP, 80), Tcp::Ack, b"late data"));
+    assert_eq!(out.verdict, TC_ACT_SHOT, "mid-stream without a flow");
+    assert_eq!(stats(stat::INVALID), invalid + 1, "counted as invalid");
+
+    ok(
+        check(
+            &fixture(
+                "SYN again",
+                tcp(c, (VIP, 80), Tcp::Syn, &[]),
+                Expect::Dnat(WEB_BACKEND),
+            ),
+            &lab.run(&tcp(c, (VIP, 80), Tcp::Syn, &[])),
+        ),
+        "a new SYN opens a new flow",
+    );
+    ok(
+        check(
+            &fixture(
+                "its SYN-ACK",
+                tcp(WEB_BACKEND, c, Tcp::SynAck, &[]),
+                Expect::RevNat((VIP, 80)),
+            ),
+            &lab.run(&tcp(WEB_BACKEND, c, Tcp::SynAck, &[])),
+        ),
+        "the new flow's reply",
+    );
+}
+
 /// Established packets are translated from the flow cache, each CPU's copy
 /// of its flows' last translations, without reading conntrack; a new
 /// backend epoch, a packet that changes the flow's state (RST), a new
