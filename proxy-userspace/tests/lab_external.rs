@@ -646,6 +646,29 @@ fn external_frontends_without_endpoints_reject() {
 }
 
 #[test]
+fn a_port_unreachable_from_a_remote_backend_reaches_the_outside_client() {
+    // SPEC 7: ICMP errors about a NATed flow are reverse-NATed, here a
+    // source-NATed one: node-a sends the datagram to b1 on node-b from its
+    // own address and a SNAT port; b1 has nothing on the port and answers
+    // port unreachable to that address and port, which node-a translates
+    // and routes to the client (whose connected socket is refused).
+    let svc =
+        ServiceSpec::new("closed", "NodePort", cluster_ip(22)).port(Port::udp(53).node_port(30054));
+    let c = up(&[], |c| {
+        service_with_endpoints(&svc, &[Endpoint::of(c.pod("b1"))])
+    });
+    let to = SocketAddrV4::new(NODE_A_IP, 30054);
+    let before = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT);
+    let outcome = c.udp_probe(CLIENT_1, to, PROBE_TIMEOUT);
+    assert!(outcome.is_refused(), "UDP to {to}: {outcome}");
+    let translated = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT) - before;
+    assert!(
+        translated >= 1,
+        "node-a translated {translated} ICMP errors"
+    );
+}
+
+#[test]
 fn fragmented_datagrams_through_a_nodeport_to_a_remote_backend() {
     // SPEC 7: a 2000-byte UDP datagram through a Service arrives intact,
     // here through a NodePort to a backend on the other node (DNAT + SNAT);
