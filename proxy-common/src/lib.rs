@@ -196,6 +196,10 @@ pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1 << 2;
 /// `loadBalancerSourceRanges`: only sources in `SOURCE_RANGES_V1` under this
 /// frontend's id may open flows; others are dropped.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 3;
+/// External traffic with `externalTrafficPolicy: Cluster` (an external
+/// scope entry): source-NATed to this node whatever backend it gets, on
+/// this node or another (SPEC 5, as kube-proxy masquerades it).
+pub const SVC_FLAG_SNAT: u16 = 1 << 4;
 
 /// `ServiceValue::algorithm` on slot 0: how a new flow picks its backend.
 pub const ALG_RANDOM: u8 = 0;
@@ -212,8 +216,9 @@ pub const BACKEND_STATE_ACTIVE: u8 = 0;
 pub const BACKEND_STATE_TERMINATING: u8 = 1;
 
 /// `BackendValue::flags`: the endpoint runs on this node. External traffic
-/// to a local backend is only DNATed and handed to the stack; to a remote
-/// one it is also source-NATed and sent straight back out.
+/// with policy Local to a local backend is only DNATed and handed to the
+/// stack; traffic to a remote one is always source-NATed and sent straight
+/// back out.
 pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// `ConntrackKey::direction`.
@@ -235,6 +240,12 @@ pub const CT_FLAG_SNAT: u8 = 1 << 0;
 /// a reply arriving from another node goes back to `lo` once translated
 /// (its new source is a local address, which other interfaces refuse).
 pub const CT_FLAG_HOST: u8 = 1 << 1;
+/// Source-NATed to this node's address (external traffic with policy
+/// Cluster, a ClusterIP reached from outside): a reply leaves by its route
+/// from whichever hook it arrives at, a local pod's too (once translated its
+/// source may be this node's own address, which the stack refuses from
+/// another interface).
+pub const CT_FLAG_NODE_SNAT: u8 = 1 << 2;
 
 /// The loopback interface's index, in every network namespace.
 pub const LOOPBACK_IFINDEX: u32 = 1;

@@ -13,7 +13,7 @@ use proxy_common::{
     ipv4_mapped, AddressFilter, BackendValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue,
     SourceRange, BACKEND_FLAG_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING,
     MAGLEV_GEN_BIT, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_MAGLEV_GEN,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_VIP_MARKER,
+    SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_VIP_MARKER,
 };
 use thiserror::Error;
 
@@ -601,6 +601,11 @@ fn plan_frontend(
         };
         if !source_ranges.is_empty() {
             flags |= SVC_FLAG_SOURCE_RANGES;
+        }
+        // Traffic from outside with policy Cluster is source-NATed to the
+        // node whatever backend it gets (SPEC 5).
+        if scope == SCOPE_EXTERNAL && frontend.snat {
+            flags |= SVC_FLAG_SNAT;
         }
         out.push(FrontendEntries {
             frontend: *key,
@@ -1755,6 +1760,34 @@ mod tests {
         restarted.apply(&mut maps, &desired);
         assert_eq!(port_id(&maps, node_port, SCOPE_INTERNAL), ids.1);
         assert_eq!(restarted.ids.ports.len(), 1, "the local group is released");
+    }
+
+    /// SPEC 5: traffic from outside with policy Cluster is source-NATed
+    /// whatever its backend: the external entry says so; pods' traffic
+    /// (the internal entry) and policy Local are not.
+    #[test]
+    fn external_entries_with_policy_cluster_carry_the_snat_flag() {
+        let mut desired = load_balancer(&[]);
+        // What the model gives a LoadBalancer with policy Cluster.
+        desired.frontends.get_mut(&key(40, 80)).unwrap().snat = true;
+        let mut local = desired.frontends[&key(40, 80)].clone();
+        local.policy_local = true;
+        local.snat = false;
+        local.backends.retain(|b| b.local);
+        desired.frontends.insert(key(41, 80), local);
+        let mut maps = FakeMaps::default();
+        Syncer::new().apply(&mut maps, &desired);
+        let flags = |k: FrontendKey, scope| {
+            let key = ServiceKey::new(addr_bytes(k.ip), k.port, 6, scope, 0);
+            maps.contents.services[&key].flags & SVC_FLAG_SNAT
+        };
+        assert_ne!(
+            flags(key(40, 80), SCOPE_EXTERNAL),
+            0,
+            "policy Cluster, outside"
+        );
+        assert_eq!(flags(key(40, 80), SCOPE_INTERNAL), 0, "pods");
+        assert_eq!(flags(key(41, 80), SCOPE_EXTERNAL), 0, "policy Local");
     }
 
     #[test]

@@ -69,18 +69,27 @@ fn v4(ip: Ipv4Addr) -> IpAddr {
     IpAddr::V4(ip)
 }
 
-/// External traffic policy Cluster through `entry` (a node): a backend on
-/// that node sees the client (DNAT only, its reply passes this node anyway);
-/// a backend on the other node sees the entry node's address (SNAT).
+/// The node's address on a pod's veth (the pod's default gateway).
+fn gateway_of(c: &Cluster, pod: &str) -> Ipv4Addr {
+    let o = c.pod(pod).ip.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 1)
+}
+
+/// External traffic policy Cluster through `entry` (a node) is source-NATed
+/// whatever the backend (SPEC 5), with masquerade semantics: the address of
+/// the entry node's interface towards the backend, its side of the pod's
+/// veth for a backend on that node, its external address for one on the
+/// other node. The client's address never reaches a backend.
 fn assert_cluster_policy_sources(c: &Cluster, entry: &str, client_ip: Ipv4Addr, hellos: &[Hello]) {
     let entry_ip = c.node(entry).ip;
     for h in hellos {
         let backend_node = c.pod(&h.backend).node;
         let expected = if backend_node == entry {
-            client_ip
+            gateway_of(c, &h.backend)
         } else {
             entry_ip
         };
+        assert_ne!(h.peer.ip(), v4(client_ip), "{} saw the client", h.backend);
         assert_eq!(
             h.peer.ip(),
             v4(expected),
@@ -747,20 +756,8 @@ fn off_cluster_clients_reach_a_cluster_ip_source_nated() {
     let to = SocketAddrV4::new(cluster_ip(23), 80);
     let hellos = answered("client-1 to the ClusterIP", c.tcp_hellos(CLIENT_1, to, 30));
     assert_eq!(backends(&hellos), set(&["a1", "b1"]));
-    // Masquerade semantics: the address of node-a's interface towards the
-    // backend (its external address for b1, its side of a1's veth for a1).
-    let a1_gateway = {
-        let o = c.pod("a1").ip.octets();
-        Ipv4Addr::new(o[0], o[1], o[2], 1)
-    };
-    for h in &hellos {
-        let expected = if h.backend == "a1" {
-            a1_gateway
-        } else {
-            NODE_A_IP
-        };
-        assert_eq!(h.peer.ip(), v4(expected), "{} saw {}", h.backend, h.peer);
-    }
+    // Masquerade semantics, as for external traffic with policy Cluster.
+    assert_cluster_policy_sources(&c, NODE_A, CLIENT_1_IP, &hellos);
     // Without the route, the ClusterIP is not reachable from outside at all.
     let outcome = c.tcp_probe(CLIENT_2, to, PROBE_TIMEOUT);
     assert!(

@@ -2890,6 +2890,8 @@ const BACKEND_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x02];
 /// The next hop towards the clients, and its MAC.
 const CLIENT_HOP: [u8; 4] = [198, 18, 50, 3];
 const CLIENT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x03];
+/// The local backend's MAC (behind `xdppod0`).
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x80, 0x02];
 /// A next hop without a neighbour entry.
 const UNRESOLVED_HOP: [u8; 4] = [198, 18, 50, 4];
 const UNRESOLVED_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x04];
@@ -2907,8 +2909,10 @@ const UNRESOLVED_BACKEND: Addr = ([198, 18, 61, 2], 8080);
 const NP_REMOTE: u16 = 30080;
 /// Policy Local, no local endpoint (the cluster has one).
 const NP_POLICY_LOCAL: u16 = 30081;
-/// One backend on this node.
+/// One backend on this node, policy Local.
 const NP_LOCAL_BACKEND: u16 = 30082;
+/// The same backend on this node, policy Cluster.
+const NP_LOCAL_CLUSTER: u16 = 30086;
 /// One remote backend without a route.
 const NP_UNROUTED: u16 = 30083;
 /// One remote backend whose next hop has no neighbour entry.
@@ -2983,8 +2987,16 @@ fn xdp_services() -> DesiredState {
     f.source_ranges = vec![(IpAddr::V4(Ipv4Addr::new(198, 18, 71, 0)), 24)];
     add((LB_IP, 80), Protocol::Tcp, f);
 
+    let mut f = frontend(
+        "local-backend",
+        FrontendKind::NodePort,
+        vec![backend(LOCAL_BACKEND, true)],
+    );
+    f.policy_local = true;
+    f.snat = false;
+    add(node_port(NP_LOCAL_BACKEND), Protocol::Tcp, f);
     for (name, port, b, local) in [
-        ("local-backend", NP_LOCAL_BACKEND, LOCAL_BACKEND, true),
+        ("local-cluster", NP_LOCAL_CLUSTER, LOCAL_BACKEND, true),
         ("unrouted", NP_UNROUTED, UNROUTED_BACKEND, false),
         ("unresolved", NP_UNRESOLVED, UNRESOLVED_BACKEND, false),
     ] {
@@ -3093,6 +3105,19 @@ impl XdpNetns {
         ] {
             self.ip(&format!("route add {net} via {} dev xdpin0", ip(hop)));
         }
+        // This node's pods (LOCAL_BACKEND) behind a veth of their own.
+        self.ip("link add xdppod0 type veth peer name xdppod1");
+        self.ip("link set xdppod0 up");
+        self.ip("link set xdppod1 up");
+        self.ip(&format!(
+            "route add 198.18.80.0/24 dev xdppod0 src {}",
+            ip(NODE_IP)
+        ));
+        self.ip(&format!(
+            "neigh add {} lladdr {} dev xdppod0 nud permanent",
+            ip(LOCAL_BACKEND.0),
+            mac(POD_MAC)
+        ));
     }
 
     /// The ifindex and MAC of a link in this namespace.
@@ -3129,6 +3154,21 @@ impl Drop for XdpNetns {
     }
 }
 
+/// Which of the datapath's programs a test run runs.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    TcExternal,
+    TcPod,
+}
+
+/// A `struct __sk_buff` context for a test run: zero up to
+/// `ingress_ifindex` (offset 36), then `ifindex`, the device the skb
+/// arrives on.
+fn skb_arriving_on(ingress: u32) -> Vec<u32> {
+    [[0; 9].as_slice(), &[ingress, ingress]].concat()
+}
+
 struct XdpLab {
     lab: Lab,
     netns: String,
@@ -3137,6 +3177,8 @@ struct XdpLab {
     in0_mac: [u8; 6],
     /// Its veth peer: a second interface of the node.
     in1: u32,
+    /// The node's side of the local pod's veth (`xdppod0`).
+    pod: u32,
 }
 
 /// Builds the namespace, then runs `test` on a thread inside it with a
@@ -3148,6 +3190,7 @@ fn with_xdp_lab(test: impl FnOnce(&mut XdpLab) + Send) {
     netns.setup();
     let (in0, in0_mac) = netns.link("xdpin0");
     let (in1, _) = netns.link("xdpin1");
+    let (pod, _) = netns.link("xdppod0");
     assert_eq!(in0_mac, XDPIN0_MAC, "xdpin0 has the MAC it was given");
     std::thread::scope(|s| {
         let thread = s.spawn(|| {
@@ -3162,6 +3205,7 @@ fn with_xdp_lab(test: impl FnOnce(&mut XdpLab) + Send) {
                 in0,
                 in0_mac,
                 in1,
+                pod,
             };
             test(&mut lab);
         });
@@ -3177,24 +3221,25 @@ impl XdpLab {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex (must be 0 for a test run).
         let frame_len = u32::try_from(frame.len()).expect("a small frame");
-        self.test_run(false, frame, &[0, frame_len, 0, ingress, 0, 0])
+        self.test_run(Hook::Xdp, frame, &[0, frame_len, 0, ingress, 0, 0])
     }
 
     /// A test run of the external tc program on a frame arriving on
     /// `ingress` (what XDP passed on).
     fn run_tc_on(&mut self, ingress: u32, frame: &[u8]) -> Outcome {
-        // struct __sk_buff, zero up to ingress_ifindex (offset 36), then
-        // ifindex: the device the test run's skb arrives on.
-        self.test_run(
-            true,
-            frame,
-            &[[0; 9].as_slice(), &[ingress, ingress]].concat(),
-        )
+        self.test_run(Hook::TcExternal, frame, &skb_arriving_on(ingress))
     }
 
-    /// One BPF_PROG_TEST_RUN of the external tc program (`tc`) or the XDP
-    /// program on `frame`, with the context `ctx` (its 32-bit words).
-    fn test_run(&mut self, tc: bool, frame: &[u8], ctx: &[u32]) -> Outcome {
+    /// A test run of the pod program on a frame a local pod sent, arriving
+    /// on its veth (`xdppod0`).
+    fn run_from_pod(&mut self, frame: &[u8]) -> Outcome {
+        let ingress = self.pod;
+        self.test_run(Hook::TcPod, frame, &skb_arriving_on(ingress))
+    }
+
+    /// One BPF_PROG_TEST_RUN of the program at `hook` on `frame`, with the
+    /// context `ctx` (its 32-bit words).
+    fn test_run(&mut self, hook: Hook, frame: &[u8], ctx: &[u32]) -> Outcome {
         let ctx: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let mut out = vec![0u8; frame.len() + 256];
         let options = TestRunOptions {
@@ -3204,15 +3249,14 @@ impl XdpLab {
             ..TestRunOptions::new()
         };
         let datapath = &mut self.lab.datapath;
-        let result = if tc {
-            datapath.external_tc_program().test_run(options)
-        } else {
-            datapath.xdp_program().test_run(options)
+        let result = match hook {
+            Hook::TcExternal => datapath.external_tc_program().test_run(options),
+            Hook::TcPod => datapath.pod_program().test_run(options),
+            Hook::Xdp => datapath.xdp_program().test_run(options),
         };
         let result = result.unwrap_or_else(|e| {
             panic!(
-                "BPF_PROG_TEST_RUN ({}) on a {}-byte frame: {e} ({e:?})",
-                if tc { "external tc" } else { "XDP" },
+                "BPF_PROG_TEST_RUN ({hook:?}) on a {}-byte frame: {e} ({e:?})",
                 frame.len()
             )
         });
@@ -4004,6 +4048,8 @@ fn xdp_load_balancer_source_ranges() {
     });
 }
 
+/// Policy Local: the client's address is kept (DNAT only, the reply passes
+/// this node anyway), and XDP hands the packet to the stack.
 #[test]
 fn xdp_local_backend_is_only_dnated() {
     with_xdp_lab(|lab| {
@@ -4027,6 +4073,62 @@ fn xdp_local_backend_is_only_dnated() {
             0,
             "counter xdp_forward"
         );
+    });
+}
+
+/// SPEC 5: external traffic with policy Cluster is source-NATed to the
+/// node whatever its backend, a local one too, as kube-proxy masquerades
+/// it. XDP cannot send a frame into a pod's veth: it hands it to tc, which
+/// rewrites both sides and redirects it there. The pod's reply, whose new
+/// source is the node's own NodePort address, leaves by its route from the
+/// pod hook (the stack would drop it as a martian).
+#[test]
+fn xdp_local_backend_with_policy_cluster_is_source_nated() {
+    with_xdp_lab(|lab| {
+        let c = remote_client(44_100);
+        let syn = from_client(tcp(c, node_port(NP_LOCAL_CLUSTER), Tcp::Syn, &[]));
+        let before = lab.stats();
+        let out = lab.run(&syn);
+        ok(
+            expect_verdict(&out, XDP_PASS).and_then(|()| check_untouched(&syn, &out)),
+            "XDP hands the SYN to tc",
+        );
+        assert_eq!(grew(&before, &lab.stats(), stat::XDP_TO_TC), 1, "xdp_to_tc");
+
+        let in0 = lab.in0;
+        let out = lab.run_tc_on(in0, &syn);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to the pod's veth");
+        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+        assert_eq!(
+            destination(&out.frame),
+            LOCAL_BACKEND,
+            "DNAT to the local backend"
+        );
+        assert_eq!(
+            addr(view.src(&out.frame)),
+            addr(NODE_IP),
+            "SNAT to the node"
+        );
+        let (snat_port, _) = view.ports(&out.frame);
+        assert!(SNAT_PORTS.contains(&snat_port), "SNAT port {snat_port}");
+        assert_eq!(out.frame[ETH_LEN + 8], 63, "forwarded: TTL lowered");
+        ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after NAT");
+        ok(verify_l4_checksum(&out.frame), "TCP checksum after NAT");
+
+        let syn_ack = tcp(LOCAL_BACKEND, (NODE_IP, snat_port), Tcp::SynAck, &[]);
+        let out = lab.run_from_pod(&syn_ack);
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "routed out towards the client"
+        );
+        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+        assert_eq!(
+            (addr(view.src(&out.frame)), view.ports(&out.frame).0),
+            (addr(NODE_IP), NP_LOCAL_CLUSTER),
+            "from the NodePort"
+        );
+        assert_eq!(destination(&out.frame), c, "to the client");
+        ok(verify_l4_checksum(&out.frame), "TCP checksum of the reply");
     });
 }
 

@@ -109,13 +109,15 @@ fn new_flow_backends() -> Vec<([u8; 4], u16)> {
 
 /// An externalIPs frontend (so both hooks serve it: the pod hook with its
 /// internal entry, the XDP program with its external one) whose backends
-/// are on this node: the external path DNATs and passes, as for any
-/// local backend (a remote one is source-NATed and sent back out, which
-/// a repeated run cannot replay as a conntrack hit).
+/// are on this node, with `externalTrafficPolicy: Local`: the external path
+/// DNATs and passes (with policy Cluster, or to a remote backend, it is
+/// also source-NATed and routed, which a repeated run cannot replay as a
+/// conntrack hit).
 fn measured_frontend(name: &str, backends: &[([u8; 4], u16)]) -> Frontend {
     let mut fe = frontend(name.to_owned(), backends);
     fe.kind = FrontendKind::ExternalIp;
-    fe.snat = true;
+    fe.policy_local = true;
+    fe.snat = false;
     for b in fe.backends.iter_mut().chain(fe.cluster_backends.iter_mut()) {
         b.local = true;
     }
@@ -1372,8 +1374,9 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         "- **established**: a TCP ACK (64-byte payload) of a tracked flow. `BPF_PROG_TEST_RUN` \
          runs every repeat on the same packet, so the rewritten packet is what the next repeat \
          sees. Two Services therefore point at each other (A {a}:{pa} -> B {b}:{pb} as its \
-         only backend, B -> A; externalIPs Services with backends on this node, so the \
-         external programs serve them too, DNAT and pass), and the two flows from the same client \
+         only backend, B -> A; externalIPs Services with backends on this node and \
+         `externalTrafficPolicy: Local`, so the external programs serve them too, DNAT and \
+         pass), and the two flows from the same client \
          port are established first (SYN, SYN-ACK) through the program measured: every repeat \
          is a tracked flow's packet and a real address and port rewrite, alternating between \
          the two flows. The bench checks that one run yields the other flow's packet and two \
