@@ -240,12 +240,6 @@ pub const CT_FLAG_SNAT: u8 = 1 << 0;
 /// a reply arriving from another node goes back to `lo` once translated
 /// (its new source is a local address, which other interfaces refuse).
 pub const CT_FLAG_HOST: u8 = 1 << 1;
-/// Source-NATed to this node's address (external traffic with policy
-/// Cluster, a ClusterIP reached from outside): a reply leaves by its route
-/// from whichever hook it arrives at, a local pod's too (once translated its
-/// source may be this node's own address, which the stack refuses from
-/// another interface).
-pub const CT_FLAG_NODE_SNAT: u8 = 1 << 2;
 
 /// The loopback interface's index, in every network namespace.
 pub const LOOPBACK_IFINDEX: u32 = 1;

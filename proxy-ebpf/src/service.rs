@@ -20,9 +20,9 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
     addr_eq, address_filter_slot, stat, ConntrackKey4, ConntrackValue, DatapathConfig, ServiceKey,
     ServiceValue, SourceRange, BACKEND_FLAG_LOCAL, CONFIG_FLAG_ADDRESS_FILTER,
-    CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_NODE_SNAT,
-    CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
-    LOOPBACK_IFINDEX, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    CONFIG_FLAG_ADDRESS_MARKERS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_HOST, CT_FLAG_SNAT,
+    CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, LOOPBACK_IFINDEX,
+    PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SVC_FLAG_DROP_WHEN_EMPTY, SVC_FLAG_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -364,7 +364,7 @@ fn tracked<const EXTERNAL: bool>(
         if entry.flags & CT_FLAG_SNAT != 0 {
             nat.daddr = unmapped(&entry.other_addr);
             nat.dport = entry.other_port;
-            nat.route_out = EXTERNAL || entry.flags & CT_FLAG_NODE_SNAT != 0;
+            nat.route_out = EXTERNAL;
         }
         nat.to_host = EXTERNAL && entry.flags & CT_FLAG_HOST != 0;
         count(stat::REV_NAT);
@@ -590,11 +590,7 @@ fn open_flow(flow: &Flow, pending: &Pending, snat_addr: Ipv4, now: u64, nat: &mu
             rev_nat_id: pending.rev_nat_id,
             backend_id: pending.backend_id,
             last_seen_ns: now,
-            flags: match (pending.from_host, pending.snat) {
-                (true, _) => CT_FLAG_HOST,
-                (false, Snat::Node) => CT_FLAG_NODE_SNAT,
-                _ => 0,
-            },
+            flags: if pending.from_host { CT_FLAG_HOST } else { 0 },
             direction: CT_DIR_REPLY,
             // The client, which a source-NATed flow's reply entry holds;
             // cleared below otherwise.

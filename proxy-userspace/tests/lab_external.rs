@@ -661,20 +661,30 @@ fn a_port_unreachable_from_a_remote_backend_reaches_the_outside_client() {
     // own address and a SNAT port; b1 has nothing on the port and answers
     // port unreachable to that address and port, which node-a translates
     // and routes to the client (whose connected socket is refused).
-    let svc =
+    // The same with the backend on node-a itself (a1), source-NATed too
+    // (policy Cluster): its error is translated at node-a's pod hook.
+    let remote =
         ServiceSpec::new("closed", "NodePort", cluster_ip(22)).port(Port::udp(53).node_port(30054));
+    let local = ServiceSpec::new("closed-local", "NodePort", cluster_ip(24))
+        .port(Port::udp(53).node_port(30055));
     let c = up(&[], |c| {
-        service_with_endpoints(&svc, &[Endpoint::of(c.pod("b1"))])
+        format!(
+            "{}---\n{}",
+            service_with_endpoints(&remote, &[Endpoint::of(c.pod("b1"))]),
+            service_with_endpoints(&local, &[Endpoint::of(c.pod("a1"))])
+        )
     });
-    let to = SocketAddrV4::new(NODE_A_IP, 30054);
-    let before = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT);
-    let outcome = c.udp_probe(CLIENT_1, to, PROBE_TIMEOUT);
-    assert!(outcome.is_refused(), "UDP to {to}: {outcome}");
-    let translated = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT) - before;
-    assert!(
-        translated >= 1,
-        "node-a translated {translated} ICMP errors"
-    );
+    for port in [30054, 30055] {
+        let to = SocketAddrV4::new(NODE_A_IP, port);
+        let before = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT);
+        let outcome = c.udp_probe(CLIENT_1, to, PROBE_TIMEOUT);
+        assert!(outcome.is_refused(), "UDP to {to}: {outcome}");
+        let translated = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT) - before;
+        assert!(
+            translated >= 1,
+            "node-a translated {translated} ICMP errors"
+        );
+    }
 }
 
 #[test]
