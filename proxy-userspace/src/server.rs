@@ -342,23 +342,23 @@ impl Collector for FrontendCounters {
             })
             .collect();
         drop(services);
-        for (name, help, value) in [
-            (
-                "kproxy_frontend_packets",
-                "Packets the datapath translated for a frontend, both directions",
-                (|s: &proxy_common::FrontendStats| s.packets) as fn(&_) -> u64,
-            ),
-            (
-                "kproxy_frontend_bytes",
-                "Bytes of the packets the datapath translated for a frontend, both directions",
-                |s: &proxy_common::FrontendStats| s.bytes,
-            ),
-        ] {
+        let mut encode = |name, help, value: fn(&proxy_common::FrontendStats) -> u64| {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (label, stats) in &labelled {
                 ConstCounter::new(value(stats)).encode(family.encode_family(label)?)?;
             }
-        }
+            Ok::<(), std::fmt::Error>(())
+        };
+        encode(
+            "kproxy_frontend_packets",
+            "Packets the datapath translated for a frontend, both directions",
+            |s| s.packets,
+        )?;
+        encode(
+            "kproxy_frontend_bytes",
+            "Bytes of the packets the datapath translated for a frontend, both directions",
+            |s| s.bytes,
+        )?;
         Ok(())
     }
 }
