@@ -304,9 +304,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.metrics_bind_address.clone(),
         file.metrics_bind_address.clone(),
     ]);
-    if let Some(cidrs) = first_set([args.cluster_cidr.clone()])
-        .or_else(|| Some(file.cluster_cidrs.join(",")).filter(|c| !c.is_empty()))
-    {
+    if let Some(cidrs) = first_set([
+        args.cluster_cidr.clone(),
+        Some(file.cluster_cidrs.join(",")),
+    ]) {
         tracing::info!(
             cluster_cidr = %cidrs,
             "--cluster-cidr / clusterCIDR is accepted and not used: pods' traffic is told apart by its interface (--pod-interfaces), and ClusterIP traffic arriving on --interfaces is always source-NATed"

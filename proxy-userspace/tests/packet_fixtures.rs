@@ -3556,6 +3556,21 @@ fn icmp_errors_about_a_source_nated_flow_reach_the_other_end() {
     });
 }
 
+/// `frame` goes to `backend` from the node's address and a port of the
+/// SNAT range, which this returns.
+fn source_nated_to(frame: &[u8], backend: Addr) -> u16 {
+    let view = Ipv4View::parse(frame).expect("IPv4 out");
+    assert_eq!(destination(frame), backend, "DNAT to the backend");
+    assert_eq!(
+        addr(view.src(frame)),
+        addr(NODE_IP),
+        "SNAT to the route's source address"
+    );
+    let (sport, _) = view.ports(frame);
+    assert!(SNAT_PORTS.contains(&sport), "SNAT port {sport}");
+    sport
+}
+
 #[test]
 fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
     with_xdp_lab(|lab| {
@@ -3579,19 +3594,7 @@ fn xdp_nodeport_is_dnated_source_nated_and_sent_back_out() {
             out.verdict,
             hex(&out.frame)
         );
-        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
-        assert_eq!(
-            destination(&out.frame),
-            REMOTE_BACKEND,
-            "DNAT to the backend"
-        );
-        assert_eq!(
-            addr(view.src(&out.frame)),
-            addr(NODE_IP),
-            "SNAT to the route's source address"
-        );
-        let (sport, _) = view.ports(&out.frame);
-        assert!(SNAT_PORTS.contains(&sport), "SNAT port {sport}");
+        source_nated_to(&out.frame, REMOTE_BACKEND);
         assert_eq!(
             out.frame[0..6],
             BACKEND_HOP_MAC,
@@ -4099,19 +4102,7 @@ fn xdp_local_backend_with_policy_cluster_is_source_nated() {
         let in0 = lab.in0;
         let out = lab.run_tc_on(in0, &syn);
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to the pod's veth");
-        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
-        assert_eq!(
-            destination(&out.frame),
-            LOCAL_BACKEND,
-            "DNAT to the local backend"
-        );
-        assert_eq!(
-            addr(view.src(&out.frame)),
-            addr(NODE_IP),
-            "SNAT to the node"
-        );
-        let (snat_port, _) = view.ports(&out.frame);
-        assert!(SNAT_PORTS.contains(&snat_port), "SNAT port {snat_port}");
+        let snat_port = source_nated_to(&out.frame, LOCAL_BACKEND);
         assert_eq!(out.frame[ETH_LEN + 8], 63, "forwarded: TTL lowered");
         ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after NAT");
         ok(verify_l4_checksum(&out.frame), "TCP checksum after NAT");
