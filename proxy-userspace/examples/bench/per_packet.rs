@@ -1351,6 +1351,15 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
         size(Hook::Xdp),
         size(Hook::TcExternal)
     );
+    let floors = pp.counts.iter().map(|c| c.floor.kernel_ns);
+    let (low, high) = floors.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), f| {
+        (lo.min(f), hi.max(f))
+    });
+    let floor_range = if low == high {
+        format!("{low:.0}")
+    } else {
+        format!("{low:.0} to {high:.0}")
+    };
     let _ = writeln!(
         md,
         "Method: every case is run with repeat = {} ({} runs, median). Each Service count \
@@ -1364,8 +1373,8 @@ fn render(config: &Config, pp: &PerPacket) -> Section {
          leaves out time spent rescheduled); the bench also records wall time around the \
          syscall divided by repeat (in parentheses). Ratios use the kernel numbers. The \
          scaling targets compare a path's cost at the largest and the smallest count; its \
-         ratio to the floor is shown beside it (the floor, about 22 whole ns, moves by 1-2 ns \
-         between counts). New flows are measured count after count, shared out between the \
+         ratio to the floor is shown beside it (the floor: {floor_range} whole ns across \
+         the counts). New flows are measured count after count, shared out between the \
          count's datapaths. The programming time is the median of the count's datapaths.\n",
         config.repeat, config.runs, config.datapaths_per_count
     );
