@@ -196,9 +196,10 @@ pub const SVC_FLAG_DROP_WHEN_EMPTY: u16 = 1 << 2;
 /// `loadBalancerSourceRanges`: only sources in `SOURCE_RANGES_V1` under this
 /// frontend's id may open flows; others are dropped.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 3;
-/// External traffic with `externalTrafficPolicy: Cluster` (an external
-/// scope entry): source-NATed to this node whatever backend it gets, on
-/// this node or another (SPEC 5, as kube-proxy masquerades it).
+/// Source-NATed to this node whatever backend a flow gets, on this node or
+/// another (SPEC 5, as kube-proxy masquerades it): external traffic with
+/// `externalTrafficPolicy: Cluster` (an external scope entry), and with
+/// `--masquerade-all` all traffic to a ClusterIP (its internal entry).
 pub const SVC_FLAG_SNAT: u16 = 1 << 4;
 
 /// `ServiceValue::algorithm` on slot 0: how a new flow picks its backend.

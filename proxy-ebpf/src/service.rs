@@ -7,7 +7,9 @@
 //! interfaces) serves traffic from pods and this node: ClusterIPs with
 //! their internal policy, external frontends with Cluster behaviour, and
 //! source-NATs hairpin flows (a pod reaching itself) to the service
-//! address. The external hook (`EXTERNAL = true`, XDP and tc on
+//! address, or every ClusterIP flow to this node's address with
+//! `--masquerade-all` (the replies of those from other nodes come back
+//! through the external hook). The external hook (`EXTERNAL = true`, XDP and tc on
 //! `--interfaces`) serves traffic from outside: NodePorts, LoadBalancer
 //! IPs and externalIPs with their external policy and source ranges. A
 //! remote backend is DNATed, source-NATed to the node and sent straight
@@ -422,7 +424,9 @@ fn forward_usable(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Snat {
     None,
-    /// External traffic with policy Cluster to a backend on another node.
+    /// To this node's address: external traffic with policy Cluster, a
+    /// ClusterIP reached from outside, every ClusterIP flow with
+    /// `--masquerade-all`.
     Node,
     /// A pod reaching itself through a Service.
     Hairpin,
@@ -539,6 +543,10 @@ fn new_flow<const EXTERNAL: bool>(
             } else {
                 Snat::None
             }
+        } else if frontend.flags & SVC_FLAG_SNAT != 0 {
+            // `--masquerade-all`: every flow to the ClusterIP, hairpin
+            // included, as kube-proxy marks them all for masquerade.
+            Snat::Node
         } else if addr_eq(&backend.addr, &saddr) {
             Snat::Hairpin
         } else {

@@ -48,6 +48,9 @@ pub struct FileConfig {
     pub conntrack_tcp_established_timeout: Option<Duration>,
     pub conntrack_tcp_close_wait_timeout: Option<Duration>,
     pub conntrack_udp_timeout: Option<Duration>,
+    /// `iptables.masqueradeAll`, or `nftables.masqueradeAll` in mode
+    /// nftables (which section kube-proxy reads).
+    pub masquerade_all: bool,
 }
 
 #[derive(Debug)]
@@ -107,6 +110,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         "" => "iptables",
         mode => mode,
     };
+    // masqueradeAll: the nftables section in mode nftables, else the
+    // iptables one (ipvs mode reads that too).
+    let masquerade_section = if mode_section == "nftables" {
+        "nftables"
+    } else {
+        "iptables"
+    };
     let (mut section_sync, mut section_min_sync) = (None, None);
     for (key, value) in &root {
         let key = key.as_str().unwrap_or_default();
@@ -138,6 +148,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                     }
                     "minSyncPeriod" if applies => {
                         section_min_sync = r.duration(k, v)?;
+                        Ok(true)
+                    }
+                    "masqueradeAll" if key == masquerade_section => {
+                        config.masquerade_all = r.boolean(k, v)?;
                         Ok(true)
                     }
                     _ => Ok(false),
@@ -247,6 +261,14 @@ impl Reader<'_> {
         }
     }
 
+    fn boolean(&self, key: &str, value: &Value) -> Result<bool, ConfigError> {
+        match value {
+            Value::Null => Ok(false),
+            Value::Bool(b) => Ok(*b),
+            other => Err(self.err(key, format!("expected true or false, found {other:?}"))),
+        }
+    }
+
     /// A zero duration is not set either: kube-proxy defaults it (`0s`
     /// sync periods are what kubeadm writes).
     fn duration(&self, key: &str, value: &Value) -> Result<Option<Duration>, ConfigError> {
@@ -343,7 +365,37 @@ nodePortAddresses: [primary]
             assert!(ignored.contains(field), "{field} not reported in {ignored}");
         }
         assert!(!ignored.contains("iptables.syncPeriod"), "{ignored}");
-        assert!(ignored.contains("iptables.masqueradeAll") || !ignored.contains("masquerade"));
+        assert!(
+            !c.masquerade_all && !ignored.contains("masquerade"),
+            "{ignored}"
+        );
+    }
+
+    /// kube-proxy reads `nftables.masqueradeAll` in mode nftables and
+    /// `iptables.masqueradeAll` otherwise (ipvs included).
+    #[test]
+    fn masquerade_all_comes_from_the_section_kube_proxy_reads() {
+        let config = |mode: &str, iptables: bool, nftables: bool| {
+            let text = format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: \"{mode}\"\niptables:\n  masqueradeAll: {iptables}\nnftables:\n  masqueradeAll: {nftables}\n"
+            );
+            parse(Path::new("c.yaml"), &text).unwrap()
+        };
+        for mode in ["", "iptables", "ipvs"] {
+            assert!(config(mode, true, false).config.masquerade_all, "{mode:?}");
+            let other = config(mode, false, true);
+            assert!(!other.config.masquerade_all, "{mode:?}");
+            assert!(
+                other.ignored.iter().any(|f| f == "nftables.masqueradeAll"),
+                "{mode:?}: {:?}",
+                other.ignored
+            );
+        }
+        assert!(config("nftables", false, true).config.masquerade_all);
+        assert!(!config("nftables", true, false).config.masquerade_all);
+        let wrong = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables:\n  masqueradeAll: yes please\n";
+        let err = parse(Path::new("c.yaml"), wrong).unwrap_err().to_string();
+        assert!(err.contains("iptables.masqueradeAll"), "{err}");
     }
 
     #[test]

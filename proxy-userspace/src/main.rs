@@ -103,6 +103,11 @@ struct RunArgs {
     /// ClusterIP traffic arriving on --interfaces is always source-NATed.
     #[arg(long)]
     cluster_cidr: Option<String>,
+    /// Source-NAT every flow to a ClusterIP to this node's address (pods'
+    /// flows too), as kube-proxy's --masquerade-all. Needs --interfaces:
+    /// replies from backends on other nodes arrive there.
+    #[arg(long)]
+    masquerade_all: bool,
     /// Addresses NodePorts answer on: CIDRs or `primary`.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Option<Vec<String>>,
@@ -323,12 +328,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     };
     check_nodeport_addresses(&nodeport_addresses, origin)?;
+    let masquerade_all =
+        masquerade_all(args.masquerade_all || file.masquerade_all, &args.interfaces)?;
     let config = DaemonConfig {
         source,
         model: ModelConfig {
             node_name: node_name.to_lowercase(),
             proxy_name: None,
             default_algorithm: args.lb_algorithm,
+            masquerade_all,
             ..ModelConfig::default()
         },
         pin_dir: args.bpf_pin_path,
@@ -418,6 +426,18 @@ fn check_nodeport_addresses(entries: &[String], origin: &str) -> anyhow::Result<
     }
 }
 
+/// `--masquerade-all` (flag or file) if kproxy can serve it: the replies
+/// of flows source-NATed to this node from backends on other nodes arrive
+/// on the external interfaces and are translated there.
+fn masquerade_all(asked: bool, interfaces: &[String]) -> anyhow::Result<bool> {
+    if asked && interfaces.is_empty() {
+        bail!(
+            "--masquerade-all (or masqueradeAll in --config) needs --interfaces: the replies of flows source-NATed to this node from backends on other nodes arrive on the external interfaces, and kproxy translates them there"
+        );
+    }
+    Ok(asked)
+}
+
 /// The first of `values` that is set and not empty: a flag, then the
 /// config file (where kube-proxy reads "" as its default), then the rest.
 fn first_set<const N: usize>(values: [Option<String>; N]) -> Option<String> {
@@ -485,6 +505,15 @@ mod tests {
         assert_eq!(bind(Some("[2001:db8::1]:80")).unwrap(), "[2001:db8::1]:80");
         let err = bind(Some("localhost:80")).unwrap_err().to_string();
         assert!(err.contains("--healthz-bind-address"), "{err}");
+    }
+
+    #[test]
+    fn masquerade_all_needs_the_external_interfaces() {
+        let ext = ["ext0".to_owned()];
+        assert!(masquerade_all(true, &ext).unwrap());
+        assert!(!masquerade_all(false, &[]).unwrap());
+        let err = masquerade_all(true, &[]).unwrap_err().to_string();
+        assert!(err.contains("needs --interfaces"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct ModelConfig {
     /// (`--nodeport-addresses`, `primary`, never 127.0.0.1 / ::1 unless
     /// asked). Empty: no NodePort frontends at all.
     pub node_addresses: Vec<IpAddr>,
+    /// `--masquerade-all`: every flow to a ClusterIP is source-NATed to
+    /// this node, as kube-proxy's `masqueradeAll` marks it (SPEC 5).
+    pub masquerade_all: bool,
 }
 
 /// The annotation that picks a Service's backend selection algorithm.
@@ -244,8 +247,10 @@ pub struct Frontend {
     /// endpoints elsewhere in the cluster; a Service with no usable endpoint
     /// anywhere rejects whatever its policy, as kube-proxy does (SPEC 3).
     pub drop_when_empty: bool,
-    /// External traffic is source-NATed to the node (SPEC 5):
-    /// `externalTrafficPolicy: Cluster` on an external frontend.
+    /// The traffic this frontend's policy applies to is source-NATed to
+    /// the node (SPEC 5): external traffic with `externalTrafficPolicy:
+    /// Cluster` on an external frontend (pods reaching it are not), all
+    /// traffic to a ClusterIP with `--masquerade-all`.
     pub snat: bool,
     /// Sorted, without duplicates. Empty: the frontend rejects, or drops
     /// when `drop_when_empty`.
@@ -689,7 +694,11 @@ fn service_state(
                     // The cluster set is empty only when no endpoint is
                     // usable anywhere: then reject, as for policy Cluster.
                     drop_when_empty: policy_local && !cluster.is_empty(),
-                    snat: external && !policy_local,
+                    snat: if external {
+                        !policy_local
+                    } else {
+                        config.masquerade_all
+                    },
                     backends: backends.clone(),
                     cluster_backends: if external { &cluster } else { backends }.clone(),
                     source_ranges: if kind == FrontendKind::LoadBalancer {

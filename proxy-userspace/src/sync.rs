@@ -398,13 +398,17 @@ struct ScopeEntry<'a> {
     scope: u8,
     set: &'a [crate::model::Backend],
     drop_when_empty: bool,
+    /// New flows are source-NATed to the node (`SVC_FLAG_SNAT`).
+    snat: bool,
     group: AffinityGroup,
 }
 
 /// Traffic from pods and this node always gets Cluster behaviour
-/// (kube-proxy's short-circuit for external frontends); traffic from
-/// outside (external scope, the XDP path) gets the external policy's set.
-/// ClusterIP frontends have one, internal, entry.
+/// (kube-proxy's short-circuit for external frontends), without source
+/// NAT; traffic from outside (external scope, the XDP path) gets the
+/// external policy's set and, with policy Cluster, source NAT (SPEC 5).
+/// ClusterIP frontends have one, internal, entry, source-NATed with
+/// `--masquerade-all`.
 fn scope_entries(frontend: &crate::model::Frontend) -> Vec<ScopeEntry<'_>> {
     let group = |local_set| AffinityGroup {
         service: frontend.service.clone(),
@@ -414,6 +418,7 @@ fn scope_entries(frontend: &crate::model::Frontend) -> Vec<ScopeEntry<'_>> {
         scope,
         set: &frontend.backends,
         drop_when_empty: frontend.drop_when_empty,
+        snat: frontend.snat,
         group: group(frontend.policy_local),
     };
     if frontend.kind.is_external() {
@@ -422,6 +427,7 @@ fn scope_entries(frontend: &crate::model::Frontend) -> Vec<ScopeEntry<'_>> {
                 scope: SCOPE_INTERNAL,
                 set: &frontend.cluster_backends,
                 drop_when_empty: false,
+                snat: false,
                 group: group(false),
             },
             policy_entry(SCOPE_EXTERNAL),
@@ -541,6 +547,7 @@ fn plan_frontend(
         scope,
         set,
         drop_when_empty,
+        snat,
         group,
     } in scope_entries(frontend)
     {
@@ -602,9 +609,7 @@ fn plan_frontend(
         if !source_ranges.is_empty() {
             flags |= SVC_FLAG_SOURCE_RANGES;
         }
-        // Traffic from outside with policy Cluster is source-NATed to the
-        // node whatever backend it gets (SPEC 5).
-        if scope == SCOPE_EXTERNAL && frontend.snat {
+        if snat {
             flags |= SVC_FLAG_SNAT;
         }
         out.push(FrontendEntries {
@@ -1788,6 +1793,25 @@ mod tests {
         );
         assert_eq!(flags(key(40, 80), SCOPE_INTERNAL), 0, "pods");
         assert_eq!(flags(key(41, 80), SCOPE_EXTERNAL), 0, "policy Local");
+    }
+
+    /// SPEC 5, `--masquerade-all`: the model marks ClusterIP frontends
+    /// `snat`, and their one (internal) entry carries the flag.
+    #[test]
+    fn cluster_ips_marked_snat_carry_the_snat_flag() {
+        let mut desired = state(&[
+            (key(10, 80), vec![backend(2)]),
+            (key(11, 80), vec![backend(3)]),
+        ]);
+        desired.frontends.get_mut(&key(11, 80)).unwrap().snat = true;
+        let mut maps = FakeMaps::default();
+        Syncer::new().apply(&mut maps, &desired);
+        let flags = |k: FrontendKey| {
+            let key = ServiceKey::new(addr_bytes(k.ip), k.port, 6, SCOPE_INTERNAL, 0);
+            maps.contents.services[&key].flags & SVC_FLAG_SNAT
+        };
+        assert_eq!(flags(key(10, 80)), 0, "without the flag");
+        assert_ne!(flags(key(11, 80)), 0, "with it");
     }
 
     #[test]

@@ -38,3 +38,36 @@ fn every_datapath_counter_reason_is_documented() {
         "reasons missing from docs/OPERATIONS.md: {missing:?}; documented but not counted: {unknown:?}"
     );
 }
+
+/// Every flag of `kproxy run` has a row in the flags table.
+#[test]
+fn every_run_flag_is_documented() {
+    let text = operations_md();
+    let table: Vec<&str> = text
+        .split("## Flags")
+        .nth(1)
+        .expect("OPERATIONS.md has a Flags section")
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_kproxy"))
+        .args(["run", "--help"])
+        .output()
+        .expect("kproxy run --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().split([' ', ',', '=', '<']).next())
+        .filter(|w| w.starts_with("--") && *w != "--help")
+        .collect();
+    assert!(flags.contains(&"--masquerade-all"), "{help}");
+    let missing: Vec<&&str> = flags
+        .iter()
+        .filter(|flag| !table.iter().any(|row| row.starts_with(&format!("| `{flag}"))))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "flags without a row in docs/OPERATIONS.md's Flags table: {missing:?}"
+    );
+}

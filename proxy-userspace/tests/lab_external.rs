@@ -775,3 +775,42 @@ fn off_cluster_clients_reach_a_cluster_ip_source_nated() {
         "client-2: {outcome}"
     );
 }
+
+#[test]
+fn masquerade_all_source_nates_pods_flows_to_cluster_ips() {
+    // SPEC 5, `--masquerade-all`: a pod's flows to a ClusterIP are
+    // source-NATed to its node like kube-proxy's masqueradeAll, to the
+    // backend on its own node (which sees the node's side of its veth)
+    // and to the one on the other node (which sees node-a's address and
+    // answers through node-a's external interface). Both ways answer, TCP
+    // and UDP; pods reaching each other directly keep their addresses.
+    let svc = ServiceSpec::new("masq", "ClusterIP", cluster_ip(30))
+        .port(Port::tcp(80))
+        .port(Port::udp(80));
+    let mut c = Cluster::new(env!("CARGO_BIN_EXE_kproxy"), &["a1", "a2"], &["b1", "b2"]);
+    c.xdp_mode = Some("native".to_owned());
+    c.kproxy_args = vec!["--masquerade-all".to_owned()];
+    c.start_servers(&["a1", "b1"]);
+    let yaml = service_with_endpoints(
+        &svc,
+        &[Endpoint::of(c.pod("a1")), Endpoint::of(c.pod("b1"))],
+    );
+    c.write_manifest("svc.yaml", &yaml);
+    c.start();
+    let to = SocketAddrV4::new(cluster_ip(30), 80);
+    let a2 = c.pod("a2").ip;
+    let tcp = answered("a2 -> the ClusterIP (TCP)", c.tcp_hellos("a2", to, 24));
+    let udp = answered("a2 -> the ClusterIP (UDP)", c.udp_requests("a2", to, 24));
+    for hellos in [&tcp, &udp] {
+        assert_eq!(backends(hellos), set(&["a1", "b1"]));
+        assert_cluster_policy_sources(&c, NODE_A, a2, hellos);
+    }
+    // Hairpin too goes to the node's address, not to the Service's.
+    let a1 = c.pod("a1").ip;
+    let hairpin = answered("a1 -> the ClusterIP", c.tcp_hellos("a1", to, 24));
+    assert_eq!(backends(&hairpin), set(&["a1", "b1"]));
+    assert_cluster_policy_sources(&c, NODE_A, a1, &hairpin);
+    let direct = SocketAddrV4::new(c.pod("b1").ip, lab::BACKEND_PORT);
+    let hello = c.tcp_hellos("a2", direct, 1).remove(0).expect("a2 -> b1");
+    assert_eq!(hello.peer.ip(), v4(a2), "no Service, no SNAT");
+}

@@ -1657,6 +1657,7 @@ proptest! {
         node_name in prop_oneof![Just(""), Just("node-a")],
         proxy_name in prop::option::of(Just("kproxy")),
         zone in prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]),
+        masquerade_all in any::<bool>(),
     ) {
         let node_addresses: Vec<IpAddr> =
             ["192.0.2.10", "2001:db8:ff::10"].iter().map(|ip| ip.parse().unwrap()).collect();
@@ -1664,6 +1665,7 @@ proptest! {
             node_name: node_name.to_owned(),
             proxy_name: proxy_name.map(str::to_owned),
             node_addresses: node_addresses.clone(),
+            masquerade_all,
             ..ModelConfig::default()
         };
         let nodes: Vec<Node> = zone.into_iter().map(|zone| Node {
@@ -1705,7 +1707,10 @@ proptest! {
                 }
             }
             let external = frontend.kind.is_external();
-            prop_assert_eq!(frontend.snat, external && !frontend.policy_local);
+            // SPEC 5: external traffic with policy Cluster, and every
+            // ClusterIP flow with --masquerade-all.
+            let snat = if external { !frontend.policy_local } else { masquerade_all };
+            prop_assert_eq!(frontend.snat, snat);
             prop_assert!(!frontend.drop_when_empty || frontend.policy_local);
             if frontend.policy_local {
                 prop_assert!(frontend.backends.iter().all(|b| b.local));

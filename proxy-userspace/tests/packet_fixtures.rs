@@ -2924,6 +2924,12 @@ const XDP_CLUSTER_IP: Addr = ([198, 19, 0, 10], 80);
 /// Where source-NATed flows take their port (SPEC; independent of the
 /// datapath's constants on purpose).
 const SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
+/// ClusterIPs programmed as with `--masquerade-all` (their frontends
+/// `snat`): one whose backend is on another node, one whose is local.
+const MASQ_REMOTE_VIP: Addr = ([198, 19, 0, 20], 80);
+const MASQ_LOCAL_VIP: Addr = ([198, 19, 0, 21], 80);
+/// A pod of this node (behind `xdppod0`, beside `LOCAL_BACKEND`).
+const POD_CLIENT: [u8; 4] = [198, 18, 80, 7];
 
 fn remote_client(port: u16) -> Addr {
     (EXT_CLIENT, port)
@@ -3017,6 +3023,14 @@ fn xdp_services() -> DesiredState {
             vec![backend(REMOTE_BACKEND, false)],
         ),
     );
+    for (name, vip, b, local) in [
+        ("masq-remote", MASQ_REMOTE_VIP, REMOTE_BACKEND, false),
+        ("masq-local", MASQ_LOCAL_VIP, LOCAL_BACKEND, true),
+    ] {
+        let mut f = frontend(name, FrontendKind::ClusterIp, vec![backend(b, local)]);
+        f.snat = true;
+        add(vip, Protocol::Tcp, f);
+    }
     state
 }
 
@@ -4144,6 +4158,76 @@ fn xdp_cluster_ip_from_outside_is_source_nated() {
             "unknown port of a ClusterIP",
         );
         assert_eq!(out.frame, other, "handed to tc byte-identical");
+    });
+}
+
+/// SPEC 5, `--masquerade-all`: a pod's flow to a ClusterIP is source-NATed
+/// to this node's address (the route's source towards the backend), to a
+/// backend on another node and to one on this node alike, and the
+/// backend's reply, to that address, is translated back to the pod. The
+/// same pod's flow to a ClusterIP without the flag keeps its address.
+#[test]
+fn masquerade_all_source_nates_pods_flows_to_cluster_ips() {
+    with_xdp_lab(|lab| {
+        let syn = tcp((POD_CLIENT, 40_100), XDP_CLUSTER_IP, Tcp::Syn, &[]);
+        let out = lab.run_from_pod(&syn);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+        assert_eq!(destination(&out.frame), REMOTE_BACKEND, "DNAT");
+        assert_eq!(
+            addr(view.src(&out.frame)),
+            addr(POD_CLIENT),
+            "without the flag the backend sees the pod"
+        );
+
+        for (client_port, vip, backend) in [
+            (40_101, MASQ_REMOTE_VIP, REMOTE_BACKEND),
+            (40_102, MASQ_LOCAL_VIP, LOCAL_BACKEND),
+        ] {
+            let pod = (POD_CLIENT, client_port);
+            let syn = tcp(pod, vip, Tcp::Syn, &[]);
+            let out = lab.run_from_pod(&syn);
+            assert_eq!(out.verdict, TC_ACT_OK, "{vip:?}: handed to the stack");
+            let snat_port = source_nated_to(&out.frame, backend);
+            assert_eq!(out.frame[ETH_LEN + 8], 64, "the stack forwards it");
+            ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after NAT");
+            ok(verify_l4_checksum(&out.frame), "TCP checksum after NAT");
+
+            let syn_ack = tcp(backend, (NODE_IP, snat_port), Tcp::SynAck, &[]);
+            let out = if backend == REMOTE_BACKEND {
+                // From the other node, on the external interface: XDP
+                // cannot send it into the pod's veth and leaves it to tc.
+                let syn_ack = from_backend(syn_ack);
+                let before = lab.stats();
+                let out = lab.run(&syn_ack);
+                ok(
+                    expect_verdict(&out, XDP_PASS).and_then(|()| check_untouched(&syn_ack, &out)),
+                    "XDP hands the reply to tc",
+                );
+                assert_eq!(grew(&before, &lab.stats(), stat::XDP_TO_TC), 1, "xdp_to_tc");
+                let in0 = lab.in0;
+                let out = lab.run_tc_on(in0, &syn_ack);
+                assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to the pod's veth");
+                assert_eq!(out.frame[ETH_LEN + 8], 63, "forwarded: TTL lowered");
+                out
+            } else {
+                let out = lab.run_from_pod(&syn_ack);
+                assert_eq!(out.verdict, TC_ACT_OK, "translated and handed to the stack");
+                out
+            };
+            let view = Ipv4View::parse(&out.frame).expect("IPv4 out");
+            assert_eq!(
+                (addr(view.src(&out.frame)), view.ports(&out.frame).0),
+                (addr(vip.0), vip.1),
+                "the reply comes from the ClusterIP"
+            );
+            assert_eq!(destination(&out.frame), pod, "to the pod");
+            ok(
+                verify_ipv4_checksum(&out.frame),
+                "IPv4 checksum of the reply",
+            );
+            ok(verify_l4_checksum(&out.frame), "TCP checksum of the reply");
+        }
     });
 }
 
