@@ -64,7 +64,11 @@ fn every_run_flag_is_documented() {
     assert!(flags.contains(&"--masquerade-all"), "{help}");
     let missing: Vec<&&str> = flags
         .iter()
-        .filter(|flag| !table.iter().any(|row| row.starts_with(&format!("| `{flag}"))))
+        .filter(|flag| {
+            !table
+                .iter()
+                .any(|row| row.starts_with(&format!("| `{flag}")))
+        })
         .collect();
     assert!(
         missing.is_empty(),
