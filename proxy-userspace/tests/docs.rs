@@ -7,18 +7,24 @@ fn operations_md() -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The rows of the first table after `marker`, header included.
+fn table_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+    text.split(marker)
+        .nth(1)
+        .unwrap_or_else(|| panic!("OPERATIONS.md has no {marker:?}"))
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect()
+}
+
 /// Every `reason` label of `kproxy_datapath_packets_total` has a row in the
 /// table of reasons, and the table names no reason the datapath lacks.
 #[test]
 fn every_datapath_counter_reason_is_documented() {
     let text = operations_md();
-    let table: Vec<&str> = text
-        .split("The `reason` values are:")
-        .nth(1)
-        .expect("OPERATIONS.md introduces the reasons table")
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'))
+    let table: Vec<&str> = table_after(&text, "The `reason` values are:")
+        .into_iter()
         .skip(2)
         .filter_map(|row| row.split('`').nth(1))
         .collect();
@@ -43,14 +49,7 @@ fn every_datapath_counter_reason_is_documented() {
 #[test]
 fn every_run_flag_is_documented() {
     let text = operations_md();
-    let table: Vec<&str> = text
-        .split("## Flags")
-        .nth(1)
-        .expect("OPERATIONS.md has a Flags section")
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'))
-        .collect();
+    let table = table_after(&text, "## Flags");
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_kproxy"))
         .args(["run", "--help"])
         .output()

@@ -3297,6 +3297,31 @@ impl XdpLab {
         )
     }
 
+    /// A frame arriving on xdpin0 whose route leaves by a pod's veth,
+    /// where XDP cannot send it: passed on to tc untouched (`xdp_to_tc`),
+    /// which translates it, lowers the TTL and redirects it. tc's output.
+    fn handed_to_tc_and_redirected(&mut self, frame: &[u8], what: &str) -> Outcome {
+        let before = self.stats();
+        let out = self.run(frame);
+        ok(
+            expect_verdict(&out, XDP_PASS).and_then(|()| check_untouched(frame, &out)),
+            &format!("XDP hands {what} to tc"),
+        );
+        assert_eq!(
+            grew(&before, &self.stats(), stat::XDP_TO_TC),
+            1,
+            "xdp_to_tc"
+        );
+        let in0 = self.in0;
+        let out = self.run_tc_on(in0, frame);
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "{what}: redirected to the pod's veth"
+        );
+        assert_eq!(out.frame[ETH_LEN + 8], 63, "{what}: forwarded, TTL lowered");
+        out
+    }
+
     /// A frame arriving on xdpin0.
     fn run(&mut self, frame: &[u8]) -> Outcome {
         let ingress = self.in0;
@@ -4105,19 +4130,8 @@ fn xdp_local_backend_with_policy_cluster_is_source_nated() {
     with_xdp_lab(|lab| {
         let c = remote_client(44_100);
         let syn = from_client(tcp(c, node_port(NP_LOCAL_CLUSTER), Tcp::Syn, &[]));
-        let before = lab.stats();
-        let out = lab.run(&syn);
-        ok(
-            expect_verdict(&out, XDP_PASS).and_then(|()| check_untouched(&syn, &out)),
-            "XDP hands the SYN to tc",
-        );
-        assert_eq!(grew(&before, &lab.stats(), stat::XDP_TO_TC), 1, "xdp_to_tc");
-
-        let in0 = lab.in0;
-        let out = lab.run_tc_on(in0, &syn);
-        assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to the pod's veth");
+        let out = lab.handed_to_tc_and_redirected(&syn, "the SYN");
         let snat_port = source_nated_to(&out.frame, LOCAL_BACKEND);
-        assert_eq!(out.frame[ETH_LEN + 8], 63, "forwarded: TTL lowered");
         ok(verify_ipv4_checksum(&out.frame), "IPv4 checksum after NAT");
         ok(verify_l4_checksum(&out.frame), "TCP checksum after NAT");
 
@@ -4197,19 +4211,7 @@ fn masquerade_all_source_nates_pods_flows_to_cluster_ips() {
             let out = if backend == REMOTE_BACKEND {
                 // From the other node, on the external interface: XDP
                 // cannot send it into the pod's veth and leaves it to tc.
-                let syn_ack = from_backend(syn_ack);
-                let before = lab.stats();
-                let out = lab.run(&syn_ack);
-                ok(
-                    expect_verdict(&out, XDP_PASS).and_then(|()| check_untouched(&syn_ack, &out)),
-                    "XDP hands the reply to tc",
-                );
-                assert_eq!(grew(&before, &lab.stats(), stat::XDP_TO_TC), 1, "xdp_to_tc");
-                let in0 = lab.in0;
-                let out = lab.run_tc_on(in0, &syn_ack);
-                assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to the pod's veth");
-                assert_eq!(out.frame[ETH_LEN + 8], 63, "forwarded: TTL lowered");
-                out
+                lab.handed_to_tc_and_redirected(&from_backend(syn_ack), "the reply")
             } else {
                 let out = lab.run_from_pod(&syn_ack);
                 assert_eq!(out.verdict, TC_ACT_OK, "translated and handed to the stack");
