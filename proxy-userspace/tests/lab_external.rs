@@ -782,19 +782,38 @@ fn masquerade_all_source_nates_pods_flows_to_cluster_ips() {
     // source-NATed to its node like kube-proxy's masqueradeAll, to the
     // backend on its own node (which sees the node's side of its veth)
     // and to the one on the other node (which sees node-a's address and
-    // answers through node-a's external interface). Both ways answer, TCP
-    // and UDP; pods reaching each other directly keep their addresses.
+    // answers through node-a's external interface). Both ways answer: TCP,
+    // UDP, ICMP errors, fragmented datagrams, hairpin; pods reaching each
+    // other directly keep their addresses.
     let svc = ServiceSpec::new("masq", "ClusterIP", cluster_ip(30))
         .port(Port::tcp(80))
         .port(Port::udp(80));
-    let mut c = Cluster::new(env!("CARGO_BIN_EXE_kproxy"), &["a1", "a2"], &["b1", "b2"]);
+    let mut c = Cluster::new(
+        env!("CARGO_BIN_EXE_kproxy"),
+        &["a1", "a2", "a3"],
+        &["b1", "b2"],
+    );
     c.xdp_mode = Some("native".to_owned());
     c.kproxy_args = vec!["--masquerade-all".to_owned()];
     c.start_servers(&["a1", "b1"]);
-    let yaml = service_with_endpoints(
-        &svc,
-        &[Endpoint::of(c.pod("a1")), Endpoint::of(c.pod("b1"))],
-    );
+    // No server runs in a3 and b2: their ports answer ICMP port unreachable.
+    let closed_remote =
+        ServiceSpec::new("masq-closed", "ClusterIP", cluster_ip(31)).port(Port::udp(53));
+    let closed_local =
+        ServiceSpec::new("masq-closed-local", "ClusterIP", cluster_ip(32)).port(Port::udp(53));
+    let only_remote = ServiceSpec::new("masq-b1", "ClusterIP", cluster_ip(33)).port(Port::udp(80));
+    let only_local = ServiceSpec::new("masq-a1", "ClusterIP", cluster_ip(34)).port(Port::udp(80));
+    let yaml = [
+        service_with_endpoints(
+            &svc,
+            &[Endpoint::of(c.pod("a1")), Endpoint::of(c.pod("b1"))],
+        ),
+        service_with_endpoints(&closed_remote, &[Endpoint::of(c.pod("b2"))]),
+        service_with_endpoints(&closed_local, &[Endpoint::of(c.pod("a3"))]),
+        service_with_endpoints(&only_remote, &[Endpoint::of(c.pod("b1"))]),
+        service_with_endpoints(&only_local, &[Endpoint::of(c.pod("a1"))]),
+    ]
+    .join("---\n");
     c.write_manifest("svc.yaml", &yaml);
     c.start();
     let to = SocketAddrV4::new(cluster_ip(30), 80);
@@ -804,6 +823,43 @@ fn masquerade_all_source_nates_pods_flows_to_cluster_ips() {
     for hellos in [&tcp, &udp] {
         assert_eq!(backends(hellos), set(&["a1", "b1"]));
         assert_cluster_policy_sources(&c, NODE_A, a2, hellos);
+    }
+    // SPEC 7 on these flows: ICMP errors about them reach the pod, which
+    // is refused, not left to time out, and fragmented datagrams arrive
+    // whole both ways (the backends answer 2000 bytes with 3000).
+    for vip in [cluster_ip(31), cluster_ip(32)] {
+        let to = SocketAddrV4::new(vip, 53);
+        let before = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT);
+        let outcome = c.udp_probe("a2", to, PROBE_TIMEOUT);
+        assert!(outcome.is_refused(), "UDP to {to}: {outcome}");
+        let translated = c.node(NODE_A).stat(proxy_common::stat::ICMP_REV_NAT) - before;
+        assert!(
+            translated >= 1,
+            "node-a translated {translated} ICMP errors"
+        );
+    }
+    for (vip, backend, node_address) in [
+        (cluster_ip(33), "b1", c.node(NODE_A).ip),
+        (cluster_ip(34), "a1", gateway_of(&c, "a1")),
+    ] {
+        let to = SocketAddrV4::new(vip, 80);
+        let (sent, got) = c.netns("a2").run(|| lab::big_udp_request(to));
+        let text = String::from_utf8_lossy(&got);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(fields.first().copied(), Some(backend), "{text:.80}");
+        assert_eq!(
+            fields
+                .get(1)
+                .map(|p| p.starts_with(&format!("{node_address}:"))),
+            Some(true),
+            "{backend} saw: {text:.80}"
+        );
+        assert_eq!(fields.get(2).copied(), Some(sent.to_string().as_str()));
+        assert_eq!(
+            got.len(),
+            3000,
+            "{backend}: the 3000-byte reply came back whole"
+        );
     }
     // Hairpin too goes to the node's address, not to the Service's.
     let a1 = c.pod("a1").ip;
