@@ -19,6 +19,9 @@ pub struct ServiceListing {
     pub port: u16,
     pub protocol: String,
     pub scope: &'static str,
+    /// New flows are source-NATed to the node (`SVC_FLAG_SNAT`): external
+    /// traffic with policy Cluster, ClusterIPs with `--masquerade-all`.
+    pub source_nat: bool,
     pub rev_nat_id: u32,
     pub backends: Vec<BackendListing>,
 }
@@ -80,6 +83,7 @@ pub fn services(contents: &MapContents) -> Vec<ServiceListing> {
             } else {
                 "internal"
             },
+            source_nat: value.flags & proxy_common::SVC_FLAG_SNAT != 0,
             rev_nat_id: value.rev_nat_id,
             backends,
         });
@@ -88,7 +92,8 @@ pub fn services(contents: &MapContents) -> Vec<ServiceListing> {
 }
 
 pub fn services_table(listing: &[ServiceListing]) -> String {
-    let mut out = String::from("FRONTEND                                  SCOPE    BACKENDS\n");
+    let mut out =
+        String::from("FRONTEND                                  SCOPE    SNAT BACKENDS\n");
     for s in listing {
         let backends = if s.backends.is_empty() {
             "(none: rejects)".to_owned()
@@ -105,7 +110,11 @@ pub fn services_table(listing: &[ServiceListing]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        out.push_str(&format!("{:<41} {:<8} {}\n", s.frontend, s.scope, backends));
+        let snat = if s.source_nat { "yes" } else { "-" };
+        out.push_str(&format!(
+            "{:<41} {:<8} {:<4} {}\n",
+            s.frontend, s.scope, snat, backends
+        ));
     }
     out
 }

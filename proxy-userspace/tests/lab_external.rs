@@ -449,6 +449,12 @@ fn cluster_ip_to_a_backend_on_the_other_node() {
     let c = up(&["b1"], |c| {
         service_with_endpoints(&svc, &[Endpoint::of(c.pod("b1"))])
     });
+    let source_nat: Vec<bool> = proxy_userspace::inspect::services(&c.node(NODE_A).maps())
+        .into_iter()
+        .filter(|s| s.ip == v4(cluster_ip(9)))
+        .map(|s| s.source_nat)
+        .collect();
+    assert_eq!(source_nat, [false, false], "`kproxy services`: TCP and UDP");
     let to = SocketAddrV4::new(cluster_ip(9), 80);
     let a2 = v4(c.pod("a2").ip);
     for h in answered("a2 -> b1 (TCP)", c.tcp_hellos("a2", to, 5))
@@ -816,6 +822,17 @@ fn masquerade_all_source_nates_pods_flows_to_cluster_ips() {
     .join("---\n");
     c.write_manifest("svc.yaml", &yaml);
     c.start();
+    // `kproxy services` shows it.
+    let listed: Vec<_> = proxy_userspace::inspect::services(&c.node(NODE_A).maps())
+        .into_iter()
+        .filter(|s| s.ip == v4(cluster_ip(30)))
+        .map(|s| (s.scope, s.source_nat))
+        .collect();
+    assert_eq!(
+        listed,
+        [("internal", true), ("internal", true)],
+        "TCP and UDP"
+    );
     let to = SocketAddrV4::new(cluster_ip(30), 80);
     let a2 = c.pod("a2").ip;
     let tcp = answered("a2 -> the ClusterIP (TCP)", c.tcp_hellos("a2", to, 24));
