@@ -1916,20 +1916,11 @@ fn check_sctp(frame: &[u8], src: Addr, dst: Addr) -> Result<(), String> {
     let view = Ipv4View::parse(frame).ok_or("not IPv4")?;
     let segment = &frame[view.l4..ETH_LEN + view.total];
     let port = |at: usize| u16::from_be_bytes([segment[at], segment[at + 1]]);
-    let got = ((view.src(frame), port(0)), (view.dst(frame), port(2)));
-    if got != (src, dst) {
-        return Err(format!(
-            "{}:{} -> {}:{}, expected {}:{} -> {}:{}",
-            addr(got.0 .0),
-            got.0 .1,
-            addr(got.1 .0),
-            got.1 .1,
-            addr(src.0),
-            src.1,
-            addr(dst.0),
-            dst.1
-        ));
-    }
+    same_ends(
+        "",
+        ((view.src(frame), port(0)), (view.dst(frame), port(2))),
+        (src, dst),
+    )?;
     sctp_crc_ok(frame)
 }
 
@@ -3478,20 +3469,22 @@ fn check_icmp_error(
         (inner[12..16].try_into().unwrap(), port(ihl)),
         (inner[16..20].try_into().unwrap(), port(ihl + 2)),
     );
-    if quoted != (quoted_src, quoted_dst) {
-        return Err(format!(
-            "the quote names {}:{} -> {}:{}, expected {}:{} -> {}:{}",
-            addr(quoted.0 .0),
-            quoted.0 .1,
-            addr(quoted.1 .0),
-            quoted.1 .1,
-            addr(quoted_src.0),
-            quoted_src.1,
-            addr(quoted_dst.0),
-            quoted_dst.1
-        ));
+    same_ends("the quote names ", quoted, (quoted_src, quoted_dst))
+}
+
+/// `got` is the (source, destination) pair `want`; else an error that shows both.
+fn same_ends(what: &str, got: (Addr, Addr), want: (Addr, Addr)) -> Result<(), String> {
+    let show = |(ip, port): Addr| format!("{}:{port}", addr(ip));
+    if got == want {
+        return Ok(());
     }
-    Ok(())
+    Err(format!(
+        "{what}{} -> {}, expected {} -> {}",
+        show(got.0),
+        show(got.1),
+        show(want.0),
+        show(want.1)
+    ))
 }
 
 /// An SCTP association to a NodePort whose backend is remote: XDP rewrites
