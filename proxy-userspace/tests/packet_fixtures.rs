@@ -3454,8 +3454,20 @@ fn check_icmp_error(
     if out[ETH_LEN + 8] != 63 {
         return Err(format!("TTL {}, expected 63 (forwarded)", out[ETH_LEN + 8]));
     }
-    ipv4_sum_ok(out)?;
-    let icmp = &out[view.l4..ETH_LEN + view.total];
+    same_ends(
+        "the quote names ",
+        icmp_quote(out)?,
+        (quoted_src, quoted_dst),
+    )
+}
+
+/// The (source, destination) that the ICMP error `frame` quotes, once the
+/// outer IPv4 header, the ICMP message and the quoted IPv4 header all have
+/// right checksums.
+fn icmp_quote(frame: &[u8]) -> Result<(Addr, Addr), String> {
+    ipv4_sum_ok(frame)?;
+    let view = Ipv4View::parse(frame).ok_or("not IPv4")?;
+    let icmp = &frame[view.l4..ETH_LEN + view.total];
     if ones_sum(&[icmp]) != 0xffff {
         return Err("ICMP checksum wrong".to_owned());
     }
@@ -3465,11 +3477,10 @@ fn check_icmp_error(
         return Err("quoted IPv4 header checksum wrong".to_owned());
     }
     let port = |at: usize| u16::from_be_bytes([inner[at], inner[at + 1]]);
-    let quoted: (Addr, Addr) = (
+    Ok((
         (inner[12..16].try_into().unwrap(), port(ihl)),
         (inner[16..20].try_into().unwrap(), port(ihl + 2)),
-    );
-    same_ends("the quote names ", quoted, (quoted_src, quoted_dst))
+    ))
 }
 
 /// `got` is the (source, destination) pair `want`; else an error that shows both.
@@ -4469,31 +4480,11 @@ fn icmp_port_unreachable_from_a_backend_is_reverse_nated() {
                 addr(CLIENT_IP)
             ));
         }
-        ipv4_sum_ok(frame)?;
-        let icmp = &frame[view.l4..ETH_LEN + view.total];
-        if ones_sum(&[icmp]) != 0xffff {
-            return Err("ICMP checksum wrong".to_owned());
-        }
-        let inner = &icmp[8..];
-        let inner_ihl = usize::from(inner[0] & 0x0f) * 4;
-        if ones_sum(&[&inner[..inner_ihl]]) != 0xffff {
-            return Err("quoted IPv4 header checksum wrong".to_owned());
-        }
-        let quoted_src: [u8; 4] = inner[12..16].try_into().unwrap();
-        let quoted_dst: [u8; 4] = inner[16..20].try_into().unwrap();
-        let sport = u16::from_be_bytes([inner[inner_ihl], inner[inner_ihl + 1]]);
-        let dport = u16::from_be_bytes([inner[inner_ihl + 2], inner[inner_ihl + 3]]);
-        if (quoted_src, sport) != c || (quoted_dst, dport) != (VIP, 53) {
-            return Err(format!(
-                "the quote names {}:{sport} -> {}:{dport}, expected the client's own {}:{} -> {}:53",
-                addr(quoted_src),
-                addr(quoted_dst),
-                addr(c.0),
-                c.1,
-                addr(VIP)
-            ));
-        }
-        Ok(())
+        same_ends(
+            "the quote (the client's own datagram) names ",
+            icmp_quote(frame)?,
+            (c, (VIP, 53)),
+        )
     })();
     ok(result, "ICMP port unreachable from the backend");
 }
