@@ -4528,22 +4528,12 @@ fn icmp_error_from_the_client_about_a_reply_goes_to_the_backend() {
                 addr(view.dst(frame))
             ));
         }
-        ipv4_sum_ok(frame)?;
-        let icmp = &frame[view.l4..ETH_LEN + view.total];
-        if ones_sum(&[icmp]) != 0xffff {
-            return Err("ICMP checksum wrong".to_owned());
-        }
-        let inner = &icmp[8..];
-        let inner_ihl = usize::from(inner[0] & 0x0f) * 4;
-        if ones_sum(&[&inner[..inner_ihl]]) != 0xffff {
-            return Err("quoted IPv4 header checksum wrong".to_owned());
-        }
-        let quoted_src: [u8; 4] = inner[12..16].try_into().unwrap();
-        let sport = u16::from_be_bytes([inner[inner_ihl], inner[inner_ihl + 1]]);
-        if (quoted_src, sport) != DNS_BACKEND {
+        let (quoted_src, _) = icmp_quote(frame)?;
+        if quoted_src != DNS_BACKEND {
             return Err(format!(
-                "the quote comes from {}:{sport}, expected the backend's own address",
-                addr(quoted_src)
+                "the quote comes from {}:{}, expected the backend's own address",
+                addr(quoted_src.0),
+                quoted_src.1
             ));
         }
         Ok(())
